@@ -35,9 +35,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     model = load_model(args.model, device=args.device)
     (result,) = PatchscopeEngine(model, name=args.model, decoding=decoding).run([spec])
     if args.json:
-        record = result.to_record()
-        record["target_positions"] = result.target_positions
-        print(json.dumps(record))
+        print(json.dumps(result.to_record()))
     else:
         tok = model.tokenizer
         src = [tok.decode([t]) for t in result.source_token_ids]
