@@ -1,0 +1,449 @@
+"""The sweep config: a YAML file validated with pydantic before anything runs.
+
+Two stages, both before any weights load:
+1. `load_config(path)`: syntax and types (unknown keys rejected, layer specs parsed);
+2. `check_against_models(config)`: layer ranges against each model's config and positions
+   against the tokenized prompts (`patchscope_core.model_info` reads no weights).
+Every error is a `ConfigError` whose message starts with the field, e.g.
+`source.layers: 31 is out of range 0 .. 29 for smollm2-135m (...)`.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from patchscope_core import ModelInfo, PatchscopeError, model_info, tokenize
+from patchscope_core.spec import check_layer, resolve_position
+
+
+class ConfigError(ValueError):
+    """A sweep config that cannot run; the message starts with the field it is about."""
+
+
+# ---------------------------------------------------------------- layer specs
+
+_SLICE = re.compile(r"^\s*(-?\d*)\s*:\s*(-?\d*)\s*(?::\s*(-?\d*)\s*)?$")
+
+
+def _parse_layers(value: Any, allow_same: bool) -> str | list[int]:
+    """'all', 'same' (targets), 'start:stop:step' (kept as text until the model is known), an
+    int, or a list of ints. Ranges are checked later, against each model."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected 'all', 'start:stop:step' or a list of layers, got {value!r}")
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, str):
+        text = value.strip()
+        if text == "all" or (allow_same and text == "same"):
+            return text
+        m = _SLICE.match(text)
+        if not m:
+            allowed = "'same', 'all'" if allow_same else "'all'"
+            raise ValueError(f"expected {allowed}, 'start:stop:step' or a list of layers, got {value!r}")
+        start, stop, step = (int(g) if g else None for g in m.groups())
+        if any(x is not None and x < 0 for x in (start, stop)):
+            raise ValueError(f"{value!r}: start and stop must be >= 0")
+        if step is not None and step < 1:
+            raise ValueError(f"{value!r}: step must be >= 1")
+        return text
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError("empty list of layers")
+        out = []
+        for v in value:
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"expected integer layers, got {v!r}")
+            out.append(v)
+        return out
+    raise ValueError(f"expected 'all', 'start:stop:step' or a list of layers, got {value!r}")
+
+
+def expand_layers(spec: str | list[int], n_layers: int) -> list[int]:
+    """The layers a parsed spec names for a model with n_layers blocks (unchecked: the caller
+    checks each against the model so the error can name the model)."""
+    if spec == "all":
+        return list(range(n_layers))
+    if isinstance(spec, str):
+        start, stop, step = (int(g) if g else None for g in _SLICE.match(spec).groups())
+        start = 0 if start is None else start
+        stop = n_layers if stop is None else stop
+        out = list(range(start, stop, step or 1))
+        if not out:
+            raise ValueError(f"{spec!r} names no layer")
+        return out  # a stop past the last layer is caught by the range check, naming the layer
+    return list(dict.fromkeys(spec))
+
+
+def _parse_positions(value: Any, allow_all: bool) -> str | list[int]:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a list of token positions, got {value!r}")
+    if isinstance(value, int):
+        return [value]
+    if allow_all and value == "all":
+        return "all"
+    if isinstance(value, (list, tuple)) and value:
+        for v in value:
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"expected integer positions, got {v!r}")
+        return list(dict.fromkeys(value))
+    allowed = "'all' or " if allow_all else ""
+    raise ValueError(f"expected {allowed}a non-empty list of integer positions, got {value!r}")
+
+
+# ---------------------------------------------------------------- the config
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceConfig(_Strict):
+    prompts: list[str] | None = None
+    file: str | None = Field(None, description="CSV, TSV or JSONL; one row per (source, target) pair")
+    prompt_column: str = "prompt"
+    reference_columns: list[str] | None = Field(
+        None, description="file columns carried into the results as ref_<name> (default: every other column)"
+    )
+    layers: Any = "all"
+    positions: Any = [-1]
+
+    @field_validator("layers", mode="after")
+    @classmethod
+    def _layers(cls, v: Any) -> Any:
+        return _parse_layers(v, allow_same=False)
+
+    @field_validator("positions", mode="after")
+    @classmethod
+    def _positions(cls, v: Any) -> Any:
+        return _parse_positions(v, allow_all=True)
+
+    @field_validator("prompts", mode="after")
+    @classmethod
+    def _prompts(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("empty list of prompts")
+            for p in v:
+                if not p.strip():
+                    raise ValueError("empty prompt")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "SourceConfig":
+        if (self.prompts is None) == (self.file is None):
+            raise ValueError("give exactly one of source.prompts or source.file")
+        return self
+
+
+class TargetConfig(_Strict):
+    prompt: str | None = None
+    prompt_column: str | None = Field(None, description="per-row target prompt, a column of source.file")
+    layers: Any = "same"
+    positions: Any = [-1]
+
+    @field_validator("layers", mode="after")
+    @classmethod
+    def _layers(cls, v: Any) -> Any:
+        return _parse_layers(v, allow_same=True)
+
+    @field_validator("positions", mode="after")
+    @classmethod
+    def _positions(cls, v: Any) -> Any:
+        return _parse_positions(v, allow_all=False)
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> "TargetConfig":
+        if (self.prompt is None) == (self.prompt_column is None):
+            raise ValueError("give exactly one of target.prompt or target.prompt_column")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ValueError("target.prompt: empty prompt")
+        return self
+
+
+class GenerationConfig(_Strict):
+    max_new_tokens: int = Field(20, ge=1)
+    stop_at_eos: bool = True
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    top_logprobs: int = Field(10, ge=1, description="how many first-token log-probabilities to keep")
+
+    @model_validator(mode="after")
+    def _seed(self) -> "GenerationConfig":
+        if self.do_sample and self.seed is None:
+            raise ValueError("generation.seed: sampling needs an explicit seed so results can be reproduced")
+        return self
+
+    def decoding(self):
+        from patchscope_core import Decoding
+
+        return Decoding(
+            do_sample=self.do_sample,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            stop_at_eos=self.stop_at_eos,
+        )
+
+
+class ExecutionConfig(_Strict):
+    workers: int = Field(2, ge=1, description="Ray actors per model, each holding the model for its lifetime")
+    batch_size: int = Field(16, ge=1, description="cells per task (and per generate batch)")
+    gpus_per_worker: float = Field(0, ge=0, description="0: CPU; fractional shares a GPU; >1 spreads the model")
+    cpus_per_worker: float = Field(1, gt=0)
+    max_in_flight_per_worker: int = Field(2, ge=1, description="tasks queued on one actor at once (back-pressure)")
+    device_map: str | None = Field(None, description="accelerate device map; default 'auto' when gpus_per_worker > 1")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    max_restarts: int = Field(2, ge=-1, description="Ray actor restarts after a crash (-1: forever)")
+    max_task_retries: int = Field(2, ge=-1, description="Ray retries of a task whose actor died (-1: forever)")
+
+
+class WandbConfig(_Strict):
+    project: str = "patchscope-sweeps"
+    entity: str | None = None
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    tags: list[str] = []
+
+
+class OutputConfig(_Strict):
+    dir: str | None = Field(None, description="default runs/<name>")
+    wandb: WandbConfig = WandbConfig()
+
+
+class SweepConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    models: list[str] = Field(min_length=1)
+    source: SourceConfig
+    target: TargetConfig
+    generation: GenerationConfig = GenerationConfig()
+    execution: ExecutionConfig = ExecutionConfig()
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _file_columns(self) -> "SweepConfig":
+        if self.target.prompt_column is not None and self.source.file is None:
+            raise ValueError("target.prompt_column: needs source.file (its rows pair each source with its target)")
+        if self.source.reference_columns is not None and self.source.file is None:
+            raise ValueError("source.reference_columns: needs source.file")
+        if len(set(self.models)) != len(self.models):
+            raise ValueError("models: listed twice")
+        return self
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.output.dir or f"runs/{self.name}")
+
+
+# ---------------------------------------------------------------- loading
+
+
+_NAMES_FIELD = re.compile(r"^[A-Za-z_][\w\[\]]*(\.[\w\[\]]+)+: ")
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for x in loc:
+        out += f"[{x}]" if isinstance(x, int) else (f".{x}" if out else str(x))
+    return out
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: Any = SweepConfig
+    for key in loc:
+        info = getattr(model, "model_fields", {}).get(key)
+        if info is None:
+            return []
+        model = info.annotation
+    return list(getattr(model, "model_fields", {}))
+
+
+def _format(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = _loc(err["loc"])
+        msg = err["msg"]
+        for prefix in ("Value error, ", "Assertion failed, "):
+            msg = msg.removeprefix(prefix)
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown key {err['loc'][-1]!r} (allowed: {', '.join(_allowed_keys(err['loc'][:-1]))})"
+        if not loc or _NAMES_FIELD.match(msg):
+            lines.append(msg)  # the check already names its field
+        else:
+            lines.append(f"{loc}: {msg}")
+    return "; ".join(lines)
+
+
+def parse_config(data: Any, where: str = "config") -> SweepConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys (name, models, source, target, ...)")
+    try:
+        return SweepConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format(exc)) from None
+
+
+def load_config(path: str | Path) -> SweepConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config: no such file {str(path)!r}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config: {path} is not valid YAML ({exc})") from None
+    return parse_config(data, str(path))
+
+
+# ---------------------------------------------------------------- rows and model checks
+
+
+@dataclass(frozen=True)
+class Row:
+    """One (source prompt, target prompt) pair with its reference values."""
+
+    source_prompt: str
+    target_prompt: str
+    refs: tuple[tuple[str, Any], ...] = ()
+    where: str = "source.prompts"  # for error messages
+
+
+def _read_table(path: Path) -> list[dict[str, Any]]:
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        with open(path, newline="") as fh:
+            return list(csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ","))
+    if suffix in (".jsonl", ".ndjson"):
+        rows = []
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ConfigError(f"source.file: {path} line {i} is not JSON ({exc})") from None
+                if not isinstance(obj, dict):
+                    raise ConfigError(f"source.file: {path} line {i} is not a JSON object")
+                rows.append(obj)
+        return rows
+    raise ConfigError(f"source.file: {path} must end in .csv, .tsv or .jsonl")
+
+
+def _ref_value(v: Any) -> str | None:
+    """Reference values are stored as text (one type per Parquet column whatever the file held)."""
+    if v is None or isinstance(v, str):
+        return v
+    return json.dumps(v) if isinstance(v, (dict, list)) else str(v)
+
+
+def load_rows(config: SweepConfig, base: Path | None = None) -> list[Row]:
+    """The (source, target) pairs of the sweep, from source.prompts or source.file.
+
+    A relative source.file is read from the current directory, or else from `base` (the
+    config file's directory)."""
+    src, tgt = config.source, config.target
+    if src.prompts is not None:
+        return [Row(p, tgt.prompt, (), f"source.prompts[{i}]") for i, p in enumerate(src.prompts)]
+    path = Path(src.file).expanduser()
+    if not path.is_file() and base is not None and (base / path).is_file():
+        path = base / path
+    if not path.is_file():
+        raise ConfigError(f"source.file: no such file {src.file!r}")
+    table = _read_table(path)
+    if not table:
+        raise ConfigError(f"source.file: {path} has no rows")
+    columns = list(table[0])
+    for field_name, col in (("source.prompt_column", src.prompt_column), ("target.prompt_column", tgt.prompt_column)):
+        if col is not None and col not in columns:
+            raise ConfigError(f"{field_name}: no column {col!r} in {path} (columns: {', '.join(columns)})")
+    used = {src.prompt_column, tgt.prompt_column}
+    refs = src.reference_columns if src.reference_columns is not None else [c for c in columns if c not in used]
+    for c in refs:
+        if c not in columns:
+            raise ConfigError(f"source.reference_columns: no column {c!r} in {path} (columns: {', '.join(columns)})")
+    rows = []
+    for i, rec in enumerate(table):
+        where = f"source.file row {i + 1}"
+        s = rec.get(src.prompt_column)
+        t = rec.get(tgt.prompt_column) if tgt.prompt_column else tgt.prompt
+        for field_name, v in (("source.prompt_column", s), ("target.prompt_column", t)):
+            if not isinstance(v, str) or not v.strip():
+                raise ConfigError(f"{field_name}: {where} has an empty or missing prompt ({v!r})")
+        rows.append(Row(s, t, tuple((c, _ref_value(rec.get(c))) for c in refs), where))
+    return rows
+
+
+@dataclass
+class ModelPlan:
+    """What one model runs: its layers and the token count of every prompt."""
+
+    info: ModelInfo
+    source_layers: list[int]
+    target_layers: list[int] | None  # None: same as the source layer
+    n_tokens: dict[str, int] = field(default_factory=dict)
+
+
+def _checked_layers(spec: Any, info: ModelInfo, field_name: str) -> list[int]:
+    try:
+        layers = expand_layers(spec, info.n_layers)
+    except ValueError as exc:
+        raise ConfigError(f"{field_name}: {exc}") from None
+    for layer in layers:
+        check_layer(layer, info, field_name)
+    return layers
+
+
+def check_against_models(config: SweepConfig, rows: list[Row]) -> dict[str, ModelPlan]:
+    """Layers against each model's config, positions against each tokenized prompt; reads
+    configs and tokenizers only, never weights. Raises ConfigError naming the field."""
+    plans = {}
+    for i, name in enumerate(config.models):
+        try:
+            info = model_info(name)
+        except PatchscopeError as exc:
+            msg = str(exc).removeprefix("model: ")
+            raise ConfigError(f"models[{i}]: {msg}") from None
+        try:
+            plan = ModelPlan(
+                info,
+                _checked_layers(config.source.layers, info, "source.layers"),
+                None if config.target.layers == "same" else _checked_layers(config.target.layers, info, "target.layers"),
+            )
+            for row in rows:
+                for prompt, role, positions in (
+                    (row.source_prompt, "source", config.source.positions),
+                    (row.target_prompt, "target", config.target.positions),
+                ):
+                    if prompt in plan.n_tokens and role == "target":
+                        n = plan.n_tokens[prompt]
+                    else:
+                        n = len(tokenize(info, prompt, f"{role}.prompt"))
+                        plan.n_tokens[prompt] = n
+                    if positions == "all":
+                        continue
+                    for p in positions:
+                        try:
+                            resolve_position(p, n, f"{role}.positions")
+                        except PatchscopeError as exc:
+                            raise ConfigError(f"{exc} ({role} prompt {prompt[:60]!r} of {row.where}, on {name})") from None
+        except PatchscopeError as exc:
+            raise ConfigError(str(exc)) from None
+        plans[name] = plan
+    return plans
+
+
+def config_hash(config: SweepConfig, rows: list[Row]) -> str:
+    """Hash of everything that decides the results (models, prompts, layers, positions,
+    generation); execution and output settings may change between resumed runs."""
+    science = config.model_dump(mode="json", include={"models", "source", "target", "generation"})
+    science["source"].pop("file", None)  # the rows stand for the file's content
+    science["rows"] = [[r.source_prompt, r.target_prompt, [list(x) for x in r.refs]] for r in rows]
+    blob = json.dumps(science, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,218 @@
+"""The sweep driver (`patchscope sweep CONFIG`): config -> grid -> tasks -> Ray actors -> store, W&B.
+
+1. Load and validate the config against every model's config and tokenizer (no weights).
+2. Expand the grid; skip the cells the store already holds (resume) unless --restart.
+3. Per model: start `execution.workers` actors that each load the model once; keep at most
+   `execution.max_in_flight_per_worker` tasks queued on each; take results in completion
+   order with `ray.wait`; write each task's records to the store, then to W&B.
+4. At the end: results.csv and heatmaps in output.dir, the final W&B table and images.
+Actor restarts and task retries are Ray's (`max_restarts`, `max_task_retries`); a task that
+still fails is reported and its cells are left for the next run of the same command.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from .config import check_against_models, config_hash, load_config, load_rows
+from .grid import Task, expand, make_tasks
+from .store import ResultStore
+
+
+def plan(config_path: str):
+    """Config, rows, per-model plans and every cell; raises ConfigError before any weights load."""
+    config = load_config(config_path)
+    rows = load_rows(config, base=Path(config_path).parent)
+    plans = check_against_models(config, rows)
+    cells = expand(config, rows, plans)
+    return config, rows, plans, cells
+
+
+def connect(address: str | None, config) -> bool:
+    """Join `address`, or start a local Ray big enough for every worker; True if we started it."""
+    import ray
+
+    if ray.is_initialized():  # e.g. a test or a notebook that already connected
+        return False
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ex = config.execution
+        need = ex.workers * ex.cpus_per_worker
+        ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def _describe_resources(config) -> None:
+    import ray
+
+    ex = config.execution
+    res = ray.cluster_resources()
+    gpus, cpus = res.get("GPU", 0), res.get("CPU", 0)
+    print(f"ray: {len(ray.nodes())} node(s), {cpus:g} CPUs, {gpus:g} GPUs; "
+          f"{ex.workers} worker(s) per model with {ex.cpus_per_worker:g} CPU / {ex.gpus_per_worker:g} GPU each")
+    if ex.gpus_per_worker > 0 and gpus < ex.gpus_per_worker:
+        print("ray: no GPU in the cluster yet: the workers wait until the autoscaler adds a GPU node")
+
+
+def run_tasks(tasks: list[Task], config, store: ResultStore, sink, progress, totals: dict[str, Any]) -> list[Task]:
+    """Schedule the tasks on actors, model by model; returns the tasks that failed."""
+    import ray
+    from ray.exceptions import RayError
+
+    from workers.actor import start_workers
+
+    ex = config.execution
+    failed: list[Task] = []
+    by_model: dict[str, list[Task]] = {}
+    for t in tasks:
+        by_model.setdefault(t.model, []).append(t)
+    for model, mtasks in by_model.items():
+        actors = start_workers(model, config, min(ex.workers, len(mtasks)))
+        alive = set(range(len(actors)))
+        load = [0] * len(actors)
+        queue = deque(mtasks)
+        in_flight: dict[Any, tuple[int, Task]] = {}
+
+        def fill() -> None:
+            for i in sorted(alive, key=lambda i: load[i]):
+                while queue and load[i] < ex.max_in_flight_per_worker:
+                    task = queue.popleft()
+                    in_flight[actors[i].run.remote(task.payload())] = (i, task)
+                    load[i] += 1
+
+        try:
+            fill()
+            while in_flight:
+                (ref,), _ = ray.wait(list(in_flight), num_returns=1)
+                i, task = in_flight.pop(ref)
+                load[i] -= 1
+                try:
+                    records = ray.get(ref)
+                except RayError as exc:  # after Ray's own restarts and retries
+                    failed.append(task)
+                    msg = str(exc).strip().splitlines()
+                    progress.write(f"task {task.task_id} ({len(task.cells)} cells of {model}) failed: "
+                                   f"{type(exc).__name__}: {msg[-1] if msg else ''}")
+                    if isinstance(exc, ray.exceptions.RayActorError):
+                        alive.discard(i)  # restarts used up: this actor is gone
+                    if not alive:
+                        failed.extend(queue)
+                        queue.clear()
+                    fill()
+                    continue
+                new = store.write(task.task_id, records)  # the record of truth first
+                totals["computed"] += len(new)
+                progress.update(len(new))
+                elapsed = time.perf_counter() - totals["t0"]
+                sink.log_task(new, progress.n, progress.total, totals["computed"] / max(elapsed, 1e-9))
+                fill()
+        finally:
+            for ref in in_flight:
+                ray.cancel(ref, force=True)
+            for a in actors:
+                ray.kill(a)
+    return failed
+
+
+def _dry_run(config, rows, plans, cells, tasks, stored: int) -> int:
+    ex = config.execution
+    print(f"sweep {config.name}: {len(cells)} cells in {len(tasks)} tasks (batch size {ex.batch_size})")
+    for name, p in plans.items():
+        n = sum(c.model == name for c in cells)
+        t = sum(t.model == name for t in tasks)
+        tl = "same as source" if p.target_layers is None else p.target_layers
+        print(f"  {name}: {p.info.n_layers} layers; {len(rows)} prompt row(s) x source layers {p.source_layers} "
+              f"x source positions {config.source.positions} x target layers {tl} x target positions "
+              f"{config.target.positions} = {n} cells, {t} tasks")
+    print(f"workers: {ex.workers} per model, {ex.cpus_per_worker:g} CPU and {ex.gpus_per_worker:g} GPU each, "
+          f"at most {ex.max_in_flight_per_worker} tasks in flight per worker")
+    print(f"output: {config.out_dir} ({stored} of these cells already stored)")
+    print("dry run: nothing computed")
+    return 0
+
+
+def main(args) -> int:
+    config, rows, plans, cells = plan(args.config)
+    store = ResultStore(config.out_dir)
+    chash = config_hash(config, rows)
+    ex = config.execution
+    if args.dry_run:
+        manifest = store.manifest() or {}
+        same = manifest.get("config_hash") == chash and not args.restart
+        stored = len({c.cell_id for c in cells} & store.stored_cell_ids()) if same else 0
+        todo = [c for c in cells if not same or c.cell_id not in store.stored_cell_ids()]
+        return _dry_run(config, rows, plans, cells, make_tasks(todo, ex.batch_size), stored)
+
+    store.open(config.model_dump(mode="json"), chash, len(cells), restart=args.restart)
+    stored_ids = store.stored_cell_ids()
+    todo = [c for c in cells if c.cell_id not in stored_ids]
+    tasks = make_tasks(todo, ex.batch_size)
+    already = len(cells) - len(todo)
+    print(f"sweep {config.name}: {len(cells)} cells; "
+          + (f"{already} already stored in {store.results_dir}, skipping them; " if already else "")
+          + f"{len(todo)} to run in {len(tasks)} tasks")
+
+    from tqdm import tqdm
+
+    from .report import write_report
+    from .wandb_sink import WandbSink
+
+    wandb_cfg = config.output.wandb if tasks else config.output.wandb.model_copy(update={"mode": "disabled"})
+    sink = WandbSink(wandb_cfg, config.name, {**config.model_dump(mode="json"), "config_hash": chash}, config.out_dir)
+    failed: list[Task] = []
+    started = False
+    totals = {"computed": 0, "t0": time.perf_counter()}
+    interrupted = False
+    try:
+        if tasks:
+            started = connect(args.address, config)
+            _describe_resources(config)
+            with tqdm(total=len(cells), initial=already, unit="cell", desc=config.name, dynamic_ncols=True,
+                      smoothing=0.1, file=sys.stdout) as progress:
+                failed = run_tasks(tasks, config, store, sink, progress, totals)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+    df = store.read()
+    in_grid = {c.cell_id for c in cells}
+    done = int(df["cell_id"].isin(in_grid).sum()) if not df.empty else 0
+    elapsed = time.perf_counter() - totals["t0"]
+    if interrupted:
+        sink.abort()
+        print(f"\ninterrupted: {done} of {len(cells)} cells are stored in {store.results_dir}; "
+              "run the same command again to resume")
+        return 130
+    paths = write_report(config.out_dir, df[df["cell_id"].isin(in_grid)]) if done else {}
+    images = {k: v for k, v in paths.items() if k != "table"}
+    records = df[df["cell_id"].isin(in_grid)].to_dict("records") if done else []
+    run_dir = sink.finish(records, images, {"cells_done": done, "cells_total": len(cells),
+                                            "cells_computed": totals["computed"], "elapsed_s": elapsed})
+
+    print(f"\n{done} of {len(cells)} cells stored ({totals['computed']} computed now, in {elapsed:.1f} s): "
+          f"{store.results_dir}")
+    if paths:
+        print(f"table:    {paths['table']}")
+        for path in images.values():
+            print(f"picture:  {path}")
+    if run_dir:
+        if sink.mode == "offline":
+            print(f"W&B:      offline run in {run_dir}; upload it with: wandb sync {run_dir}")
+        else:
+            print(f"W&B:      run files in {run_dir}")
+    if failed:
+        n = sum(len(t.cells) for t in failed)
+        print(f"error: {n} cells in {len(failed)} tasks failed; run the same command again to retry them "
+              "(stored cells are kept)", file=sys.stderr)
+        return 1
+    return 0

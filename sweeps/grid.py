@@ -1,0 +1,122 @@
+"""The grid of a sweep: cells (one Patchscope each) and tasks (batches of cells).
+
+A cell is one point of model x (source prompt, target prompt) row x source layer x source
+position x target layer x target position. Its id is a hash of those parameters and the
+generation settings, so the same cell has the same id in every run (resume relies on it).
+A task holds cells of one model and one source prompt, at most batch_size of them, so the
+worker extracts that prompt's hidden states once per task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from patchscope_core import Patchscope, Source, Target
+
+from .config import ModelPlan, Row, SweepConfig
+
+# Parameter columns of every result row, in this order (ref_<name> columns follow).
+PARAM_COLUMNS = (
+    "cell_id", "model", "source_prompt", "source_layer", "source_position",
+    "target_prompt", "target_layer", "target_position",
+)
+
+
+def _digest(obj: Any, n: int = 16) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+@dataclass(frozen=True)
+class Cell:
+    model: str
+    source_prompt: str
+    source_layer: int
+    source_position: int  # as asked for (e.g. -1); results also carry the absolute index
+    target_prompt: str
+    target_layer: int
+    target_position: int
+    refs: tuple[tuple[str, Any], ...] = ()
+    generation_key: str = ""  # digest of the generation settings
+
+    @property
+    def cell_id(self) -> str:
+        return _digest([
+            self.model, self.source_prompt, self.source_layer, self.source_position,
+            self.target_prompt, self.target_layer, self.target_position,
+            [list(r) for r in self.refs], self.generation_key,
+        ])
+
+    def params(self) -> dict[str, Any]:
+        """The cell's columns of a result row."""
+        out = {k: getattr(self, k) for k in PARAM_COLUMNS[1:]}
+        out = {"cell_id": self.cell_id, **out}
+        out.update({f"ref_{k}": v for k, v in self.refs})
+        return out
+
+    def patchscope(self, max_new_tokens: int) -> Patchscope:
+        return Patchscope(
+            source=Source(self.source_prompt, self.source_layer, self.source_position, model=self.model),
+            target=Target(self.target_prompt, self.target_layer, (self.target_position,), model=self.model),
+            max_new_tokens=max_new_tokens,
+        )
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], generation_key: str = "") -> "Cell":
+        refs = tuple((k[4:], v) for k, v in params.items() if k.startswith("ref_"))
+        cell = cls(*(params[k] for k in PARAM_COLUMNS[1:]), refs=refs, generation_key=generation_key)
+        return cell
+
+
+@dataclass(frozen=True)
+class Task:
+    """Cells of one model and one source prompt; at most batch_size of them."""
+
+    model: str
+    source_prompt: str
+    cells: tuple[Cell, ...]
+
+    @property
+    def task_id(self) -> str:
+        return _digest(sorted(c.cell_id for c in self.cells), 12)
+
+    def payload(self) -> dict[str, Any]:
+        """What travels to a worker: plain data."""
+        return {"task_id": self.task_id, "model": self.model, "cells": [c.params() for c in self.cells]}
+
+
+def generation_key(config: SweepConfig) -> str:
+    return _digest(config.generation.model_dump(mode="json"))
+
+
+def expand(config: SweepConfig, rows: list[Row], plans: dict[str, ModelPlan]) -> list[Cell]:
+    """Every cell of the grid, in a fixed order, without duplicates."""
+    gen = generation_key(config)
+    cells: dict[str, Cell] = {}
+    for model in config.models:
+        plan = plans[model]
+        for row in rows:
+            positions = config.source.positions
+            if positions == "all":
+                positions = list(range(plan.n_tokens[row.source_prompt]))
+            for layer in plan.source_layers:
+                for pos in positions:
+                    for t_layer in plan.target_layers or [layer]:
+                        for t_pos in config.target.positions:
+                            cell = Cell(model, row.source_prompt, layer, pos, row.target_prompt, t_layer, t_pos, row.refs, gen)
+                            cells.setdefault(cell.cell_id, cell)
+    return list(cells.values())
+
+
+def make_tasks(cells: Iterable[Cell], batch_size: int) -> list[Task]:
+    """Group cells by (model, source prompt), in first-seen order, and cut to batch_size."""
+    groups: dict[tuple[str, str], list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault((cell.model, cell.source_prompt), []).append(cell)
+    tasks = []
+    for (model, prompt), group in groups.items():
+        for start in range(0, len(group), batch_size):
+            tasks.append(Task(model, prompt, tuple(group[start:start + batch_size])))
+    return tasks

@@ -1,0 +1,160 @@
+"""Weights & Biases: one run per sweep, fed as tasks finish, a table and heatmaps at the end.
+
+The local store is the record of truth and is always written first: every W&B call here is
+guarded, and a failure prints one warning and turns the sink off, losing nothing.
+
+mode: auto (online when credentials exist: WANDB_API_KEY or a ~/.netrc entry for the W&B host;
+otherwise offline; a WANDB_MODE in the environment wins) | online | offline | disabled.
+Offline runs are written under output.dir/wandb/ and uploaded later with `wandb sync DIR`.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+from urllib.parse import urlparse
+
+from .config import WandbConfig
+
+# Columns of the W&B tables: what a person reads (token ids travel as text).
+TABLE_COLUMNS = (
+    "cell_id", "model", "source_prompt", "source_layer", "source_position", "target_layer",
+    "target_position", "generated_text", "top1_logprob", "target_prompt", "generated_token_ids",
+)
+
+
+def has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_mode(mode: str) -> str:
+    if mode != "auto":
+        return mode
+    env = os.environ.get("WANDB_MODE")
+    if env in ("online", "offline", "disabled"):
+        return env
+    return "online" if has_credentials() else "offline"
+
+
+def table_rows(records: Sequence[dict[str, Any]], ref_columns: Sequence[str] = ()) -> tuple[list[str], list[list[Any]]]:
+    columns = list(TABLE_COLUMNS) + list(ref_columns)
+    rows = []
+    for r in records:
+        row = []
+        for c in columns:
+            if c == "top1_logprob":
+                v = r.get("top_logprobs")
+                v = float(v[0]) if v is not None and len(v) else None
+            elif c == "generated_token_ids":
+                v = " ".join(str(int(t)) for t in r.get(c, []))
+            else:
+                v = r.get(c)
+                if hasattr(v, "item"):
+                    v = v.item()
+            row.append(v)
+        rows.append(row)
+    return columns, rows
+
+
+class WandbSink:
+    def __init__(self, cfg: WandbConfig, name: str, config: dict[str, Any], out_dir: Path) -> None:
+        self.mode = resolve_mode(cfg.mode)
+        self.run = None
+        self.out_dir = Path(out_dir)
+        self.ref_columns: list[str] = []
+        if self.mode == "disabled":
+            return
+        try:
+            import wandb
+
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.run = wandb.init(
+                project=cfg.project,
+                entity=cfg.entity,
+                group=name,
+                name=name,
+                job_type="sweep",
+                tags=list(cfg.tags) or None,
+                dir=str(self.out_dir),  # W&B writes under <dir>/wandb/
+                mode=self.mode,
+                config=config,
+                reinit="create_new",
+                settings=wandb.Settings(silent=True, console="off"),
+            )
+            self.run.define_metric("cells_done")
+            self.run.define_metric("*", step_metric="cells_done")
+        except Exception as exc:  # noqa: BLE001 - W&B must never cost a result
+            self._fail("start", exc)
+
+    @property
+    def active(self) -> bool:
+        return self.run is not None
+
+    def _fail(self, what: str, exc: BaseException) -> None:
+        print(f"warning: W&B {what} failed ({type(exc).__name__}: {exc}); results are safe in the local store, "
+              "W&B logging is off for the rest of this sweep", file=sys.stderr)
+        run, self.run = self.run, None
+        if run is not None:
+            try:
+                run.finish(exit_code=1)
+            except Exception:  # noqa: BLE001
+                pass
+
+    def log_task(self, records: Sequence[dict[str, Any]], cells_done: int, cells_total: int, cells_per_s: float) -> None:
+        """The rows of one finished task, and the progress; called after the store wrote them."""
+        if self.run is None or not records:
+            return
+        try:
+            import wandb
+
+            if not self.ref_columns:
+                self.ref_columns = sorted(k for k in records[0] if k.startswith("ref_"))
+            columns, rows = table_rows(records, self.ref_columns)
+            self.run.log({
+                "cells_done": cells_done,
+                "fraction_done": cells_done / max(cells_total, 1),
+                "cells_per_s": cells_per_s,
+                "task_rows": wandb.Table(columns=columns, data=rows),
+            })
+        except Exception as exc:  # noqa: BLE001
+            self._fail("log", exc)
+
+    def finish(self, records: Sequence[dict[str, Any]], images: dict[str, Path], summary: dict[str, Any]) -> str | None:
+        """Final table of every cell and the heatmaps; returns the offline run's directory."""
+        if self.run is None:
+            return None
+        try:
+            import wandb
+
+            ref_columns = sorted({k for r in records[:1] for k in r if k.startswith("ref_")})
+            columns, rows = table_rows(records, ref_columns)
+            payload: dict[str, Any] = {"cells_done": summary.get("cells_done", len(records))}
+            payload["results"] = wandb.Table(columns=columns, data=rows)
+            for key, path in images.items():
+                payload[f"heatmap/{key}"] = wandb.Image(str(path))
+            self.run.log(payload)
+            self.run.summary.update(summary)
+            run_dir = str(Path(self.run.dir).parent)
+            self.run.finish()
+            self.run = None
+            return run_dir
+        except Exception as exc:  # noqa: BLE001
+            self._fail("finish", exc)
+            return None
+
+    def abort(self) -> None:
+        if self.run is not None:
+            try:
+                self.run.finish(exit_code=1)
+            except Exception:  # noqa: BLE001
+                pass
+            self.run = None
