@@ -174,3 +174,19 @@ def test_tokenize_matches_the_bridge(tiny_models, name):
     info = info_of(model, name)
     for p in ["x", "The capital city of x is", "Leonardo DiCaprio: American actor, x"]:
         assert list(tokenize(info, p)) == model.to_tokens(p)[0].tolist()
+
+
+def test_local_model_directory_loads_like_the_alias(tiny_models, tmp_path):
+    from patchscope_core import load_model, model_info
+    from patchscope_core.models import _tiny_hf_model
+
+    hf, tok = _tiny_hf_model("tiny-llama")
+    hf.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    info = model_info(str(tmp_path))
+    assert (info.n_layers, info.d_model) == (4, 64)
+    local = load_model(str(tmp_path), device="cpu")
+    spec = cases()[0]
+    a = PatchscopeEngine(local, decoding=Decoding(stop_at_eos=False)).run([spec])[0]
+    b = PatchscopeEngine(tiny_models["tiny-llama"], decoding=Decoding(stop_at_eos=False)).run([spec])[0]
+    assert a.generated_token_ids == b.generated_token_ids
