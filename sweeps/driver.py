@@ -35,6 +35,12 @@ def plan(config_path: str):
 
 def connect(address: str | None, config) -> bool:
     """Join `address`, or start a local Ray big enough for every worker; True if we started it."""
+    address = address or os.environ.get("RAY_ADDRESS")  # set by `ray job submit`
+    if not address and "ray" not in sys.modules:
+        # A local cluster serves this machine only: keep Ray on the loopback interface (as Ray
+        # does on macOS and Windows) rather than on the machine's network address. Ray reads
+        # this when it is imported.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():  # e.g. a test or a notebook that already connected
@@ -43,7 +49,7 @@ def connect(address: str | None, config) -> bool:
         ray.init(address=address, log_to_driver=False)
     else:
         ex = config.execution
-        need = ex.workers * ex.cpus_per_worker
+        need = ex.workers * ex.cpus_per_worker  # never fewer CPUs than the workers ask for
         ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=False, log_to_driver=False)
     return True
 
@@ -113,9 +119,7 @@ def run_tasks(tasks: list[Task], config, store: ResultStore, sink, progress, tot
                 sink.log_task(new, progress.n, progress.total, totals["computed"] / max(elapsed, 1e-9))
                 fill()
         finally:
-            for ref in in_flight:
-                ray.cancel(ref, force=True)
-            for a in actors:
+            for a in actors:  # also ends any task still in flight (after an interrupt)
                 ray.kill(a)
     return failed
 

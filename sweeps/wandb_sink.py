@@ -71,6 +71,7 @@ class WandbSink:
         self.run = None
         self.out_dir = Path(out_dir)
         self.ref_columns: list[str] = []
+        self.live = None  # the incremental table of cells, created at the first finished task
         if self.mode == "disabled":
             return
         try:
@@ -116,14 +117,19 @@ class WandbSink:
         try:
             import wandb
 
-            if not self.ref_columns:
+            if self.live is None:
                 self.ref_columns = sorted(k for k in records[0] if k.startswith("ref_"))
-            columns, rows = table_rows(records, self.ref_columns)
+                columns, _ = table_rows([], self.ref_columns)
+                # An incremental table: each log sends only the rows added since the last one,
+                # and W&B shows one table that grows while the sweep runs.
+                self.live = wandb.Table(columns=columns, log_mode="INCREMENTAL")
+            for row in table_rows(records, self.ref_columns)[1]:
+                self.live.add_data(*row)
             self.run.log({
                 "cells_done": cells_done,
                 "fraction_done": cells_done / max(cells_total, 1),
                 "cells_per_s": cells_per_s,
-                "task_rows": wandb.Table(columns=columns, data=rows),
+                "cells": self.live,
             })
         except Exception as exc:  # noqa: BLE001
             self._fail("log", exc)
