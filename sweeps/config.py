@@ -314,6 +314,7 @@ class Row:
     target_prompt: str
     refs: tuple[tuple[str, Any], ...] = ()
     where: str = "source.prompts"  # for error messages
+    index: int = 0  # position in source.prompts or source.file (orders tables and pictures)
 
 
 def _read_table(path: Path) -> list[dict[str, Any]]:
@@ -350,7 +351,7 @@ def load_rows(config: SweepConfig, base: Path | None = None) -> list[Row]:
     config file's directory)."""
     src, tgt = config.source, config.target
     if src.prompts is not None:
-        return [Row(p, tgt.prompt, (), f"source.prompts[{i}]") for i, p in enumerate(src.prompts)]
+        return [Row(p, tgt.prompt, (), f"source.prompts[{i}]", i) for i, p in enumerate(src.prompts)]
     path = Path(src.file).expanduser()
     if not path.is_file() and base is not None and (base / path).is_file():
         path = base / path
@@ -376,7 +377,7 @@ def load_rows(config: SweepConfig, base: Path | None = None) -> list[Row]:
         for field_name, v in (("source.prompt_column", s), ("target.prompt_column", t)):
             if not isinstance(v, str) or not v.strip():
                 raise ConfigError(f"{field_name}: {where} has an empty or missing prompt ({v!r})")
-        rows.append(Row(s, t, tuple((c, _ref_value(rec.get(c))) for c in refs), where))
+        rows.append(Row(s, t, tuple((c, _ref_value(rec.get(c))) for c in refs), where, i))
     return rows
 
 

@@ -124,8 +124,10 @@ def run_tasks(tasks: list[Task], config, store: ResultStore, sink, progress, tot
     return failed
 
 
-def _dry_run(config, rows, plans, cells, tasks, stored: int) -> int:
+def _dry_run(config, rows, plans, cells, stored_ids: set[str]) -> int:
     ex = config.execution
+    tasks = make_tasks(cells, ex.batch_size)
+    todo = [c for c in cells if c.cell_id not in stored_ids]
     print(f"sweep {config.name}: {len(cells)} cells in {len(tasks)} tasks (batch size {ex.batch_size})")
     for name, p in plans.items():
         n = sum(c.model == name for c in cells)
@@ -136,7 +138,8 @@ def _dry_run(config, rows, plans, cells, tasks, stored: int) -> int:
               f"{config.target.positions} = {n} cells, {t} tasks")
     print(f"workers: {ex.workers} per model, {ex.cpus_per_worker:g} CPU and {ex.gpus_per_worker:g} GPU each, "
           f"at most {ex.max_in_flight_per_worker} tasks in flight per worker")
-    print(f"output: {config.out_dir} ({stored} of these cells already stored)")
+    print(f"output: {config.out_dir}: {len(cells) - len(todo)} of these cells already stored, "
+          f"{len(todo)} to run in {len(make_tasks(todo, ex.batch_size))} tasks")
     print("dry run: nothing computed")
     return 0
 
@@ -149,9 +152,7 @@ def main(args) -> int:
     if args.dry_run:
         manifest = store.manifest() or {}
         same = manifest.get("config_hash") == chash and not args.restart
-        stored = len({c.cell_id for c in cells} & store.stored_cell_ids()) if same else 0
-        todo = [c for c in cells if not same or c.cell_id not in store.stored_cell_ids()]
-        return _dry_run(config, rows, plans, cells, make_tasks(todo, ex.batch_size), stored)
+        return _dry_run(config, rows, plans, cells, store.stored_cell_ids() if same else set())
 
     store.open(config.model_dump(mode="json"), chash, len(cells), restart=args.restart)
     stored_ids = store.stored_cell_ids()

@@ -21,7 +21,7 @@ from .config import ModelPlan, Row, SweepConfig
 # Parameter columns of every result row, in this order (ref_<name> columns follow).
 PARAM_COLUMNS = (
     "cell_id", "model", "source_prompt", "source_layer", "source_position",
-    "target_prompt", "target_layer", "target_position",
+    "target_prompt", "target_layer", "target_position", "row",
 )
 
 
@@ -38,6 +38,7 @@ class Cell:
     target_prompt: str
     target_layer: int
     target_position: int
+    row: int = 0  # the input row (source.prompts / source.file) it came from; not part of the id
     refs: tuple[tuple[str, Any], ...] = ()
     generation_key: str = ""  # digest of the generation settings
 
@@ -66,8 +67,7 @@ class Cell:
     @classmethod
     def from_params(cls, params: dict[str, Any], generation_key: str = "") -> "Cell":
         refs = tuple((k[4:], v) for k, v in params.items() if k.startswith("ref_"))
-        cell = cls(*(params[k] for k in PARAM_COLUMNS[1:]), refs=refs, generation_key=generation_key)
-        return cell
+        return cls(**{k: params[k] for k in PARAM_COLUMNS[1:]}, refs=refs, generation_key=generation_key)
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,8 @@ def expand(config: SweepConfig, rows: list[Row], plans: dict[str, ModelPlan]) ->
                 for pos in positions:
                     for t_layer in plan.target_layers or [layer]:
                         for t_pos in config.target.positions:
-                            cell = Cell(model, row.source_prompt, layer, pos, row.target_prompt, t_layer, t_pos, row.refs, gen)
+                            cell = Cell(model, row.source_prompt, layer, pos, row.target_prompt, t_layer, t_pos,
+                                        row.index, row.refs, gen)
                             cells.setdefault(cell.cell_id, cell)
     return list(cells.values())
 

@@ -15,6 +15,7 @@ source file has reference columns), else the first generated token's log-probabi
 from __future__ import annotations
 
 import re
+import textwrap
 import sys
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,13 @@ def enrich(df):
     return df
 
 
+def _ordered(df):
+    """Rows in input order (source.prompts / source.file), then layers and positions."""
+    keys = ["model", "row"] if "row" in df.columns else ["model"]
+    keys += ["source_prompt", "source_layer", "source_position", "target_layer", "target_position"]
+    return df.sort_values(keys, kind="stable")
+
+
 def metric_of(df) -> tuple[str, str]:
     matches = [c for c in df.columns if c.startswith("match_")]
     if matches:
@@ -55,6 +63,12 @@ def _short(text: str, n: int = 22) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
+def _note(text: str, width: int = 16, lines: int = 3) -> str:
+    """The start of a generation, wrapped to fit a heatmap square."""
+    wrapped = textwrap.wrap(" ".join(str(text).split()), width, max_lines=lines, placeholder="…")
+    return "\n".join(wrapped)
+
+
 def _heatmap(matrix, rows: list[str], cols: list[Any], title: str, xlabel: str, ylabel: str, cbar: str,
              path: Path, notes=None) -> Path:
     import matplotlib
@@ -62,15 +76,15 @@ def _heatmap(matrix, rows: list[str], cols: list[Any], title: str, xlabel: str, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    width = min(40, 2.0 + 1.35 * len(cols) if notes is not None else 2.5 + 0.55 * len(cols))
-    height = min(40, 1.8 + 0.5 * len(rows))
+    width = min(40, 2.5 + 1.25 * len(cols) if notes is not None else 2.5 + 0.55 * len(cols))
+    height = min(40, 1.8 + (0.75 if notes is not None else 0.45) * len(rows))
     fig, ax = plt.subplots(figsize=(max(width, 5), max(height, 2.6)))
     im = ax.imshow(matrix, aspect="auto", cmap="viridis")
     ax.set_xticks(range(len(cols)), [str(c) for c in cols])
     ax.set_yticks(range(len(rows)), [_short(r, 40) for r in rows])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    ax.set_title("\n".join(textwrap.wrap(title, 110)), fontsize=10)
     if notes is not None:
         lo, hi = im.get_clim()
         for i in range(len(rows)):
@@ -78,7 +92,7 @@ def _heatmap(matrix, rows: list[str], cols: list[Any], title: str, xlabel: str, 
                 if notes[i][j]:
                     dark = (matrix[i][j] - lo) / ((hi - lo) or 1) < 0.5
                     ax.text(j, i, notes[i][j], ha="center", va="center", fontsize=6.5,
-                            color="white" if dark else "black", wrap=True)
+                            color="white" if dark else "black")
     fig.colorbar(im, ax=ax, label=cbar, fraction=0.03)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -94,8 +108,7 @@ def write_report(out_dir: str | Path, df=None) -> dict[str, Path]:
     if df.empty:
         return {}
     df = enrich(df)
-    sort = ["model", "source_prompt", "source_layer", "source_position", "target_layer", "target_position"]
-    df = df.sort_values(sort, kind="stable")
+    df = _ordered(df)
     columns = ["cell_id"] + TABLE_COLUMNS + [c for c in df.columns if c.startswith(("ref_", "match_"))]
     columns += ["target_prompt", "generated_token_ids", "source_token_ids", "target_token_ids"]
     out: dict[str, Path] = {"table": out_dir / "results.csv"}
@@ -114,7 +127,7 @@ def write_report(out_dir: str | Path, df=None) -> dict[str, Path]:
         notes = None
         if one_each:
             text = mdf.set_index(["source_prompt", "source_layer"])["generated_text"]
-            notes = [[_short(text.get((p, l), "")) for l in pivot.columns] for p in pivot.index]
+            notes = [[_note(text.get((p, l), "")) for l in pivot.columns] for p in pivot.index]
         key = f"{_safe(model)}_prompt_x_layer"
         out[key] = _heatmap(
             pivot.to_numpy(dtype=float), list(pivot.index), list(pivot.columns),
@@ -134,7 +147,7 @@ def write_report(out_dir: str | Path, df=None) -> dict[str, Path]:
 
 def text_table(df, width: int = 28, max_rows: int = 40) -> str:
     """Generated text per source prompt (rows) and source layer (columns), for the terminal."""
-    df = enrich(df)
+    df = _ordered(enrich(df))
     lines = []
     for model, mdf in df.groupby("model", sort=False):
         first = mdf.sort_values(["target_layer", "source_position", "target_position"]).drop_duplicates(

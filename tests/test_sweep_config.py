@@ -155,7 +155,8 @@ def test_console_script_exits_non_zero_naming_the_field(tmp_path):
 # ---------------------------------------------------------------- the issue's example, exactly as written
 
 
-def test_example_config_is_the_issue_yaml_and_dry_runs(capsys):
+def test_example_config_is_the_issue_yaml_and_dry_runs(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # its output.dir is relative: nothing stored there
     cfg = load_config(EXAMPLE)
     assert cfg.name == "entity-description" and cfg.models == ["smollm2-135m"]
     assert cfg.source.prompts == ["Leonardo DiCaprio", "Samsung", "Paris", "Python"]
@@ -168,7 +169,9 @@ def test_example_config_is_the_issue_yaml_and_dry_runs(capsys):
     # 4 prompts x 10 layers (0, 3, ..., 27) x 1 position x l* = l x 1 position; one task per prompt
     assert "40 cells in 4 tasks" in out
     assert "source layers [0, 3, 6, 9, 12, 15, 18, 21, 24, 27]" in out
+    assert "0 of these cells already stored, 40 to run in 4 tasks" in out
     assert "dry run: nothing computed" in out
+    assert not (tmp_path / "runs").exists()
 
 
 # ---------------------------------------------------------------- layers, grid and tasks

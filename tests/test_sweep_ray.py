@@ -315,3 +315,40 @@ def test_a_wandb_failure_warns_and_loses_nothing(ray_cluster, tmp_path, monkeypa
     df = ResultStore(tmp_path / "out").read()
     assert len(df) == 6 and {cell_key(r) for r in df.to_dict("records")} == expected_cells(["tiny-gpt2"], [2])
     assert (tmp_path / "out" / "heatmap_tiny-gpt2_prompt_x_layer.png").is_file()
+
+
+# ---------------------------------------------------------------- Ray's restarts and retries
+
+
+def test_a_worker_crash_is_restarted_and_retried_by_ray_and_each_cell_stored_once(ray_cluster, tmp_path, monkeypatch):
+    """The actor process dies in the middle of its first task; Ray restarts it (max_restarts,
+    reloading the model) and re-runs the tasks it held (max_task_retries). No retry loop of ours."""
+    import sys
+
+    import ray.cloudpickle
+    import workers.actor
+
+    marker = tmp_path / "crashed-pid"
+
+    class CrashOnce(workers.actor.PatchscopeWorker):
+        def run(self, payload):
+            if not marker.exists():
+                import os
+
+                marker.write_text(str(os.getpid()))
+                os._exit(1)  # the worker process dies, as on an out-of-memory kill
+            return super().run(payload)
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+    monkeypatch.setattr(workers.actor, "PatchscopeWorker", CrashOnce)
+    config = write_config(tmp_path, "tiny-crash", models=["tiny-gpt2"], source__layers=[2],
+                          execution__workers=1, execution__batch_size=2)
+    try:
+        assert cli.main(["sweep", str(config)]) == 0
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert marker.exists(), "the worker never crashed: the test proved nothing"
+    df = ResultStore(tmp_path / "out").read()
+    assert len(df) == 6 and df["cell_id"].is_unique
+    assert {cell_key(r) for r in df.to_dict("records")} == expected_cells(["tiny-gpt2"], [2])
+    assert int(marker.read_text()) not in set(df["worker_pid"]), "results came from the restarted actor"
