@@ -241,7 +241,7 @@ class SweepConfig(_Strict):
 
     @property
     def out_dir(self) -> Path:
-        return Path(self.output.dir or f"runs/{self.name}")
+        return Path(self.output.dir or f"runs/{self.name}").expanduser()
 
 
 # ---------------------------------------------------------------- loading

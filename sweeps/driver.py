@@ -54,16 +54,24 @@ def connect(address: str | None, config) -> bool:
     return True
 
 
-def _describe_resources(config) -> None:
+def _check_resources(config, local: bool) -> None:
+    """Print what the cluster has; a local cluster that can never place a worker is an error."""
     import ray
+
+    from .config import ConfigError
 
     ex = config.execution
     res = ray.cluster_resources()
     gpus, cpus = res.get("GPU", 0), res.get("CPU", 0)
     print(f"ray: {len(ray.nodes())} node(s), {cpus:g} CPUs, {gpus:g} GPUs; "
           f"{ex.workers} worker(s) per model with {ex.cpus_per_worker:g} CPU / {ex.gpus_per_worker:g} GPU each")
-    if ex.gpus_per_worker > 0 and gpus < ex.gpus_per_worker:
-        print("ray: no GPU in the cluster yet: the workers wait until the autoscaler adds a GPU node")
+    if ex.gpus_per_worker > gpus:
+        if local:
+            raise ConfigError(
+                f"execution.gpus_per_worker: {ex.gpus_per_worker:g} GPU per worker, but this machine has "
+                f"{gpus:g}; use 0 to run on the CPU, or join a GPU cluster with --address"
+            )
+        print("ray: not enough GPUs in the cluster yet: the workers wait until the autoscaler adds GPU nodes")
 
 
 def run_tasks(tasks: list[Task], config, store: ResultStore, sink, progress, totals: dict[str, Any]) -> list[Task]:
@@ -168,21 +176,25 @@ def main(args) -> int:
     from .report import write_report
     from .wandb_sink import WandbSink
 
-    wandb_cfg = config.output.wandb if tasks else config.output.wandb.model_copy(update={"mode": "disabled"})
-    sink = WandbSink(wandb_cfg, config.name, {**config.model_dump(mode="json"), "config_hash": chash}, config.out_dir)
     failed: list[Task] = []
     started = False
     totals = {"computed": 0, "t0": time.perf_counter()}
     interrupted = False
+    sink = WandbSink(config.output.wandb.model_copy(update={"mode": "disabled"}), config.name, {}, config.out_dir)
     try:
         if tasks:
             started = connect(args.address, config)
-            _describe_resources(config)
+            _check_resources(config, local=not (args.address or os.environ.get("RAY_ADDRESS")))
+            sink = WandbSink(config.output.wandb, config.name, {**config.model_dump(mode="json"), "config_hash": chash},
+                             config.out_dir)
             with tqdm(total=len(cells), initial=already, unit="cell", desc=config.name, dynamic_ncols=True,
                       smoothing=0.1, file=sys.stdout) as progress:
                 failed = run_tasks(tasks, config, store, sink, progress, totals)
     except KeyboardInterrupt:
         interrupted = True
+    except BaseException:
+        sink.abort()
+        raise
     finally:
         if started:
             import ray

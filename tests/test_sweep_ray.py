@@ -352,3 +352,11 @@ def test_a_worker_crash_is_restarted_and_retried_by_ray_and_each_cell_stored_onc
     assert len(df) == 6 and df["cell_id"].is_unique
     assert {cell_key(r) for r in df.to_dict("records")} == expected_cells(["tiny-gpt2"], [2])
     assert int(marker.read_text()) not in set(df["worker_pid"]), "results came from the restarted actor"
+
+
+def test_gpus_asked_of_a_local_cluster_without_gpus_is_an_error_not_a_hang(ray_cluster, tmp_path, capsys):
+    config = write_config(tmp_path, "tiny-gpu", models=["tiny-gpt2"], execution__gpus_per_worker=0.5)
+    assert cli.main(["sweep", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "execution.gpus_per_worker: 0.5 GPU per worker, but this machine has 0" in err
+    assert not (tmp_path / "out" / "wandb").exists() and ResultStore(tmp_path / "out").read().empty
