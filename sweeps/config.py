@@ -292,12 +292,35 @@ def parse_config(data: Any, where: str = "config") -> SweepConfig:
         raise ConfigError(_format(exc)) from None
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.1 without base-60 numbers, so an unquoted `layers: 5:10` is the slice it looks
+    like (PyYAML's SafeLoader would read the integer 310)."""
+
+
+_BASE60 = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in _BASE60]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+                  |\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
 def load_config(path: str | Path) -> SweepConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config: no such file {str(path)!r}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_YamlLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config: {path} is not valid YAML ({exc})") from None
     return parse_config(data, str(path))

@@ -335,3 +335,12 @@ def test_ray_cluster_yaml_is_valid_for_the_cluster_launcher():
 def test_report_on_a_directory_without_results_names_the_field(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith(f"error: dir: {tmp_path} holds no sweep results")
+
+
+def test_unquoted_slice_in_yaml_is_a_slice_not_a_base_60_number(tmp_path):
+    text = yaml.safe_dump(_with(source__layers="PLACEHOLDER")).replace("PLACEHOLDER", "1:3")
+    assert "layers: 1:3" in text
+    (tmp_path / "s.yaml").write_text(text)
+    config = load_config(tmp_path / "s.yaml")
+    assert config.source.layers == "1:3"
+    assert expand_layers(config.source.layers, 4) == [1, 2]
