@@ -235,8 +235,9 @@ class SweepConfig(_Strict):
             raise ValueError("target.prompt_column: needs source.file (its rows pair each source with its target)")
         if self.source.reference_columns is not None and self.source.file is None:
             raise ValueError("source.reference_columns: needs source.file")
-        if len(set(self.models)) != len(self.models):
-            raise ValueError("models: listed twice")
+        twice = sorted({m for m in self.models if self.models.count(m) > 1})
+        if twice:
+            raise ValueError(f"models: {', '.join(twice)} listed twice")
         return self
 
     @property

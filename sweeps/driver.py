@@ -226,7 +226,7 @@ def main(args) -> int:
         if sink.mode == "offline":
             print(f"W&B:      offline run in {run_dir}; upload it with: wandb sync {run_dir}")
         else:
-            print(f"W&B:      run files in {run_dir}")
+            print(f"W&B:      {sink.url or 'run'} (files in {run_dir})")
     if failed:
         n = sum(len(t.cells) for t in failed)
         print(f"error: {n} cells in {len(failed)} tasks failed; run the same command again to retry them "

@@ -72,6 +72,7 @@ class WandbSink:
         self.out_dir = Path(out_dir)
         self.ref_columns: list[str] = []
         self.live = None  # the incremental table of cells, created at the first finished task
+        self.url: str | None = None
         if self.mode == "disabled":
             return
         try:
@@ -93,6 +94,10 @@ class WandbSink:
             )
             self.run.define_metric("cells_done")
             self.run.define_metric("*", step_metric="cells_done")
+            if self.mode == "online":
+                print(f"W&B:      streaming to {self.run.url}")
+            else:
+                print(f"W&B:      offline, writing to {Path(self.run.dir).parent}")
         except Exception as exc:  # noqa: BLE001 - W&B must never cost a result
             self._fail("start", exc)
 
@@ -150,6 +155,7 @@ class WandbSink:
             self.run.log(payload)
             self.run.summary.update(summary)
             run_dir = str(Path(self.run.dir).parent)
+            self.url = getattr(self.run, "url", None)
             self.run.finish()
             self.run = None
             return run_dir
