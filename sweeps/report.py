@@ -54,7 +54,7 @@ def _ordered(df):
 def metric_of(df) -> tuple[str, str]:
     matches = [c for c in df.columns if c.startswith("match_")]
     if matches:
-        return matches[0], f"share of generations containing {matches[0][6:]!r}"
+        return matches[0], f"share of generations containing the row's {matches[0][6:]}"
     return "top1_logprob", "log-probability of the first generated token"
 
 

@@ -155,7 +155,7 @@ class WandbSink:
             self.run.log(payload)
             self.run.summary.update(summary)
             run_dir = str(Path(self.run.dir).parent)
-            self.url = getattr(self.run, "url", None)
+            self.url = self.run.url if self.mode == "online" else None
             self.run.finish()
             self.run = None
             return run_dir
