@@ -346,8 +346,8 @@ def test_unquoted_slice_in_yaml_is_a_slice_not_a_base_60_number(tmp_path):
     assert expand_layers(config.source.layers, 4) == [1, 2]
 
 
-def test_file_example_dry_runs(capsys, monkeypatch):
-    monkeypatch.chdir(ROOT)  # its source.file is relative to the repository root
-    assert cli.main(["sweep", "sweeps/examples/entity_file.yaml", "--dry-run"]) == 0
+def test_file_example_dry_runs_from_anywhere(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # its source.file is found beside the config
+    assert cli.main(["sweep", str(ROOT / "sweeps/examples/entity_file.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "8 prompt row(s)" in out and "120 cells in 8 tasks" in out
