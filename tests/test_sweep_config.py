@@ -346,8 +346,13 @@ def test_unquoted_slice_in_yaml_is_a_slice_not_a_base_60_number(tmp_path):
     assert expand_layers(config.source.layers, 4) == [1, 2]
 
 
-def test_file_example_dry_runs_from_anywhere(capsys, monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)  # its source.file is found beside the config
-    assert cli.main(["sweep", str(ROOT / "sweeps/examples/entity_file.yaml"), "--dry-run"]) == 0
+@pytest.mark.parametrize("example,expected", [
+    ("entity_file.yaml", "120 cells in 8 tasks"),  # 8 rows x 15 layers
+    ("cluster_gpu.yaml", "810 cells in 14 tasks"),  # every layer x every token of 8 entities (27 tokens)
+])
+def test_file_examples_dry_run_from_anywhere(capsys, monkeypatch, tmp_path, example, expected):
+    monkeypatch.chdir(tmp_path)  # their source.file is found beside the config
+    assert cli.main(["sweep", str(ROOT / "sweeps" / "examples" / example), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "8 prompt row(s)" in out and "120 cells in 8 tasks" in out
+    assert "8 prompt row(s)" in out and expected in out
+    assert not list(tmp_path.iterdir()), "a dry run writes nothing"
