@@ -63,7 +63,8 @@ def _check_resources(config, local: bool) -> None:
     ex = config.execution
     res = ray.cluster_resources()
     gpus, cpus = res.get("GPU", 0), res.get("CPU", 0)
-    print(f"ray: {len(ray.nodes())} node(s), {cpus:g} CPUs, {gpus:g} GPUs; "
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    print(f"ray: {nodes} node(s), {cpus:g} CPUs, {gpus:g} GPUs; "
           f"{ex.workers} worker(s) per model with {ex.cpus_per_worker:g} CPU / {ex.gpus_per_worker:g} GPU each")
     if ex.gpus_per_worker > gpus:
         if local:
