@@ -33,6 +33,22 @@ def plan(config_path: str):
     return config, rows, plans, cells
 
 
+def _check_reachable(address: str, timeout: float = 10) -> None:
+    """Fail fast on a HOST:PORT where nothing listens (Ray itself would retry for minutes)."""
+    import re
+    import socket
+
+    from .config import ConfigError
+
+    m = re.fullmatch(r"([\w.\-]+):(\d+)", address.strip())
+    if not m:
+        return  # auto, ray://...: Ray reports those itself
+    try:
+        socket.create_connection((m.group(1), int(m.group(2))), timeout=timeout).close()
+    except OSError as exc:
+        raise ConfigError(f"--address: no Ray cluster answers at {address} ({exc})") from None
+
+
 def connect(address: str | None, config) -> bool:
     """Join `address`, or start a local Ray big enough for every worker; True if we started it."""
     address = address or os.environ.get("RAY_ADDRESS")  # set by `ray job submit`
@@ -46,7 +62,13 @@ def connect(address: str | None, config) -> bool:
     if ray.is_initialized():  # e.g. a test or a notebook that already connected
         return False
     if address:
-        ray.init(address=address, log_to_driver=False)
+        _check_reachable(address)
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except ConnectionError as exc:
+            from .config import ConfigError
+
+            raise ConfigError(f"--address: cannot join a Ray cluster at {address!r} ({exc})") from None
     else:
         ex = config.execution
         need = ex.workers * ex.cpus_per_worker  # never fewer CPUs than the workers ask for

@@ -140,3 +140,4 @@ def test_sweep_on_a_two_node_cluster_finishes_with_all_cells(tmp_path, two_node_
     # each node had one CPU, so each of the two workers ran on its own node
     assert df["worker_node"].nunique() == 2
     assert "48 of 48 cells stored" in proc.stdout
+    assert (tmp_path / "out" / "heatmap_tiny-llama_source_x_target_layer.png").is_file()

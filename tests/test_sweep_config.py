@@ -356,3 +356,14 @@ def test_file_examples_dry_run_from_anywhere(capsys, monkeypatch, tmp_path, exam
     out = capsys.readouterr().out
     assert "8 prompt row(s)" in out and expected in out
     assert not list(tmp_path.iterdir()), "a dry run writes nothing"
+
+
+def test_an_address_where_no_cluster_answers_fails_fast(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = cli.main(["sweep", str(_write(tmp_path, BASE)), "--address", f"127.0.0.1:{port}"])
+    assert code == 2
+    assert f"error: --address: no Ray cluster answers at 127.0.0.1:{port}" in capsys.readouterr().err
