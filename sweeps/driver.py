@@ -52,6 +52,8 @@ def _check_reachable(address: str, timeout: float = 10) -> None:
 def connect(address: str | None, config) -> bool:
     """Join `address`, or start a local Ray big enough for every worker; True if we started it."""
     address = address or os.environ.get("RAY_ADDRESS")  # set by `ray job submit`
+    if address:
+        _check_reachable(address)
     if not address and "ray" not in sys.modules:
         # A local cluster serves this machine only: keep Ray on the loopback interface (as Ray
         # does on macOS and Windows) rather than on the machine's network address. Ray reads
@@ -62,7 +64,6 @@ def connect(address: str | None, config) -> bool:
     if ray.is_initialized():  # e.g. a test or a notebook that already connected
         return False
     if address:
-        _check_reachable(address)
         try:
             ray.init(address=address, log_to_driver=False)
         except ConnectionError as exc:
