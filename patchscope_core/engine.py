@@ -7,13 +7,16 @@ through the cached keys and values. Hooks learn the absolute position of the chu
 see from the running cache length (a pre-forward hook reads it), never from the chunk's
 length, so position 0 and one-token prompts work, and so does uncached generation (no
 cache: every step starts at position 0 and re-patches i*).
+
+Reads and writes happen at the residual stream after block l (`sites.py`), on the bridge's
+Hugging Face modules without its wrappers, so generation runs at plain Hugging Face speed.
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -21,12 +24,8 @@ import torch
 
 from .errors import PatchscopeError
 from .models import ModelInfo
+from .sites import block, on_output, plain_modules, resid_post  # noqa: F401 (resid_post: re-exported)
 from .spec import Patchscope, ResolvedPatchscope, resolve_all
-
-
-def resid_post(layer: int) -> str:
-    """Hook name of layer l: the residual stream after block l."""
-    return f"blocks.{layer}.hook_resid_post"
 
 
 @dataclass(frozen=True)
@@ -130,9 +129,9 @@ class _CachePosition:
 
 
 @contextmanager
-def tracking_cache_position(model) -> Iterator[_CachePosition]:
+def tracking_cache_position(modules: torch.nn.Module) -> Iterator[_CachePosition]:
     tracker = _CachePosition()
-    handle = model.original_model.register_forward_pre_hook(tracker, with_kwargs=True)
+    handle = modules.register_forward_pre_hook(tracker, with_kwargs=True)
     try:
         yield tracker
     finally:
@@ -149,7 +148,7 @@ def patch_hook(tracker: _CachePosition, rows: list[int], cols: list[int], vector
     last = max(cols)
     placed: dict[torch.device, tuple] = {}
 
-    def hook(x: torch.Tensor, hook=None) -> torch.Tensor:  # x: [batch, chunk, d_model]
+    def hook(x: torch.Tensor) -> torch.Tensor:  # x: [batch, chunk, d_model]
         start, n = tracker.start, x.shape[1]
         if start > last or start + n <= min(cols):
             return x
@@ -187,6 +186,8 @@ class PatchscopeEngine:
     ) -> None:
         self.target_model = model
         self.source_model = source_model if source_model is not None else model
+        self._target_modules = plain_modules(self.target_model)
+        self._source_modules = plain_modules(self.source_model) if source_model is not None else self._target_modules
         self.target_info = info_of(model, name)
         self.source_info = info_of(self.source_model, source_name or (name if source_model is None else None))
         self.decoding = decoding
@@ -245,23 +246,22 @@ class PatchscopeEngine:
             deepest = max(by_layer)
 
             def capture(layer: int):
-                def hook(x: torch.Tensor, hook=None):  # x: [batch, m, d_model]
+                def hook(x: torch.Tensor) -> None:  # x: [batch, m, d_model]
                     for b, pos in by_layer[layer]:
                         out[(chunk[b], layer, pos)] = x[b, pads[b] + pos].detach().float().clone()
                     if layer == deepest:
                         raise _Stop
-                    return x
 
                 return hook
 
-            hooks = [(resid_post(layer), capture(layer)) for layer in by_layer]
-            try:
-                with model.hooks(fwd_hooks=hooks):
-                    model.original_model(
-                        input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False
-                    )
-            except _Stop:
-                pass
+            modules = self._source_modules
+            with ExitStack() as hooks:
+                for layer in by_layer:
+                    hooks.callback(on_output(block(modules, model, layer), capture(layer)).remove)
+                try:
+                    modules(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
+                except _Stop:
+                    pass
         return out
 
     # ------------------------------------------------------------------ generation
@@ -297,15 +297,14 @@ class PatchscopeEngine:
             **sampling,
         )
         t0 = time.perf_counter()
-        with tracking_cache_position(model) as tracker:
-            hooks = [
-                (resid_post(layer), patch_hook(tracker, rows, cols, torch.stack(vecs)))
-                for layer, (rows, cols, vecs) in writes.items()
-            ]
-            with model.hooks(fwd_hooks=hooks):
-                if dec.seed is not None:
-                    torch.manual_seed(dec.seed)
-                out = model.original_model.generate(ids, attention_mask=mask, generation_config=config)
+        modules = self._target_modules
+        with tracking_cache_position(modules) as tracker, ExitStack() as hooks:
+            for layer, (rows, cols, vecs) in writes.items():
+                hook = patch_hook(tracker, rows, cols, torch.stack(vecs))
+                hooks.callback(on_output(block(modules, model, layer), hook).remove)
+            if dec.seed is not None:
+                torch.manual_seed(dec.seed)
+            out = modules.generate(ids, attention_mask=mask, generation_config=config)
         generate_s = time.perf_counter() - t0
         first = torch.log_softmax(out.logits[0].float(), dim=-1)  # [batch, vocab]
         top = first.topk(min(self.top_k, first.shape[-1]), dim=-1)
