@@ -145,13 +145,13 @@ def patch_hook(tracker: _CachePosition, rows: list[int], cols: list[int], vector
     the cache is off) and leaves every other row and position alone.
     """
     rows_t, cols_t = torch.tensor(rows), torch.tensor(cols)
-    last = max(cols)
+    first, last = min(cols), max(cols)
     placed: dict[torch.device, tuple] = {}
 
-    def hook(x: torch.Tensor) -> torch.Tensor:  # x: [batch, chunk, d_model]
+    def hook(x: torch.Tensor) -> torch.Tensor | None:  # x: [batch, chunk, d_model]
         start, n = tracker.start, x.shape[1]
-        if start > last or start + n <= min(cols):
-            return x
+        if start > last or start + n <= first:
+            return None  # every decoding step after the prefill: leave the output untouched
         if x.device not in placed:
             placed[x.device] = (rows_t.to(x.device), cols_t.to(x.device), vectors.to(x.device, x.dtype))
         r, c, v = placed[x.device]
