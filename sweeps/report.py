@@ -32,10 +32,15 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
 
 
+def top1_logprob(top_logprobs) -> float:
+    """Log-probability of the first generated token (the head of a record's top_logprobs)."""
+    return float(top_logprobs[0]) if top_logprobs is not None and len(top_logprobs) else float("nan")
+
+
 def enrich(df):
     """Add the derived columns: top1_logprob and, per reference column, match_<name>."""
     df = df.copy()
-    df["top1_logprob"] = [float(v[0]) if v is not None and len(v) else float("nan") for v in df["top_logprobs"]]
+    df["top1_logprob"] = [top1_logprob(v) for v in df["top_logprobs"]]
     for ref in [c for c in df.columns if c.startswith("ref_")]:
         name = ref[4:]
         df[f"match_{name}"] = [

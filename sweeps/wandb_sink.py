@@ -18,6 +18,7 @@ from typing import Any, Sequence
 from urllib.parse import urlparse
 
 from .config import WandbConfig
+from .report import top1_logprob
 
 # Columns of the W&B tables: what a person reads (token ids travel as text).
 TABLE_COLUMNS = (
@@ -52,8 +53,8 @@ def table_rows(records: Sequence[dict[str, Any]], ref_columns: Sequence[str] = (
         row = []
         for c in columns:
             if c == "top1_logprob":
-                v = r.get("top_logprobs")
-                v = float(v[0]) if v is not None and len(v) else None
+                v = top1_logprob(r.get("top_logprobs"))
+                v = None if v != v else v  # NaN (no log-probabilities) as an empty cell
             elif c == "generated_token_ids":
                 v = " ".join(str(int(t)) for t in r.get(c, []))
             else:
