@@ -1,31 +1,42 @@
-"""Batched Patchscopes: source extraction once, then patched, KV-cached generation.
+"""One engine: batched runs with interventions, KV-cached generation and answer scores.
 
-The hard point (see DESIGN.md): with the KV cache on, the prefill sees the whole target
-prompt and every later step sees one new token. The patch belongs at absolute positions
-i* that exist only in the prefill; it is written there once and every later token reads it
-through the cached keys and values. Hooks learn the absolute position of the chunk they
-see from the running cache length (a pre-forward hook reads it), never from the chunk's
-length, so position 0 and one-token prompts work, and so does uncached generation (no
-cache: every step starts at position 0 and re-patches i*).
+`Engine.run(runs)` takes `InterventionRun`s (a prompt, interventions, an optional answer) and
+returns, per run: the generated tokens, the first token's top-k, the answer's teacher-forced
+log-probabilities, and the clean baseline of the same prompt (computed once per distinct
+prompt). Rows of one batch may differ in prompt, site, kind, indices, positions and values:
+one hook per (module, side) dispatches the rows (`interventions.dispatch`).
 
-Reads and writes happen at the residual stream after block l (`sites.py`), on the bridge's
-Hugging Face modules without its wrappers, so generation runs at plain Hugging Face speed.
+The hard point (docs/interventions.md): with the KV cache on, the prefill sees the whole
+left-padded prompt and every later step one new token. Hooks learn the absolute position of
+each column from the running cache length (`hooks.py`), so an intervention at prompt positions
+is written once, in the prefill, and every later token reads it through the cached keys and
+values; one at generated positions acts on each new token as it is decoded. Both equal
+uncached generation that re-applies them at every step (the tests prove it).
+
+`PatchscopeEngine` runs Patchscopes on the same path: a Patchscope is `Replace(vector=f(h))` at
+`blocks.{l*}.hook_resid_post` and the target positions, h read from the source run.
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
-from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Sequence
 
 import torch
 
 from .errors import PatchscopeError
-from .models import ModelInfo
-from .sites import block, on_output, plain_modules, resid_post  # noqa: F401 (resid_post: re-exported)
-from .spec import Patchscope, ResolvedPatchscope, resolve_all
+from .hooks import HookFn, hooked, left_pad, position_ids_from_mask
+from .interventions import (Action, Intervention, InterventionRun, Positions, Replace, ResolvedIntervention,
+                            ResolvedRun, dispatch, resolve_run)
+from .models import ModelInfo, info_of
+from .readings import SiteReader, input_device
+from .sites import ResolvedSite, Site, plain_modules, resid_post, resolve_site
+from .spec import Patchscope, ResolvedPatchscope, resolve_all, tokenize
+
+__all__ = ["Decoding", "Engine", "InterventionResult", "PatchscopeEngine", "PatchscopeResult", "info_of",
+           "resid_post", "run_patchscopes"]
 
 
 @dataclass(frozen=True)
@@ -37,7 +48,7 @@ class Decoding:
     top_k: int | None = None
     top_p: float | None = None
     seed: int | None = None  # with do_sample: seeds each batch's generation
-    stop_at_eos: bool = True
+    stop_at_eos: bool = True  # False: every row generates exactly max_new_tokens tokens
     use_cache: bool = True  # False re-runs the whole sequence at every step (for checks and benchmarks)
 
     def __post_init__(self) -> None:
@@ -45,6 +56,300 @@ class Decoding:
             raise PatchscopeError("decoding.seed: sampling needs an explicit seed so results can be reproduced")
         if self.temperature <= 0:
             raise PatchscopeError(f"decoding.temperature: must be > 0, got {self.temperature}")
+
+
+@dataclass
+class _Output:
+    """What one row of a batch produced."""
+
+    generated: list[int] = field(default_factory=list)
+    top_ids: list[int] = field(default_factory=list)
+    top_logprobs: list[float] = field(default_factory=list)
+    answer_logprobs: list[float] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class InterventionResult:
+    run: InterventionRun
+    prompt_token_ids: list[int]
+    generated_token_ids: list[int]
+    generated_text: str
+    top_token_ids: list[int]  # the first generated token's top-k under the interventions
+    top_logprobs: list[float]
+    answer_token_ids: list[int]
+    answer_logprobs: list[float]  # per answer token, teacher-forced
+    answer_logprob: float | None  # their sum
+    p_answer: float | None  # probability of the answer's first token
+    clean_generated_token_ids: list[int] | None = None  # the same prompt without interventions
+    clean_generated_text: str | None = None
+    clean_answer_logprobs: list[float] | None = None
+    clean_answer_logprob: float | None = None
+    p_answer_clean: float | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_record(self) -> dict[str, Any]:
+        """A flat, JSON- and Parquet-friendly dict."""
+        record = {k: v for k, v in asdict(self).items() if k not in ("run", "timings")}
+        record["prompt"] = self.run.prompt
+        record["answer"] = self.run.answer
+        record["interventions"] = [
+            {"site": iv.site.hook, "head": list(iv.site.head), "neuron": list(iv.site.neuron),
+             "kind": iv.kind.name, "positions": str(iv.positions)} for iv in self.run.interventions
+        ]
+        record.update({f"time_{k}": v for k, v in self.timings.items()})
+        return record
+
+
+class _Recorder:
+    """A Reader that only notes what `Kind.prepare` asks for, so reads can be batched."""
+
+    def __init__(self, info: ModelInfo) -> None:
+        self.info = info
+        self.wanted_values: dict[str, tuple[ResolvedSite, set]] = {}
+        self.wanted_stats: dict[tuple[str, ...], dict[str, ResolvedSite]] = {}
+
+    def values(self, site, prompt):
+        self.wanted_values.setdefault(site.site.hook, (site, set()))[1].add(prompt)
+        return torch.zeros(len(tokenize(self.info, prompt)), site.width)  # the prompt's length: kinds index it
+
+    def mean(self, site, prompts):
+        self.wanted_stats.setdefault(tuple(prompts), {})[site.site.hook] = site
+        return torch.zeros(site.width)
+
+    def std(self, site, prompts):
+        self.mean(site, prompts)
+        return 0.0
+
+
+class Engine:
+    """Runs prompts with interventions on one loaded model (a TransformerBridge), in batches."""
+
+    def __init__(self, model, *, name: str | None = None, decoding: Decoding = Decoding(), top_k: int = 10) -> None:
+        self.model = model
+        self.modules = plain_modules(model)
+        self.info: ModelInfo = info_of(model, name)
+        self.target_info = self.info
+        self.reader = SiteReader(model, self.modules, self.info)
+        self.decoding = decoding
+        self.top_k = top_k
+
+    # ------------------------------------------------------------------ interventions
+
+    def resolve(self, runs: Sequence[InterventionRun]) -> list[ResolvedRun]:
+        """Validate every run; the error names the index of the first bad one."""
+        return [resolve_run(r, self.info, f"runs[{i}]") for i, r in enumerate(runs)]
+
+    def run(self, runs: Sequence[InterventionRun], batch_size: int = 32, clean: bool = True) -> list[InterventionResult]:
+        """One result per run, in input order. Validates everything before any forward pass; with
+        `clean`, each distinct prompt also runs without interventions, once."""
+        if batch_size < 1:
+            raise PatchscopeError(f"batch_size: expected an integer >= 1, got {batch_size}")
+        resolved = self.resolve(runs)
+        t0 = time.perf_counter()
+        actions = self.prepare(resolved)
+        prepare_s = time.perf_counter() - t0
+        outputs = self.execute(resolved, actions, batch_size)
+        clean_out: dict[tuple, _Output] = {}
+        if clean:
+            keys = list(dict.fromkeys(_clean_key(r) for r in resolved if r.interventions))
+            plain = [ResolvedRun(None, p, a, (), n) for p, a, n in keys]
+            clean_out = dict(zip(keys, self.execute(plain, [[] for _ in plain], batch_size)))
+        tok = self.model.tokenizer
+        results = []
+        for r, out in zip(resolved, outputs):
+            c = clean_out.get(_clean_key(r), out if not r.interventions else None) if clean else None
+            res = InterventionResult(
+                run=r.run, prompt_token_ids=list(r.prompt_ids),
+                generated_token_ids=out.generated, generated_text=tok.decode(out.generated, skip_special_tokens=True),
+                top_token_ids=out.top_ids, top_logprobs=out.top_logprobs,
+                answer_token_ids=list(r.answer_ids), answer_logprobs=out.answer_logprobs,
+                answer_logprob=sum(out.answer_logprobs) if r.answer_ids else None,
+                p_answer=_p_first(out) if r.answer_ids else None,
+                timings={"prepare_s": prepare_s, **out.timings},
+            )
+            if c is not None:
+                res.clean_generated_token_ids = c.generated
+                res.clean_generated_text = tok.decode(c.generated, skip_special_tokens=True)
+                if r.answer_ids:
+                    res.clean_answer_logprobs = c.answer_logprobs
+                    res.clean_answer_logprob = sum(c.answer_logprobs)
+                    res.p_answer_clean = _p_first(c)
+            results.append(res)
+        return results
+
+    def prepare(self, resolved: Sequence[ResolvedRun]) -> list[list[Action]]:
+        """Each intervention's Action; the values they need are read first, in batched passes."""
+        recorder = _Recorder(self.info)
+        for r in resolved:
+            for iv in r.interventions:
+                iv.intervention.kind.prepare(iv.site, recorder)
+        for site, prompts in recorder.wanted_values.values():
+            self.reader.read([site], [tokenize(self.info, p) for p in prompts])
+        for prompts, sites in recorder.wanted_stats.items():
+            self.reader.statistics(list(sites.values()), prompts)
+        return [[iv.intervention.kind.prepare(iv.site, self.reader) for iv in r.interventions] for r in resolved]
+
+    # ------------------------------------------------------------------ your own hooks
+
+    def _hooks(self, hooks: Sequence[tuple[str | Site, HookFn]]) -> list[tuple[ResolvedSite, HookFn]]:
+        return [(resolve_site(s if isinstance(s, Site) else Site(s), self.info, f"hooks[{i}]"), fn)
+                for i, (s, fn) in enumerate(hooks)]
+
+    def _ids(self, prompts: Sequence[str | Sequence[int]]) -> list[tuple[int, ...]]:
+        return [tokenize(self.info, p, f"prompts[{i}]") if isinstance(p, str) else tuple(p) for i, p in enumerate(prompts)]
+
+    @torch.no_grad()
+    def generate_with_hooks(self, prompts: Sequence[str | Sequence[int]], hooks: Sequence[tuple[str | Site, HookFn]],
+                            max_new_tokens: int = 20) -> list[list[int]]:
+        """Generate from a left-padded batch with your own hooks: (TransformerLens hook name or
+        Site, fn(activation, ctx)); `ctx` (hooks.HookContext) tells each column's absolute
+        position per row, which columns are real tokens, and the step (0 = prefill)."""
+        rows = self._ids(prompts)
+        batch = [ResolvedRun(None, r, (), (), max_new_tokens) for r in rows]
+        return [o.generated for o in self._generate(batch, self._hooks(hooks))]
+
+    @torch.no_grad()
+    def run_with_hooks(self, prompts: Sequence[str | Sequence[int]], hooks: Sequence[tuple[str | Site, HookFn]]) -> list[torch.Tensor]:
+        """One forward pass with your own hooks; each row's logits [tokens, vocab] (no padding)."""
+        rows = self._ids(prompts)
+        ids, mask, pads = left_pad(rows, self.model.tokenizer.pad_token_id, input_device(self.model))
+        with hooked(self.modules, self.model, self._hooks(hooks), pads, [len(r) for r in rows]):
+            logits = self.modules(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                                  use_cache=False).logits
+        return [logits[b, pads[b]:].float() for b in range(len(rows))]
+
+    # ------------------------------------------------------------------ batches
+
+    def execute(self, resolved: Sequence[ResolvedRun], actions: Sequence[Sequence[Action]], batch_size: int) -> list[_Output]:
+        """Outputs of resolved runs, batched by prompt length; results in input order."""
+        order = sorted(range(len(resolved)), key=lambda i: len(resolved[i].prompt_ids) + len(resolved[i].answer_ids))
+        outputs: list[_Output | None] = [None] * len(resolved)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            for i, out in zip(idx, self._batch([resolved[i] for i in idx], [actions[i] for i in idx])):
+                outputs[i] = out
+        return outputs  # type: ignore[return-value]
+
+    def _dispatch_hooks(self, batch: Sequence[ResolvedRun], actions: Sequence[Sequence[Action]]) -> list[tuple[ResolvedSite, HookFn]]:
+        by_site: dict[str, list[tuple[int, ResolvedIntervention, Action]]] = defaultdict(list)
+        for b, (r, acts) in enumerate(zip(batch, actions)):
+            for iv, act in zip(r.interventions, acts):
+                by_site[iv.site.site.hook].append((b, iv, act))
+        return [(entries[0][1].site, dispatch(entries)) for entries in by_site.values()]
+
+    @torch.no_grad()
+    def _batch(self, batch: Sequence[ResolvedRun], actions: Sequence[Sequence[Action]]) -> list[_Output]:
+        hooks = self._dispatch_hooks(batch, actions)
+        t0 = time.perf_counter()
+        generating = max(r.max_new_tokens for r in batch) > 0
+        outputs = self._generate(batch, hooks) if generating else [_Output() for _ in batch]
+        t1 = time.perf_counter()
+        if any(r.answer_ids for r in batch) or not generating:
+            self._score(batch, hooks, outputs, top_k=not generating)
+        t2 = time.perf_counter()
+        for out in outputs:
+            out.timings = {"batch_generate_s": t1 - t0, "batch_score_s": t2 - t1, "batch_size": float(len(batch))}
+        return outputs
+
+    def _generate(self, batch: Sequence[ResolvedRun], hooks) -> list[_Output]:
+        from transformers import GenerationConfig
+
+        tok, dec = self.model.tokenizer, self.decoding
+        ids, mask, pads = left_pad([r.prompt_ids for r in batch], tok.pad_token_id, input_device(self.model))
+        m = ids.shape[1]
+        max_new = max(r.max_new_tokens for r in batch)
+        sampling = dict(temperature=dec.temperature, top_k=dec.top_k, top_p=dec.top_p) if dec.do_sample else {}
+        eos = tok.eos_token_id if dec.stop_at_eos else None
+        config = GenerationConfig(max_new_tokens=max_new, do_sample=dec.do_sample, use_cache=dec.use_cache,
+                                  pad_token_id=tok.pad_token_id, eos_token_id=eos, **sampling)
+        first: dict[str, torch.Tensor] = {}
+        modules = self.modules
+        with hooked(modules, self.model, hooks, pads, [len(r.prompt_ids) for r in batch]) as tracker:
+            def keep_first(module, args, out) -> None:  # the first token's logits, from the prefill
+                if tracker.step == 0:
+                    first["logits"] = out.logits[:, -1].float()
+
+            handle = modules.register_forward_hook(keep_first)
+            generation_config = modules.generation_config
+            if not dec.stop_at_eos:  # otherwise generate falls back to the model's own EOS
+                modules.generation_config = replace_eos(generation_config)
+            try:
+                if dec.seed is not None:
+                    torch.manual_seed(dec.seed)
+                sequences = modules.generate(ids, attention_mask=mask, generation_config=config)
+            finally:
+                handle.remove()
+                modules.generation_config = generation_config
+        logprobs = torch.log_softmax(first["logits"], dim=-1)
+        top = logprobs.topk(min(self.top_k, logprobs.shape[-1]), dim=-1)
+        outputs = []
+        for b, r in enumerate(batch):
+            gen = sequences[b, m:m + r.max_new_tokens].tolist()
+            if dec.stop_at_eos and tok.eos_token_id in gen:
+                gen = gen[: gen.index(tok.eos_token_id) + 1]
+            outputs.append(_Output(gen, top.indices[b].tolist(), top.values[b].tolist()))
+        return outputs
+
+    def _forward(self, batch: Sequence[ResolvedRun], hooks, keep: int | None = None) -> tuple[torch.Tensor, list[int]]:
+        """One forward pass over each row's prompt + answer (answer tokens count as generated
+        positions); logits of the last `keep` columns (all when None) and each row's padding."""
+        rows = [r.prompt_ids + r.answer_ids for r in batch]
+        ids, mask, pads = left_pad(rows, self.model.tokenizer.pad_token_id, input_device(self.model))
+        with hooked(self.modules, self.model, hooks, pads, [len(r.prompt_ids) for r in batch]):
+            logits = self.modules(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                                  use_cache=False, logits_to_keep=keep or 0).logits
+        return logits.float(), pads
+
+    def _score(self, batch: Sequence[ResolvedRun], hooks, outputs: list[_Output], top_k: bool) -> None:
+        """Teacher-forced log-probabilities of each row's answer; the first token's top-k too when
+        nothing was generated."""
+        keep = max(len(r.answer_ids) for r in batch) + 1
+        logits, _ = self._forward(batch, hooks, keep)
+        logprobs = torch.log_softmax(logits, dim=-1)  # [batch, keep, vocab]; column keep-1 is the last token
+        for b, (r, out) in enumerate(zip(batch, outputs)):
+            k = len(r.answer_ids)
+            if k:
+                predicted = logprobs[b, keep - k - 1: keep - 1]  # the positions that predict each answer token
+                out.answer_logprobs = predicted.gather(1, torch.tensor(r.answer_ids, device=logprobs.device)[:, None])[:, 0].tolist()
+            if top_k:
+                top = logprobs[b, keep - k - 1].topk(min(self.top_k, logprobs.shape[-1]))
+                out.top_ids, out.top_logprobs = top.indices.tolist(), top.values.tolist()
+
+    @torch.no_grad()
+    def logits(self, runs: Sequence[InterventionRun], batch_size: int = 32) -> list[torch.Tensor]:
+        """Each run's logits [prompt + answer tokens, vocab] under its interventions (answer tokens
+        count as generated positions): `run_with_hooks` for interventions."""
+        resolved = self.resolve(runs)
+        actions = self.prepare(resolved)
+        out: list[torch.Tensor | None] = [None] * len(resolved)
+        for start in range(0, len(resolved), batch_size):
+            idx = list(range(start, min(start + batch_size, len(resolved))))
+            batch = [resolved[i] for i in idx]
+            logits, pads = self._forward(batch, self._dispatch_hooks(batch, [actions[i] for i in idx]))
+            for b, i in enumerate(idx):
+                out[i] = logits[b, pads[b]:]
+        return out  # type: ignore[return-value]
+
+
+def replace_eos(generation_config):
+    """A copy of a model's generation config without EOS, so generate never stops early."""
+    import copy
+
+    config = copy.deepcopy(generation_config)
+    config.eos_token_id = None
+    return config
+
+
+def _clean_key(r: ResolvedRun) -> tuple:
+    return (r.prompt_ids, r.answer_ids, r.max_new_tokens)
+
+
+def _p_first(out: _Output) -> float | None:
+    return float(torch.tensor(out.answer_logprobs[0]).exp()) if out.answer_logprobs else None
+
+
+# ---------------------------------------------------------------------- Patchscopes
 
 
 @dataclass
@@ -80,125 +385,28 @@ class PatchscopeResult:
         return record
 
 
-def info_of(model, name: str | None = None) -> ModelInfo:
-    """ModelInfo of a loaded bridge."""
-    return ModelInfo(
-        name=name or getattr(model.cfg, "model_name", "model"),
-        n_layers=int(model.cfg.n_layers),
-        d_model=int(model.cfg.d_model),
-        tokenizer=model.tokenizer,
-        prepend_bos=bool(getattr(model.cfg, "default_prepend_bos", True)),
-    )
-
-
-def input_device(model) -> torch.device:
-    return model.original_model.get_input_embeddings().weight.device
-
-
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """[batch, m] token ids and attention mask, left padded; and each row's pad count."""
-    m = max(len(r) for r in rows)
-    ids = torch.full((len(rows), m), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), m), dtype=torch.long)
-    pads = []
-    for b, row in enumerate(rows):
-        pads.append(m - len(row))
-        ids[b, m - len(row):] = torch.tensor(row, dtype=torch.long)
-        mask[b, m - len(row):] = 1
-    return ids.to(device), mask.to(device), pads
-
-
-def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Each real token's index within its row (pads get 0), as Hugging Face generate derives them."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-class _CachePosition:
-    """Absolute position of the first token of the chunk the model sees now.
-
-    A pre-forward hook on the Hugging Face model reads the running KV-cache length: 0 in the
-    prefill (and at every step without a cache), the number of cached tokens afterwards.
-    """
-
-    def __init__(self) -> None:
-        self.start = 0
-
-    def __call__(self, module, args, kwargs):
-        cache = kwargs.get("past_key_values")
-        self.start = int(cache.get_seq_length()) if cache is not None else 0
-
-
-@contextmanager
-def tracking_cache_position(modules: torch.nn.Module) -> Iterator[_CachePosition]:
-    tracker = _CachePosition()
-    handle = modules.register_forward_pre_hook(tracker, with_kwargs=True)
-    try:
-        yield tracker
-    finally:
-        handle.remove()
-
-
-def patch_hook(tracker: _CachePosition, rows: list[int], cols: list[int], vectors: torch.Tensor):
-    """A hook writing vectors[k] at (rows[k], absolute padded position cols[k]) of its layer.
-
-    It writes only when the chunk it sees covers the position (the prefill, or every step when
-    the cache is off) and leaves every other row and position alone.
-    """
-    rows_t, cols_t = torch.tensor(rows), torch.tensor(cols)
-    first, last = min(cols), max(cols)
-    placed: dict[torch.device, tuple] = {}
-
-    def hook(x: torch.Tensor) -> torch.Tensor | None:  # x: [batch, chunk, d_model]
-        start, n = tracker.start, x.shape[1]
-        if start > last or start + n <= first:
-            return None  # every decoding step after the prefill: leave the output untouched
-        if x.device not in placed:
-            placed[x.device] = (rows_t.to(x.device), cols_t.to(x.device), vectors.to(x.device, x.dtype))
-        r, c, v = placed[x.device]
-        inside = (c >= start) & (c < start + n)
-        x = x.clone()
-        x[r[inside], c[inside] - start] = v[inside]
-        return x
-
-    return hook
-
-
-class _Stop(Exception):
-    pass
-
-
-class PatchscopeEngine:
+class PatchscopeEngine(Engine):
     """Runs lists of Patchscopes on loaded models, in batches.
 
     model: the target model M* (a TransformerBridge); source_model: M (default: the same).
     Patchscopes whose `source.model` / `target.model` is None are recorded with these names.
     """
 
-    def __init__(
-        self,
-        model,
-        source_model=None,
-        *,
-        name: str | None = None,
-        source_name: str | None = None,
-        decoding: Decoding = Decoding(),
-        top_k: int = 10,
-    ) -> None:
+    def __init__(self, model, source_model=None, *, name: str | None = None, source_name: str | None = None,
+                 decoding: Decoding = Decoding(), top_k: int = 10) -> None:
+        super().__init__(model, name=name, decoding=decoding, top_k=top_k)
         self.target_model = model
         self.source_model = source_model if source_model is not None else model
-        self._target_modules = plain_modules(self.target_model)
-        self._source_modules = plain_modules(self.source_model) if source_model is not None else self._target_modules
-        self.target_info = info_of(model, name)
-        self.source_info = info_of(self.source_model, source_name or (name if source_model is None else None))
-        self.decoding = decoding
-        self.top_k = top_k
+        if source_model is None:
+            self.source_info, self.source_reader = info_of(model, source_name or name), self.reader
+        else:
+            self.source_info = info_of(source_model, source_name)
+            self.source_reader = SiteReader(source_model, plain_modules(source_model), self.source_info)
 
-    # ------------------------------------------------------------------ public
-
-    def resolve(self, patchscopes: Sequence[Patchscope]) -> list[ResolvedPatchscope]:
+    def resolve(self, patchscopes: Sequence[Patchscope]) -> list[ResolvedPatchscope]:  # type: ignore[override]
         return resolve_all(patchscopes, self.source_info, self.target_info)
 
-    def run(self, patchscopes: Sequence[Patchscope], batch_size: int = 32) -> list[PatchscopeResult]:
+    def run(self, patchscopes: Sequence[Patchscope], batch_size: int = 32) -> list[PatchscopeResult]:  # type: ignore[override]
         """One result per Patchscope, in input order. Validates everything before any forward pass."""
         if batch_size < 1:
             raise PatchscopeError(f"batch_size: expected an integer >= 1, got {batch_size}")
@@ -206,133 +414,42 @@ class PatchscopeEngine:
         if not resolved:
             return []
         t0 = time.perf_counter()
+        self.source_reader.batch_size = batch_size
         sources = self.extract_sources(resolved, batch_size)
         extract_s = time.perf_counter() - t0
-        # Similar target lengths share a batch (less padding); results go back in input order.
-        order = sorted(range(len(resolved)), key=lambda i: len(resolved[i].target_token_ids))
-        results: list[PatchscopeResult | None] = [None] * len(resolved)
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            batch = [resolved[i] for i in idx]
-            vectors = [sources[(r.source_token_ids, r.spec.source.layer, r.source_position)] for r in batch]
-            for i, res in zip(idx, self.generate(batch, vectors)):
-                res.timings["extract_s"] = extract_s
-                results[i] = res
-        return results  # type: ignore[return-value]
-
-    # ------------------------------------------------------------------ sources
-
-    @torch.no_grad()
-    def extract_sources(
-        self, resolved: Sequence[ResolvedPatchscope], batch_size: int = 32
-    ) -> dict[tuple, torch.Tensor]:
-        """h for every distinct (source prompt, layer, position): one batched forward pass per
-        chunk of distinct source prompts, capturing only the layers and positions asked for and
-        stopping after the deepest layer needed."""
-        wanted: dict[tuple[int, ...], set[tuple[int, int]]] = defaultdict(set)
+        runs, actions = [], []
         for r in resolved:
-            wanted[r.source_token_ids].add((r.spec.source.layer, r.source_position))
-        prompts = list(wanted)
-        model = self.source_model
-        pad_id = model.tokenizer.pad_token_id
-        out: dict[tuple, torch.Tensor] = {}
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
-            ids, mask, pads = left_pad(chunk, pad_id, input_device(model))
-            by_layer: dict[int, list[tuple[int, int]]] = defaultdict(list)  # layer -> (row, position)
-            for b, prompt in enumerate(chunk):
-                for layer, pos in wanted[prompt]:
-                    by_layer[layer].append((b, pos))
-            deepest = max(by_layer)
-
-            def capture(layer: int):
-                def hook(x: torch.Tensor) -> None:  # x: [batch, m, d_model]
-                    for b, pos in by_layer[layer]:
-                        out[(chunk[b], layer, pos)] = x[b, pads[b] + pos].detach().float().clone()
-                    if layer == deepest:
-                        raise _Stop
-
-                return hook
-
-            modules = self._source_modules
-            with ExitStack() as hooks:
-                for layer in by_layer:
-                    hooks.callback(on_output(block(modules, model, layer), capture(layer)).remove)
-                try:
-                    modules(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
-                except _Stop:
-                    pass
-        return out
-
-    # ------------------------------------------------------------------ generation
-
-    @torch.no_grad()
-    def generate(self, batch: Sequence[ResolvedPatchscope], vectors: Sequence[torch.Tensor]) -> list[PatchscopeResult]:
-        """Patched generation for one heterogeneous batch: rows may differ in target prompt,
-        layer, positions, source vector and max_new_tokens."""
-        from transformers import GenerationConfig
-
-        model, tok, dec = self.target_model, self.target_model.tokenizer, self.decoding
-        pad_id = tok.pad_token_id
-        ids, mask, pads = left_pad([r.target_token_ids for r in batch], pad_id, input_device(model))
-        m = ids.shape[1]
-        writes: dict[int, tuple[list[int], list[int], list[torch.Tensor]]] = defaultdict(lambda: ([], [], []))
-        for b, (r, h) in enumerate(zip(batch, vectors)):
-            mapped = r.spec.mapping(h)  # f(h): [d_model of the target]
-            rows, cols, vecs = writes[r.spec.target.layer]
-            for p in r.target_positions:
-                rows.append(b)
-                cols.append(pads[b] + p)
-                vecs.append(mapped)
-        max_new = max(r.spec.max_new_tokens for r in batch)
-        sampling = dict(temperature=dec.temperature, top_k=dec.top_k, top_p=dec.top_p) if dec.do_sample else {}
-        config = GenerationConfig(
-            max_new_tokens=max_new,
-            do_sample=dec.do_sample,
-            use_cache=dec.use_cache,
-            pad_token_id=pad_id,
-            eos_token_id=tok.eos_token_id if dec.stop_at_eos else None,
-            return_dict_in_generate=True,
-            output_logits=True,
-            **sampling,
-        )
-        t0 = time.perf_counter()
-        modules = self._target_modules
-        with tracking_cache_position(modules) as tracker, ExitStack() as hooks:
-            for layer, (rows, cols, vecs) in writes.items():
-                hook = patch_hook(tracker, rows, cols, torch.stack(vecs))
-                hooks.callback(on_output(block(modules, model, layer), hook).remove)
-            if dec.seed is not None:
-                torch.manual_seed(dec.seed)
-            out = modules.generate(ids, attention_mask=mask, generation_config=config)
-        generate_s = time.perf_counter() - t0
-        first = torch.log_softmax(out.logits[0].float(), dim=-1)  # [batch, vocab]
-        top = first.topk(min(self.top_k, first.shape[-1]), dim=-1)
+            site = resolve_site(Site(resid_post(r.spec.target.layer)), self.target_info, "target.layer")
+            write = Intervention(site.site, Replace(vector=r.spec.mapping(sources[(r.source_token_ids, r.spec.source.layer, r.source_position)])),
+                                 Positions(indices=r.target_positions))
+            iv = ResolvedIntervention(write, site, write.positions)
+            runs.append(ResolvedRun(r, r.target_token_ids, (), (iv,), r.spec.max_new_tokens))
+            actions.append([write.kind.prepare(site, self.reader)])
         results = []
-        for b, r in enumerate(batch):
-            gen = out.sequences[b, m:m + r.spec.max_new_tokens].tolist()
-            if dec.stop_at_eos and tok.eos_token_id in gen:
-                gen = gen[: gen.index(tok.eos_token_id) + 1]
-            results.append(
-                PatchscopeResult(
-                    patchscope=self._named(r.spec),
-                    source_token_ids=list(r.source_token_ids),
-                    target_token_ids=list(r.target_token_ids),
-                    source_position=r.source_position,
-                    target_positions=list(r.target_positions),
-                    generated_token_ids=gen,
-                    generated_text=tok.decode(gen, skip_special_tokens=True),
-                    top_token_ids=top.indices[b].tolist(),
-                    top_logprobs=top.values[b].tolist(),
-                    timings={"batch_generate_s": generate_s, "batch_size": float(len(batch))},
-                )
-            )
+        for r, out in zip(resolved, self.execute(runs, actions, batch_size)):
+            results.append(PatchscopeResult(
+                patchscope=self._named(r.spec), source_token_ids=list(r.source_token_ids),
+                target_token_ids=list(r.target_token_ids), source_position=r.source_position,
+                target_positions=list(r.target_positions), generated_token_ids=out.generated,
+                generated_text=self.model.tokenizer.decode(out.generated, skip_special_tokens=True),
+                top_token_ids=out.top_ids, top_logprobs=out.top_logprobs,
+                timings={"extract_s": extract_s, **{k: v for k, v in out.timings.items() if k != "batch_score_s"}},
+            ))
         return results
+
+    def extract_sources(self, resolved: Sequence[ResolvedPatchscope], batch_size: int = 32) -> dict[tuple, torch.Tensor]:
+        """h for every distinct (source prompt, layer, position): batched forward passes of the
+        source model over the distinct source prompts, reading only the layers asked for."""
+        sites = {r.spec.source.layer: resolve_site(Site(resid_post(r.spec.source.layer)), self.source_info, "source.layer")
+                 for r in resolved}
+        self.source_reader.batch_size = batch_size
+        values = self.source_reader.read(list(sites.values()), [r.source_token_ids for r in resolved],
+                                         purpose="sources", keep=False)
+        return {(r.source_token_ids, r.spec.source.layer, r.source_position):
+                values[(resid_post(r.spec.source.layer), r.source_token_ids)][r.source_position] for r in resolved}
 
     def _named(self, spec: Patchscope) -> Patchscope:
         """The spec with its model names filled in from the engine."""
-        from dataclasses import replace
-
         if spec.source.model is None:
             spec = replace(spec, source=replace(spec.source, model=self.source_info.name))
         if spec.target.model is None:

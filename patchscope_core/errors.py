@@ -1,8 +1,17 @@
-"""Errors for bad input. Each message starts with the field it is about."""
+"""Errors for bad input. Each message starts with the field it is about.
+
+`InputError` is the one base class of every error that bad input (a config, a command-line
+option, a spec) causes; the CLI turns exactly these into exit status 2 with one line. Any other
+exception is a bug and keeps its traceback.
+"""
 
 
-class PatchscopeError(ValueError):
+class InputError(ValueError):
     """Input that cannot run: the message names the field and the allowed range."""
+
+
+class PatchscopeError(InputError):
+    """A Patchscope, intervention or model option that cannot run."""
 
 
 class UnknownModelError(PatchscopeError):

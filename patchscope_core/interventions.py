@@ -1,0 +1,452 @@
+"""What an intervention does (its kind), where (a site) and when (positions).
+
+Every kind is a frozen dataclass with typed fields, registered by name in `KINDS` (the sweep
+config and the CLI read it; pyvene's idea, with typed fields instead of `**kwargs`). Adding a
+kind is one class here: `check` refuses bad values before any weights load, `prepare` turns the
+kind into an `Action` on the site's activation `x` (one position's features, flattened):
+
+    x' = scale * x + shift + table[position] + sigma * noise(seed, position)
+
+written only at the selected positions and features (a site's heads or neurons), and only on
+real tokens, never on left padding. Values that need a forward pass (a mean over reference
+prompts, a std, another prompt's activations) come from a reader that computes each once.
+
+A Patchscope is `Replace(vector=f(h))` at `blocks.{l*}.hook_resid_post` and the target positions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, Sequence
+
+import torch
+
+from .errors import PatchscopeError
+from .hooks import HookContext, HookFn
+from .models import ModelInfo
+from .sites import ResolvedSite, Site, resolve_site
+from .spec import resolve_position, tokenize
+
+# ---------------------------------------------------------------- when: positions
+
+
+@dataclass(frozen=True)
+class Positions:
+    """Prompt positions (ints; negative counts from the end; BOS counted), every prompt
+    position (`prompt`), every generated token (`generated`; in a scoring run: every answer
+    token), or both (`all`)."""
+
+    indices: tuple[int, ...] = ()
+    prompt: bool = False
+    generated: bool = False
+
+    @classmethod
+    def parse(cls, value: Any, field_name: str = "positions") -> "Positions":
+        if isinstance(value, Positions):
+            return value
+        if value in ("all", "prompt", "generated"):
+            return cls(prompt=value in ("all", "prompt"), generated=value in ("all", "generated"))
+        values = [value] if isinstance(value, int) else value
+        if isinstance(values, (list, tuple)) and values and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            return cls(indices=tuple(values))
+        raise PatchscopeError(f"{field_name}: expected prompt positions (integers), 'prompt', 'generated' or 'all', got {value!r}")
+
+    def resolve(self, n_prompt: int, field_name: str = "positions") -> "Positions":
+        """Absolute prompt positions for a prompt of n_prompt tokens."""
+        if not (self.indices or self.prompt or self.generated):
+            raise PatchscopeError(f"{field_name}: no position selected")
+        indices = tuple(sorted({resolve_position(p, n_prompt, field_name) for p in self.indices}))
+        return Positions(indices, self.prompt, self.generated)
+
+    def __str__(self) -> str:
+        if self.prompt and self.generated:
+            return "all"
+        words = [str(i) for i in self.indices] + ["prompt"] * self.prompt + ["generated"] * self.generated
+        return ",".join(words)
+
+
+# ---------------------------------------------------------------- what: kinds
+
+
+@dataclass(frozen=True)
+class Action:
+    """x' = scale * x + shift + table[position] + sigma * noise(seed, position), per feature."""
+
+    scale: float = 1.0
+    shift: torch.Tensor | None = None  # [width]
+    table: torch.Tensor | None = None  # [positions, width]: a value per absolute position
+    sigma: float = 0.0
+    seed: int = 0
+
+
+class Reader(Protocol):
+    """Values read from forward passes at a site, each computed once."""
+
+    def mean(self, site: ResolvedSite, prompts: tuple[str, ...]) -> torch.Tensor: ...  # [width]
+    def std(self, site: ResolvedSite, prompts: tuple[str, ...]) -> float: ...
+    def values(self, site: ResolvedSite, prompt: str) -> torch.Tensor: ...  # [tokens, width]
+
+
+def noise_at(seed: int, position: int, width: int) -> torch.Tensor:
+    """Standard Gaussian noise for one absolute position: the same whatever the batch, the
+    cache or the step, so a noised run is reproducible (float32, on the CPU)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + position)
+    return torch.randn(width, generator=g)
+
+
+def site_vector(vector: torch.Tensor, site: ResolvedSite, field_name: str) -> torch.Tensor:
+    """A vector for `site` flattened to its width: the site's own shape (d_model, d_mlp,
+    [n_heads, d_head]), or for attn.hook_z one head's [d_head], used for every head."""
+    if not isinstance(vector, torch.Tensor):
+        raise PatchscopeError(f"{field_name}: expected a tensor, got {type(vector).__name__}")
+    v = vector.detach().float()
+    if tuple(v.shape) == site.shape or (v.ndim == 1 and v.numel() == site.width):
+        return v.flatten()
+    if len(site.shape) == 2 and tuple(v.shape) == site.shape[1:]:
+        return v.repeat(site.shape[0])
+    allowed = f"{list(site.shape)}" + (f" or [{site.shape[1]}] (one head)" if len(site.shape) == 2 else "")
+    raise PatchscopeError(f"{field_name}: shape {list(v.shape)} does not fit {site.site.hook}, which takes {allowed}")
+
+
+def _prompts(prompts: Sequence[str], info: ModelInfo, field_name: str) -> None:
+    if not prompts:
+        raise PatchscopeError(f"{field_name}: needs at least one prompt")
+    for p in prompts:
+        tokenize(info, p, field_name)
+
+
+class Kind:
+    """Base of the intervention kinds."""
+
+    name: ClassVar[str]
+
+    def check(self, site: ResolvedSite, info: ModelInfo, positions: Positions, field_name: str) -> None:
+        """Refuse bad values before any weights load (field_name: where this kind sits)."""
+
+    def prepare(self, site: ResolvedSite, reader: Reader) -> Action:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Zero(Kind):
+    """Set the activation to 0 (zero-ablation)."""
+
+    name: ClassVar[str] = "zero"
+
+    def prepare(self, site, reader):
+        return Action(scale=0.0)
+
+
+@dataclass(frozen=True)
+class Scale(Kind):
+    """Multiply the activation by `factor`."""
+
+    factor: float = 0.0
+    name: ClassVar[str] = "scale"
+
+    def check(self, site, info, positions, field_name):
+        if not isinstance(self.factor, (int, float)) or not math.isfinite(self.factor):
+            raise PatchscopeError(f"{field_name}.factor: expected a finite number, got {self.factor!r}")
+
+    def prepare(self, site, reader):
+        return Action(scale=float(self.factor))
+
+
+@dataclass(frozen=True)
+class Mean(Kind):
+    """Replace with the mean activation over `reference` prompts (every token but BOS), computed once."""
+
+    reference: tuple[str, ...] = ()
+    name: ClassVar[str] = "mean"
+
+    def check(self, site, info, positions, field_name):
+        _prompts(self.reference, info, f"{field_name}.reference")
+
+    def prepare(self, site, reader):
+        return Action(scale=0.0, shift=reader.mean(site, tuple(self.reference)))
+
+
+@dataclass(frozen=True)
+class Noise(Kind):
+    """Add Gaussian noise of `scale` x the std of the site's values over `reference` prompts
+    (every token but BOS; or a given `std`), seeded by position (causal tracing: 3 x the
+    embeddings' std at hook_embed)."""
+
+    scale: float = 3.0
+    reference: tuple[str, ...] = ()
+    std: float | None = None
+    seed: int = 0
+    name: ClassVar[str] = "noise"
+
+    def check(self, site, info, positions, field_name):
+        if not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale) or self.scale < 0:
+            raise PatchscopeError(f"{field_name}.scale: the noise scale must be a number >= 0, got {self.scale!r}")
+        if self.std is not None and not (isinstance(self.std, (int, float)) and self.std >= 0):
+            raise PatchscopeError(f"{field_name}.std: must be a number >= 0, got {self.std!r}")
+        if self.std is None:
+            _prompts(self.reference, info, f"{field_name}.reference")
+
+    def prepare(self, site, reader):
+        std = self.std if self.std is not None else reader.std(site, tuple(self.reference))
+        return Action(sigma=float(self.scale) * std, seed=int(self.seed))
+
+
+@dataclass(frozen=True)
+class Resample(Kind):
+    """Replace with the value the same site holds at the same position in another prompt."""
+
+    source: str = ""
+    name: ClassVar[str] = "resample"
+
+    def check(self, site, info, positions, field_name):
+        n = len(tokenize(info, self.source, f"{field_name}.source"))
+        if positions.generated:
+            raise PatchscopeError(f"{field_name}: resample takes prompt positions only (the source prompt has no generated tokens)")
+        if positions.indices and max(positions.indices) >= n:
+            raise PatchscopeError(f"{field_name}.source: position {max(positions.indices)} is past the source prompt's {n} tokens")
+
+    def prepare(self, site, reader):
+        return Action(scale=0.0, table=reader.values(site, self.source))
+
+
+@dataclass(frozen=True, eq=False)
+class Replace(Kind):
+    """Replace with `vector`, or with the value the same site holds in another run
+    (`source` prompt at `source_position`)."""
+
+    vector: torch.Tensor | None = None
+    source: str | None = None
+    source_position: int = -1
+    name: ClassVar[str] = "replace"
+
+    def check(self, site, info, positions, field_name):
+        if (self.vector is None) == (self.source is None):
+            raise PatchscopeError(f"{field_name}: replace needs exactly one of a vector or a source prompt")
+        if self.vector is not None:
+            site_vector(self.vector, site, f"{field_name}.vector")
+        else:
+            n = len(tokenize(info, self.source, f"{field_name}.source"))
+            resolve_position(self.source_position, n, f"{field_name}.source_position")
+
+    def prepare(self, site, reader):
+        if self.vector is not None:
+            return Action(scale=0.0, shift=site_vector(self.vector, site, "vector"))
+        return Action(scale=0.0, shift=reader.values(site, self.source)[self.source_position])
+
+
+@dataclass(frozen=True, eq=False)
+class Add(Kind):
+    """Add `alpha` x a vector (steering): `vector`, or the difference of the mean activations of
+    the `positive` and `negative` prompt sets (every token but BOS)."""
+
+    alpha: float = 1.0
+    vector: torch.Tensor | None = None
+    positive: tuple[str, ...] = ()
+    negative: tuple[str, ...] = ()
+    name: ClassVar[str] = "add"
+
+    def check(self, site, info, positions, field_name):
+        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+            raise PatchscopeError(f"{field_name}.alpha: expected a finite number, got {self.alpha!r}")
+        if self.vector is not None:
+            site_vector(self.vector, site, f"{field_name}.vector")
+        elif self.positive or self.negative:
+            _prompts(self.positive, info, f"{field_name}.positive")
+            _prompts(self.negative, info, f"{field_name}.negative")
+        else:
+            raise PatchscopeError(f"{field_name}: add needs a vector, or positive and negative prompt sets")
+
+    def prepare(self, site, reader):
+        if self.vector is not None:
+            v = site_vector(self.vector, site, "vector")
+        else:
+            v = reader.mean(site, tuple(self.positive)) - reader.mean(site, tuple(self.negative))
+        return Action(scale=1.0, shift=float(self.alpha) * v)
+
+
+KINDS: dict[str, type[Kind]] = {k.name: k for k in (Replace, Add, Scale, Zero, Mean, Resample, Noise)}
+
+
+# ---------------------------------------------------------------- an intervention and a run
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """Do `kind` at `site` at `positions` (default: every prompt position and generated token)."""
+
+    site: Site
+    kind: Kind
+    positions: Positions = Positions(prompt=True, generated=True)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.site, str):
+            object.__setattr__(self, "site", Site(self.site))
+        object.__setattr__(self, "positions", Positions.parse(self.positions))
+
+
+@dataclass(frozen=True)
+class InterventionRun:
+    """A prompt run with interventions: what it generates (max_new_tokens, 0 for none) and,
+    with an answer, the answer's teacher-forced log-probability."""
+
+    prompt: str
+    interventions: tuple[Intervention, ...] = ()
+    answer: str | None = None
+    max_new_tokens: int = 20
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "interventions", tuple(self.interventions))
+
+
+@dataclass(frozen=True)
+class ResolvedIntervention:
+    intervention: Intervention
+    site: ResolvedSite
+    positions: Positions  # absolute
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    """A run checked against its model: token ids and absolute positions."""
+
+    run: Any  # the InterventionRun (or Patchscope) it came from
+    prompt_ids: tuple[int, ...]
+    answer_ids: tuple[int, ...]
+    interventions: tuple[ResolvedIntervention, ...]
+    max_new_tokens: int
+
+
+def resolve_run(run: InterventionRun, info: ModelInfo, field_name: str = "run") -> ResolvedRun:
+    """Validate a run against the model; raises PatchscopeError naming the field."""
+    n = run.max_new_tokens
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise PatchscopeError(f"{field_name}.max_new_tokens: expected an integer >= 0, got {n!r}")
+    prompt = tokenize(info, run.prompt, f"{field_name}.prompt")
+    answer: tuple[int, ...] = ()
+    if run.answer is not None:
+        if not isinstance(run.answer, str) or not run.answer:
+            raise PatchscopeError(f"{field_name}.answer: empty answer")
+        answer = tuple(info.tokenizer(run.answer, add_special_tokens=False)["input_ids"])
+        if not answer:
+            raise PatchscopeError(f"{field_name}.answer: {run.answer!r} has no tokens")
+    if len(prompt) + max(n, len(answer)) > info.n_ctx:
+        raise PatchscopeError(
+            f"{field_name}.max_new_tokens: {len(prompt)} prompt tokens + {max(n, len(answer))} more exceed "
+            f"{info.name}'s context of {info.n_ctx} tokens"
+        )
+    resolved = []
+    for i, iv in enumerate(run.interventions):
+        where = f"{field_name}.interventions[{i}]"
+        if not isinstance(iv.kind, Kind):
+            raise PatchscopeError(f"{where}.kind: expected one of {', '.join(KINDS)}, got {iv.kind!r}")
+        site = resolve_site(iv.site, info, f"{where}.site")
+        positions = iv.positions.resolve(len(prompt), f"{where}.positions")
+        iv.kind.check(site, info, positions, f"{where}.{iv.kind.name}")
+        resolved.append(ResolvedIntervention(iv, site, positions))
+    return ResolvedRun(run, prompt, answer, tuple(resolved), n)
+
+
+# ---------------------------------------------------------------- applying a batch's interventions
+
+
+class _Round:
+    """Interventions of one module boundary in which each row appears at most once, vectorised."""
+
+    def __init__(self, entries: list[tuple[int, ResolvedIntervention, Action]], width: int) -> None:
+        self.rows = torch.tensor([r for r, _, _ in entries])
+        self.scale = torch.tensor([a.scale for _, _, a in entries], dtype=torch.float32)
+        self.shift = torch.stack([a.shift.float() if a.shift is not None else torch.zeros(width) for _, _, a in entries])
+        self.features = torch.stack([iv.site.feature_mask() for _, iv, _ in entries])
+        self.on_prompt = torch.tensor([iv.positions.prompt for _, iv, _ in entries])
+        self.on_generated = torch.tensor([iv.positions.generated for _, iv, _ in entries])
+        p_max = max([max(iv.positions.indices) + 1 for _, iv, _ in entries if iv.positions.indices] or [1])
+        self.explicit = torch.zeros(len(entries), p_max, dtype=torch.bool)
+        for k, (_, iv, _) in enumerate(entries):
+            self.explicit[k, list(iv.positions.indices)] = True
+        tables: dict[int, tuple[list[int], torch.Tensor]] = {}
+        noises: dict[int, tuple[list[int], list[float]]] = {}
+        for k, (_, _, a) in enumerate(entries):
+            if a.table is not None:
+                tables.setdefault(id(a.table), ([], a.table))[0].append(k)
+            if a.sigma:
+                ks, sigmas = noises.setdefault(a.seed, ([], []))
+                ks.append(k)
+                sigmas.append(a.sigma)
+        self.tables = [(torch.tensor(ks), t.float()) for ks, t in tables.values()]
+        self.noises = [(seed, torch.tensor(ks), torch.tensor(s)) for seed, (ks, s) in noises.items()]
+        self.width = width
+        self._placed: dict[tuple, tuple] = {}
+
+    def _on(self, device, dtype):
+        key = (device, dtype)
+        if key not in self._placed:
+            move = lambda t: t.to(device)  # noqa: E731
+            self._placed[key] = (move(self.rows), self.scale.to(device, dtype), self.shift.to(device, dtype),
+                                 move(self.features), move(self.on_prompt), move(self.on_generated), move(self.explicit),
+                                 [(move(k), t.to(device, dtype)) for k, t in self.tables],
+                                 [(seed, move(k), s.to(device, dtype)) for seed, k, s in self.noises])
+        return self._placed[key]
+
+    def __call__(self, flat: torch.Tensor, ctx: HookContext) -> torch.Tensor | None:
+        rows, scale, shift, features, on_prompt, on_gen, explicit, tables, noises = self._on(flat.device, flat.dtype)
+        pos = ctx.positions[rows]  # [R, n]
+        in_prompt = ctx.real[rows] & (pos < ctx.prompt_lengths[rows][:, None])
+        generated = pos >= ctx.prompt_lengths[rows][:, None]
+        chosen = (in_prompt & on_prompt[:, None]) | (generated & on_gen[:, None])
+        chosen |= in_prompt & explicit.gather(1, pos.clamp(0, explicit.shape[1] - 1)) & (pos < explicit.shape[1])
+        if not bool(chosen.any()):
+            return None
+        x = flat[rows]  # [R, n, width]
+        new = x * scale[:, None, None] + shift[:, None, :]
+        for ks, table in tables:  # chosen positions lie inside the table (checked when resolved)
+            new[ks] += table[pos[ks].clamp(0, table.shape[0] - 1)]
+        for seed, ks, sigma in noises:
+            p = pos[ks].clamp(min=0)
+            uniq, inverse = torch.unique(p, return_inverse=True)
+            draws = torch.stack([noise_at(seed, int(u), self.width) for u in uniq.tolist()]).to(flat.device, flat.dtype)
+            new[ks] += sigma[:, None, None] * draws[inverse]
+        out = flat.clone()
+        out[rows] = torch.where(chosen[:, :, None] & features[:, None, :], new, x)
+        return out
+
+
+def dispatch(entries: Sequence[tuple[int, ResolvedIntervention, Action]]) -> HookFn:
+    """One hook for every intervention of a batch at one site's module boundary: rows may differ
+    in kind, indices, positions and values. A row with several interventions there gets them in
+    order."""
+    rounds: list[list] = []
+    for entry in entries:
+        for r in rounds:
+            if all(e[0] != entry[0] for e in r):
+                r.append(entry)
+                break
+        else:
+            rounds.append([entry])
+    width = entries[0][1].site.width
+    compiled = [_Round(r, width) for r in rounds]
+
+    def fn(x: torch.Tensor, ctx: HookContext) -> torch.Tensor | None:
+        b, n = x.shape[0], x.shape[1]
+        flat, changed = x.reshape(b, n, width), False
+        for r in compiled:
+            new = r(flat, ctx)
+            if new is not None:
+                flat, changed = new, True
+        return flat.view(x.shape) if changed else None
+
+    return fn
+
+
+def kind_fields(name: str) -> list[str]:
+    """The typed fields of a registered kind (for the CLI and the sweep config)."""
+    from dataclasses import fields
+
+    return [f.name for f in fields(KINDS[name])]
+
+
+__all__ = [
+    "Action", "Add", "Intervention", "InterventionRun", "KINDS", "Kind", "Mean", "Noise", "Positions", "Replace",
+    "Resample", "ResolvedIntervention", "ResolvedRun", "Scale", "Zero", "dispatch", "noise_at", "resolve_run",
+    "site_vector",
+]
