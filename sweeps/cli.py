@@ -97,10 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from patchscope_core import InputError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as exc:  # bad input (PatchscopeError, config validation): one line naming the field
+    except InputError as exc:  # bad input only: one line naming the field; anything else is a bug
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

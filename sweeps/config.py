@@ -21,11 +21,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from patchscope_core import ModelInfo, PatchscopeError, model_info, tokenize
+from patchscope_core import InputError, ModelInfo, PatchscopeError, model_info, tokenize
 from patchscope_core.spec import check_layer, resolve_position
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A sweep config that cannot run; the message starts with the field it is about."""
 
 

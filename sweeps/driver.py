@@ -19,8 +19,9 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from .config import check_against_models, config_hash, load_config, load_rows
-from .grid import Task, expand, make_tasks
+from .config import ConfigError, check_against_models, config_hash, load_config, load_rows
+from .grid import Task, expand, make_tasks, worker_settings
+from .records import records as result_rows
 from .store import ResultStore
 
 
@@ -37,8 +38,6 @@ def _check_reachable(address: str, timeout: float = 10) -> None:
     """Fail fast on a HOST:PORT where nothing listens (Ray itself would retry for minutes)."""
     import re
     import socket
-
-    from .config import ConfigError
 
     m = re.fullmatch(r"([\w.\-]+):(\d+)", address.strip())
     if not m:
@@ -67,8 +66,6 @@ def connect(address: str | None, config) -> bool:
         try:
             ray.init(address=address, log_to_driver=False)
         except ConnectionError as exc:
-            from .config import ConfigError
-
             raise ConfigError(f"--address: cannot join a Ray cluster at {address!r} ({exc})") from None
     else:
         ex = config.execution
@@ -80,8 +77,6 @@ def connect(address: str | None, config) -> bool:
 def _check_resources(config, local: bool) -> None:
     """Print what the cluster has; a local cluster that can never place a worker is an error."""
     import ray
-
-    from .config import ConfigError
 
     ex = config.execution
     res = ray.cluster_resources()
@@ -110,8 +105,11 @@ def run_tasks(tasks: list[Task], config, store: ResultStore, sink, progress, tot
     by_model: dict[str, list[Task]] = {}
     for t in tasks:
         by_model.setdefault(t.model, []).append(t)
+    settings = worker_settings(config)
     for model, mtasks in by_model.items():
-        actors = start_workers(model, config, min(ex.workers, len(mtasks)))
+        actors = start_workers(model, settings, min(ex.workers, len(mtasks)), num_cpus=ex.cpus_per_worker,
+                               num_gpus=ex.gpus_per_worker, max_restarts=ex.max_restarts,
+                               max_task_retries=ex.max_task_retries)
         alive = set(range(len(actors)))
         load = [0] * len(actors)
         queue = deque(mtasks)
@@ -131,7 +129,7 @@ def run_tasks(tasks: list[Task], config, store: ResultStore, sink, progress, tot
                 i, task = in_flight.pop(ref)
                 load[i] -= 1
                 try:
-                    records = ray.get(ref)
+                    rows = result_rows(task, ray.get(ref))
                 except RayError as exc:  # after Ray's own restarts and retries
                     failed.append(task)
                     msg = str(exc).strip().splitlines()
@@ -144,7 +142,7 @@ def run_tasks(tasks: list[Task], config, store: ResultStore, sink, progress, tot
                         queue.clear()
                     fill()
                     continue
-                new = store.write(task.task_id, records)  # the record of truth first
+                new = store.write(task.task_id, rows)  # the record of truth first
                 totals["computed"] += len(new)
                 progress.update(len(new))
                 elapsed = time.perf_counter() - totals["t0"]

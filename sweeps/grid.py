@@ -4,7 +4,8 @@ A cell is one point of model x (source prompt, target prompt) row x source layer
 position x target layer x target position. Its id is a hash of those parameters and the
 generation settings, so the same cell has the same id in every run (resume relies on it).
 A task holds cells of one model and one source prompt, at most batch_size of them, so the
-worker extracts that prompt's hidden states once per task.
+worker extracts that prompt's hidden states once per task. What travels to a worker is plain
+data (`Task.payload`, `worker_settings`): workers import `patchscope_core` only.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from patchscope_core import Patchscope, Source, Target
 
 from .config import ModelPlan, Row, SweepConfig
 
-# Parameter columns of every result row, in this order (ref_<name> columns follow).
+# A cell's parameters, in this order (ref_<name> columns follow); the first columns of every
+# result row (sweeps/records.py).
 PARAM_COLUMNS = (
     "cell_id", "model", "source_prompt", "source_layer", "source_position",
     "target_prompt", "target_layer", "target_position", "row",
@@ -41,6 +43,7 @@ class Cell:
     row: int = 0  # the input row (source.prompts / source.file) it came from; not part of the id
     refs: tuple[tuple[str, Any], ...] = ()
     generation_key: str = ""  # digest of the generation settings
+    max_new_tokens: int = 20  # part of the generation settings (so of the id through generation_key)
 
     @property
     def cell_id(self) -> str:
@@ -64,11 +67,6 @@ class Cell:
             max_new_tokens=max_new_tokens,
         )
 
-    @classmethod
-    def from_params(cls, params: dict[str, Any], generation_key: str = "") -> "Cell":
-        refs = tuple((k[4:], v) for k, v in params.items() if k.startswith("ref_"))
-        return cls(**{k: params[k] for k in PARAM_COLUMNS[1:]}, refs=refs, generation_key=generation_key)
-
 
 @dataclass(frozen=True)
 class Task:
@@ -83,8 +81,24 @@ class Task:
         return _digest(sorted(c.cell_id for c in self.cells), 12)
 
     def payload(self) -> dict[str, Any]:
-        """What travels to a worker: plain data."""
-        return {"task_id": self.task_id, "model": self.model, "cells": [c.params() for c in self.cells]}
+        """What travels to a worker: plain data, one Patchscope per cell, in cell order."""
+        return {"task_id": self.task_id, "model": self.model,
+                "patchscopes": [c.patchscope(c.max_new_tokens).to_dict() for c in self.cells]}
+
+
+def worker_settings(config: SweepConfig) -> dict[str, Any]:
+    """What a worker needs to know of the config, as plain data."""
+    ex, gen = config.execution, config.generation
+    decoding = gen.decoding()
+    return {
+        "decoding": {f: getattr(decoding, f) for f in ("do_sample", "temperature", "top_p", "seed", "stop_at_eos")},
+        "top_k": gen.top_logprobs,
+        "batch_size": ex.batch_size,
+        "gpus_per_worker": ex.gpus_per_worker,
+        "cpus_per_worker": ex.cpus_per_worker,
+        "device_map": ex.device_map,
+        "dtype": ex.dtype,
+    }
 
 
 def generation_key(config: SweepConfig) -> str:
@@ -106,7 +120,7 @@ def expand(config: SweepConfig, rows: list[Row], plans: dict[str, ModelPlan]) ->
                     for t_layer in plan.target_layers or [layer]:
                         for t_pos in config.target.positions:
                             cell = Cell(model, row.source_prompt, layer, pos, row.target_prompt, t_layer, t_pos,
-                                        row.index, row.refs, gen)
+                                        row.index, row.refs, gen, config.generation.max_new_tokens)
                             cells.setdefault(cell.cell_id, cell)
     return list(cells.values())
 

@@ -20,33 +20,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .records import TABLE_COLUMNS, TOKEN_COLUMNS, enrich, token_text
 from .store import ResultStore
-
-TABLE_COLUMNS = [
-    "model", "source_prompt", "source_layer", "source_position", "target_layer", "target_position",
-    "generated_text", "top1_logprob",
-]
 
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
-
-
-def top1_logprob(top_logprobs) -> float:
-    """Log-probability of the first generated token (the head of a record's top_logprobs)."""
-    return float(top_logprobs[0]) if top_logprobs is not None and len(top_logprobs) else float("nan")
-
-
-def enrich(df):
-    """Add the derived columns: top1_logprob and, per reference column, match_<name>."""
-    df = df.copy()
-    df["top1_logprob"] = [top1_logprob(v) for v in df["top_logprobs"]]
-    for ref in [c for c in df.columns if c.startswith("ref_")]:
-        name = ref[4:]
-        df[f"match_{name}"] = [
-            bool(r) and str(r).strip().lower() in str(t).lower() for r, t in zip(df[ref], df["generated_text"])
-        ]
-    return df
 
 
 def _ordered(df):
@@ -114,12 +93,12 @@ def write_report(out_dir: str | Path, df=None) -> dict[str, Path]:
         return {}
     df = enrich(df)
     df = _ordered(df)
-    columns = ["cell_id"] + TABLE_COLUMNS + [c for c in df.columns if c.startswith(("ref_", "match_"))]
-    columns += ["target_prompt", "generated_token_ids", "source_token_ids", "target_token_ids"]
+    columns = list(TABLE_COLUMNS) + [c for c in df.columns if c.startswith(("ref_", "match_"))]
+    columns += [c for c in TOKEN_COLUMNS if c not in columns]
     out: dict[str, Path] = {"table": out_dir / "results.csv"}
     table = df[columns].copy()
-    for c in ("generated_token_ids", "source_token_ids", "target_token_ids"):
-        table[c] = [" ".join(str(int(t)) for t in v) for v in table[c]]
+    for c in TOKEN_COLUMNS:
+        table[c] = [token_text(v) for v in table[c]]
     table.to_csv(out["table"], index=False)
 
     metric, label = metric_of(df)

@@ -18,13 +18,7 @@ from typing import Any, Sequence
 from urllib.parse import urlparse
 
 from .config import WandbConfig
-from .report import top1_logprob
-
-# Columns of the W&B tables: what a person reads (token ids travel as text).
-TABLE_COLUMNS = (
-    "cell_id", "model", "source_prompt", "source_layer", "source_position", "target_layer",
-    "target_position", "generated_text", "top1_logprob", "target_prompt", "generated_token_ids",
-)
+from .records import TABLE_COLUMNS, TOKEN_COLUMNS, token_text, top1_logprob
 
 
 def has_credentials() -> bool:
@@ -55,8 +49,8 @@ def table_rows(records: Sequence[dict[str, Any]], ref_columns: Sequence[str] = (
             if c == "top1_logprob":
                 v = top1_logprob(r.get("top_logprobs"))
                 v = None if v != v else v  # NaN (no log-probabilities) as an empty cell
-            elif c == "generated_token_ids":
-                v = " ".join(str(int(t)) for t in r.get(c, []))
+            elif c in TOKEN_COLUMNS:
+                v = token_text(r.get(c, []))
             else:
                 v = r.get(c)
                 if hasattr(v, "item"):

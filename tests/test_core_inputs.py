@@ -116,3 +116,23 @@ def test_cli_inspect_json(capsys):
     assert out["source_position"] == len(out["source_token_ids"]) - 1
     assert len(out["generated_token_ids"]) == 5 and isinstance(out["generated_text"], str)
     assert len(out["top_logprobs"]) == len(out["top_token_ids"]) == 10
+
+
+def test_cli_exit_2_only_for_bad_input_other_errors_keep_their_traceback(monkeypatch, capsys):
+    """A ValueError from inside the computation (here: torch's) is a bug, not bad input."""
+    import patchscope_core
+
+    def broken(*args, **kwargs):
+        return torch.zeros(2, 3) @ torch.zeros(4, 5)  # RuntimeError from torch
+
+    def value_error(*args, **kwargs):
+        raise ValueError("something deep inside went wrong")
+
+    monkeypatch.setattr(patchscope_core, "load_model", broken)
+    with pytest.raises(RuntimeError):
+        main(inspect_args())
+    monkeypatch.setattr(patchscope_core, "load_model", value_error)
+    with pytest.raises(ValueError, match="deep inside"):
+        main(inspect_args())
+    assert main(inspect_args(**{"--source-layer": "12"})) == 2  # bad input: one line, exit 2
+    assert capsys.readouterr().err.count("\n") == 1
