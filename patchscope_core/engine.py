@@ -414,16 +414,24 @@ class PatchscopeEngine(Engine):
         if not resolved:
             return []
         t0 = time.perf_counter()
-        self.source_reader.batch_size = batch_size
         sources = self.extract_sources(resolved, batch_size)
         extract_s = time.perf_counter() - t0
+        vectors = [sources[(r.source_token_ids, r.spec.source.layer, r.source_position)] for r in resolved]
+        results = self.generate(resolved, vectors, batch_size)
+        for res in results:
+            res.timings["extract_s"] = extract_s
+        return results
+
+    def generate(self, resolved: Sequence[ResolvedPatchscope], vectors: Sequence[torch.Tensor],
+                 batch_size: int = 32) -> list[PatchscopeResult]:
+        """Patched generation given each Patchscope's source vector h: `Replace(f(h))` at
+        `blocks.{l*}.hook_resid_post` and the target positions, as an intervention run."""
         runs, actions = [], []
-        for r in resolved:
+        for r, h in zip(resolved, vectors):
             site = resolve_site(Site(resid_post(r.spec.target.layer)), self.target_info, "target.layer")
-            write = Intervention(site.site, Replace(vector=r.spec.mapping(sources[(r.source_token_ids, r.spec.source.layer, r.source_position)])),
-                                 Positions(indices=r.target_positions))
-            iv = ResolvedIntervention(write, site, write.positions)
-            runs.append(ResolvedRun(r, r.target_token_ids, (), (iv,), r.spec.max_new_tokens))
+            write = Intervention(site.site, Replace(vector=r.spec.mapping(h)), Positions(indices=r.target_positions))
+            runs.append(ResolvedRun(r, r.target_token_ids, (), (ResolvedIntervention(write, site, write.positions),),
+                                    r.spec.max_new_tokens))
             actions.append([write.kind.prepare(site, self.reader)])
         results = []
         for r, out in zip(resolved, self.execute(runs, actions, batch_size)):
@@ -433,7 +441,7 @@ class PatchscopeEngine(Engine):
                 target_positions=list(r.target_positions), generated_token_ids=out.generated,
                 generated_text=self.model.tokenizer.decode(out.generated, skip_special_tokens=True),
                 top_token_ids=out.top_ids, top_logprobs=out.top_logprobs,
-                timings={"extract_s": extract_s, **{k: v for k, v in out.timings.items() if k != "batch_score_s"}},
+                timings={k: v for k, v in out.timings.items() if k != "batch_score_s"},
             ))
         return results
 

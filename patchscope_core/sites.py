@@ -131,10 +131,10 @@ def resolve_site(site: Site, info: ModelInfo, field: str = "site") -> ResolvedSi
     shape = {"head": (info.n_heads, info.d_head), "neuron": (info.d_mlp,)}.get(unit, (info.d_model,))
     for name, values, count in (("head", site.head, info.n_heads), ("neuron", site.neuron, info.d_mlp)):
         if values and unit != name:
-            raise PatchscopeError(f"{name}: {site.hook} has no {name}s (only {'attn.hook_z' if name == 'head' else 'mlp.hook_post'} does)")
+            raise PatchscopeError(f"{field}.{name}: {site.hook} has no {name}s (only {'attn.hook_z' if name == 'head' else 'mlp.hook_post'} does)")
         for v in values:
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < count:
-                raise PatchscopeError(f"{name}: {v!r} is out of range 0 .. {count - 1} for {info.name}")
+                raise PatchscopeError(f"{field}.{name}: {v!r} is out of range 0 .. {count - 1} for {info.name}")
     try:
         module, side = module_boundary(info.components, site.hook)
     except LookupError:
