@@ -53,10 +53,12 @@ class Positions:
         raise PatchscopeError(f"{field_name}: expected prompt positions (integers), 'prompt', 'generated' or 'all', got {value!r}")
 
     def resolve(self, n_prompt: int, field_name: str = "positions") -> "Positions":
-        """Absolute prompt positions for a prompt of n_prompt tokens."""
+        """Absolute prompt positions for a prompt of n_prompt tokens (`prompt` lists them all, so
+        a kind's check sees every prompt position it will write)."""
         if not (self.indices or self.prompt or self.generated):
             raise PatchscopeError(f"{field_name}: no position selected")
-        indices = tuple(sorted({resolve_position(p, n_prompt, field_name) for p in self.indices}))
+        indices = {resolve_position(p, n_prompt, field_name) for p in self.indices}
+        indices = tuple(sorted(indices | (set(range(n_prompt)) if self.prompt else set())))
         return Positions(indices, self.prompt, self.generated)
 
     def __str__(self) -> str:
@@ -107,6 +109,33 @@ def site_vector(vector: torch.Tensor, site: ResolvedSite, field_name: str) -> to
         return v.repeat(site.shape[0])
     allowed = f"{list(site.shape)}" + (f" or [{site.shape[1]}] (one head)" if len(site.shape) == 2 else "")
     raise PatchscopeError(f"{field_name}: shape {list(v.shape)} does not fit {site.site.hook}, which takes {allowed}")
+
+
+def load_vector(path, field_name: str = "vector") -> torch.Tensor:
+    """A vector from a .safetensors file (its only tensor, or the one named 'vector') or a
+    torch-saved tensor (.pt; read with weights_only, never unpickling code)."""
+    from pathlib import Path
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise PatchscopeError(f"{field_name}: no such file {str(path)!r}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(path))
+            if len(tensors) != 1 and "vector" not in tensors:
+                raise PatchscopeError(f"{field_name}: {path} holds {sorted(tensors)}; expected one tensor or one named 'vector'")
+            value = tensors.get("vector", next(iter(tensors.values())))
+        else:
+            value = torch.load(path, map_location="cpu", weights_only=True)
+    except PatchscopeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is bad input, named as such
+        raise PatchscopeError(f"{field_name}: cannot read {path} as a tensor ({type(exc).__name__})") from None
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        raise PatchscopeError(f"{field_name}: {path} holds {type(value).__name__}, not a floating-point tensor")
+    return value
 
 
 def _prompts(prompts: Sequence[str], info: ModelInfo, field_name: str) -> None:

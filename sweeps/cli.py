@@ -1,4 +1,5 @@
-"""The `patchscope` command: models, inspect (one Patchscope), sweep, report."""
+"""The `patchscope` command: models, inspect (one Patchscope), intervene (one run with an
+intervention), sweep, report."""
 
 from __future__ import annotations
 
@@ -48,6 +49,92 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_prompts(path: str | None, field: str) -> tuple[str, ...]:
+    from pathlib import Path
+
+    from patchscope_core import InputError
+
+    if path is None:
+        return ()
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise InputError(f"{field}: no such file {path!r}")
+    try:
+        return tuple(line for line in p.read_text(encoding="utf-8").splitlines() if line.strip())
+    except UnicodeDecodeError:
+        raise InputError(f"{field}: {path} is not UTF-8 text") from None
+
+
+def _kind(args: argparse.Namespace):
+    """The intervention kind from the options; an option the kind does not take is an error."""
+    from dataclasses import fields
+
+    from patchscope_core import KINDS, InputError
+    from patchscope_core.interventions import load_vector
+
+    given = {
+        "vector": ("--vector", lambda: load_vector(args.vector, "--vector") if args.vector else None),
+        "alpha": ("--alpha", lambda: args.alpha),
+        "factor": ("--factor", lambda: args.factor),
+        "source": ("--source-prompt", lambda: args.source_prompt),
+        "source_position": ("--source-position", lambda: args.source_position),
+        "reference": ("--reference-prompts", lambda: _read_prompts(args.reference_prompts, "--reference-prompts") or None),
+        "positive": ("--positive-prompts", lambda: _read_prompts(args.positive_prompts, "--positive-prompts") or None),
+        "negative": ("--negative-prompts", lambda: _read_prompts(args.negative_prompts, "--negative-prompts") or None),
+        "scale": ("--noise-scale", lambda: args.noise_scale),
+        "seed": ("--seed", lambda: args.seed),
+    }
+    cls = KINDS[args.kind]
+    takes = {f.name for f in fields(cls)}
+    values = {}
+    for name, (option, read) in given.items():
+        value = read()
+        if value is None:
+            continue
+        if name not in takes:
+            raise InputError(f"{option}: not used by --kind {args.kind} (it takes {', '.join(sorted(takes)) or 'nothing'})")
+        values[name] = value
+    return cls(**values)
+
+
+def _cmd_intervene(args: argparse.Namespace) -> int:
+    from patchscope_core import Decoding, Engine, Intervention, InterventionRun, Positions, Site, load_model, model_info
+    from patchscope_core.interventions import resolve_run
+
+    words = args.positions
+    positions = Positions.parse(words[0] if len(words) == 1 and not words[0].lstrip("-").isdigit()
+                                else _ints(words, "--positions"), "--positions")
+    site = Site(args.site, head=tuple(args.head or ()), neuron=tuple(args.neuron or ()))
+    run = InterventionRun(args.prompt, (Intervention(site, _kind(args), positions),), answer=args.answer,
+                          max_new_tokens=args.max_new_tokens)
+    resolve_run(run, model_info(args.model), "run")  # every input error surfaces here, before the weights load
+    model = load_model(args.model, device=args.device)
+    engine = Engine(model, name=args.model, decoding=Decoding(stop_at_eos=not args.no_stop_at_eos))
+    (result,) = engine.run([run])
+    if args.json:
+        print(json.dumps(result.to_record()))
+        return 0
+    tok = model.tokenizer
+    print(f"intervention  {args.kind} at {site} positions {positions} on {args.model}")
+    print(f"prompt        {[tok.decode([t]) for t in result.prompt_token_ids]}")
+    print(f"generated     {result.generated_text!r}")
+    print(f"clean         {result.clean_generated_text!r}")
+    if result.answer_logprob is not None:
+        print(f"answer        {args.answer!r}: log p = {result.answer_logprob:.3f} (clean {result.clean_answer_logprob:.3f}, "
+              f"delta {result.answer_logprob - result.clean_answer_logprob:+.3f}); "
+              f"p(first token) = {result.p_answer:.4f} (clean {result.p_answer_clean:.4f})")
+    return 0
+
+
+def _ints(words: list[str], field: str) -> list[int]:
+    from patchscope_core import InputError
+
+    try:
+        return [int(w) for w in words]
+    except ValueError:
+        raise InputError(f"{field}: expected integers, or one of all, prompt, generated; got {' '.join(words)!r}") from None
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from sweeps import driver
 
@@ -82,6 +169,32 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     i.add_argument("--json", action="store_true", help="print one JSON object")
     i.set_defaults(func=_cmd_inspect)
+
+    v = sub.add_parser("intervene", help="generate and score one prompt with an intervention at a TransformerLens site")
+    v.add_argument("--model", default="smollm2-135m")
+    v.add_argument("--prompt", required=True)
+    v.add_argument("--site", required=True, help="a TransformerLens hook name, e.g. blocks.8.attn.hook_z")
+    v.add_argument("--head", type=int, nargs="+", help="attn.hook_z: the heads to act on (default all)")
+    v.add_argument("--neuron", type=int, nargs="+", help="mlp.hook_post: the neurons to act on (default all)")
+    v.add_argument("--kind", required=True, choices=["replace", "add", "scale", "zero", "mean", "resample", "noise"])
+    v.add_argument("--positions", nargs="+", default=["all"],
+                   help="prompt positions (BOS counted; negatives from the end), or all | prompt | generated (default all)")
+    v.add_argument("--vector", help="replace/add: a [d] tensor (.safetensors or .pt)")
+    v.add_argument("--alpha", type=float, help="add: alpha x vector")
+    v.add_argument("--factor", type=float, help="scale: the factor")
+    v.add_argument("--source-prompt", help="replace/resample: read the same site in this prompt")
+    v.add_argument("--source-position", type=int, help="replace: the source prompt's position (default -1)")
+    v.add_argument("--reference-prompts", help="mean/noise: a file of prompts, one a line (the mean, the std)")
+    v.add_argument("--positive-prompts", help="add: a file of prompts whose mean minus ...")
+    v.add_argument("--negative-prompts", help="... these prompts' mean is the vector")
+    v.add_argument("--noise-scale", type=float, help="noise: x the site's std over the reference prompts (default 3)")
+    v.add_argument("--seed", type=int, help="noise: the seed (default 0)")
+    v.add_argument("--answer", help="score this continuation: teacher-forced log-probability, with and without the intervention")
+    v.add_argument("--max-new-tokens", type=int, default=20)
+    v.add_argument("--no-stop-at-eos", action="store_true", help="always generate max-new-tokens tokens")
+    v.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    v.add_argument("--json", action="store_true", help="print one JSON object")
+    v.set_defaults(func=_cmd_intervene)
 
     s = sub.add_parser("sweep", help="run a sweep config on a Ray cluster")
     s.add_argument("config")
