@@ -27,6 +27,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_generation.py
+	$(PY) benchmarks/bench_interventions.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 
 import torch
+from common import side_by_side
 
 from patchscope_core import Decoding, Patchscope, PatchscopeEngine, Source, Target, load_model
 from patchscope_core.engine import input_device, left_pad
@@ -41,26 +40,6 @@ def specs(n: int, n_new: int, heterogeneous: bool) -> list[Patchscope]:
         else:
             out.append(Patchscope(Source(SOURCES[k % len(SOURCES)], 6, -1), Target(ENTITY, 6, (-1,)), max_new_tokens=n_new))
     return out
-
-
-def timed(fn) -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
-
-
-def side_by_side(fns: dict, repeats: int) -> dict[str, float]:
-    for fn in fns.values():  # warm-up
-        fn()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            times[k].append(timed(fn))
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
@@ -99,7 +78,7 @@ def main() -> None:
         t = side_by_side({
             "hf": lambda: hf(plain),
             "bridge": lambda: hf(bridge.original_model),
-            "patched": lambda: cached.generate(resolved, vectors),
+            "patched": lambda: cached.generate(resolved, vectors, batch_size=batch),
             "patched+extract": lambda: cached.run(specs(batch, n_new, heterogeneous=False), batch_size=batch),
         }, args.repeats)
         print(f"  batch {batch:2d}: plain HF {t['hf']:.3f} s, patched {t['patched']:.3f} s -> ratio {t['patched'] / t['hf']:.2f}"

@@ -1,0 +1,94 @@
+"""Speed of interventions on SmolLM2-135M, measured side by side in one run.
+
+(a) cached generation with a head zero-ablated at every position (prompt and generated) /
+    plain Hugging Face `generate` of the same batch, no hooks (batch 1 and 32; target <= 1.15)
+(b) ablating each of SmolLM2's 270 heads for one prompt and scoring the answer: one forward
+    pass per head / all 270 rows batched (target >= 5x); both must give the same scores
+
+Every generation makes exactly --new-tokens tokens (no EOS stop). Timings alternate between the
+compared configurations; medians are reported.
+
+    .venv/bin/python benchmarks/bench_interventions.py [--repeats 5] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+
+import torch
+from common import side_by_side
+
+from patchscope_core import Decoding, Engine, Intervention, InterventionRun, Site, Zero, load_model
+from patchscope_core.hooks import left_pad
+from patchscope_core.readings import input_device
+
+ENTITY = ("Syria: Country in the Middle East, Leonardo DiCaprio: American actor, Samsung: South Korean "
+          "multinational major appliance and consumer electronics corporation, x")
+FACT = "The Eiffel Tower is located in the city of"
+
+
+def ablations(n: int, n_new: int) -> list[InterventionRun]:
+    """n rows of the entity prompt, each with another (layer, head) zeroed at every position."""
+    return [InterventionRun(ENTITY, [Intervention(Site(f"blocks.{(3 * k) % 30}.attn.hook_z", head=k % 9), Zero(), "all")],
+                            max_new_tokens=n_new) for k in range(n)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--device", default=None)
+    args = ap.parse_args()
+    n_new = args.new_tokens
+
+    from transformers import AutoModelForCausalLM
+
+    from patchscope_core.models import smollm2_dir
+
+    bridge = load_model("smollm2-135m", device=args.device)
+    device = input_device(bridge)
+    plain = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32).to(device).eval()
+    engine = Engine(bridge, name="smollm2-135m", decoding=Decoding(stop_at_eos=False))
+    print(f"SmolLM2-135M on {device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
+          f"torch {torch.__version__}, {n_new} new tokens, median of {args.repeats}")
+
+    print("\n(a) head zero-ablation at every position, cached generation / plain HF generate, same batch (target <= 1.15)")
+    for batch in (1, 32):
+        runs = ablations(batch, n_new)
+        ids, mask, _ = left_pad([engine.resolve([r])[0].prompt_ids for r in runs], bridge.tokenizer.pad_token_id, device)
+
+        def hf():
+            with torch.no_grad():
+                out = plain.generate(ids, attention_mask=mask, max_new_tokens=n_new, do_sample=False,
+                                     eos_token_id=None, pad_token_id=bridge.tokenizer.pad_token_id)
+            assert out.shape[1] == ids.shape[1] + n_new
+
+        def ours():
+            results = engine.run(runs, batch_size=batch, clean=False)
+            assert all(len(r.generated_token_ids) == n_new for r in results)
+
+        t = side_by_side({"hf": hf, "ours": ours}, args.repeats)
+        print(f"  batch {batch:2d}: plain HF {t['hf']:.3f} s, ablated {t['ours']:.3f} s -> ratio {t['ours'] / t['hf']:.2f}")
+
+    print("\n(b) 270 head ablations of one prompt, answer scored: one forward per head / batched (target >= 5x)")
+    info = engine.info
+    heads = [InterventionRun(FACT, [Intervention(Site(f"blocks.{l}.attn.hook_z", head=h), Zero(), "all")],
+                             answer=" Paris", max_new_tokens=0) for l in range(info.n_layers) for h in range(info.n_heads)]
+    got = {}
+
+    def batched():
+        got["batched"] = [r.answer_logprob for r in engine.run(heads, batch_size=len(heads), clean=False)]
+
+    def one_at_a_time():
+        got["one"] = [r.answer_logprob for r in engine.run(heads, batch_size=1, clean=False)]
+
+    t = side_by_side({"batched": batched, "one": one_at_a_time}, max(1, args.repeats // 2))
+    worst = max(abs(a - b) for a, b in zip(got["batched"], got["one"]))
+    assert worst < 1e-3, f"batched and one-at-a-time scores differ by {worst}"
+    print(f"  {len(heads)} rows: one at a time {t['one']:.2f} s, batched {t['batched']:.2f} s -> "
+          f"speed-up {t['one'] / t['batched']:.2f}x (largest score difference {worst:.1e})")
+
+
+if __name__ == "__main__":
+    main()
