@@ -13,14 +13,11 @@ between the compared configurations and the medians are reported.
 
 from __future__ import annotations
 
-import argparse
-import platform
-
 import torch
-from common import side_by_side
+from common import side_by_side, smollm2_and_plain_hf
 
-from patchscope_core import Decoding, Patchscope, PatchscopeEngine, Source, Target, load_model
-from patchscope_core.engine import input_device, left_pad
+from patchscope_core import Decoding, Patchscope, PatchscopeEngine, Source, Target
+from patchscope_core.hooks import left_pad
 
 ENTITY = ("Syria: Country in the Middle East, Leonardo DiCaprio: American actor, Samsung: South Korean "
           "multinational major appliance and consumer electronics corporation, x")
@@ -43,24 +40,10 @@ def specs(n: int, n_new: int, heterogeneous: bool) -> list[Patchscope]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--new-tokens", type=int, default=16)
-    ap.add_argument("--device", default=None)
-    args = ap.parse_args()
+    args, bridge, plain, device = smollm2_and_plain_hf(__doc__)
     n_new = args.new_tokens
-
-    from transformers import AutoModelForCausalLM
-
-    from patchscope_core.models import smollm2_dir
-
-    bridge = load_model("smollm2-135m", device=args.device)
-    device = input_device(bridge)
-    plain = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32).to(device).eval()
     cached = PatchscopeEngine(bridge, name="smollm2-135m", decoding=Decoding(stop_at_eos=False))
     uncached = PatchscopeEngine(bridge, name="smollm2-135m", decoding=Decoding(stop_at_eos=False, use_cache=False))
-    print(f"SmolLM2-135M on {device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
-          f"torch {torch.__version__}, {n_new} new tokens, median of {args.repeats}")
 
     print("\n(a) patched cached generation / plain HF generate, same batch, no hooks (target <= 1.15)")
     for batch in (1, 32):

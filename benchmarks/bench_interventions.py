@@ -13,15 +13,11 @@ compared configurations; medians are reported.
 
 from __future__ import annotations
 
-import argparse
-import platform
-
 import torch
-from common import side_by_side
+from common import side_by_side, smollm2_and_plain_hf
 
-from patchscope_core import Decoding, Engine, Intervention, InterventionRun, Site, Zero, load_model
+from patchscope_core import Decoding, Engine, Intervention, InterventionRun, Site, Zero
 from patchscope_core.hooks import left_pad
-from patchscope_core.readings import input_device
 
 ENTITY = ("Syria: Country in the Middle East, Leonardo DiCaprio: American actor, Samsung: South Korean "
           "multinational major appliance and consumer electronics corporation, x")
@@ -35,23 +31,9 @@ def ablations(n: int, n_new: int) -> list[InterventionRun]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--new-tokens", type=int, default=16)
-    ap.add_argument("--device", default=None)
-    args = ap.parse_args()
+    args, bridge, plain, device = smollm2_and_plain_hf(__doc__)
     n_new = args.new_tokens
-
-    from transformers import AutoModelForCausalLM
-
-    from patchscope_core.models import smollm2_dir
-
-    bridge = load_model("smollm2-135m", device=args.device)
-    device = input_device(bridge)
-    plain = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32).to(device).eval()
     engine = Engine(bridge, name="smollm2-135m", decoding=Decoding(stop_at_eos=False))
-    print(f"SmolLM2-135M on {device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
-          f"torch {torch.__version__}, {n_new} new tokens, median of {args.repeats}")
 
     print("\n(a) head zero-ablation at every position, cached generation / plain HF generate, same batch (target <= 1.15)")
     for batch in (1, 32):

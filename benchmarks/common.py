@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import platform
 import statistics
 import time
 
@@ -27,3 +29,25 @@ def side_by_side(fns: dict, repeats: int) -> dict[str, float]:
         for k, fn in fns.items():
             times[k].append(timed(fn))
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def smollm2_and_plain_hf(doc: str):
+    """The command line (--repeats, --new-tokens, --device), SmolLM2 as a bridge, and a separate
+    plain Hugging Face copy with no TransformerLens and no hooks; prints the set-up line."""
+    from transformers import AutoModelForCausalLM
+
+    from patchscope_core import load_model
+    from patchscope_core.models import smollm2_dir
+    from patchscope_core.readings import input_device
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--device", default=None)
+    args = ap.parse_args()
+    bridge = load_model("smollm2-135m", device=args.device)
+    device = input_device(bridge)
+    plain = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32).to(device).eval()
+    print(f"SmolLM2-135M on {device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
+          f"torch {torch.__version__}, {args.new_tokens} new tokens, median of {args.repeats}")
+    return args, bridge, plain, device

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .grid import PARAM_COLUMNS, Task
+from .grid import Task
 
 # What the engine produced for a cell.
 RESULT_COLUMNS = (

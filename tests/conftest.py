@@ -28,6 +28,18 @@ def smollm2():
     return load_model("smollm2-135m", device="cpu")
 
 
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Any attempt to load model weights fails the test."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("model weights were loaded before the input was validated")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", refuse)
+
+
 def pytest_terminal_summary(terminalreporter):
     """Say how often a token difference was a floating-point tie rather than a mismatch."""
     n, ties = reference.TIES["compared"], reference.TIES["ties"]

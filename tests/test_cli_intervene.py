@@ -22,17 +22,6 @@ def args(**over) -> list[str]:
     return out
 
 
-@pytest.fixture
-def no_weights(monkeypatch):
-    import transformers
-
-    def refuse(*a, **k):
-        raise AssertionError("model weights were loaded before the input was validated")
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", refuse)
-
-
 def test_json_has_generation_answer_scores_and_the_clean_baseline(tiny_models, capsys):
     assert main(args(**{"--head": "2", "--answer": " lazy dog", "--json": [], "--no-stop-at-eos": []})) == 0
     out = json.loads(capsys.readouterr().out)
@@ -57,7 +46,7 @@ def test_json_has_generation_answer_scores_and_the_clean_baseline(tiny_models, c
     with torch.no_grad():
         logits = model.run_with_hooks(ids, fwd_hooks=[("blocks.1.attn.hook_z", zero_head)])[0].float()
     lp = torch.log_softmax(logits, -1)
-    n, k = len(out["prompt_token_ids"]), len(out["answer_token_ids"])
+    n = len(out["prompt_token_ids"])
     want = [float(lp[n - 1 + j, t]) for j, t in enumerate(out["answer_token_ids"])]
     assert out["answer_logprobs"] == pytest.approx(want, abs=1e-4)
     assert out["answer_logprob"] != pytest.approx(out["clean_answer_logprob"], abs=1e-6)

@@ -12,18 +12,6 @@ from patchscope_core import (Affine, Decoding, Patchscope, PatchscopeEngine, Pat
 from sweeps.cli import main
 
 
-@pytest.fixture
-def no_weights(monkeypatch):
-    """Any attempt to load model weights fails the test."""
-    import transformers
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("model weights were loaded before the input was validated")
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", refuse)
-
-
 @pytest.mark.parametrize("name, fragment", [
     ("", "empty model name"),
     ("no such model", "unknown model"),

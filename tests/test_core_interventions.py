@@ -437,18 +437,6 @@ def test_answer_scores_equal_the_bridges_log_softmax(tiny_models, name):
 # ---------------------------------------------------------------- 8. bad input, before any weights
 
 
-@pytest.fixture
-def no_weights(monkeypatch):
-    """Any attempt to load model weights fails the test."""
-    import transformers
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("model weights were loaded before the input was validated")
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", refuse)
-
-
 def bad(*interventions, prompt="The capital city of x is", answer=None, n=4):
     return InterventionRun(prompt, interventions, answer=answer, max_new_tokens=n)
 
