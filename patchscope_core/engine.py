@@ -20,7 +20,7 @@ uncached generation that re-applies them at every step (the tests prove it).
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
@@ -133,28 +133,43 @@ class Engine:
         self.reader = SiteReader(model, self.modules, self.info)
         self.decoding = decoding
         self.top_k = top_k
+        self.counts: Counter = Counter()  # runs per purpose ("clean": clean baselines, "trace_*": tracing)
+        self._clean: dict[tuple, _Output] = {}  # clean baselines by (prompt, answer, max_new_tokens)
 
     # ------------------------------------------------------------------ interventions
 
     def resolve(self, runs: Sequence[InterventionRun]) -> list[ResolvedRun]:
         """Validate every run; the error names the index of the first bad one."""
+        return self.resolve_runs(runs)
+
+    def resolve_runs(self, runs: Sequence[InterventionRun]) -> list[ResolvedRun]:
         return [resolve_run(r, self.info, f"runs[{i}]") for i, r in enumerate(runs)]
 
     def run(self, runs: Sequence[InterventionRun], batch_size: int = 32, clean: bool = True) -> list[InterventionResult]:
+        """One result per run, in input order (`run_interventions`)."""
+        return self.run_interventions(runs, batch_size, clean)
+
+    def run_interventions(self, runs: Sequence[InterventionRun], batch_size: int = 32,
+                          clean: bool = True) -> list[InterventionResult]:
         """One result per run, in input order. Validates everything before any forward pass; with
-        `clean`, each distinct prompt also runs without interventions, once."""
+        `clean`, each distinct prompt also runs without interventions, once per engine."""
         if batch_size < 1:
             raise PatchscopeError(f"batch_size: expected an integer >= 1, got {batch_size}")
-        resolved = self.resolve(runs)
+        resolved = self.resolve_runs(runs)
         t0 = time.perf_counter()
         actions = self.prepare(resolved)
         prepare_s = time.perf_counter() - t0
         outputs = self.execute(resolved, actions, batch_size)
-        clean_out: dict[tuple, _Output] = {}
+        clean_out = self._clean
         if clean:
-            keys = list(dict.fromkeys(_clean_key(r) for r in resolved if r.interventions))
+            keys = [k for k in dict.fromkeys(_clean_key(r) for r in resolved if r.interventions) if k not in self._clean]
             plain = [ResolvedRun(None, p, a, (), n) for p, a, n in keys]
-            clean_out = dict(zip(keys, self.execute(plain, [[] for _ in plain], batch_size)))
+            self.counts["clean"] += len(plain)
+            if len(self._clean) + len(keys) > 4096:
+                self._clean.clear()  # a bound on what the cache keeps; what this call needs is added back
+                keys = list(dict.fromkeys(_clean_key(r) for r in resolved if r.interventions))
+                plain = [ResolvedRun(None, p, a, (), n) for p, a, n in keys]
+            self._clean.update(zip(keys, self.execute(plain, [[] for _ in plain], batch_size)))
         tok = self.model.tokenizer
         results = []
         for r, out in zip(resolved, outputs):
@@ -320,7 +335,7 @@ class Engine:
     def logits(self, runs: Sequence[InterventionRun], batch_size: int = 32) -> list[torch.Tensor]:
         """Each run's logits [prompt + answer tokens, vocab] under its interventions (answer tokens
         count as generated positions): `run_with_hooks` for interventions."""
-        resolved = self.resolve(runs)
+        resolved = self.resolve_runs(runs)
         actions = self.prepare(resolved)
         out: list[torch.Tensor | None] = [None] * len(resolved)
         for start in range(0, len(resolved), batch_size):

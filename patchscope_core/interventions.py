@@ -474,6 +474,58 @@ def kind_fields(name: str) -> list[str]:
     return [f.name for f in fields(KINDS[name])]
 
 
+def make_kind(name: str, values: dict[str, Any], field_name: str = "kind") -> Kind:
+    """A registered kind from plain data (what travels to a sweep's workers): vectors as lists of
+    numbers, prompt sets as lists of strings; fields the kind does not take are refused."""
+    if name not in KINDS:
+        raise PatchscopeError(f"{field_name}: unknown kind {name!r} (allowed: {', '.join(KINDS)})")
+    takes = set(kind_fields(name))
+    extra = sorted(set(values) - takes)
+    if extra:
+        raise PatchscopeError(f"{field_name}: {name} takes {', '.join(sorted(takes)) or 'no fields'}, not {', '.join(extra)}")
+    typed = {}
+    for key, value in values.items():
+        if key == "vector" and value is not None and not isinstance(value, torch.Tensor):
+            value = torch.tensor(value, dtype=torch.float32)
+        elif key in ("reference", "positive", "negative") and value is not None:
+            value = tuple(value)
+        typed[key] = value
+    return KINDS[name](**typed)
+
+
+def kind_values(kind: Kind) -> dict[str, Any]:
+    """The plain data of a kind, the inverse of `make_kind` (vectors as lists)."""
+    from dataclasses import fields
+
+    out = {}
+    for f in fields(kind):
+        value = getattr(kind, f.name)
+        if isinstance(value, torch.Tensor):
+            value = value.tolist()
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def run_to_dict(run: InterventionRun) -> dict[str, Any]:
+    """Plain data of a run (what travels to a sweep's workers)."""
+    return {"prompt": run.prompt, "answer": run.answer, "max_new_tokens": run.max_new_tokens,
+            "interventions": [{"site": iv.site.hook, "head": list(iv.site.head), "neuron": list(iv.site.neuron),
+                               "kind": iv.kind.name, "values": kind_values(iv.kind),
+                               "positions": {"indices": list(iv.positions.indices), "prompt": iv.positions.prompt,
+                                             "generated": iv.positions.generated}}
+                              for iv in run.interventions]}
+
+
+def run_from_dict(data: dict[str, Any]) -> InterventionRun:
+    ivs = [Intervention(Site(d["site"], head=tuple(d["head"]), neuron=tuple(d["neuron"])),
+                        make_kind(d["kind"], d["values"]),
+                        Positions(tuple(d["positions"]["indices"]), d["positions"]["prompt"], d["positions"]["generated"]))
+           for d in data["interventions"]]
+    return InterventionRun(data["prompt"], tuple(ivs), data["answer"], data["max_new_tokens"])
+
+
 __all__ = [
     "Action", "Add", "Intervention", "InterventionRun", "KINDS", "Kind", "Mean", "Noise", "Positions", "Replace",
     "Resample", "ResolvedIntervention", "ResolvedRun", "Scale", "Zero", "dispatch", "noise_at", "resolve_run",
