@@ -1,5 +1,9 @@
 """The sweep config: a YAML file validated with pydantic before anything runs.
 
+`kind` says what the sweep runs: `patchscope` (the default; sections `source` and `target`),
+`intervention` (`prompts` and `intervention`: ablation, steering and patching grids at
+TransformerLens sites) or `causal_trace` (`prompts` and `trace`: ROME's causal tracing).
+
 Two stages, both before any weights load:
 1. `load_config(path)`: syntax and types (unknown keys rejected, layer specs parsed);
 2. `check_against_models(config)`: layer ranges against each model's config and positions
@@ -220,21 +224,143 @@ class OutputConfig(_Strict):
     wandb: WandbConfig = WandbConfig()
 
 
+class PromptsConfig(_Strict):
+    """The prompts of intervention and causal-trace sweeps: a file (CSV, TSV or JSONL) or rows."""
+
+    file: str | None = None
+    rows: list[dict[str, Any]] | None = None
+    prompt_column: str = "prompt"
+    answer_column: str | None = Field(None, description="the answer whose log-probability is scored")
+    subject_column: str | None = Field(None, description="causal_trace: the tokens that get corrupted")
+    reference_columns: list[str] | None = Field(None, description="carried into the results as ref_<name>")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "PromptsConfig":
+        if (self.file is None) == (self.rows is None):
+            raise ValueError("prompts: give exactly one of prompts.file or prompts.rows")
+        if self.rows is not None and not self.rows:
+            raise ValueError("prompts.rows: empty list of rows")
+        return self
+
+
+def _axis(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+class InterventionConfig(_Strict):
+    """An intervention grid. Lists are grid axes: site, layers, heads, neurons, kind, alpha,
+    factor, noise_scale, seed."""
+
+    site: str | list[str] = Field(description="TransformerLens hook names; {layer} takes each of `layers`")
+    layers: Any = "all"
+    heads: Any = Field(None, description="attn.hook_z: 'all', a head or a list; one cell per head")
+    neurons: Any = Field(None, description="mlp.hook_post: a neuron or a list; one cell per neuron")
+    positions: Any = Field("all", description="prompt positions, 'prompt', 'generated' or 'all'")
+    kind: str | list[str] = "zero"
+    alpha: float | list[float] = Field(1.0, description="add: alpha x vector")
+    factor: float | list[float] = Field(0.0, description="scale: the factor")
+    noise_scale: float | list[float] = Field(3.0, description="noise: x the site's std over the reference prompts")
+    seed: int | list[int] = Field(0, description="noise: the seed")
+    vector: str | None = Field(None, description="add / replace: a .safetensors or .pt file holding one vector")
+    positive: str | list[str] | None = Field(None, description="add: prompts (a list or a file, one a line) ...")
+    negative: str | list[str] | None = Field(None, description="... whose mean activations' difference is the vector")
+    reference: str | list[str] | None = Field(None, description="mean / noise: prompts; default the sweep's own")
+    source: str | None = Field(None, description="resample / replace: the prompt whose values are written")
+    source_position: int = Field(-1, description="replace: the source prompt's position")
+
+    @field_validator("layers", mode="after")
+    @classmethod
+    def _layers(cls, v: Any) -> Any:
+        return _parse_layers(v, allow_same=False)
+
+    @field_validator("heads", "neurons", mode="after")
+    @classmethod
+    def _units(cls, v: Any) -> Any:
+        if v is None or v == "all":
+            return v
+        values = _axis(v)
+        if not values or not all(isinstance(x, int) and not isinstance(x, bool) for x in values):
+            raise ValueError(f"expected 'all', an integer or a list of integers, got {v!r}")
+        return values
+
+    @model_validator(mode="after")
+    def _kinds(self) -> "InterventionConfig":
+        from patchscope_core import KINDS
+
+        for k in _axis(self.kind):
+            if k not in KINDS:
+                raise ValueError(f"intervention.kind: unknown kind {k!r} (allowed: {', '.join(KINDS)})")
+            if k == "add" and self.vector is None and (self.positive is None or self.negative is None):
+                raise ValueError("intervention.vector: add needs a vector file, or positive and negative prompts")
+            if k in ("replace", "resample") and self.source is None and (k == "resample" or self.vector is None):
+                raise ValueError(f"intervention.source: {k} needs a source prompt" + (" or a vector" if k == "replace" else ""))
+        for site in _axis(self.site):
+            if not isinstance(site, str) or not site.strip():
+                raise ValueError(f"intervention.site: expected TransformerLens hook names, got {site!r}")
+        return self
+
+
+class TraceConfig(_Strict):
+    """Causal tracing (ROME): corrupt the subject's embeddings, restore one clean state per cell."""
+
+    sites: list[Literal["resid_post", "mlp_out", "attn_out"]] = ["resid_post", "mlp_out", "attn_out"]
+    layers: Any = "all"
+    positions: Any = Field("all", description="prompt positions to restore, or 'all'")
+    window: int = Field(10, ge=1, description="mlp_out / attn_out: restore a window of layers centred on l")
+    noise: float = Field(3.0, ge=0, description="x the std of the token embeddings over the sweep's prompts")
+    samples: int = Field(10, ge=1, description="noise samples averaged per cell")
+    seed: int = 0
+
+    @field_validator("layers", mode="after")
+    @classmethod
+    def _layers(cls, v: Any) -> Any:
+        return _parse_layers(v, allow_same=False)
+
+    @field_validator("positions", mode="after")
+    @classmethod
+    def _positions(cls, v: Any) -> Any:
+        return _parse_positions(v, allow_all=True)
+
+
+KIND_SECTIONS = {"patchscope": ("source", "target"), "intervention": ("prompts", "intervention"),
+                 "causal_trace": ("prompts", "trace")}
+
+
 class SweepConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    kind: Literal["patchscope", "intervention", "causal_trace"] = "patchscope"
     models: list[str] = Field(min_length=1)
-    source: SourceConfig
-    target: TargetConfig
+    source: SourceConfig | None = None
+    target: TargetConfig | None = None
+    prompts: PromptsConfig | None = None
+    intervention: InterventionConfig | None = None
+    trace: TraceConfig | None = None
     generation: GenerationConfig = GenerationConfig()
     execution: ExecutionConfig = ExecutionConfig()
     output: OutputConfig = OutputConfig()
 
     @model_validator(mode="after")
+    def _sections(self) -> "SweepConfig":
+        needed = KIND_SECTIONS[self.kind]
+        for section in needed:
+            if getattr(self, section) is None:
+                raise ValueError(f"{section}: a {self.kind} sweep needs a {section} section")
+        for section in {s for sections in KIND_SECTIONS.values() for s in sections} - set(needed):
+            if getattr(self, section) is not None:
+                raise ValueError(f"{section}: not used by a {self.kind} sweep (kind: {self.kind} takes {', '.join(needed)})")
+        if self.kind == "causal_trace":
+            for col in ("subject_column", "answer_column"):
+                if getattr(self.prompts, col) is None:
+                    raise ValueError(f"prompts.{col}: a causal_trace sweep needs it")
+        return self
+
+    @model_validator(mode="after")
     def _file_columns(self) -> "SweepConfig":
-        if self.target.prompt_column is not None and self.source.file is None:
-            raise ValueError("target.prompt_column: needs source.file (its rows pair each source with its target)")
-        if self.source.reference_columns is not None and self.source.file is None:
-            raise ValueError("source.reference_columns: needs source.file")
+        if self.source is not None and self.target is not None:
+            if self.target.prompt_column is not None and self.source.file is None:
+                raise ValueError("target.prompt_column: needs source.file (its rows pair each source with its target)")
+            if self.source.reference_columns is not None and self.source.file is None:
+                raise ValueError("source.reference_columns: needs source.file")
         twice = sorted({m for m in self.models if self.models.count(m) > 1})
         if twice:
             raise ValueError(f"models: {', '.join(twice)} listed twice")
@@ -341,6 +467,18 @@ class Row:
     index: int = 0  # position in source.prompts or source.file (orders tables and pictures)
 
 
+@dataclass(frozen=True)
+class PromptRow:
+    """One prompt of an intervention or causal-trace sweep, with its answer, subject and references."""
+
+    prompt: str
+    answer: str | None = None
+    subject: str | None = None
+    refs: tuple[tuple[str, Any], ...] = ()
+    where: str = "prompts.rows"
+    index: int = 0
+
+
 def _read_table(path: Path) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
@@ -368,19 +506,27 @@ def _ref_value(v: Any) -> str | None:
     return json.dumps(v) if isinstance(v, (dict, list)) else str(v)
 
 
+def locate(name: str, base: Path | None, field_name: str) -> Path:
+    """A file named in the config: from the current directory, or else beside the config."""
+    path = Path(name).expanduser()
+    if not path.is_file() and base is not None and (base / path).is_file():
+        path = base / path
+    if not path.is_file():
+        raise ConfigError(f"{field_name}: no such file {name!r}")
+    return path
+
+
 def load_rows(config: SweepConfig, base: Path | None = None) -> list[Row]:
     """The (source, target) pairs of the sweep, from source.prompts or source.file.
 
     A relative source.file is read from the current directory, or else from `base` (the
     config file's directory)."""
+    if config.kind != "patchscope":
+        return load_prompt_rows(config, base)
     src, tgt = config.source, config.target
     if src.prompts is not None:
         return [Row(p, tgt.prompt, (), f"source.prompts[{i}]", i) for i, p in enumerate(src.prompts)]
-    path = Path(src.file).expanduser()
-    if not path.is_file() and base is not None and (base / path).is_file():
-        path = base / path
-    if not path.is_file():
-        raise ConfigError(f"source.file: no such file {src.file!r}")
+    path = locate(src.file, base, "source.file")
     table = _read_table(path)
     if not table:
         raise ConfigError(f"source.file: {path} has no rows")
@@ -464,11 +610,163 @@ def check_against_models(config: SweepConfig, rows: list[Row]) -> dict[str, Mode
     return plans
 
 
+def load_prompt_rows(config: SweepConfig, base: Path | None = None) -> list[PromptRow]:
+    """The prompts of an intervention or causal-trace sweep, from prompts.file or prompts.rows."""
+    pc = config.prompts
+    where = "prompts.rows"
+    table = pc.rows
+    if pc.file is not None:
+        path = locate(pc.file, base, "prompts.file")
+        table, where = _read_table(path), "prompts.file"
+        if not table:
+            raise ConfigError(f"prompts.file: {path} has no rows")
+    columns = list(dict.fromkeys(c for rec in table for c in rec))
+    used = [c for c in (pc.prompt_column, pc.answer_column, pc.subject_column) if c is not None]
+    for name, col in (("prompt_column", pc.prompt_column), ("answer_column", pc.answer_column),
+                      ("subject_column", pc.subject_column)):
+        if col is not None and col not in columns:
+            raise ConfigError(f"prompts.{name}: no column {col!r} in {where} (columns: {', '.join(columns)})")
+    refs = pc.reference_columns if pc.reference_columns is not None else [c for c in columns if c not in used]
+    for c in refs:
+        if c not in columns:
+            raise ConfigError(f"prompts.reference_columns: no column {c!r} in {where} (columns: {', '.join(columns)})")
+    rows = []
+    for i, rec in enumerate(table):
+        at = f"{where} row {i + 1}"
+        values = {}
+        for name, col in (("prompt_column", pc.prompt_column), ("answer_column", pc.answer_column),
+                          ("subject_column", pc.subject_column)):
+            v = rec.get(col) if col is not None else None
+            if col is not None and (not isinstance(v, str) or not v.strip()):
+                raise ConfigError(f"prompts.{name}: {at} has an empty or missing {col} ({v!r})")
+            values[name] = v
+        rows.append(PromptRow(values["prompt_column"], values["answer_column"], values["subject_column"],
+                              tuple((c, _ref_value(rec.get(c))) for c in refs), at, i))
+    return rows
+
+
+def prompt_list(value: str | list[str] | None, base: Path | None, field_name: str) -> tuple[str, ...] | None:
+    """Prompts given as a list, or as a file of one prompt a line."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        lines = locate(value, base, field_name).read_text().splitlines()
+        value = [line for line in lines if line.strip()]
+    if not value:
+        raise ConfigError(f"{field_name}: no prompts")
+    return tuple(value)
+
+
+def site_hooks(config: SweepConfig, layers: list[int]) -> list[str]:
+    """Every hook name of the intervention grid: each site, {layer} filled with each layer."""
+    out = []
+    for site in _axis(config.intervention.site):
+        out += [site.format(layer=l) for l in layers] if "{layer}" in site else [site]
+    return list(dict.fromkeys(out))
+
+
+def intervention_kinds(config: SweepConfig, rows: list[PromptRow], base: Path | None) -> list[tuple[str, dict[str, Any]]]:
+    """(kind, its field values as plain data) for every kind x strength of the grid; vectors and
+    prompt files are read here, before any weights load."""
+    from patchscope_core.interventions import load_vector
+
+    iv = config.intervention
+    reference = prompt_list(iv.reference, base, "intervention.reference") or tuple(dict.fromkeys(r.prompt for r in rows))
+    vector = load_vector(locate(iv.vector, base, "intervention.vector"), "intervention.vector").tolist() if iv.vector else None
+    out = []
+    for kind in _axis(iv.kind):
+        if kind == "add":
+            extra = ({"vector": vector} if vector is not None else
+                     {"positive": list(prompt_list(iv.positive, base, "intervention.positive")),
+                      "negative": list(prompt_list(iv.negative, base, "intervention.negative"))})
+            out += [(kind, {"alpha": float(a), **extra}) for a in _axis(iv.alpha)]
+        elif kind == "scale":
+            out += [(kind, {"factor": float(f)}) for f in _axis(iv.factor)]
+        elif kind == "noise":
+            out += [(kind, {"scale": float(x), "reference": list(reference), "seed": int(sd)})
+                    for x in _axis(iv.noise_scale) for sd in _axis(iv.seed)]
+        elif kind == "mean":
+            out.append((kind, {"reference": list(reference)}))
+        elif kind == "resample":
+            out.append((kind, {"source": iv.source}))
+        elif kind == "replace":
+            out.append((kind, {"vector": vector} if vector is not None else
+                        {"source": iv.source, "source_position": iv.source_position}))
+        else:
+            out.append((kind, {}))
+    return out
+
+
+def _units(spec: Any, count: int) -> list[int | None]:
+    if spec is None:
+        return [None]
+    return list(range(count)) if spec == "all" else list(spec)
+
+
+def check_studies(config: SweepConfig, rows: list[PromptRow], base: Path | None = None) -> dict[str, ModelPlan]:
+    """Checks of an intervention or causal-trace sweep against each model, before any weights
+    load: layers, sites, heads and neurons, kinds, positions, answers, subjects, context."""
+    from patchscope_core import Intervention, InterventionRun, Positions, Site
+    from patchscope_core.interventions import make_kind, resolve_run
+    from patchscope_core.sites import resolve_site
+    from patchscope_core.tracing import TRACE_SITES, subject_span
+
+    plans = {}
+    kinds = intervention_kinds(config, rows, base) if config.kind == "intervention" else []
+    for i, name in enumerate(config.models):
+        try:
+            info = model_info(name)
+        except PatchscopeError as exc:
+            raise ConfigError(f"models[{i}]: {str(exc).removeprefix('model: ')}") from None
+        section = config.intervention if config.kind == "intervention" else config.trace
+        field_name = "intervention" if config.kind == "intervention" else "trace"
+        layers = _checked_layers(section.layers, info, f"{field_name}.layers")
+        plan = ModelPlan(info, layers, None)
+        try:
+            for row in rows:
+                plan.n_tokens[row.prompt] = len(tokenize(info, row.prompt, f"prompts ({row.where})"))
+            if config.kind == "causal_trace":
+                for row in rows:
+                    subject_span(info, row.prompt, row.subject, f"prompts.subject_column ({row.where})")
+                    if not info.tokenizer(row.answer, add_special_tokens=False)["input_ids"]:
+                        raise ConfigError(f"prompts.answer_column: {row.where} has an answer without tokens")
+                    if section.positions != "all":
+                        for p in section.positions:
+                            resolve_position(p, plan.n_tokens[row.prompt], f"trace.positions ({row.where})")
+                for site in section.sites:
+                    resolve_site(Site(TRACE_SITES[site].format(l=layers[0])), info, "trace.sites")
+                plans[name] = plan
+                continue
+            iv = config.intervention
+            hooks = site_hooks(config, layers)
+            sites = [Site(h, head=tuple(h_ for h_ in [hd] if h_ is not None), neuron=tuple(n for n in [nr] if n is not None))
+                     for h in hooks for hd in _units(iv.heads, info.n_heads) for nr in _units(iv.neurons, info.d_mlp)]
+            for site in sites:
+                resolve_site(site, info, "intervention.site")
+            positions = Positions.parse(iv.positions, "intervention.positions")
+            for kind, values in kinds:
+                k = make_kind(kind, values, "intervention.kind")
+                for row in rows:
+                    run = InterventionRun(row.prompt, (Intervention(sites[0], k, positions),), row.answer,
+                                          config.generation.max_new_tokens)
+                    resolve_run(run, info, f"intervention ({row.where})")
+        except PatchscopeError as exc:
+            raise ConfigError(f"{exc} (on {name})") from None
+        plans[name] = plan
+    return plans
+
+
 def config_hash(config: SweepConfig, rows: list[Row]) -> str:
     """Hash of everything that decides the results (models, prompts, layers, positions,
     generation); execution and output settings may change between resumed runs."""
-    science = config.model_dump(mode="json", include={"models", "source", "target", "generation"})
-    science["source"].pop("file", None)  # the rows stand for the file's content
-    science["rows"] = [[r.source_prompt, r.target_prompt, [list(x) for x in r.refs]] for r in rows]
+    sections = set(KIND_SECTIONS[config.kind]) | {"kind", "models", "generation"}
+    science = config.model_dump(mode="json", include=sections, exclude_defaults=False)
+    if config.kind == "patchscope":
+        science.pop("kind")  # hashes of patchscope sweeps stay what they were
+        science["source"].pop("file", None)  # the rows stand for the file's content
+        science["rows"] = [[r.source_prompt, r.target_prompt, [list(x) for x in r.refs]] for r in rows]
+    else:
+        science["prompts"].pop("file", None)
+        science["rows"] = [[r.prompt, r.answer, r.subject, [list(x) for x in r.refs]] for r in rows]
     blob = json.dumps(science, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

@@ -19,19 +19,24 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, check_against_models, config_hash, load_config, load_rows
-from .grid import Task, expand, make_tasks, worker_settings
+from .config import ConfigError, check_against_models, check_studies, config_hash, load_config, load_rows
+from .grid import Task, expand, expand_study, make_tasks, worker_settings
 from .records import records as result_rows
 from .store import ResultStore
 
 
 def plan(config_path: str):
-    """Config, rows, per-model plans and every cell; raises ConfigError before any weights load."""
+    """Config, rows, per-model plans, every cell and what the cells' tasks share; raises
+    ConfigError before any weights load."""
     config = load_config(config_path)
-    rows = load_rows(config, base=Path(config_path).parent)
-    plans = check_against_models(config, rows)
-    cells = expand(config, rows, plans)
-    return config, rows, plans, cells
+    base = Path(config_path).parent
+    rows = load_rows(config, base=base)
+    if config.kind == "patchscope":
+        plans = check_against_models(config, rows)
+        return config, rows, plans, expand(config, rows, plans), None
+    plans = check_studies(config, rows, base)
+    cells, context = expand_study(config, rows, plans, base)
+    return config, rows, plans, cells, context
 
 
 def _check_reachable(address: str, timeout: float = 10) -> None:
@@ -154,12 +159,28 @@ def run_tasks(tasks: list[Task], config, store: ResultStore, sink, progress, tot
     return failed
 
 
-def _dry_run(config, rows, plans, cells, stored_ids: set[str]) -> int:
+def _dry_run(config, rows, plans, cells, stored_ids: set[str], context=None) -> int:
     ex = config.execution
-    tasks = make_tasks(cells, ex.batch_size)
+    tasks = make_tasks(cells, ex.batch_size, context)
     todo = [c for c in cells if c.cell_id not in stored_ids]
-    print(f"sweep {config.name}: {len(cells)} cells in {len(tasks)} tasks (batch size {ex.batch_size})")
+    print(f"sweep {config.name} ({config.kind}): {len(cells)} cells in {len(tasks)} tasks (batch size {ex.batch_size})")
     for name, p in plans.items():
+        if config.kind != "patchscope":
+            n = sum(c.model == name for c in cells)
+            t = sum(t.model == name for t in tasks)
+            if config.kind == "intervention":
+                iv = config.intervention
+                variants = sorted({(c.kind, c.variant) for c in cells})
+                axes = (f"site {iv.site} x heads {iv.heads or '-'} x neurons {iv.neurons or '-'} x "
+                        f"{len(variants)} kind(s) and strength(s) ({', '.join(sorted({k for k, _ in variants}))}), "
+                        f"positions {iv.positions}")
+            else:
+                tr = config.trace
+                axes = (f"sites {tr.sites} x positions {tr.positions}; {tr.samples} noise samples of {tr.noise:g} "
+                        f"x the embeddings' std, window {tr.window}")
+            print(f"  {name}: {p.info.n_layers} layers; {len(rows)} prompt row(s) x layers {p.source_layers} x {axes} "
+                  f"= {n} cells, {t} tasks")
+            continue
         n = sum(c.model == name for c in cells)
         t = sum(t.model == name for t in tasks)
         tl = "same as source" if p.target_layers is None else p.target_layers
@@ -169,25 +190,25 @@ def _dry_run(config, rows, plans, cells, stored_ids: set[str]) -> int:
     print(f"workers: {ex.workers} per model, {ex.cpus_per_worker:g} CPU and {ex.gpus_per_worker:g} GPU each, "
           f"at most {ex.max_in_flight_per_worker} tasks in flight per worker")
     print(f"output: {config.out_dir}: {len(cells) - len(todo)} of these cells already stored, "
-          f"{len(todo)} to run in {len(make_tasks(todo, ex.batch_size))} tasks")
+          f"{len(todo)} to run in {len(make_tasks(todo, ex.batch_size, context))} tasks")
     print("dry run: nothing computed")
     return 0
 
 
 def main(args) -> int:
-    config, rows, plans, cells = plan(args.config)
+    config, rows, plans, cells, context = plan(args.config)
     store = ResultStore(config.out_dir)
     chash = config_hash(config, rows)
     ex = config.execution
     if args.dry_run:
         manifest = store.manifest() or {}
         same = manifest.get("config_hash") == chash and not args.restart
-        return _dry_run(config, rows, plans, cells, store.stored_cell_ids() if same else set())
+        return _dry_run(config, rows, plans, cells, store.stored_cell_ids() if same else set(), context)
 
     store.open(config.model_dump(mode="json"), chash, len(cells), restart=args.restart)
     stored_ids = store.stored_cell_ids()
     todo = [c for c in cells if c.cell_id not in stored_ids]
-    tasks = make_tasks(todo, ex.batch_size)
+    tasks = make_tasks(todo, ex.batch_size, context)
     already = len(cells) - len(todo)
     print(f"sweep {config.name}: {len(cells)} cells; "
           + (f"{already} already stored in {store.results_dir}, skipping them; " if already else "")
@@ -243,7 +264,7 @@ def main(args) -> int:
     if paths:
         print(f"table:    {paths['table']}")
         for path in images.values():
-            print(f"picture:  {path}")
+            print(f"{'picture' if path.suffix == '.png' else 'table'}:  {'' if path.suffix == '.png' else '  '}{path}")
     if run_dir:
         if sink.mode == "offline":
             print(f"W&B:      offline run in {run_dir}; upload it with: wandb sync {run_dir}")

@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .records import TABLE_COLUMNS, TOKEN_COLUMNS, enrich, token_text
+from .records import SCHEMAS, TABLE_COLUMNS, TOKEN_COLUMNS, enrich, kind_of, token_text
+from .report_studies import intervention_report, trace_report
 from .store import ResultStore
 
 
@@ -92,6 +93,9 @@ def write_report(out_dir: str | Path, df=None) -> dict[str, Path]:
     if df.empty:
         return {}
     df = enrich(df)
+    kind = kind_of(df.columns)
+    if kind != "patchscope":
+        return _study_report(out_dir, df, kind)
     df = _ordered(df)
     columns = list(TABLE_COLUMNS) + [c for c in df.columns if c.startswith(("ref_", "match_"))]
     columns += [c for c in TOKEN_COLUMNS if c not in columns]
@@ -129,8 +133,47 @@ def write_report(out_dir: str | Path, df=None) -> dict[str, Path]:
     return out
 
 
+def _study_report(out_dir: Path, df, kind: str) -> dict[str, Path]:
+    """results.csv with the kind's table columns, then its pictures (sweeps/report_studies.py)."""
+    schema = SCHEMAS[kind]
+    keys = [c for c in ("model", "row", "site", "layer", "head", "neuron", "kind", "alpha", "position") if c in df.columns]
+    df = df.sort_values(keys, kind="stable")
+    columns = [c for c in schema.table if c in df.columns] + [c for c in df.columns if c.startswith(("ref_", "match_"))]
+    table = df[columns].copy()
+    for c in schema.tokens:
+        table[c] = [token_text(v) for v in table[c]]
+    out: dict[str, Path] = {"table": out_dir / "results.csv"}
+    table.to_csv(out["table"], index=False)
+    out.update(intervention_report(out_dir, df) if kind == "intervention" else trace_report(out_dir, df))
+    return out
+
+
+def study_summary(df, kind: str, max_rows: int = 15) -> str:
+    """What to read first in the terminal: the strongest cells."""
+    if kind == "intervention":
+        g = df.groupby(["model", "site", "head", "kind"], dropna=False)["delta_logprob"].mean().reset_index()
+        g = g.reindex(g["delta_logprob"].abs().sort_values(ascending=False).index).head(max_rows)
+        lines = ["== the interventions that change the answer's log-probability most (mean over prompts)"]
+        lines += [f"  {r.model} {r.site}{'' if r.head != r.head else f' head {int(r.head)}'} {r.kind}: "
+                  f"{r.delta_logprob:+.3f}" for r in g.itertuples()]
+        return "\n".join(lines)
+    lines = ["== causal traces: per fact, p(answer) clean / corrupted and the strongest restoration per site"]
+    for (model, row), f in df.groupby(["model", "row"], sort=True):
+        first = f.iloc[0]
+        best = ", ".join(f"{s}: layer {int(b.layer)} pos {int(b.position)} ({b.indirect_effect:+.3f})"
+                         for s, sf in f.groupby("site") for b in [sf.loc[sf["indirect_effect"].idxmax()]])
+        lines.append(f"  {model} {first['prompt'][:50]!r} -> {first['answer']!r}: {first['p_clean']:.3f} / "
+                     f"{first['p_corrupt']:.3f}; {best}")
+        if len(lines) > max_rows:
+            break
+    return "\n".join(lines)
+
+
 def text_table(df, width: int = 28, max_rows: int = 40) -> str:
     """Generated text per source prompt (rows) and source layer (columns), for the terminal."""
+    kind = kind_of(df.columns)
+    if kind != "patchscope":
+        return study_summary(df, kind)
     df = _ordered(enrich(df))
     lines = []
     for model, mdf in df.groupby("model", sort=False):

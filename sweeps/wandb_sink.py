@@ -18,7 +18,7 @@ from typing import Any, Sequence
 from urllib.parse import urlparse
 
 from .config import WandbConfig
-from .records import TABLE_COLUMNS, TOKEN_COLUMNS, token_text, top1_logprob
+from .records import SCHEMAS, kind_of, token_text, top1_logprob
 
 
 def has_credentials() -> bool:
@@ -40,8 +40,11 @@ def resolve_mode(mode: str) -> str:
     return "online" if has_credentials() else "offline"
 
 
-def table_rows(records: Sequence[dict[str, Any]], ref_columns: Sequence[str] = ()) -> tuple[list[str], list[list[Any]]]:
-    columns = list(TABLE_COLUMNS) + list(ref_columns)
+def table_rows(records: Sequence[dict[str, Any]], ref_columns: Sequence[str] = (),
+               kind: str | None = None) -> tuple[list[str], list[list[Any]]]:
+    """The W&B table of some result rows: the kind's table columns (records.SCHEMAS)."""
+    schema = SCHEMAS[kind or (kind_of(records[0]) if records else "patchscope")]
+    columns = list(schema.table) + list(ref_columns)
     rows = []
     for r in records:
         row = []
@@ -49,7 +52,7 @@ def table_rows(records: Sequence[dict[str, Any]], ref_columns: Sequence[str] = (
             if c == "top1_logprob":
                 v = top1_logprob(r.get("top_logprobs"))
                 v = None if v != v else v  # NaN (no log-probabilities) as an empty cell
-            elif c in TOKEN_COLUMNS:
+            elif c in schema.tokens:
                 v = token_text(r.get(c, []))
             else:
                 v = r.get(c)
@@ -119,7 +122,7 @@ class WandbSink:
 
             if self.live is None:
                 self.ref_columns = sorted(k for k in records[0] if k.startswith("ref_"))
-                columns, _ = table_rows([], self.ref_columns)
+                columns, _ = table_rows([], self.ref_columns, kind_of(records[0]))
                 # An incremental table: each log sends only the rows added since the last one,
                 # and W&B shows one table that grows while the sweep runs.
                 self.live = wandb.Table(columns=columns, log_mode="INCREMENTAL")
@@ -135,7 +138,8 @@ class WandbSink:
             self._fail("log", exc)
 
     def finish(self, records: Sequence[dict[str, Any]], images: dict[str, Path], summary: dict[str, Any]) -> str | None:
-        """Final table of every cell and the heatmaps; returns the offline run's directory."""
+        """Final table of every cell, the pictures (PNG) and the report's other tables (CSV);
+        returns the offline run's directory."""
         if self.run is None:
             return None
         try:
@@ -146,7 +150,12 @@ class WandbSink:
             payload: dict[str, Any] = {"cells_done": summary.get("cells_done", len(records))}
             payload["results"] = wandb.Table(columns=columns, data=rows)
             for key, path in images.items():
-                payload[f"heatmap/{key}"] = wandb.Image(str(path))
+                if Path(path).suffix == ".png":
+                    payload[f"heatmap/{key}"] = wandb.Image(str(path))
+                elif Path(path).suffix == ".csv":
+                    import pandas as pd
+
+                    payload[f"table/{key}"] = wandb.Table(dataframe=pd.read_csv(path))
             self.run.log(payload)
             self.run.summary.update(summary)
             run_dir = str(Path(self.run.dir).parent)

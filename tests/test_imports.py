@@ -17,9 +17,10 @@ STAGES = {
     "sweeps.grid": 2,
     "workers": 3,
     "sweeps.records": 4,
-    "sweeps.store": 5, "sweeps.wandb_sink": 5, "sweeps.report": 5,  # the sinks
+    "sweeps.store": 5, "sweeps.wandb_sink": 5, "sweeps.report": 5, "sweeps.report_studies": 5,  # the sinks
     "sweeps.driver": 6,
     "sweeps.cli": 7,
+    "sweeps.examples": 8,  # scripts that build the examples' data
 }
 
 

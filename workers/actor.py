@@ -24,6 +24,8 @@ import time
 from typing import Any
 
 from patchscope_core import Decoding, Patchscope, PatchscopeEngine, load_model
+from patchscope_core.interventions import run_from_dict
+from patchscope_core.tracing import Fact, Tracer, TraceSettings
 
 
 def _node_id() -> str:
@@ -81,23 +83,43 @@ class PatchscopeWorker:
         return {**self.where, "model": self.model_name, "load_s": self.load_s}
 
     def run(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """One task: a batch of Patchscopes of this model -> the engine's record of each, in order."""
+        """One task: a batch of cells of this model -> the engine's record of each, in order."""
         return run_task(self.engine, payload, self.settings["batch_size"], self.where)
 
 
 def run_task(engine: PatchscopeEngine, payload: dict[str, Any], batch_size: int,
              where: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The engine's records of one task's Patchscopes, with the worker and the task's time."""
+    """The engine's records of one task (Patchscopes, intervention runs or a causal trace),
+    with the worker and the task's time."""
     if payload["model"] != engine.target_info.name:
         raise RuntimeError(f"task {payload['task_id']} is for {payload['model']}, this worker holds {engine.target_info.name}")
     t0 = time.perf_counter()
-    results = engine.run([Patchscope.from_dict(p) for p in payload["patchscopes"]], batch_size)
+    kind = payload.get("kind", "patchscope")
+    if kind == "patchscope":
+        records = [r.to_record() for r in engine.run([Patchscope.from_dict(p) for p in payload["patchscopes"]], batch_size)]
+    elif kind == "intervention":
+        runs = [run_from_dict(r) for r in payload["runs"]]
+        records = [r.to_record() for r in engine.run_interventions(runs, batch_size)]
+    else:
+        records = [trace_record(engine, payload, batch_size)]
     return {
         "task_id": payload["task_id"],
-        "records": [r.to_record() for r in results],
+        "records": records,
         "worker": dict(where or {}),
         "time_task_s": time.perf_counter() - t0,
     }
+
+
+def trace_record(engine, payload: dict[str, Any], batch_size: int) -> dict[str, Any]:
+    """One causal trace: the fact's clean and corrupted probabilities and every cell's."""
+    tracer = Tracer(engine, batch_size=batch_size)
+    cells = [tuple(c) for c in payload["cells"]]
+    result = tracer.trace(Fact(**payload["fact"]), TraceSettings(**{**payload["settings"], "sites": tuple(payload["settings"]["sites"])}),
+                          payload["reference"], cells)
+    tok = engine.model.tokenizer
+    return {"token_ids": result.token_ids, "tokens": [tok.decode([t]) for t in result.token_ids],
+            "subject": list(result.subject), "p_clean": result.p_clean, "p_corrupt": result.p_corrupt,
+            "p_restored": [result.p_restored[c] for c in cells]}
 
 
 def start_workers(model: str, settings: dict[str, Any], n: int, *, num_cpus: float, num_gpus: float,
