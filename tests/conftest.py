@@ -40,6 +40,26 @@ def no_weights(monkeypatch):
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", refuse)
 
 
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster (2 CPUs) for the whole session; token auth off as for every test cluster."""
+    import ray
+
+    from ray._private import ray_constants
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RAY_AUTH_MODE", "disabled")
+    mp.setenv("WANDB_SILENT", "true")
+    # Keep the test cluster on the loopback interface (Ray's macOS/Windows behaviour), in this
+    # process and in the processes it starts.
+    mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+    mp.undo()
+
+
 def pytest_terminal_summary(terminalreporter):
     """Say how often a token difference was a floating-point tie rather than a mismatch."""
     n, ties = reference.TIES["compared"], reference.TIES["ties"]

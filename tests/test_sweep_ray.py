@@ -32,26 +32,6 @@ POSITIONS = [-1, 0]
 NEW_TOKENS = 5
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """One local Ray cluster (2 CPUs) for the whole session; token auth off as for every test cluster."""
-    import ray
-
-    from ray._private import ray_constants
-
-    mp = pytest.MonkeyPatch()
-    mp.setenv("RAY_AUTH_MODE", "disabled")
-    mp.setenv("WANDB_SILENT", "true")
-    # Keep the test cluster on the loopback interface (Ray's macOS/Windows behaviour), in this
-    # process and in the processes it starts.
-    mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-    mp.undo()
-
-
 def write_config(tmp_path: Path, name: str, **overrides) -> Path:
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
