@@ -152,7 +152,7 @@ def study_summary(df, kind: str, max_rows: int = 15) -> str:
     """What to read first in the terminal: the strongest cells."""
     if kind == "intervention":
         g = df.groupby(["model", "site", "head", "kind"], dropna=False)["delta_logprob"].mean().reset_index()
-        g = g.reindex(g["delta_logprob"].abs().sort_values(ascending=False).index).head(max_rows)
+        g = g.sort_values("delta_logprob", key=abs, ascending=False).head(max_rows)
         lines = ["== the interventions that change the answer's log-probability most (mean over prompts)"]
         lines += [f"  {r.model} {r.site}{'' if r.head != r.head else f' head {int(r.head)}'} {r.kind}: "
                   f"{r.delta_logprob:+.3f}" for r in g.itertuples()]

@@ -95,8 +95,7 @@ def intervention_report(out_dir: Path, df) -> dict[str, Path]:
     if top:
         import pandas as pd
 
-        table = pd.concat(top)
-        table = table.reindex(table["mean"].abs().sort_values(ascending=False).index).head(30)
+        table = pd.concat(top, ignore_index=True).sort_values("mean", key=abs, ascending=False).head(30)
         table = table.rename(columns={"mean": "mean_delta_logprob", "std": "std_delta_logprob", "count": "prompts"})
         out["top_heads"] = out_dir / "top_heads.csv"
         table.to_csv(out["top_heads"], index=False)
