@@ -212,6 +212,32 @@ def test_grid_cells_have_deterministic_distinct_ids_and_cover_the_product():
     assert not {c.cell_id for c in cells} & {c.cell_id for c in longer}
 
 
+def test_grid_is_counted_without_expanding_and_expanded_lazily_with_the_same_ids():
+    """count_cells / count_tasks agree with the expanded grid, rows given twice count once, and
+    a cell's id is still the digest of the JSON list it always was (stored results resume)."""
+    import hashlib
+
+    from sweeps.grid import Cell, count_cells, count_tasks, count_todo, iter_cells, iter_tasks
+
+    cfg = _with(source__prompts=["Paris", "The quick brown fox", "Paris"], source__positions="all",
+                target__layers=[0, 3], target__positions=[-1, -2])
+    config, rows, cells = _grid(cfg)
+    plans = check_against_models(config, rows)
+    ids = [c.cell_id for c in cells]
+    assert len(ids) == len(set(ids)) == count_cells(config, rows, plans)
+    assert count_tasks(config, rows, plans) == len(make_tasks(cells, 4)) == len(list(iter_tasks(iter(cells), 4)))
+    assert [t.task_id for t in iter_tasks(iter_cells(config, rows, plans), 4)] == [t.task_id for t in make_tasks(cells, 4)]
+    stored = set(ids[::3])
+    todo = count_todo(config, rows, plans, stored)
+    assert sum(c for c, _ in todo.values()) == len(ids) - len(stored)
+    assert [c.cell_id for c in iter_cells(config, rows, plans, skip=stored)] == [i for i in ids if i not in stored]
+    with_refs = Cell("m", 'Pàris "q" \u2603', 1, -1, "tgt\n x", 2, -3, 0, (("a", "b"), ("k", None)), "g")
+    for c in cells[:20] + [with_refs]:
+        old = json.dumps([c.model, c.source_prompt, c.source_layer, c.source_position, c.target_prompt, c.target_layer,
+                          c.target_position, [list(r) for r in c.refs], c.generation_key], sort_keys=True, default=str)
+        assert c.cell_id == hashlib.sha256(old.encode()).hexdigest()[:16]
+
+
 def test_target_layers_same_pairs_each_source_layer_with_itself():
     _, _, cells = _grid(_with(source__layers="all"))
     assert all(c.target_layer == c.source_layer for c in cells)
