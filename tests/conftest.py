@@ -1,4 +1,4 @@
-"""Shared test set-up: no network, cached models per session, and the tie report."""
+"""Shared test set-up: no network, cached models per session, the local Ray cluster, and the tie report."""
 
 from __future__ import annotations
 
@@ -26,6 +26,26 @@ def smollm2():
     from patchscope_core import load_model
 
     return load_model("smollm2-135m", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster (2 CPUs) for the whole session; token auth off as for every test cluster."""
+    import ray
+
+    from ray._private import ray_constants
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RAY_AUTH_MODE", "disabled")
+    mp.setenv("WANDB_SILENT", "true")
+    # Keep the test cluster on the loopback interface (Ray's macOS/Windows behaviour), in this
+    # process and in the processes it starts.
+    mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+    mp.undo()
 
 
 @pytest.fixture

@@ -377,10 +377,17 @@ def test_unquoted_slice_in_yaml_is_a_slice_not_a_base_60_number(tmp_path):
     ("cluster_gpu.yaml", "810 cells in 14 tasks"),  # every layer x every token of 8 entities (27 tokens)
 ])
 def test_file_examples_dry_run_from_anywhere(capsys, monkeypatch, tmp_path, example, expected):
+    import torch
+
     monkeypatch.chdir(tmp_path)  # their source.file is found beside the config
-    assert cli.main(["sweep", str(ROOT / "sweeps" / "examples" / example), "--dry-run"]) == 0
-    out = capsys.readouterr().out
-    assert "8 prompt row(s)" in out and expected in out
+    config = load_config(ROOT / "sweeps" / "examples" / example)
+    # the cluster example asks for GPUs: on a machine without them, a run here would refuse, and so does the dry run
+    runs_here = config.execution.gpus_per_worker <= torch.cuda.device_count()
+    assert cli.main(["sweep", str(ROOT / "sweeps" / "examples" / example), "--dry-run"]) == (0 if runs_here else 2)
+    captured = capsys.readouterr()
+    assert "8 prompt row(s)" in captured.out and expected in captured.out
+    if not runs_here:
+        assert captured.err.startswith("error: execution.gpus_per_worker: 0.5 GPU per worker, but this machine has 0")
     assert not list(tmp_path.iterdir()), "a dry run writes nothing"
 
 
