@@ -358,6 +358,24 @@ def test_ray_cluster_yaml_is_valid_for_the_cluster_launcher():
     assert any(str(src).strip() in (".", "./") for src in cluster["file_mounts"].values())
 
 
+def test_ray_cluster_yaml_keeps_token_auth_and_opens_no_ray_port():
+    """Every node runs with Ray token auth, and nothing but SSH is open to the internet: no
+    extra inbound rules to 0.0.0.0/0 beside Ray's default SSH one, no own security groups that
+    would replace Ray's, no dashboard bound to every interface."""
+    cluster = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = " ".join(c for c in cluster[key] if "ray start" in c)
+        assert "RAY_AUTH_MODE=token" in start and "dashboard-host" not in start, key
+    assert "~/.ray/auth_token" in cluster["file_mounts"], "the token reaches every node"
+    for rule in cluster["provider"].get("security_group", {}).get("IpPermissions", []):
+        public = [r.get("CidrIp") for r in rule.get("IpRanges", [])] + [r.get("CidrIpv6") for r in rule.get("Ipv6Ranges", [])]
+        if {"0.0.0.0/0", "::/0"} & set(public):
+            assert rule.get("FromPort") == rule.get("ToPort") == 22, rule
+    for name, node_type in cluster["available_node_types"].items():
+        assert "SecurityGroupIds" not in node_type["node_config"], name
+        assert not node_type["node_config"].get("NetworkInterfaces"), name
+
+
 def test_report_on_a_directory_without_results_names_the_field(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith(f"error: dir: {tmp_path} holds no sweep results")
