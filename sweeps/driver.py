@@ -270,7 +270,8 @@ def _run(args, config, rows, plans, n_cells: int, chash: str, store: ResultStore
             print(f"W&B:      {sink.url or 'run'} (files in {run_dir})")
     if given_up or done < n_cells:
         n = sum(len(t.cells) for t in given_up)
-        what = f"{n} cells in {len(given_up)} tasks were not computed" if given_up else f"{n_cells - done} cells are missing"
+        tasks = f"{len(given_up)} task" + ("s" if len(given_up) > 1 else "")
+        what = f"{n} cells ({tasks}) were not computed" if given_up else f"{n_cells - done} cells are missing"
         print(f"error: {what}; run the same command again to compute them (stored cells are kept)", file=sys.stderr)
         return 1
     return 0

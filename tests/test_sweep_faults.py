@@ -108,7 +108,7 @@ def test_no_worker_placeable_stops_cleanly_keeping_stored_cells(ray_cluster, tmp
     waiting = "waiting for resources: worker 1 of 1 for tiny-llama (asks 4 CPU, 0 GPU) has not started within 3 s"
     assert captured.out.count(waiting) == 1, captured.out
     assert "no worker of tiny-llama could be placed within execution.placement_timeout_s = 3 s" in captured.out
-    assert "error: 2 cells in 1 tasks were not computed; run the same command again" in captured.err
+    assert "error: 2 cells (1 task) were not computed; run the same command again" in captured.err
     assert files(out) == kept, "stored cells were touched"
     assert elapsed < 60
 
