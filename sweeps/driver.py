@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, check_against_models, config_hash, load_config, load_rows
-from .grid import count_cells, count_tasks, count_todo, group_sizes, iter_cells, iter_tasks, worker_settings
+from .grid import count_cells, count_todo, iter_cells, iter_tasks, worker_settings
 from .records import records as result_rows
 from .scheduler import run_model
 from .store import ResultStore
@@ -155,11 +155,10 @@ def run_tasks(tasks, todo: dict[str, tuple[int, int]], config, store: ResultStor
 
 def _describe(config, rows, plans, n_cells: int) -> None:
     ex = config.execution
-    sizes = list(group_sizes(config, rows, plans))
-    print(f"sweep {config.name}: {n_cells} cells in {count_tasks(config, rows, plans)} tasks (batch size {ex.batch_size})")
+    grid = count_todo(config, rows, plans, set())  # {model: (cells, tasks)} of the whole grid
+    print(f"sweep {config.name}: {n_cells} cells in {sum(t for _, t in grid.values())} tasks (batch size {ex.batch_size})")
     for name, p in plans.items():
-        n = sum(k for m, k in sizes if m == name)
-        t = sum(-(-k // ex.batch_size) for m, k in sizes if m == name)
+        n, t = grid[name]
         tl = "same as source" if p.target_layers is None else p.target_layers
         print(f"  {name}: {p.info.n_layers} layers; {len(rows)} prompt row(s) x source layers {p.source_layers} "
               f"x source positions {config.source.positions} x target layers {tl} x target positions "
