@@ -146,13 +146,20 @@ class ResultStore:
         fails here with a message naming the holder. flock locks belong to the open file: the
         kernel releases them when the process ends, however it ends."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        fh = open(self.lock_path, "a+")
+        try:
+            fh = open(self.lock_path, "a+")
+        except OSError as exc:
+            raise ConfigError(f"output.dir: cannot open {self.lock_path} ({exc.strerror})") from None
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             info = self._read_holder(fh)
             fh.close()
             raise ConfigError(self.busy_message(info)) from None
+        except OSError as exc:  # a file system without locks (some network mounts)
+            fh.close()
+            raise ConfigError(f"output.dir: cannot lock {self.lock_path} ({exc.strerror}); "
+                              "use a directory on a file system with locks") from None
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now(),
               "command": " ".join(["patchscope", *sys.argv[1:]])}
         fh.seek(0)
