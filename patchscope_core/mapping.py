@@ -66,18 +66,33 @@ class Affine:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Affine":
-        """Read W (and optionally b) from a .safetensors file or a torch.save'd dict {"W": ..., "b": ...}."""
-        path = Path(path)
+        """Read W (and optionally b) from a .safetensors file or a torch.save'd dict {"W": ..., "b": ...}.
+        A .pt file is read with weights_only (no code is ever unpickled); anything else that is
+        not such a dict of floating-point tensors is a PatchscopeError naming the field."""
+        path = Path(path).expanduser()
         if not path.is_file():
             raise PatchscopeError(f"mapping.path: no such file {str(path)!r}")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
 
-            tensors = load_file(str(path))
-        else:
-            tensors = torch.load(path, map_location="cpu", weights_only=True)
+                tensors = load_file(str(path))
+            else:
+                tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is bad input; torch's own advice is not passed on
+            raise PatchscopeError(
+                f"mapping.path: cannot read {path} as tensors ({type(exc).__name__}); expected a .safetensors file "
+                "or a torch.save'd dict {'W': tensor, 'b': tensor}"
+            ) from None
+        if not isinstance(tensors, dict):
+            raise PatchscopeError(f"mapping.path: {path} holds a {type(tensors).__name__}, not a dict with 'W' (and 'b')")
         if "W" not in tensors:
-            raise PatchscopeError(f"mapping.path: {str(path)!r} holds no tensor named 'W' (found {sorted(tensors)})")
+            raise PatchscopeError(f"mapping.path: {str(path)!r} holds no tensor named 'W' (found {sorted(map(str, tensors))})")
+        for key in ("W", "b"):
+            value = tensors.get(key)
+            if value is not None and not (isinstance(value, torch.Tensor) and value.is_floating_point()):
+                raise PatchscopeError(f"mapping.{key}: {path} holds a {type(value).__name__} as {key!r}, "
+                                      "not a floating-point tensor")
         return cls(W=tensors["W"], b=tensors.get("b"), name=f"affine:{path.name}")
 
     def check(self, d_source: int, d_target: int) -> None:

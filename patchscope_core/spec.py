@@ -112,6 +112,23 @@ def check_layer(layer: int, info: ModelInfo, field_name: str) -> int:
     return layer
 
 
+def context_problem(n_prompt: int, max_new_tokens: int, info: ModelInfo) -> str | None:
+    """What is wrong when a prompt, and the tokens generated after it, do not fit the model's
+    context (n_ctx; 0: unknown); None when they fit."""
+    if not info.n_ctx or n_prompt + max_new_tokens <= info.n_ctx:
+        return None
+    if n_prompt > info.n_ctx or not max_new_tokens:
+        return f"{n_prompt} tokens exceed {info.name}'s context of {info.n_ctx} tokens"
+    return f"{n_prompt} prompt tokens + {max_new_tokens} new tokens exceed {info.name}'s context of {info.n_ctx} tokens"
+
+
+def check_context(n_prompt: int, max_new_tokens: int, info: ModelInfo, field_name: str) -> None:
+    """Raise naming the prompt when it alone is too long for the context, else max_new_tokens."""
+    problem = context_problem(n_prompt, max_new_tokens, info)
+    if problem:
+        raise PatchscopeError(f"{field_name if n_prompt > info.n_ctx else 'max_new_tokens'}: {problem}")
+
+
 def resolve(spec: Patchscope, source: ModelInfo, target: ModelInfo) -> ResolvedPatchscope:
     """Validate `spec` against both models and resolve its positions; raises PatchscopeError."""
     if not isinstance(spec.max_new_tokens, int) or spec.max_new_tokens < 1:
@@ -120,6 +137,8 @@ def resolve(spec: Patchscope, source: ModelInfo, target: ModelInfo) -> ResolvedP
     check_layer(spec.target.layer, target, "target.layer")
     src_ids = tokenize(source, spec.source.prompt, "source.prompt")
     tgt_ids = tokenize(target, spec.target.prompt, "target.prompt")
+    check_context(len(src_ids), 0, source, "source.prompt")
+    check_context(len(tgt_ids), spec.max_new_tokens, target, "target.prompt")
     if not spec.target.positions:
         raise PatchscopeError("target.positions: at least one position is needed")
     src_pos = resolve_position(spec.source.position, len(src_ids), "source.position")

@@ -20,6 +20,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from patchscope_core import Decoding, Patchscope, PatchscopeEngine, Source, Target, load_model, model_info, resolve
     from patchscope_core.mapping import Affine, Identity
+    from patchscope_core.models import check_device
 
     mapping = Affine.from_file(args.mapping) if args.mapping else Identity()
     spec = Patchscope(
@@ -30,6 +31,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     )
     info = model_info(args.model)
     resolve(spec, info, info)  # every input error surfaces here, before the weights load
+    check_device(args.device, "--device")
     decoding = Decoding(
         do_sample=args.seed is not None, seed=args.seed, temperature=args.temperature, stop_at_eos=not args.no_stop_at_eos
     )
@@ -100,6 +102,7 @@ def _kind(args: argparse.Namespace):
 def _cmd_intervene(args: argparse.Namespace) -> int:
     from patchscope_core import Decoding, Engine, Intervention, InterventionRun, Positions, Site, load_model, model_info
     from patchscope_core.interventions import resolve_run
+    from patchscope_core.models import check_device
 
     words = args.positions
     positions = Positions.parse(words[0] if len(words) == 1 and not words[0].lstrip("-").isdigit()
@@ -108,6 +111,7 @@ def _cmd_intervene(args: argparse.Namespace) -> int:
     run = InterventionRun(args.prompt, (Intervention(site, _kind(args), positions),), answer=args.answer,
                           max_new_tokens=args.max_new_tokens)
     resolve_run(run, model_info(args.model), "run")  # every input error surfaces here, before the weights load
+    check_device(args.device, "--device")
     model = load_model(args.model, device=args.device)
     engine = Engine(model, name=args.model, decoding=Decoding(stop_at_eos=not args.no_stop_at_eos))
     (result,) = engine.run([run])

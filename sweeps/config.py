@@ -5,9 +5,11 @@
 TransformerLens sites) or `causal_trace` (`prompts` and `trace`: ROME's causal tracing).
 
 Two stages, both before any weights load:
-1. `load_config(path)`: syntax and types (unknown keys rejected, layer specs parsed);
-2. `check_against_models(config)`: layer ranges against each model's config and positions
-   against the tokenized prompts (`patchscope_core.model_info` reads no weights).
+1. `load_config(path)`: UTF-8, YAML syntax (a key given twice is refused), types (unknown keys
+   rejected, layer specs parsed);
+2. `check_against_models(config)`: layer ranges against each model's config, positions
+   against the tokenized prompts, prompt + max_new_tokens against each model's context
+   (`patchscope_core.model_info` reads no weights).
 Every error is a `ConfigError` whose message starts with the field, e.g.
 `source.layers: 31 is out of range 0 .. 29 for smollm2-135m (...)`.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -26,7 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from patchscope_core import InputError, ModelInfo, PatchscopeError, model_info, tokenize
-from patchscope_core.spec import check_layer, resolve_position
+from patchscope_core.spec import check_layer, context_problem, resolve_position
 
 
 class ConfigError(InputError):
@@ -210,6 +213,10 @@ class ExecutionConfig(_Strict):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     max_restarts: int = Field(2, ge=-1, description="Ray actor restarts after a crash (-1: forever)")
     max_task_retries: int = Field(2, ge=-1, description="Ray retries of a task whose actor died (-1: forever)")
+    placement_timeout_s: float = Field(
+        600, gt=0, description="seconds a worker may take to be placed and load its model before it is reported "
+                               "and its work goes to the others; with no worker placed by then the sweep stops")
+    max_cells: int = Field(10_000_000, ge=1, description="refuse a grid of more cells than this")
 
 
 class WandbConfig(_Strict):
@@ -442,14 +449,49 @@ _YamlLoader.add_implicit_resolver(
 )
 
 
+def read_text(path: Path, field_name: str, encoding: str = "utf-8") -> str:
+    """A text file as UTF-8; other bytes are a ConfigError naming the field, the file and the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{field_name}: {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line})") from None
+
+
+def _refuse_duplicate_keys(node: yaml.Node, path: str = "") -> None:
+    """A key given twice in one mapping (YAML keeps the last one silently) is an error."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            name = f"{path}.{key}" if path else str(key)
+            if key is not None and key != "<<":
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise ConfigError(f"{name}: given twice (lines {seen[key]} and {line}); keep one")
+                seen[key] = line
+            _refuse_duplicate_keys(value_node, name)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, f"{path}[{i}]")
+
+
 def load_config(path: str | Path) -> SweepConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config: no such file {str(path)!r}")
+    text = read_text(path, "config")
+    loader = _YamlLoader(text)
     try:
-        data = yaml.load(path.read_text(), Loader=_YamlLoader)
+        node = loader.get_single_node()
+        if node is not None:
+            _refuse_duplicate_keys(node)
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config: {path} is not valid YAML ({exc})") from None
+    finally:
+        loader.dispose()
     return parse_config(data, str(path))
 
 
@@ -482,11 +524,11 @@ class PromptRow:
 def _read_table(path: Path) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
-        with open(path, newline="") as fh:
-            return list(csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ","))
+        text = read_text(path, "source.file", encoding="utf-8-sig")  # a spreadsheet's byte-order mark is not a column name
+        return list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ","))
     if suffix in (".jsonl", ".ndjson"):
         rows = []
-        for i, line in enumerate(path.read_text().splitlines(), 1):
+        for i, line in enumerate(read_text(path, "source.file").splitlines(), 1):
             if line.strip():
                 try:
                     obj = json.loads(line)
@@ -571,9 +613,27 @@ def _checked_layers(spec: Any, info: ModelInfo, field_name: str) -> list[int]:
     return layers
 
 
+def _prompt_field(config: SweepConfig, row: Row, role: str) -> str:
+    """Where a row's source or target prompt was given, as the start of an error message."""
+    if role == "target":
+        return "target.prompt" if config.target.prompt is not None else f"target.prompt_column: {row.where}"
+    return row.where if config.source.prompts is not None else f"source.prompt_column: {row.where}"
+
+
+def _check_context(config: SweepConfig, info: ModelInfo, row: Row, role: str, n: int) -> None:
+    """A source prompt must fit the model's context; a target prompt with max_new_tokens too."""
+    new = config.generation.max_new_tokens if role == "target" else 0
+    problem = context_problem(n, new, info)
+    if problem:
+        prompt = row.target_prompt if role == "target" else row.source_prompt
+        why = ", the new ones from generation.max_new_tokens" if n <= info.n_ctx else ""
+        raise ConfigError(f"{_prompt_field(config, row, role)}: {problem}{why} ({role} prompt {prompt[:40]!r})")
+
+
 def check_against_models(config: SweepConfig, rows: list[Row]) -> dict[str, ModelPlan]:
-    """Layers against each model's config, positions against each tokenized prompt; reads
-    configs and tokenizers only, never weights. Raises ConfigError naming the field."""
+    """Layers against each model's config, positions against each tokenized prompt, prompt
+    lengths and max_new_tokens against each model's context; reads configs and tokenizers only,
+    never weights. Raises ConfigError naming the field."""
     plans = {}
     for i, name in enumerate(config.models):
         try:
@@ -581,6 +641,9 @@ def check_against_models(config: SweepConfig, rows: list[Row]) -> dict[str, Mode
         except PatchscopeError as exc:
             msg = str(exc).removeprefix("model: ")
             raise ConfigError(f"models[{i}]: {msg}") from None
+        if info.n_ctx and config.generation.max_new_tokens >= info.n_ctx:
+            raise ConfigError(f"generation.max_new_tokens: {config.generation.max_new_tokens} does not fit {name}'s "
+                              f"context of {info.n_ctx} tokens (prompt tokens + new tokens must be at most {info.n_ctx})")
         try:
             plan = ModelPlan(
                 info,
@@ -597,6 +660,7 @@ def check_against_models(config: SweepConfig, rows: list[Row]) -> dict[str, Mode
                     else:
                         n = len(tokenize(info, prompt, f"{role}.prompt"))
                         plan.n_tokens[prompt] = n
+                    _check_context(config, info, row, role, n)
                     if positions == "all":
                         continue
                     for p in positions:
@@ -756,9 +820,10 @@ def check_studies(config: SweepConfig, rows: list[PromptRow], base: Path | None 
     return plans
 
 
-def config_hash(config: SweepConfig, rows: list[Row]) -> str:
+def config_hash(config: SweepConfig, rows: list, context: Any = None) -> str:
     """Hash of everything that decides the results (models, prompts, layers, positions,
-    generation); execution and output settings may change between resumed runs."""
+    generation; a study's kinds with the vectors and prompt sets read from their files);
+    execution and output settings may change between resumed runs."""
     sections = set(KIND_SECTIONS[config.kind]) | {"kind", "models", "generation"}
     science = config.model_dump(mode="json", include=sections, exclude_defaults=False)
     if config.kind == "patchscope":
@@ -768,5 +833,6 @@ def config_hash(config: SweepConfig, rows: list[Row]) -> str:
     else:
         science["prompts"].pop("file", None)
         science["rows"] = [[r.prompt, r.answer, r.subject, [list(x) for x in r.refs]] for r in rows]
+        science["context"] = context
     blob = json.dumps(science, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,63 +1,103 @@
 """The sweep driver (`patchscope sweep CONFIG`): config -> grid -> tasks -> Ray actors -> store, W&B.
 
-1. Load and validate the config against every model's config and tokenizer (no weights).
-2. Expand the grid; skip the cells the store already holds (resume) unless --restart.
-3. Per model: start `execution.workers` actors that each load the model once; keep at most
-   `execution.max_in_flight_per_worker` tasks queued on each; take results in completion
-   order with `ray.wait`; write each task's records to the store, then to W&B.
-4. At the end: results.csv and heatmaps in output.dir, the final W&B table and images.
-Actor restarts and task retries are Ray's (`max_restarts`, `max_task_retries`); a task that
-still fails is reported and its cells are left for the next run of the same command.
+1. Load and validate the config against every model's config and tokenizer (no weights);
+   count the grid arithmetically and refuse one larger than execution.max_cells.
+2. Check what the run would refuse before starting anything or writing anything: an
+   output.dir that cannot be written or holds another config's results, GPUs this machine
+   lacks, an --address where no Ray cluster answers. `--dry-run` stops here, saying what the
+   run would do.
+3. Lock output.dir (one sweep at a time), skip the cells the store already holds (resume)
+   unless --restart, and expand the rest lazily into tasks.
+4. Per model: `scheduler.run_model` runs the tasks on `execution.workers` actors that each load
+   the model once; each finished task's records go to the store first, then to W&B.
+5. At the end: results.csv and heatmaps in output.dir, the final W&B table and images.
+Actor restarts and task retries on the same actor are Ray's (`max_restarts`,
+`max_task_retries`); the scheduler moves the tasks of a lost actor to live ones and gives up
+on what no actor can run; those cells are left for the next run of the same command.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
+import socket
 import sys
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, check_against_models, check_studies, config_hash, load_config, load_rows
-from .grid import Task, expand, expand_study, make_tasks, worker_settings
+from .grid import count_cells, count_todo, iter_cells, iter_tasks, study_context, worker_settings
 from .records import records as result_rows
+from .scheduler import run_model
 from .store import ResultStore
+
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # + empty SETTINGS
 
 
 def plan(config_path: str):
-    """Config, rows, per-model plans, every cell and what the cells' tasks share; raises
-    ConfigError before any weights load."""
+    """Config, rows, per-model plans, the number of cells and what every task shares (a study's
+    kinds or trace settings; None for Patchscopes); raises ConfigError before any weights load,
+    and before expanding a grid past execution.max_cells."""
     config = load_config(config_path)
     base = Path(config_path).parent
     rows = load_rows(config, base=base)
     if config.kind == "patchscope":
-        plans = check_against_models(config, rows)
-        return config, rows, plans, expand(config, rows, plans), None
-    plans = check_studies(config, rows, base)
-    cells, context = expand_study(config, rows, plans, base)
-    return config, rows, plans, cells, context
+        plans, context = check_against_models(config, rows), None
+    else:
+        plans = check_studies(config, rows, base)
+        context = study_context(config, rows, base)
+    n_cells = count_cells(config, rows, plans, context)
+    limit = config.execution.max_cells
+    if n_cells > limit:
+        raise ConfigError(f"execution.max_cells: the grid has {n_cells:,} cells, more than the limit of {limit:,}; "
+                          "make the grid smaller (or split it into several sweeps), or raise execution.max_cells")
+    return config, rows, plans, n_cells, context
 
 
-def _check_reachable(address: str, timeout: float = 10) -> None:
-    """Fail fast on a HOST:PORT where nothing listens (Ray itself would retry for minutes)."""
-    import re
-    import socket
-
+def _check_reachable(address: str, timeout: float = 5) -> None:
+    """Fail in seconds where no Ray cluster answers at HOST:PORT: Ray itself retries for many
+    minutes, even against a server of another kind. Ray's GCS speaks gRPC, so sent the HTTP/2
+    connection preface it answers with a SETTINGS frame; anything else is not Ray."""
     m = re.fullmatch(r"([\w.\-]+):(\d+)", address.strip())
     if not m:
         return  # auto, ray://...: Ray reports those itself
     try:
-        socket.create_connection((m.group(1), int(m.group(2))), timeout=timeout).close()
+        with socket.create_connection((m.group(1), int(m.group(2))), timeout=timeout) as sock:
+            if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+                return  # a TLS handshake comes first: leave the rest to Ray
+            sock.sendall(_HTTP2_PREFACE)
+            head = b""
+            while len(head) < 9:
+                chunk = sock.recv(9 - len(head))
+                if not chunk:
+                    break
+                head += chunk
     except OSError as exc:
-        raise ConfigError(f"--address: no Ray cluster answers at {address} ({exc})") from None
+        raise ConfigError(f"--address: no Ray cluster answers at {address} ({exc.strerror or exc})") from None
+    if len(head) < 9 or head[3] != 0x04:
+        raise ConfigError(f"--address: {address} answers, but not as a Ray cluster (it replied {head[:16]!r} to a "
+                          "gRPC greeting); give the head node's address (`ray start --head` prints it, port 6379 by default)")
+
+
+def _check_local_gpus(config) -> None:
+    """A local cluster has this machine's GPUs only: asking workers for more is an error,
+    found before Ray starts."""
+    ex = config.execution
+    if ex.gpus_per_worker > 0:
+        import torch
+
+        have = torch.cuda.device_count()
+        if ex.gpus_per_worker > have:
+            raise ConfigError(
+                f"execution.gpus_per_worker: {ex.gpus_per_worker:g} GPU per worker, but this machine has "
+                f"{have:g}; use 0 to run on the CPU, or join a GPU cluster with --address"
+            )
 
 
 def connect(address: str | None, config) -> bool:
     """Join `address`, or start a local Ray big enough for every worker; True if we started it."""
-    address = address or os.environ.get("RAY_ADDRESS")  # set by `ray job submit`
-    if address:
-        _check_reachable(address)
     if not address and "ray" not in sys.modules:
         # A local cluster serves this machine only: keep Ray on the loopback interface (as Ray
         # does on macOS and Windows) rather than on the machine's network address. Ray reads
@@ -95,144 +135,125 @@ def _check_resources(config, local: bool) -> None:
                 f"execution.gpus_per_worker: {ex.gpus_per_worker:g} GPU per worker, but this machine has "
                 f"{gpus:g}; use 0 to run on the CPU, or join a GPU cluster with --address"
             )
-        print("ray: not enough GPUs in the cluster yet: the workers wait until the autoscaler adds GPU nodes")
+        print("ray: not enough GPUs in the cluster yet: the workers wait until the autoscaler adds GPU nodes "
+              f"(up to execution.placement_timeout_s = {ex.placement_timeout_s:g} s)")
 
 
-def run_tasks(tasks: list[Task], config, store: ResultStore, sink, progress, totals: dict[str, Any]) -> list[Task]:
-    """Schedule the tasks on actors, model by model; returns the tasks that failed."""
-    import ray
-    from ray.exceptions import RayError
-
-    from workers.actor import start_workers
-
+def run_tasks(tasks, todo: dict[str, tuple[int, int]], config, store: ResultStore, sink, progress,
+              totals: dict[str, Any]) -> list:
+    """Run the tasks (grouped by model, read lazily) model by model; returns the tasks given up."""
     ex = config.execution
-    failed: list[Task] = []
-    by_model: dict[str, list[Task]] = {}
-    for t in tasks:
-        by_model.setdefault(t.model, []).append(t)
     settings = worker_settings(config)
-    for model, mtasks in by_model.items():
-        actors = start_workers(model, settings, min(ex.workers, len(mtasks)), num_cpus=ex.cpus_per_worker,
-                               num_gpus=ex.gpus_per_worker, max_restarts=ex.max_restarts,
-                               max_task_retries=ex.max_task_retries)
-        alive = set(range(len(actors)))
-        load = [0] * len(actors)
-        queue = deque(mtasks)
-        in_flight: dict[Any, tuple[int, Task]] = {}
 
-        def fill() -> None:
-            for i in sorted(alive, key=lambda i: load[i]):
-                while queue and load[i] < ex.max_in_flight_per_worker:
-                    task = queue.popleft()
-                    in_flight[actors[i].run.remote(task.payload())] = (i, task)
-                    load[i] += 1
+    def done(task, output) -> None:
+        new = store.write(task.task_id, result_rows(task, output))  # the record of truth first
+        totals["computed"] += len(new)
+        progress.update(len(new))
+        elapsed = time.perf_counter() - totals["t0"]
+        sink.log_task(new, progress.n, progress.total, totals["computed"] / max(elapsed, 1e-9))
 
-        try:
-            fill()
-            while in_flight:
-                (ref,), _ = ray.wait(list(in_flight), num_returns=1)
-                i, task = in_flight.pop(ref)
-                load[i] -= 1
-                try:
-                    rows = result_rows(task, ray.get(ref))
-                except RayError as exc:  # after Ray's own restarts and retries
-                    failed.append(task)
-                    msg = str(exc).strip().splitlines()
-                    progress.write(f"task {task.task_id} ({len(task.cells)} cells of {model}) failed: "
-                                   f"{type(exc).__name__}: {msg[-1] if msg else ''}")
-                    if isinstance(exc, ray.exceptions.RayActorError):
-                        alive.discard(i)  # restarts used up: this actor is gone
-                    if not alive:
-                        failed.extend(queue)
-                        queue.clear()
-                    fill()
-                    continue
-                new = store.write(task.task_id, rows)  # the record of truth first
-                totals["computed"] += len(new)
-                progress.update(len(new))
-                elapsed = time.perf_counter() - totals["t0"]
-                sink.log_task(new, progress.n, progress.total, totals["computed"] / max(elapsed, 1e-9))
-                fill()
-        finally:
-            for a in actors:  # also ends any task still in flight (after an interrupt)
-                ray.kill(a)
-    return failed
+    given_up = []
+    for model, mtasks in itertools.groupby(tasks, key=lambda t: t.model):
+        n_workers = min(ex.workers, todo[model][1])
+        given_up += run_model(model, mtasks, n_workers, ex, settings, done, progress.write)
+    return given_up
 
 
-def _dry_run(config, rows, plans, cells, stored_ids: set[str], context=None) -> int:
+def _axes(config, plan, context) -> str:
+    """The grid's axes of one model, in words."""
+    if config.kind == "intervention":
+        iv = config.intervention
+        kinds = sorted({k for k, _ in context.values()})
+        return (f"layers {plan.source_layers} x site {iv.site} x heads {iv.heads or '-'} x neurons {iv.neurons or '-'} x "
+                f"{len(context)} kind(s) and strength(s) ({', '.join(kinds)}), positions {iv.positions}")
+    if config.kind == "causal_trace":
+        tr = config.trace
+        return (f"layers {plan.source_layers} x sites {tr.sites} x positions {tr.positions}; {tr.samples} noise samples "
+                f"of {tr.noise:g} x the embeddings' std, window {tr.window}")
+    tl = "same as source" if plan.target_layers is None else plan.target_layers
+    return (f"source layers {plan.source_layers} x source positions {config.source.positions} x target layers {tl} "
+            f"x target positions {config.target.positions}")
+
+
+def _describe(config, rows, plans, n_cells: int, context=None) -> None:
     ex = config.execution
-    tasks = make_tasks(cells, ex.batch_size, context)
-    todo = [c for c in cells if c.cell_id not in stored_ids]
-    print(f"sweep {config.name} ({config.kind}): {len(cells)} cells in {len(tasks)} tasks (batch size {ex.batch_size})")
+    grid = count_todo(config, rows, plans, set(), context)  # {model: (cells, tasks)} of the whole grid
+    print(f"sweep {config.name} ({config.kind}): {n_cells} cells in {sum(t for _, t in grid.values())} tasks "
+          f"(batch size {ex.batch_size})")
     for name, p in plans.items():
-        if config.kind != "patchscope":
-            n = sum(c.model == name for c in cells)
-            t = sum(t.model == name for t in tasks)
-            if config.kind == "intervention":
-                iv = config.intervention
-                variants = sorted({(c.kind, c.variant) for c in cells})
-                axes = (f"site {iv.site} x heads {iv.heads or '-'} x neurons {iv.neurons or '-'} x "
-                        f"{len(variants)} kind(s) and strength(s) ({', '.join(sorted({k for k, _ in variants}))}), "
-                        f"positions {iv.positions}")
-            else:
-                tr = config.trace
-                axes = (f"sites {tr.sites} x positions {tr.positions}; {tr.samples} noise samples of {tr.noise:g} "
-                        f"x the embeddings' std, window {tr.window}")
-            print(f"  {name}: {p.info.n_layers} layers; {len(rows)} prompt row(s) x layers {p.source_layers} x {axes} "
-                  f"= {n} cells, {t} tasks")
-            continue
-        n = sum(c.model == name for c in cells)
-        t = sum(t.model == name for t in tasks)
-        tl = "same as source" if p.target_layers is None else p.target_layers
-        print(f"  {name}: {p.info.n_layers} layers; {len(rows)} prompt row(s) x source layers {p.source_layers} "
-              f"x source positions {config.source.positions} x target layers {tl} x target positions "
-              f"{config.target.positions} = {n} cells, {t} tasks")
+        n, t = grid[name]
+        print(f"  {name}: {p.info.n_layers} layers; {len(rows)} prompt row(s) x {_axes(config, p, context)} "
+              f"= {n} cells, {t} tasks")
     print(f"workers: {ex.workers} per model, {ex.cpus_per_worker:g} CPU and {ex.gpus_per_worker:g} GPU each, "
           f"at most {ex.max_in_flight_per_worker} tasks in flight per worker")
-    print(f"output: {config.out_dir}: {len(cells) - len(todo)} of these cells already stored, "
-          f"{len(todo)} to run in {len(make_tasks(todo, ex.batch_size, context))} tasks")
+
+
+def _dry_run(config, rows, plans, n_cells: int, store: ResultStore, restart: bool, context=None) -> int:
+    holder = store.holder()
+    if holder is not None:
+        raise ConfigError(store.busy_message(holder))  # what the real run would say
+    stored = ResultStore(store.dir, read_only=True).stored_cell_ids()
+    if restart and stored:
+        print(f"--restart: the {len(stored)} cells stored in {store.results_dir} would be deleted first")
+    todo = count_todo(config, rows, plans, set() if restart else stored, context)
+    cells, tasks = sum(c for c, _ in todo.values()), sum(t for _, t in todo.values())
+    print(f"output: {config.out_dir}: {n_cells - cells} of these cells already stored, {cells} to run in {tasks} tasks")
     print("dry run: nothing computed")
     return 0
 
 
 def main(args) -> int:
-    config, rows, plans, cells, context = plan(args.config)
-    store = ResultStore(config.out_dir)
-    chash = config_hash(config, rows)
-    ex = config.execution
+    config, rows, plans, n_cells, context = plan(args.config)
     if args.dry_run:
-        manifest = store.manifest() or {}
-        same = manifest.get("config_hash") == chash and not args.restart
-        return _dry_run(config, rows, plans, cells, store.stored_cell_ids() if same else set(), context)
+        _describe(config, rows, plans, n_cells, context)
+    chash = config_hash(config, rows, context)
+    store = ResultStore(config.out_dir)
+    # Everything the run would refuse (a dry run too: it says what the run would do), before
+    # anything starts or is written.
+    store.check(chash, restart=args.restart)
+    address = args.address or os.environ.get("RAY_ADDRESS")  # set by `ray job submit`
+    if address:
+        _check_reachable(address)
+    else:
+        _check_local_gpus(config)
+    if args.dry_run:
+        return _dry_run(config, rows, plans, n_cells, store, args.restart, context)
+    with store.lock():
+        return _run(args, config, rows, plans, n_cells, chash, store, address, context)
 
-    store.open(config.model_dump(mode="json"), chash, len(cells), restart=args.restart)
-    stored_ids = store.stored_cell_ids()
-    todo = [c for c in cells if c.cell_id not in stored_ids]
-    tasks = make_tasks(todo, ex.batch_size, context)
-    already = len(cells) - len(todo)
-    print(f"sweep {config.name}: {len(cells)} cells; "
-          + (f"{already} already stored in {store.results_dir}, skipping them; " if already else "")
-          + f"{len(todo)} to run in {len(tasks)} tasks")
 
+def _run(args, config, rows, plans, n_cells: int, chash: str, store: ResultStore, address: str | None,
+         context=None) -> int:
     from tqdm import tqdm
 
     from .report import write_report
     from .wandb_sink import WandbSink
 
-    failed: list[Task] = []
+    ex = config.execution
+    todo = count_todo(config, rows, plans, set() if args.restart else store.stored_cell_ids(), context)
+    n_todo, n_tasks = sum(c for c, _ in todo.values()), sum(t for _, t in todo.values())
     started = False
     totals = {"computed": 0, "t0": time.perf_counter()}
+    given_up: list = []
     interrupted = False
     sink = WandbSink(config.output.wandb.model_copy(update={"mode": "disabled"}), config.name, {}, config.out_dir)
     try:
-        if tasks:
-            started = connect(args.address, config)
-            _check_resources(config, local=not (args.address or os.environ.get("RAY_ADDRESS")))
+        if n_todo:
+            started = connect(address, config)
+            _check_resources(config, local=not address)
+        store.open(config.model_dump(mode="json"), chash, n_cells, restart=args.restart)
+        already = n_cells - n_todo
+        print(f"sweep {config.name}: {n_cells} cells; "
+              + (f"{already} already stored in {store.results_dir}, skipping them; " if already else "")
+              + f"{n_todo} to run in {n_tasks} tasks")
+        if n_todo:
             sink = WandbSink(config.output.wandb, config.name, {**config.model_dump(mode="json"), "config_hash": chash},
                              config.out_dir)
-            with tqdm(total=len(cells), initial=already, unit="cell", desc=config.name, dynamic_ncols=True,
+            tasks = iter_tasks(iter_cells(config, rows, plans, skip=store.stored_cell_ids(), context=context),
+                               ex.batch_size, context)
+            with tqdm(total=n_cells, initial=already, unit="cell", desc=config.name, dynamic_ncols=True,
                       smoothing=0.1, file=sys.stdout) as progress:
-                failed = run_tasks(tasks, config, store, sink, progress, totals)
+                given_up = run_tasks(tasks, todo, config, store, sink, progress, totals)
     except KeyboardInterrupt:
         interrupted = True
     except BaseException:
@@ -245,21 +266,20 @@ def main(args) -> int:
             ray.shutdown()
 
     df = store.read()
-    in_grid = {c.cell_id for c in cells}
-    done = int(df["cell_id"].isin(in_grid).sum()) if not df.empty else 0
+    done = len(df)
     elapsed = time.perf_counter() - totals["t0"]
     if interrupted:
         sink.abort()
-        print(f"\ninterrupted: {done} of {len(cells)} cells are stored in {store.results_dir}; "
+        print(f"\ninterrupted: {done} of {n_cells} cells are stored in {store.results_dir}; "
               "run the same command again to resume")
         return 130
-    paths = write_report(config.out_dir, df[df["cell_id"].isin(in_grid)]) if done else {}
+    paths = write_report(config.out_dir, df) if done else {}
     images = {k: v for k, v in paths.items() if k != "table"}
-    records = df[df["cell_id"].isin(in_grid)].to_dict("records") if done else []
-    run_dir = sink.finish(records, images, {"cells_done": done, "cells_total": len(cells),
+    records = df.to_dict("records") if done else []
+    run_dir = sink.finish(records, images, {"cells_done": done, "cells_total": n_cells,
                                             "cells_computed": totals["computed"], "elapsed_s": elapsed})
 
-    print(f"\n{done} of {len(cells)} cells stored ({totals['computed']} computed now, in {elapsed:.1f} s): "
+    print(f"\n{done} of {n_cells} cells stored ({totals['computed']} computed now, in {elapsed:.1f} s): "
           f"{store.results_dir}")
     if paths:
         print(f"table:    {paths['table']}")
@@ -270,9 +290,10 @@ def main(args) -> int:
             print(f"W&B:      offline run in {run_dir}; upload it with: wandb sync {run_dir}")
         else:
             print(f"W&B:      {sink.url or 'run'} (files in {run_dir})")
-    if failed:
-        n = sum(len(t.cells) for t in failed)
-        print(f"error: {n} cells in {len(failed)} tasks failed; run the same command again to retry them "
-              "(stored cells are kept)", file=sys.stderr)
+    if given_up or done < n_cells:
+        n = sum(len(t.cells) for t in given_up)
+        tasks = f"{len(given_up)} task" + ("s" if len(given_up) > 1 else "")
+        what = f"{n} cells ({tasks}) were not computed" if given_up else f"{n_cells - done} cells are missing"
+        print(f"error: {what}; run the same command again to compute them (stored cells are kept)", file=sys.stderr)
         return 1
     return 0

@@ -12,14 +12,22 @@
 A cell's id is a hash of its parameters and the settings that decide its result, so the same
 cell has the same id in every run (resume relies on it). What travels to a worker is plain data
 (`Task.payload`, `worker_settings`): workers import `patchscope_core` only.
+
+The grid is counted arithmetically (`count_cells`, `count_todo`) and expanded lazily
+(`iter_cells`, `iter_tasks`), so a grid of millions of cells is sized and planned without
+holding it in memory. `context` is what every task of a study shares (its table of kinds, its
+trace settings: `study_context`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import math
 from dataclasses import dataclass
-from typing import Any, Iterable
+from functools import cached_property
+from typing import Any, Iterable, Iterator
 
 from patchscope_core import Patchscope, Source, Target
 
@@ -37,6 +45,22 @@ def _digest(obj: Any, n: int = 16) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
 
 
+def _id_parts(model: str, source_prompt: str, target_prompt: str, refs, generation_key: str) -> tuple[str, str, str]:
+    """The JSON fragments of a cell id that do not depend on layers and positions."""
+    head = f"[{json.dumps(model)}, {json.dumps(source_prompt)}, "
+    tail = f"{json.dumps([list(r) for r in refs], default=str)}, {json.dumps(generation_key)}]"
+    return head, json.dumps(target_prompt), tail
+
+
+def _cell_digest(parts: tuple[str, str, str], layer: int, position: int, t_layer: int, t_position: int) -> str:
+    """A cell's id: the digest of the JSON list [model, source prompt, source layer, source
+    position, target prompt, target layer, target position, refs, generation key], written
+    from fragments so that a grid encodes each prompt once (the text json.dumps gives the list)."""
+    head, target, tail = parts
+    text = f"{head}{layer}, {position}, {target}, {t_layer}, {t_position}, {tail}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class Cell:
     model: str
@@ -51,13 +75,10 @@ class Cell:
     generation_key: str = ""  # digest of the generation settings
     max_new_tokens: int = 20  # part of the generation settings (so of the id through generation_key)
 
-    @property
+    @cached_property
     def cell_id(self) -> str:
-        return _digest([
-            self.model, self.source_prompt, self.source_layer, self.source_position,
-            self.target_prompt, self.target_layer, self.target_position,
-            [list(r) for r in self.refs], self.generation_key,
-        ])
+        parts = _id_parts(self.model, self.source_prompt, self.target_prompt, self.refs, self.generation_key)
+        return _cell_digest(parts, self.source_layer, self.source_position, self.target_layer, self.target_position)
 
     def params(self) -> dict[str, Any]:
         """The cell's columns of a result row."""
@@ -145,6 +166,11 @@ def _positions(value: Any) -> dict[str, Any]:
     return {"indices": list(p.indices), "prompt": p.prompt, "generated": p.generated}
 
 
+def fact_key(prompt: str, subject: str | None, answer: str | None) -> str:
+    """A causal trace's task group: one fact."""
+    return json.dumps([prompt, subject, answer])
+
+
 TRACE_COLUMNS = ("cell_id", "model", "row", "prompt", "subject", "answer", "site", "layer", "position")
 
 
@@ -168,7 +194,7 @@ class TraceCell:
 
     @property
     def group(self) -> str:
-        return self.prompt
+        return fact_key(self.prompt, self.subject, self.answer)
 
     def params(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in TRACE_COLUMNS[1:]}
@@ -225,79 +251,206 @@ def generation_key(config: SweepConfig) -> str:
     return _digest(config.generation.model_dump(mode="json"))
 
 
-def expand(config: SweepConfig, rows: list[Row], plans: dict[str, ModelPlan]) -> list[Cell]:
-    """Every cell of the grid, in a fixed order, without duplicates."""
+def _unique_rows(rows: list[Row]) -> list[Row]:
+    """Rows that give distinct cells: the same (source, target, references) twice is one row."""
+    seen: set = set()
+    out = []
+    for row in rows:
+        key = (row.source_prompt, row.target_prompt, row.refs)
+        if key not in seen:
+            seen.add(key)
+            out.append(row)
+    return out
+
+
+def _by_source(rows: list[Row]) -> list[list[Row]]:
+    """Rows grouped by source prompt, groups in first-seen order (one task group each)."""
+    groups: dict[str, list[Row]] = {}
+    for row in _unique_rows(rows):
+        groups.setdefault(row.source_prompt, []).append(row)
+    return list(groups.values())
+
+
+def _row_axes(config: SweepConfig, plan: ModelPlan, row: Row) -> tuple[list[int], list[int], list[int | None]]:
+    """Source layers, source positions and target layers (None: the source layer) of one row."""
+    positions = config.source.positions
+    if positions == "all":
+        positions = list(range(plan.n_tokens[row.source_prompt]))
+    return plan.source_layers, positions, plan.target_layers or [None]
+
+
+def group_sizes(config: SweepConfig, rows: list, plans: dict[str, ModelPlan],
+                context: Any = None) -> Iterator[tuple[str, int, bool]]:
+    """(model, cells, one task) for each task group (one model and one source prompt, prompt or
+    fact), counted without expanding; `one task`: the group's cells form a single task."""
     if config.kind != "patchscope":
-        raise ValueError(f"expand: a {config.kind} sweep's cells come from expand_study")
-    gen = generation_key(config)
-    cells: dict[str, Cell] = {}
+        for model, group in _study_groups(config, rows, plans):
+            yield model, sum(_study_row_size(config, plans[model], row, context) for row in group), \
+                config.kind == "causal_trace"
+        return
     for model in config.models:
         plan = plans[model]
-        for row in rows:
-            positions = config.source.positions
-            if positions == "all":
-                positions = list(range(plan.n_tokens[row.source_prompt]))
-            for layer in plan.source_layers:
-                for pos in positions:
-                    for t_layer in plan.target_layers or [layer]:
-                        for t_pos in config.target.positions:
-                            cell = Cell(model, row.source_prompt, layer, pos, row.target_prompt, t_layer, t_pos,
-                                        row.index, row.refs, gen, config.generation.max_new_tokens)
-                            cells.setdefault(cell.cell_id, cell)
-    return list(cells.values())
+        for group in _by_source(rows):
+            n = 0
+            for row in group:
+                layers, positions, t_layers = _row_axes(config, plan, row)
+                n += len(layers) * len(positions) * len(t_layers) * len(config.target.positions)
+            yield model, n, False
 
 
-def expand_study(config: SweepConfig, rows: list[PromptRow], plans: dict[str, ModelPlan],
-                 base=None) -> tuple[list, Any]:
-    """Every cell of an intervention or causal-trace grid, and the context its tasks share."""
-    cells: dict[str, Any] = {}
+def _tasks_of(n: int, one_task: bool, batch_size: int) -> int:
+    return (1 if n else 0) if one_task else math.ceil(n / batch_size)
+
+
+def count_cells(config: SweepConfig, rows: list, plans: dict[str, ModelPlan], context: Any = None) -> int:
+    return sum(n for _, n, _ in group_sizes(config, rows, plans, context))
+
+
+def count_tasks(config: SweepConfig, rows: list, plans: dict[str, ModelPlan], context: Any = None) -> int:
+    return sum(_tasks_of(n, one, config.execution.batch_size) for _, n, one in group_sizes(config, rows, plans, context))
+
+
+def count_todo(config: SweepConfig, rows: list, plans: dict[str, ModelPlan],
+               stored: set[str] | frozenset, context: Any = None) -> dict[str, tuple[int, int]]:
+    """{model: (cells, tasks)} of what is not in `stored` yet, without building any cell (and
+    without a look at a single cell when nothing is stored)."""
+    ids = cell_ids(config, rows, plans, context) if stored else None
+    out: dict[str, tuple[int, int]] = {}
+    for model, n, one_task in group_sizes(config, rows, plans, context):
+        if ids is not None:
+            n = sum(1 for cid in itertools.islice(ids, n) if cid not in stored)
+        cells, tasks = out.get(model, (0, 0))
+        out[model] = (cells + n, tasks + _tasks_of(n, one_task, config.execution.batch_size))
+    return out
+
+
+def _walk(config: SweepConfig, rows: list[Row], plans: dict[str, ModelPlan]) -> Iterator[tuple]:
+    """(cell_id, model, row, source layer, source position, target layer, target position) of
+    every cell, in the grid's order; the cells of one model and source prompt come together."""
+    gen = generation_key(config)
+    for model in config.models:
+        plan = plans[model]
+        for group in _by_source(rows):
+            for row in group:
+                parts = _id_parts(model, row.source_prompt, row.target_prompt, row.refs, gen)
+                layers, positions, t_layers = _row_axes(config, plan, row)
+                for layer in layers:
+                    for pos in positions:
+                        for t_layer in (layer,) if t_layers == [None] else t_layers:
+                            for t_pos in config.target.positions:
+                                yield _cell_digest(parts, layer, pos, t_layer, t_pos), model, row, layer, pos, t_layer, t_pos
+
+
+def cell_ids(config: SweepConfig, rows: list, plans: dict[str, ModelPlan], context: Any = None) -> Iterator[str]:
+    """The id of every cell, in the grid's order (counting what a run would do)."""
+    if config.kind != "patchscope":
+        return (c.cell_id for c in _study_cells(config, rows, plans, context))
+    return (w[0] for w in _walk(config, rows, plans))
+
+
+def iter_cells(config: SweepConfig, rows: list, plans: dict[str, ModelPlan],
+               skip: set[str] | frozenset = frozenset(), context: Any = None) -> Iterator[Any]:
+    """Every cell of the grid whose id is not in `skip`, in a fixed order, without duplicates,
+    one at a time; the cells of one task group come together."""
+    if config.kind != "patchscope":
+        yield from (c for c in _study_cells(config, rows, plans, context) if c.cell_id not in skip)
+        return
+    gen, max_new = generation_key(config), config.generation.max_new_tokens
+    for cid, model, row, layer, pos, t_layer, t_pos in _walk(config, rows, plans):
+        if cid not in skip:
+            cell = Cell(model, row.source_prompt, layer, pos, row.target_prompt, t_layer, t_pos, row.index,
+                        row.refs, gen, max_new)
+            cell.__dict__["cell_id"] = cid  # computed above: fill the cached property
+            yield cell
+
+
+def expand(config: SweepConfig, rows: list, plans: dict[str, ModelPlan], context: Any = None) -> list:
+    """Every cell of the grid as a list (small grids, tests; a sweep uses iter_cells)."""
+    return list(iter_cells(config, rows, plans, context=context))
+
+
+def iter_tasks(cells: Iterable[Any], batch_size: int, context: Any = None) -> Iterator[Task]:
+    """Cut a stream of cells, whose (model, group) groups come together, into tasks of at most
+    batch_size cells (a causal trace's fact: one task, batch_size is then rows per forward pass)."""
+    for (model, key), group in itertools.groupby(cells, key=lambda c: (c.model, c.group)):
+        first = next(group)
+        group = itertools.chain([first], group)
+        size = None if isinstance(first, TraceCell) else batch_size
+        while batch := tuple(itertools.islice(group, size)):
+            yield Task(model, key, batch, context)
+
+
+def make_tasks(cells: Iterable[Any], batch_size: int, context: Any = None) -> list[Task]:
+    """Group cells by (model, group), in first-seen order, and cut them into tasks (iter_tasks)."""
+    groups: dict[tuple[str, str], list] = {}
+    for cell in cells:
+        groups.setdefault((cell.model, cell.group), []).append(cell)
+    return list(iter_tasks(itertools.chain.from_iterable(groups.values()), batch_size, context))
+
+
+# ---------------------------------------------------------------- intervention and causal-trace grids
+
+
+def study_context(config: SweepConfig, rows: list[PromptRow], base=None) -> dict[str, Any]:
+    """What every task of a study shares: the kinds of an intervention grid (by the digest of
+    their values), or a trace's settings and the prompts that set its noise."""
     if config.kind == "causal_trace":
         tr = config.trace
         settings = {"sites": list(tr.sites), "window": tr.window, "noise": tr.noise, "samples": tr.samples, "seed": tr.seed}
         reference = list(dict.fromkeys(r.prompt for r in rows))
-        key = _digest([settings, reference])
-        for model in config.models:
-            plan = plans[model]
-            for row in rows:
-                n = plan.n_tokens[row.prompt]
-                positions = range(n) if tr.positions == "all" else sorted({p % n for p in tr.positions})
-                for site in tr.sites:
-                    for layer in plan.source_layers:
-                        for pos in positions:
-                            cell = TraceCell(model, row.prompt, row.subject, row.answer, site, layer, pos, row.index,
-                                             row.refs, key)
-                            cells.setdefault(cell.cell_id, cell)
-        return list(cells.values()), {"settings": settings, "reference": reference}
-    iv, gen = config.intervention, generation_key(config)
-    table = {_digest([k, v]): (k, v) for k, v in intervention_kinds(config, rows, base)}
+        return {"settings": settings, "reference": reference, "key": _digest([settings, reference])}
+    return {_digest([k, v]): (k, v) for k, v in intervention_kinds(config, rows, base)}
+
+
+def _study_groups(config: SweepConfig, rows: list[PromptRow], plans) -> Iterator[tuple[str, list[PromptRow]]]:
+    """(model, the distinct rows of one prompt), in first-seen order."""
+    groups: dict[str, dict] = {}
+    for row in rows:
+        key = fact_key(row.prompt, row.subject, row.answer) if config.kind == "causal_trace" else row.prompt
+        groups.setdefault(key, {}).setdefault((row.answer, row.subject, row.refs), row)
     for model in config.models:
+        for group in groups.values():
+            yield model, list(group.values())
+
+
+def _hooks_and_units(config: SweepConfig, plan: ModelPlan) -> list[tuple[str, int | None, int | None]]:
+    iv, info = config.intervention, plan.info
+    out = []
+    for hook in site_hooks(config, plan.source_layers):
+        heads = _units(iv.heads, info.n_heads) if hook.endswith("attn.hook_z") else [None]
+        neurons = _units(iv.neurons, info.d_mlp) if hook.endswith("mlp.hook_post") else [None]
+        out += [(hook, h, n) for h in heads for n in neurons]
+    return out
+
+
+def _trace_positions(config: SweepConfig, plan: ModelPlan, row: PromptRow) -> list[int]:
+    n = plan.n_tokens[row.prompt]
+    return list(range(n)) if config.trace.positions == "all" else sorted({p % n for p in config.trace.positions})
+
+
+def _study_row_size(config: SweepConfig, plan: ModelPlan, row: PromptRow, context: Any) -> int:
+    if config.kind == "causal_trace":
+        return len(config.trace.sites) * len(plan.source_layers) * len(_trace_positions(config, plan, row))
+    return len(_hooks_and_units(config, plan)) * len(context)
+
+
+def _study_cells(config: SweepConfig, rows: list[PromptRow], plans, context: Any) -> Iterator[Any]:
+    """Every cell of an intervention or causal-trace grid, one task group after another."""
+    gen, max_new = generation_key(config), config.generation.max_new_tokens
+    for model, group in _study_groups(config, rows, plans):
         plan = plans[model]
-        info = plan.info
-        for row in rows:
-            for hook in site_hooks(config, plan.source_layers):
+        for row in group:
+            if config.kind == "causal_trace":
+                for site in config.trace.sites:
+                    for layer in plan.source_layers:
+                        for pos in _trace_positions(config, plan, row):
+                            yield TraceCell(model, row.prompt, row.subject, row.answer, site, layer, pos, row.index,
+                                            row.refs, context["key"])
+                continue
+            for hook, head, neuron in _hooks_and_units(config, plan):
                 layer = int(hook.split(".")[1]) if hook.startswith("blocks.") else None
-                heads = _units(iv.heads, info.n_heads) if hook.endswith("attn.hook_z") else [None]
-                neurons = _units(iv.neurons, info.d_mlp) if hook.endswith("mlp.hook_post") else [None]
-                for head in heads:
-                    for neuron in neurons:
-                        for variant, (kind, values) in table.items():
-                            cell = InterventionCell(
-                                model, row.prompt, row.answer, hook, layer, head, neuron, kind, variant,
-                                values.get("alpha"), values.get("factor"), values.get("scale"), values.get("seed"),
-                                iv.positions, row.index, row.refs, gen, config.generation.max_new_tokens)
-                            cells.setdefault(cell.cell_id, cell)
-    return list(cells.values()), table
-
-
-def make_tasks(cells: Iterable[Any], batch_size: int, context: Any = None) -> list[Task]:
-    """Group cells by (model, group), in first-seen order, and cut to batch_size (the cells of a
-    causal trace's fact stay in one task: batch_size is then rows per forward pass)."""
-    groups: dict[tuple[str, str], list] = {}
-    for cell in cells:
-        groups.setdefault((cell.model, cell.group), []).append(cell)
-    tasks = []
-    for (model, group_key), group in groups.items():
-        size = len(group) if isinstance(group[0], TraceCell) else batch_size
-        for start in range(0, len(group), size):
-            tasks.append(Task(model, group_key, tuple(group[start:start + size]), context))
-    return tasks
+                for variant, (kind, values) in context.items():
+                    yield InterventionCell(model, row.prompt, row.answer, hook, layer, head, neuron, kind, variant,
+                                           values.get("alpha"), values.get("factor"), values.get("scale"),
+                                           values.get("seed"), config.intervention.positions, row.index, row.refs,
+                                           gen, max_new)

@@ -59,6 +59,12 @@ def _heatmap(matrix, rows: list[str], cols: list[Any], title: str, xlabel: str, 
     import matplotlib
 
     matplotlib.use("Agg")
+    # Prompts and generations are literal text: a "$" must not start matplotlib's math mode.
+    with matplotlib.rc_context({"text.parse_math": False}):
+        return _draw_heatmap(matrix, rows, cols, title, xlabel, ylabel, cbar, path, notes)
+
+
+def _draw_heatmap(matrix, rows, cols, title, xlabel, ylabel, cbar, path, notes) -> Path:
     import matplotlib.pyplot as plt
 
     width = min(40, 2.5 + 1.25 * len(cols) if notes is not None else 2.5 + 0.55 * len(cols))

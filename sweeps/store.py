@@ -1,46 +1,180 @@
 """The record of truth of a sweep: Parquet files under output.dir/results/ and a manifest.
 
-- One file per finished task (`task-<task_id>.parquet`), written under a temporary name and
-  renamed into place, so a file is either complete or absent (a crash leaves at most a
-  `.tmp-*` file, removed at the next start).
+- One file per finished task (`task-<task_id>.parquet`), written under a temporary name,
+  flushed to disk (fsync) and renamed into place, so a file is either complete or absent (a
+  crash leaves at most a `.tmp-*` file, removed at the next start).
 - `manifest.json`: the config, its hash and the grid size. Resuming with a config whose
   hash differs is refused (the stored cells would not be this config's cells).
 - Resume reads the stored `cell_id`s. `write` drops every cell already stored, so a cell is
-  stored exactly once even if Ray ran its task twice.
+  stored exactly once even if Ray ran its task twice; reading counts each `cell_id` once
+  whatever the files hold.
+- A file that cannot be read (zero length, truncated, not Parquet) is moved aside to
+  `results/damaged/` with a warning; its cells are then missing, so the next run computes them.
+- `lock()`: one sweep at a time per output.dir (an flock on `sweep.lock`, which names the
+  holder; the kernel drops it when the process dies, so a crashed driver leaves nothing stuck).
+- `check()`: what a run would refuse (a directory that cannot be written, results of another
+  config), found without writing anything.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
+import socket
+import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from .config import ConfigError
 
 RESULTS = "results"
+DAMAGED = "damaged"
 MANIFEST = "manifest.json"
+LOCK = "sweep.lock"
+_VIRTUAL = ("/proc", "/sys", "/dev")  # kernel file systems: nothing can be stored there
 
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    """Write `path` so that it is complete or absent: a temporary file, fsync, rename, fsync
+    of the directory (the rename itself reaches the disk)."""
     tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-    tmp.write_text(text)
+    with open(tmp, "wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def check_writable(out_dir: Path) -> None:
+    """output.dir must be a directory this process can create files in, or one it can create.
+    Probes with an anonymous temporary file, which leaves nothing behind."""
+    path = Path(os.path.abspath(out_dir))
+    existing = path
+    while not os.path.exists(existing):
+        existing = existing.parent
+    where = "" if existing == path else f" (the nearest existing part of {path})"
+    if not existing.is_dir():
+        raise ConfigError(f"output.dir: {existing} is a file, not a directory{where}")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        virtual = any(str(existing) == v or str(existing).startswith(v + "/") for v in _VIRTUAL)
+        why = "a kernel file system, not storage" if virtual else exc.strerror or type(exc).__name__
+        raise ConfigError(f"output.dir: cannot write in {existing}{where}: {why}") from None
+
+
+def _holder_text(info: dict[str, Any]) -> str:
+    if not info:
+        return "another process"
+    return (f"pid {info.get('pid')} on {info.get('host')}, since {info.get('started')}: "
+            f"{info.get('command', '')}").rstrip(": ")
 
 
 class ResultStore:
-    def __init__(self, out_dir: str | Path) -> None:
+    def __init__(self, out_dir: str | Path, read_only: bool = False) -> None:
         self.dir = Path(out_dir)
+        self.read_only = read_only  # a damaged file is then skipped, not moved (--dry-run)
         self.results_dir = self.dir / RESULTS
         self.manifest_path = self.dir / MANIFEST
+        self.lock_path = self.dir / LOCK
         self._stored: set[str] | None = None
+
+    # ------------------------------------------------------------ checks (write nothing)
+
+    def check(self, config_hash: str, restart: bool = False) -> None:
+        """Raise ConfigError for what a run of this config would refuse; writes nothing."""
+        check_writable(self.dir)
+        old = self.manifest()
+        if not restart and old and old.get("config_hash") != config_hash and self.files():
+            raise ConfigError(
+                f"output.dir: {self.dir} holds results of another config (hash {old.get('config_hash')}, "
+                f"this config {config_hash}); run with --restart to start over, or choose another output.dir"
+            )
+
+    def holder(self) -> dict[str, Any] | None:
+        """Who is running a sweep into this directory now (None: nobody); the lock is only
+        tested, never kept."""
+        try:
+            fh = open(self.lock_path)
+        except OSError:
+            return None
+        with fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return self._read_holder(fh)
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            return None
+
+    def busy_message(self, info: dict[str, Any]) -> str:
+        return (f"output.dir: another sweep is running into {self.dir} ({_holder_text(info)}); "
+                "wait for it to finish (or stop it), or choose another output.dir")
+
+    @staticmethod
+    def _read_holder(fh) -> dict[str, Any]:
+        fh.seek(0)
+        try:
+            return json.loads(fh.read() or "{}")
+        except ValueError:
+            return {}
+
+    # ------------------------------------------------------------ the lock
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold output.dir for the duration of a run. A second sweep into the same directory
+        fails here with a message naming the holder. flock locks belong to the open file: the
+        kernel releases them when the process ends, however it ends."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fh = open(self.lock_path, "a+")
+        except OSError as exc:
+            raise ConfigError(f"output.dir: cannot open {self.lock_path} ({exc.strerror})") from None
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            info = self._read_holder(fh)
+            fh.close()
+            raise ConfigError(self.busy_message(info)) from None
+        except OSError as exc:  # a file system without locks (some network mounts)
+            fh.close()
+            raise ConfigError(f"output.dir: cannot lock {self.lock_path} ({exc.strerror}); "
+                              "use a directory on a file system with locks") from None
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now(),
+              "command": " ".join(["patchscope", *sys.argv[1:]])}
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps(me))
+        fh.flush()
+        os.fsync(fh.fileno())
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()  # while still holding it: a stale name would mislead a reader
+            fh.flush()
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            fh.close()
 
     # ------------------------------------------------------------ opening
 
@@ -48,12 +182,8 @@ class ResultStore:
         """Prepare the directory for a run of this config; returns how many cells are already stored."""
         if restart:
             self.clear()
+        self.check(config_hash)
         old = self.manifest()
-        if old and old.get("config_hash") != config_hash and self.files():
-            raise ConfigError(
-                f"output.dir: {self.dir} holds results of another config (hash {old.get('config_hash')}, "
-                f"this config {config_hash}); run with --restart to start over, or choose another output.dir"
-            )
         self.results_dir.mkdir(parents=True, exist_ok=True)
         for tmp in self.results_dir.glob(".tmp-*"):
             tmp.unlink()  # a write interrupted before its rename
@@ -65,7 +195,8 @@ class ResultStore:
             "created": (old or {}).get("created", _now()),
             "updated": _now(),
         }
-        _atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, default=str))
+        text = json.dumps(manifest, indent=2, default=str).encode()
+        _atomic_write(self.manifest_path, lambda fh: fh.write(text))
         self._stored = None
         return len(self.stored_cell_ids())
 
@@ -80,31 +211,69 @@ class ResultStore:
     def manifest(self) -> dict[str, Any] | None:
         if not self.manifest_path.is_file():
             return None
-        return json.loads(self.manifest_path.read_text())
+        try:
+            return json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"output.dir: {self.manifest_path} is damaged ({type(exc).__name__}); "
+                              "move it away to resume, or run with --restart") from None
 
     # ------------------------------------------------------------ reading
 
     def files(self) -> list[Path]:
         return sorted(self.results_dir.glob("task-*.parquet")) if self.results_dir.is_dir() else []
 
+    def _table(self, path: Path, columns: list[str] | None = None):
+        """The Parquet table in `path`, or None after moving a damaged file aside."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path, columns=columns)
+            if "cell_id" not in table.column_names:
+                raise ValueError("no cell_id column")
+            return table
+        except (pa.ArrowException, OSError, ValueError, KeyError) as exc:
+            self._set_aside(path, exc)
+            return None
+
+    def _set_aside(self, path: Path, exc: BaseException) -> None:
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        self._stored = None
+        if self.read_only:
+            print(f"warning: {path} is damaged ({why}): a run would move it aside and compute its cells again",
+                  file=sys.stderr)
+            return
+        target = self.results_dir / DAMAGED / path.name
+        try:
+            target.parent.mkdir(exist_ok=True)
+            if target.exists():
+                target = target.with_name(f"{path.stem}-{uuid.uuid4().hex[:8]}{path.suffix}")
+            os.replace(path, target)
+            done = f"moved to {target.parent}/; its cells will be computed again by the next run"
+        except OSError as move_exc:
+            done = f"left in place ({move_exc.strerror}) and skipped"
+        print(f"warning: {path} is damaged ({why}): {done}", file=sys.stderr)
+
     def stored_cell_ids(self) -> set[str]:
         if self._stored is None:
-            import pyarrow.parquet as pq
-
-            self._stored = set()
+            stored: set[str] = set()
             for f in self.files():
-                self._stored.update(pq.read_table(f, columns=["cell_id"]).column("cell_id").to_pylist())
+                table = self._table(f, ["cell_id"])
+                if table is not None:
+                    stored.update(table.column("cell_id").to_pylist())
+            self._stored = stored
         return self._stored
 
     def read(self):
-        """Every stored row as one pandas DataFrame (empty when nothing is stored)."""
+        """Every stored cell as one pandas DataFrame, each cell_id once (empty when nothing is
+        stored)."""
         import pandas as pd
-        import pyarrow.parquet as pq
 
-        frames = [pq.read_table(f).to_pandas() for f in self.files()]
+        frames = [t.to_pandas() for t in (self._table(f) for f in self.files()) if t is not None]
         if not frames:
             return pd.DataFrame()
-        return pd.concat(frames, ignore_index=True)
+        df = pd.concat(frames, ignore_index=True)
+        return df.drop_duplicates("cell_id", keep="first").reset_index(drop=True)
 
     # ------------------------------------------------------------ writing
 
@@ -125,8 +294,7 @@ class ResultStore:
         final = self.results_dir / f"task-{task_id}.parquet"
         if final.exists():  # same task id, other cells: cannot happen for a fixed grid, but never overwrite
             final = self.results_dir / f"task-{task_id}-{uuid.uuid4().hex[:8]}.parquet"
-        tmp = self.results_dir / f".tmp-{uuid.uuid4().hex}.parquet"
-        pq.write_table(pa.Table.from_pylist(new), tmp)
-        os.replace(tmp, final)
+        table = pa.Table.from_pylist(new)
+        _atomic_write(final, lambda fh: pq.write_table(table, fh))
         stored.update(seen)
         return new

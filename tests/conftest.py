@@ -1,4 +1,4 @@
-"""Shared test set-up: no network, cached models per session, and the tie report."""
+"""Shared test set-up: no network, cached models per session, the local Ray cluster, and the tie report."""
 
 from __future__ import annotations
 

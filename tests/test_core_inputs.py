@@ -43,6 +43,9 @@ def spec(**changes):
     (dict(src=""), "source.prompt", "empty prompt"),
     (dict(tgt="   "), "target.prompt", "empty prompt"),
     (dict(n=0), "max_new_tokens", ">= 1"),
+    (dict(tgt="x " * 600), "target.prompt", "602 tokens exceed tiny-llama's context of 512 tokens"),
+    (dict(src="x " * 600), "source.prompt", "602 tokens exceed tiny-llama's context of 512 tokens"),
+    (dict(n=600), "max_new_tokens", "prompt tokens + 600 new tokens exceed tiny-llama's context of 512 tokens"),
 ])
 def test_bad_patchscope_names_the_field(no_weights, bad, field, fragment):
     info = model_info("tiny-llama")

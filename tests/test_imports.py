@@ -15,7 +15,7 @@ STAGES = {
     "patchscope_core": 0,
     "sweeps.config": 1,
     "sweeps.grid": 2,
-    "workers": 3,
+    "workers": 3, "sweeps.scheduler": 3,  # the actors, and the driver's side of them
     "sweeps.records": 4,
     "sweeps.store": 5, "sweeps.wandb_sink": 5, "sweeps.report": 5, "sweeps.report_studies": 5,  # the sinks
     "sweeps.driver": 6,

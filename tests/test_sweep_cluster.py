@@ -1,26 +1,25 @@
-"""A two-node Ray cluster simulated on this machine: `ray start --head`, then a second
-`ray start --address`, each with one CPU, so the sweep's two workers must land on different
-nodes. The sweep is submitted to it with `patchscope sweep --address`.
+"""A two-node Ray cluster on this machine (tests/loopback_cluster.py: both nodes on 127.0.0.1, so
+every Ray server listens on loopback only; token auth off), each node with one CPU, so the sweep's
+two workers land on different nodes. Sweeps are submitted to it with `patchscope sweep --address`.
 
-The test starts both nodes with `--block` in their own process session and stops exactly
-those (SIGTERM, then SIGKILL to their own process group): never `ray stop`, which would end
-every Ray on the machine. Token auth is off for every process of the test cluster
-(RAY_AUTH_MODE=disabled, see DESIGN.md).
+The cluster runs in its own process session; the fixture stops exactly that session (SIGTERM,
+then SIGKILL to its process group): never `ray stop`, which would end every Ray on the machine.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -28,40 +27,12 @@ from sweeps.store import ResultStore
 
 pytestmark = pytest.mark.ray
 
+ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_port(host: str, port: int, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"ray head exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        with socket.socket() as s:
-            if s.connect_ex((host, port)) == 0:
-                return
-        time.sleep(0.5)
-    pytest.fail(f"ray head did not open port {port} in {timeout} s:\n{log.read_text()[-3000:]}")
-
-
-def _wait_for_log(log: Path, text: str, proc: subprocess.Popen, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"ray node exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        if text in log.read_text():
-            return
-        time.sleep(0.5)
-    pytest.fail(f"ray node did not start in {timeout} s:\n{log.read_text()[-3000:]}")
-
-
 def _stop(proc: subprocess.Popen) -> None:
-    """Stop one `ray start --block` and everything it started (its own process group)."""
+    """Stop the cluster process and everything it started (its own process group)."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -69,7 +40,7 @@ def _stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             pass
     try:
-        os.killpg(proc.pid, signal.SIGKILL)  # leftovers of this node only
+        os.killpg(proc.pid, signal.SIGKILL)  # leftovers of this cluster only
     except (ProcessLookupError, PermissionError):
         pass
     if proc.poll() is None:
@@ -79,53 +50,63 @@ def _stop(proc: subprocess.Popen) -> None:
 @pytest.fixture
 def two_node_cluster(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_AUTH_MODE="disabled", WANDB_SILENT="true")
+    env.update(RAY_AUTH_MODE="disabled", WANDB_SILENT="true", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    port = _free_port()
-    # Every node on its own loopback address. Ray rewrites 127.0.0.1 and localhost to the
-    # machine's network address; other 127.x addresses it leaves alone, so nothing leaves lo.
-    head_ip, node_ip = "127.0.0.2", "127.0.0.3"
-    common = ["--block", "--num-cpus=1", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
-    procs = []
+    log = tmp_path / "cluster.log"
+    proc = subprocess.Popen([sys.executable, "-m", "tests.loopback_cluster", temp_dir, "2"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, start_new_session=True)
     try:
-        head_log = tmp_path / "head.log"
-        head = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--head", f"--port={port}", f"--node-ip-address={head_ip}",
-             "--include-dashboard=false", *common],
-            env=env, stdout=open(head_log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        procs.append(head)
-        _wait_for_port(head_ip, port, head, head_log)
-        node = subprocess.Popen(
-            [str(BIN / "ray"), "start", f"--address={head_ip}:{port}", f"--node-ip-address={node_ip}",
-             "--resources", json.dumps({"second_node": 1}), *common],
-            env=env, stdout=open(tmp_path / "node.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        procs.append(node)
-        _wait_for_log(tmp_path / "node.log", "Ray runtime started", node)
-        # the driver runs on neither node's address: keep its own address on loopback too
-        yield f"{head_ip}:{port}", {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+        if not select.select([proc.stdout], [], [], 120)[0]:
+            pytest.fail(f"the cluster did not start in 120 s:\n{log.read_text()[-3000:]}")
+        line = proc.stdout.readline()
+        if not line:
+            pytest.fail(f"the cluster exited ({proc.wait()}):\n{log.read_text()[-3000:]}")
+        info = json.loads(line)
+        yield info, env, proc
     finally:
-        for p in reversed(procs):
-            _stop(p)
+        _stop(proc)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_sweep_on_a_two_node_cluster_finishes_with_all_cells(tmp_path, two_node_cluster):
-    address, env = two_node_cluster
-    rows = tmp_path / "rows.csv"
-    rows.write_text("prompt,answer\nParis,France\nPython,language\nThe quick brown fox,fox\n")
-    config = tmp_path / "two-node.yaml"
-    config.write_text(yaml.safe_dump({
-        "name": "tiny-two-node",
+def _listening(root: subprocess.Popen) -> dict[str, set[str]]:
+    """Every TCP address the cluster's processes listen on, by process name."""
+    out: dict[str, set[str]] = {}
+    for p in psutil.process_iter(["name"]):
+        try:
+            if os.getpgid(p.pid) != root.pid:
+                continue
+            for c in p.net_connections(kind="tcp"):
+                if c.status == psutil.CONN_LISTEN:
+                    out.setdefault(p.info["name"], set()).add(c.laddr.ip)
+        except (psutil.Error, ProcessLookupError):
+            continue
+    return out
+
+
+def _config(tmp_path: Path, name: str, rows: str, **changes) -> Path:
+    data = tmp_path / "rows.csv"
+    data.write_text(rows)
+    cfg = {
+        "name": name,
         "models": ["tiny-llama"],
-        "source": {"file": str(rows), "layers": [0, 2], "positions": [-1, 0]},
+        "source": {"file": str(data), "layers": [0, 2], "positions": [-1, 0]},
         "target": {"prompt": "Paris is the capital of x", "layers": "all", "positions": [-1]},
         "generation": {"max_new_tokens": 3},
         "execution": {"workers": 2, "batch_size": 4, "cpus_per_worker": 1},
         "output": {"dir": str(tmp_path / "out"), "wandb": {"mode": "offline"}},
-    }))
-    proc = subprocess.run([str(BIN / "patchscope"), "sweep", str(config), "--address", address],
+    }
+    for key, value in changes.items():
+        section, field = key.split("__")
+        cfg[section][field] = value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_sweep_on_a_two_node_cluster_finishes_with_all_cells(tmp_path, two_node_cluster):
+    info, env, cluster = two_node_cluster
+    config = _config(tmp_path, "tiny-two-node", "prompt,answer\nParis,France\nPython,language\nThe quick brown fox,fox\n")
+    proc = subprocess.run([str(BIN / "patchscope"), "sweep", str(config), "--address", info["address"]],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "ray: 2 node(s), 2 CPUs" in proc.stdout
@@ -137,7 +118,48 @@ def test_sweep_on_a_two_node_cluster_finishes_with_all_cells(tmp_path, two_node_
         for tl in range(4)
     }
     assert set(df.ref_answer) == {"France", "language", "fox"}
-    # each node had one CPU, so each of the two workers ran on its own node
-    assert df["worker_node"].nunique() == 2
     assert "48 of 48 cells stored" in proc.stdout
     assert (tmp_path / "out" / "heatmap_tiny-llama_source_x_target_layer.png").is_file()
+    # A test cluster with authentication off must be reachable from this machine only.
+    listening = _listening(cluster)
+    assert "gcs_server" in listening and "raylet" in listening, listening
+    assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for ips in listening.values() for ip in ips), listening
+
+
+def test_a_node_lost_in_the_middle_of_a_sweep_costs_no_cell(tmp_path, two_node_cluster):
+    """The second node's raylet is killed while its worker holds tasks. Ray declares the node
+    dead and would queue those tasks for an actor that can never be placed again (the head's only
+    CPU is taken): the sweep moves them to the live worker and finishes with every cell once."""
+    info, env, _ = two_node_cluster
+    head, second = info["nodes"]
+    rows = "prompt,answer\n" + "".join(f"Entity number {i},{i}\n" for i in range(60))
+    config = _config(tmp_path, "tiny-node-lost", rows, source__positions=[-1], target__layers="same",
+                     generation__max_new_tokens=60, execution__placement_timeout_s=120)
+    out = tmp_path / "out"
+    log = tmp_path / "sweep.log"
+    sweep = subprocess.Popen([str(BIN / "patchscope"), "sweep", str(config), "--address", info["address"]],
+                             env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:  # until the second node's worker has stored something
+            assert sweep.poll() is None, f"the sweep ended before the second node worked:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            df = ResultStore(out).read()
+            if not df.empty and second["node_id"] in set(df["worker_node"]):
+                break
+            time.sleep(0.2)
+        os.kill(second["raylet_pid"], signal.SIGKILL)
+        killed_at = len(df)
+        sweep.wait(timeout=300)
+    finally:
+        if sweep.poll() is None:
+            os.killpg(sweep.pid, signal.SIGKILL)
+            sweep.wait(timeout=30)
+    text = log.read_text()
+    assert sweep.returncode == 0, text[-3000:]
+    assert "worker 2 of tiny-llama lost (" in text or "worker 1 of tiny-llama lost (" in text, text[-3000:]
+    df = ResultStore(out).read()
+    assert len(df) == 120 and df["cell_id"].is_unique  # 60 rows x 2 layers
+    assert killed_at < 120, "the node was killed after the work was done"
+    assert set(df["worker_node"]) == {head["node_id"], second["node_id"]}
+    assert "120 of 120 cells stored" in text

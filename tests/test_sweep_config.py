@@ -212,6 +212,32 @@ def test_grid_cells_have_deterministic_distinct_ids_and_cover_the_product():
     assert not {c.cell_id for c in cells} & {c.cell_id for c in longer}
 
 
+def test_grid_is_counted_without_expanding_and_expanded_lazily_with_the_same_ids():
+    """count_cells / count_tasks agree with the expanded grid, rows given twice count once, and
+    a cell's id is still the digest of the JSON list it always was (stored results resume)."""
+    import hashlib
+
+    from sweeps.grid import Cell, count_cells, count_tasks, count_todo, iter_cells, iter_tasks
+
+    cfg = _with(source__prompts=["Paris", "The quick brown fox", "Paris"], source__positions="all",
+                target__layers=[0, 3], target__positions=[-1, -2])
+    config, rows, cells = _grid(cfg)
+    plans = check_against_models(config, rows)
+    ids = [c.cell_id for c in cells]
+    assert len(ids) == len(set(ids)) == count_cells(config, rows, plans)
+    assert count_tasks(config, rows, plans) == len(make_tasks(cells, 4)) == len(list(iter_tasks(iter(cells), 4)))
+    assert [t.task_id for t in iter_tasks(iter_cells(config, rows, plans), 4)] == [t.task_id for t in make_tasks(cells, 4)]
+    stored = set(ids[::3])
+    todo = count_todo(config, rows, plans, stored)
+    assert sum(c for c, _ in todo.values()) == len(ids) - len(stored)
+    assert [c.cell_id for c in iter_cells(config, rows, plans, skip=stored)] == [i for i in ids if i not in stored]
+    with_refs = Cell("m", 'Pàris "q" \u2603', 1, -1, "tgt\n x", 2, -3, 0, (("a", "b"), ("k", None)), "g")
+    for c in cells[:20] + [with_refs]:
+        old = json.dumps([c.model, c.source_prompt, c.source_layer, c.source_position, c.target_prompt, c.target_layer,
+                          c.target_position, [list(r) for r in c.refs], c.generation_key], sort_keys=True, default=str)
+        assert c.cell_id == hashlib.sha256(old.encode()).hexdigest()[:16]
+
+
 def test_target_layers_same_pairs_each_source_layer_with_itself():
     _, _, cells = _grid(_with(source__layers="all"))
     assert all(c.target_layer == c.source_layer for c in cells)
@@ -332,6 +358,24 @@ def test_ray_cluster_yaml_is_valid_for_the_cluster_launcher():
     assert any(str(src).strip() in (".", "./") for src in cluster["file_mounts"].values())
 
 
+def test_ray_cluster_yaml_keeps_token_auth_and_opens_no_ray_port():
+    """Every node runs with Ray token auth, and nothing but SSH is open to the internet: no
+    extra inbound rules to 0.0.0.0/0 beside Ray's default SSH one, no own security groups that
+    would replace Ray's, no dashboard bound to every interface."""
+    cluster = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = " ".join(c for c in cluster[key] if "ray start" in c)
+        assert "RAY_AUTH_MODE=token" in start and "dashboard-host" not in start, key
+    assert "~/.ray/auth_token" in cluster["file_mounts"], "the token reaches every node"
+    for rule in cluster["provider"].get("security_group", {}).get("IpPermissions", []):
+        public = [r.get("CidrIp") for r in rule.get("IpRanges", [])] + [r.get("CidrIpv6") for r in rule.get("Ipv6Ranges", [])]
+        if {"0.0.0.0/0", "::/0"} & set(public):
+            assert rule.get("FromPort") == rule.get("ToPort") == 22, rule
+    for name, node_type in cluster["available_node_types"].items():
+        assert "SecurityGroupIds" not in node_type["node_config"], name
+        assert not node_type["node_config"].get("NetworkInterfaces"), name
+
+
 def test_report_on_a_directory_without_results_names_the_field(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith(f"error: dir: {tmp_path} holds no sweep results")
@@ -351,10 +395,17 @@ def test_unquoted_slice_in_yaml_is_a_slice_not_a_base_60_number(tmp_path):
     ("cluster_gpu.yaml", "810 cells in 14 tasks"),  # every layer x every token of 8 entities (27 tokens)
 ])
 def test_file_examples_dry_run_from_anywhere(capsys, monkeypatch, tmp_path, example, expected):
+    import torch
+
     monkeypatch.chdir(tmp_path)  # their source.file is found beside the config
-    assert cli.main(["sweep", str(ROOT / "sweeps" / "examples" / example), "--dry-run"]) == 0
-    out = capsys.readouterr().out
-    assert "8 prompt row(s)" in out and expected in out
+    config = load_config(ROOT / "sweeps" / "examples" / example)
+    # the cluster example asks for GPUs: on a machine without them, a run here would refuse, and so does the dry run
+    runs_here = config.execution.gpus_per_worker <= torch.cuda.device_count()
+    assert cli.main(["sweep", str(ROOT / "sweeps" / "examples" / example), "--dry-run"]) == (0 if runs_here else 2)
+    captured = capsys.readouterr()
+    assert "8 prompt row(s)" in captured.out and expected in captured.out
+    if not runs_here:
+        assert captured.err.startswith("error: execution.gpus_per_worker: 0.5 GPU per worker, but this machine has 0")
     assert not list(tmp_path.iterdir()), "a dry run writes nothing"
 
 
