@@ -135,6 +135,7 @@ class Engine:
         self.top_k = top_k
         self.counts: Counter = Counter()  # runs per purpose ("clean": clean baselines, "trace_*": tracing)
         self._clean: dict[tuple, _Output] = {}  # clean baselines by (prompt, answer, max_new_tokens)
+        self.share_prefixes = True  # rows of one prompt compute the prefix no intervention touches once
 
     # ------------------------------------------------------------------ interventions
 
@@ -222,7 +223,7 @@ class Engine:
         position per row, which columns are real tokens, and the step (0 = prefill)."""
         rows = self._ids(prompts)
         batch = [ResolvedRun(None, r, (), (), max_new_tokens) for r in rows]
-        return [o.generated for o in self._generate(batch, self._hooks(hooks))]
+        return [o.generated for o in self._generate(batch, self._hooks(hooks), share_prefix=False)]
 
     @torch.no_grad()
     def run_with_hooks(self, prompts: Sequence[str | Sequence[int]], hooks: Sequence[tuple[str | Site, HookFn]]) -> list[torch.Tensor]:
@@ -267,11 +268,32 @@ class Engine:
             out.timings = {"batch_generate_s": t1 - t0, "batch_score_s": t2 - t1, "batch_size": float(len(batch))}
         return outputs
 
-    def _generate(self, batch: Sequence[ResolvedRun], hooks) -> list[_Output]:
+    def _shared_prefix(self, batch: Sequence[ResolvedRun], ids: torch.Tensor):
+        """The KV cache of the prompt positions every row shares and no intervention touches, for
+        the whole batch (or None): rows of one target prompt patched late compute their common
+        prefix once (a Patchscope grid's rows mostly share the target prompt)."""
+        first = batch[0].prompt_ids
+        if not self.share_prefixes or not self.decoding.use_cache or len(batch) < 2 \
+                or any(r.prompt_ids != first for r in batch):
+            return None
+        k = len(first) - 1  # the last prompt token stays in the prefill: it gives the first token's logits
+        for r in batch:
+            for iv in r.interventions:
+                p = iv.positions
+                k = min(k, 0 if p.prompt else min(p.indices, default=k))
+        if k < 1:
+            return None
+        cache = self.modules(input_ids=ids[:1, :k], use_cache=True, logits_to_keep=1).past_key_values
+        cache.batch_repeat_interleave(len(batch))
+        self.counts["shared_prefix_tokens"] += k * (len(batch) - 1)
+        return cache
+
+    def _generate(self, batch: Sequence[ResolvedRun], hooks, share_prefix: bool = True) -> list[_Output]:
         from transformers import GenerationConfig
 
         tok, dec = self.model.tokenizer, self.decoding
         ids, mask, pads = left_pad([r.prompt_ids for r in batch], tok.pad_token_id, input_device(self.model))
+        prefix = self._shared_prefix(batch, ids) if share_prefix else None
         m = ids.shape[1]
         max_new = max(r.max_new_tokens for r in batch)
         sampling = dict(temperature=dec.temperature, top_k=dec.top_k, top_p=dec.top_p) if dec.do_sample else {}
@@ -292,7 +314,8 @@ class Engine:
             try:
                 if dec.seed is not None:
                     torch.manual_seed(dec.seed)
-                sequences = modules.generate(ids, attention_mask=mask, generation_config=config)
+                sequences = modules.generate(ids, attention_mask=mask, generation_config=config,
+                                             **({"past_key_values": prefix} if prefix is not None else {}))
             finally:
                 handle.remove()
                 modules.generation_config = generation_config
