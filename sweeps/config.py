@@ -207,7 +207,26 @@ class ExecutionConfig(_Strict):
     workers: int = Field(2, ge=1, description="Ray actors per model, each holding the model for its lifetime")
     batch_size: int = Field(16, ge=1, description="cells per task (and per generate batch)")
     gpus_per_worker: float = Field(0, ge=0, description="0: CPU; fractional shares a GPU; >1 spreads the model")
-    cpus_per_worker: float = Field(1, gt=0)
+    cpus_per_worker: float | Literal["auto"] = Field(
+        "auto", description="CPUs (and torch threads) per worker; auto: a local sweep shares the machine's cores "
+                            "among the workers, a sweep that joins a cluster asks 1")
+
+    @field_validator("cpus_per_worker", mode="after")
+    @classmethod
+    def _cpus(cls, v: Any) -> Any:
+        if v != "auto" and v <= 0:
+            raise ValueError(f"expected 'auto' or a number > 0, got {v!r}")
+        return v
+
+    def resolved(self, local: bool) -> "ExecutionConfig":
+        """These settings with cpus_per_worker a number: auto gives each of a local sweep's
+        workers its share of this machine's cores (at least 1), and 1 on a cluster joined."""
+        if self.cpus_per_worker != "auto":
+            return self
+        import os
+
+        cpus = max(1, (os.cpu_count() or 1) // self.workers) if local else 1
+        return self.model_copy(update={"cpus_per_worker": cpus})
     max_in_flight_per_worker: int = Field(2, ge=1, description="tasks queued on one actor at once (back-pressure)")
     device_map: str | None = Field(None, description="accelerate device map; default 'auto' when gpus_per_worker > 1")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"

@@ -204,6 +204,8 @@ def _dry_run(config, rows, plans, n_cells: int, store: ResultStore, restart: boo
 
 def main(args) -> int:
     config, rows, plans, n_cells, context = plan(args.config)
+    address = args.address or os.environ.get("RAY_ADDRESS")  # set by `ray job submit`
+    config = config.model_copy(update={"execution": config.execution.resolved(local=not address)})
     if args.dry_run:
         _describe(config, rows, plans, n_cells, context)
     chash = config_hash(config, rows, context)
@@ -211,7 +213,6 @@ def main(args) -> int:
     # Everything the run would refuse (a dry run too: it says what the run would do), before
     # anything starts or is written.
     store.check(chash, restart=args.restart)
-    address = args.address or os.environ.get("RAY_ADDRESS")  # set by `ray job submit`
     if address:
         _check_reachable(address)
     else:

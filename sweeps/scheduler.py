@@ -3,7 +3,8 @@
 The driver hands `run_model` the tasks of one model (an iterator, read lazily) and a callback
 for each finished task. Between them:
 - An actor gets work only once it has answered `ready()`: it is placed on a node and holds its
-  model. One that has not answered within `execution.placement_timeout_s` is reported once
+  model. Tasks go one at a time to the least loaded ready actor (`pick`), and while another actor
+  may still start, a ready one holds a single task, so no actor waits on another's queue. One that has not answered within `execution.placement_timeout_s` is reported once
   ("waiting for resources: ...") and gets nothing until it answers; the others take its share.
 - A task whose actor is lost goes back to the front of the queue and runs again on a live
   actor, at most `execution.max_task_retries` times (-1: always). An actor is lost when a task
@@ -64,6 +65,16 @@ class _Work:
     def drain(self) -> Iterator[Task]:
         while self:
             yield self.pop()
+
+
+def pick(actors: list[_Actor], max_in_flight: int) -> _Actor | None:
+    """The actor the next task goes to: the least loaded ready one (round robin among equals).
+    While another actor may still start (it is loading its model), a ready actor holds one task
+    at most, so the late one is not left with nothing to do."""
+    others_may_start = any(not a.ready and not a.dead and not a.reported for a in actors)
+    cap = 1 if others_may_start else max_in_flight
+    free = [a for a in actors if a.ready and len(a.tasks) < cap]
+    return min(free, key=lambda a: (len(a.tasks), a.number)) if free else None
 
 
 def _why(exc: BaseException) -> str:
@@ -162,12 +173,11 @@ def run_model(model: str, tasks: Iterator[Task], n_workers: int, ex, settings: d
             done(task, output)
 
     def fill() -> None:
-        for a in sorted((a for a in actors if a.ready), key=lambda a: len(a.tasks)):
-            while work and len(a.tasks) < ex.max_in_flight_per_worker:
-                task = work.pop()
-                ref = a.handle.run.remote(task.payload())
-                in_flight[ref] = (a, task)
-                a.tasks.add(ref)
+        while work and (a := pick(actors, ex.max_in_flight_per_worker)) is not None:
+            task = work.pop()
+            ref = a.handle.run.remote(task.payload())
+            in_flight[ref] = (a, task)
+            a.tasks.add(ref)
 
     try:
         for a in actors:
