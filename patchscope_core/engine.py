@@ -136,6 +136,7 @@ class Engine:
         self.counts: Counter = Counter()  # runs per purpose ("clean": clean baselines, "trace_*": tracing)
         self._clean: dict[tuple, _Output] = {}  # clean baselines by (prompt, answer, max_new_tokens)
         self.share_prefixes = True  # rows of one prompt compute the prefix no intervention touches once
+        self.batch_tokens: int | None = None  # a batch holds at most this many tokens (rows x longest sequence)
 
     # ------------------------------------------------------------------ interventions
 
@@ -238,14 +239,44 @@ class Engine:
     # ------------------------------------------------------------------ batches
 
     def execute(self, resolved: Sequence[ResolvedRun], actions: Sequence[Sequence[Action]], batch_size: int) -> list[_Output]:
-        """Outputs of resolved runs, batched by prompt length; results in input order."""
+        """Outputs of resolved runs, batched by prompt length (at most batch_size rows, and at most
+        `batch_tokens` tokens when set); results in input order. A batch that runs out of memory
+        is halved and the halves run instead."""
         order = sorted(range(len(resolved)), key=lambda i: len(resolved[i].prompt_ids) + len(resolved[i].answer_ids))
         outputs: list[_Output | None] = [None] * len(resolved)
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            for i, out in zip(idx, self._batch([resolved[i] for i in idx], [actions[i] for i in idx])):
+        for idx in self._cut(order, resolved, batch_size):
+            for i, out in zip(idx, self._halving([resolved[i] for i in idx], [actions[i] for i in idx])):
                 outputs[i] = out
         return outputs  # type: ignore[return-value]
+
+    def _cut(self, order: list[int], resolved: Sequence[ResolvedRun], batch_size: int) -> list[list[int]]:
+        """Batches of rows in `order`: batch_size rows at most, and rows x their longest sequence
+        (prompt + answer or generated tokens) within batch_tokens."""
+        batches: list[list[int]] = []
+        current: list[int] = []
+        longest = 0
+        for i in order:
+            r = resolved[i]
+            length = len(r.prompt_ids) + max(len(r.answer_ids), r.max_new_tokens)
+            over = self.batch_tokens is not None and (len(current) + 1) * max(longest, length) > self.batch_tokens
+            if current and (len(current) >= batch_size or over):
+                batches.append(current)
+                current, longest = [], 0
+            current.append(i)
+            longest = max(longest, length)
+        return batches + ([current] if current else [])
+
+    def _halving(self, batch: Sequence[ResolvedRun], actions: Sequence[Sequence[Action]]) -> list[_Output]:
+        try:
+            return self._batch(batch, actions)
+        except Exception as exc:  # noqa: BLE001 - only running out of memory is handled here
+            if not _out_of_memory(exc) or len(batch) == 1:
+                raise
+        self.counts["oom_halved"] += 1
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = len(batch) // 2
+        return self._halving(batch[:half], actions[:half]) + self._halving(batch[half:], actions[half:])
 
     def _dispatch_hooks(self, batch: Sequence[ResolvedRun], actions: Sequence[Sequence[Action]]) -> list[tuple[ResolvedSite, HookFn]]:
         by_site: dict[str, list[tuple[int, ResolvedIntervention, Action]]] = defaultdict(list)
@@ -368,6 +399,14 @@ class Engine:
             for b, i in enumerate(idx):
                 out[i] = logits[b, pads[b]:]
         return out  # type: ignore[return-value]
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """An allocation failure of the accelerator or of the host."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 def replace_eos(generation_config):

@@ -206,6 +206,8 @@ class GenerationConfig(_Strict):
 class ExecutionConfig(_Strict):
     workers: int = Field(2, ge=1, description="Ray actors per model, each holding the model for its lifetime")
     batch_size: int = Field(16, ge=1, description="cells per task (and per generate batch)")
+    batch_tokens: int | None = Field(None, ge=1, description="a generate batch holds at most this many tokens "
+                                                             "(rows x longest prompt + new tokens); default: no limit")
     gpus_per_worker: float = Field(0, ge=0, description="0: CPU; fractional shares a GPU; >1 spreads the model")
     cpus_per_worker: float | Literal["auto"] = Field(
         "auto", description="CPUs (and torch threads) per worker; auto: a local sweep shares the machine's cores "

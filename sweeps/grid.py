@@ -240,6 +240,7 @@ def worker_settings(config: SweepConfig) -> dict[str, Any]:
         "decoding": {f: getattr(decoding, f) for f in ("do_sample", "temperature", "top_p", "seed", "stop_at_eos")},
         "top_k": gen.top_logprobs,
         "batch_size": ex.batch_size,
+        "batch_tokens": ex.batch_tokens,
         "gpus_per_worker": ex.gpus_per_worker,
         "cpus_per_worker": ex.cpus_per_worker,
         "device_map": ex.device_map,

@@ -93,3 +93,46 @@ def test_own_hooks_never_skip_a_prefix(tiny_models):
                                [("blocks.0.hook_resid_post", lambda x, ctx: seen.append(ctx.positions[0].tolist()))],
                                max_new_tokens=2)
     assert seen[0][0] == 0 and engine.counts["shared_prefix_tokens"] == 0
+
+
+def test_a_batch_that_runs_out_of_memory_is_halved_with_the_same_results(tiny_models):
+    """Out of memory is injected in the model's own forward pass for batches of more than 3 rows."""
+    model = tiny_models["tiny-llama"]
+    runs = [InterventionRun(p, [Intervention(Site("blocks.1.attn.hook_z", head=h), Zero(), "all")], answer=" Paris",
+                            max_new_tokens=5) for p in SOURCES for h in range(3)]
+    want = Engine(model, decoding=Decoding(stop_at_eos=False)).run_interventions(runs, batch_size=16, clean=False)
+    engine = Engine(model, decoding=Decoding(stop_at_eos=False))
+
+    def limited_memory(module, args, kwargs):
+        if kwargs["input_ids"].shape[0] > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+
+    handle = engine.modules.register_forward_pre_hook(limited_memory, with_kwargs=True)
+    try:
+        got = engine.run_interventions(runs, batch_size=16, clean=False)
+        assert engine.counts["oom_halved"] >= 3  # 12 rows -> 6 + 6 -> 3 + 3 + 3 + 3
+        for x, y in zip(got, want):
+            assert x.generated_token_ids == y.generated_token_ids
+            assert x.answer_logprob == pytest.approx(y.answer_logprob, abs=1e-5)
+        handle.remove()
+        handle = engine.modules.register_forward_pre_hook(
+            lambda m, a, k: (_ for _ in ()).throw(torch.OutOfMemoryError("out of memory (injected)")), with_kwargs=True)
+        with pytest.raises(torch.OutOfMemoryError):  # a single row that does not fit is an error, not a loop
+            engine.run_interventions(runs[:1], clean=False)
+    finally:
+        handle.remove()
+
+
+def test_a_token_budget_cuts_batches_by_their_size_not_their_rows(tiny_models, monkeypatch):
+    model = tiny_models["tiny-gpt2"]
+    engine = PatchscopeEngine(model, decoding=Decoding(stop_at_eos=False))
+    sizes = []
+    real = Engine._batch
+    monkeypatch.setattr(Engine, "_batch", lambda self, b, a: sizes.append(len(b)) or real(self, b, a))
+    want = engine.run(grid(), batch_size=16)
+    assert sizes == [16]
+    sizes.clear()
+    engine.batch_tokens = 4 * (len(want[0].target_token_ids) + 8)  # four rows of the longest sequence
+    got = engine.run(grid(), batch_size=16)
+    assert sizes == [4, 4, 4, 4]
+    assert [r.generated_token_ids for r in got] == [r.generated_token_ids for r in want]

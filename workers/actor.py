@@ -53,8 +53,8 @@ def choose_device(gpus_per_worker: float, device_map: str | None) -> tuple[str |
 class PatchscopeWorker:
     """Holds `model` (loaded once, in __init__) and runs tasks of that model.
 
-    settings (plain data): decoding (Decoding's fields), top_k, batch_size, gpus_per_worker,
-    cpus_per_worker, device_map, dtype.
+    settings (plain data): decoding (Decoding's fields), top_k, batch_size, batch_tokens,
+    gpus_per_worker, cpus_per_worker, device_map, dtype.
     """
 
     def __init__(self, model: str, settings: dict[str, Any]) -> None:
@@ -72,6 +72,7 @@ class PatchscopeWorker:
         self.engine = PatchscopeEngine(
             self.model, name=model, decoding=Decoding(**settings["decoding"]), top_k=settings["top_k"]
         )
+        self.engine.batch_tokens = settings.get("batch_tokens")  # and a batch out of memory is halved
         self.where = {
             "worker_node": _node_id(),
             "worker_pid": os.getpid(),
