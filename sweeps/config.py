@@ -227,7 +227,7 @@ class ExecutionConfig(_Strict):
             return self
         import os
 
-        cpus = max(1, (os.cpu_count() or 1) // self.workers) if local else 1
+        cpus = float(max(1, (os.cpu_count() or 1) // self.workers) if local else 1)
         return self.model_copy(update={"cpus_per_worker": cpus})
     max_in_flight_per_worker: int = Field(2, ge=1, description="tasks queued on one actor at once (back-pressure)")
     device_map: str | None = Field(None, description="accelerate device map; default 'auto' when gpus_per_worker > 1")
