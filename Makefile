@@ -26,8 +26,11 @@ demo: $(STAMP)
 	$(VENV)/bin/patchscope sweep sweeps/examples/entity_description.yaml
 
 bench: $(STAMP)
+	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) benchmarks/bench_generation.py
 	$(PY) benchmarks/bench_interventions.py
+	$(PY) benchmarks/bench_tracing.py
+	$(PY) benchmarks/bench_throughput.py
 
 clean:
 	rm -rf $(VENV) runs
