@@ -22,7 +22,7 @@ RESULT_COLUMNS = (
     "generated_token_ids", "generated_text", "top_token_ids", "top_logprobs", "max_new_tokens",
 )
 # Which task and worker computed it (timings follow as time_<name>).
-RUN_COLUMNS = ("task_id", "worker_node", "worker_pid", "worker_device", "time_task_s")
+RUN_COLUMNS = ("task_id", "worker_node", "worker_pid", "worker_device", "worker_peak_mb", "time_task_s")
 # What a person reads (W&B tables, results.csv), in this order; ref_<name> and match_<name> follow.
 TABLE_COLUMNS = (
     "cell_id", "model", "source_prompt", "source_layer", "source_position", "target_layer",

@@ -136,3 +136,27 @@ def test_a_token_budget_cuts_batches_by_their_size_not_their_rows(tiny_models, m
     got = engine.run(grid(), batch_size=16)
     assert sizes == [4, 4, 4, 4]
     assert [r.generated_token_ids for r in got] == [r.generated_token_ids for r in want]
+
+
+def test_bfloat16_runs_the_same_paths_close_to_float32():
+    """No GPU here: the dtype paths a GPU run takes (bfloat16 weights, float32 source vectors and
+    statistics written into bfloat16 activations) run on the CPU and stay close to float32."""
+    from patchscope_core import Mean, load_model
+
+    half = load_model("tiny-llama", device="cpu", dtype=torch.bfloat16)
+    full = load_model("tiny-llama", device="cpu")
+    assert next(half.original_model.parameters()).dtype == torch.bfloat16
+    specs = grid(n_new=4)[:6]
+    a = PatchscopeEngine(half, decoding=Decoding(stop_at_eos=False)).run(specs)
+    b = PatchscopeEngine(full, decoding=Decoding(stop_at_eos=False)).run(specs)
+    for x, y in zip(a, b):  # bfloat16 keeps 8 bits of mantissa: near-ties may swap, nothing more
+        assert x.top_token_ids[0] in y.top_token_ids
+        assert y.top_logprobs[y.top_token_ids.index(x.top_token_ids[0])] >= y.top_logprobs[0] - 0.25
+        assert x.top_logprobs[0] == pytest.approx(y.top_logprobs[0], abs=0.25)
+    runs = [InterventionRun("Paris is the capital of France.", [Intervention(Site("blocks.1.hook_mlp_out"),
+                                                                             Mean(reference=tuple(SOURCES)), "all")],
+                            answer=" Paris", max_new_tokens=3)]
+    (h,) = Engine(half).run_interventions(runs)
+    (f,) = Engine(full).run_interventions(runs)
+    assert h.answer_logprob == pytest.approx(f.answer_logprob, abs=0.5)
+    assert h.answer_logprob != pytest.approx(h.clean_answer_logprob, abs=1e-3)  # the intervention acted

@@ -106,9 +106,21 @@ def run_task(engine: PatchscopeEngine, payload: dict[str, Any], batch_size: int,
     return {
         "task_id": payload["task_id"],
         "records": records,
-        "worker": dict(where or {}),
+        "worker": {**(where or {}), "worker_peak_mb": peak_memory_mb()},
         "time_task_s": time.perf_counter() - t0,
     }
+
+
+def peak_memory_mb() -> float:
+    """The worker's peak memory so far: what the accelerator allocated at most, or on the CPU
+    the process's peak resident size."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def trace_record(engine, payload: dict[str, Any], batch_size: int) -> dict[str, Any]:
