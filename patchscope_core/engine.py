@@ -4,7 +4,7 @@
 returns, per run: the generated tokens, the first token's top-k, the answer's teacher-forced
 log-probabilities, and the clean baseline of the same prompt (computed once per distinct
 prompt). Rows of one batch may differ in prompt, site, kind, indices, positions and values:
-one hook per (module, side) dispatches the rows (`interventions.dispatch`).
+one hook per (module, side) dispatches the rows (`dispatch.py`).
 
 The hard point (docs/interventions.md): with the KV cache on, the prefill sees the whole
 left-padded prompt and every later step one new token. Hooks learn the absolute position of
@@ -28,8 +28,9 @@ import torch
 
 from .errors import PatchscopeError
 from .hooks import HookFn, hooked, left_pad, position_ids_from_mask
+from .dispatch import dispatch
 from .interventions import (Action, Intervention, InterventionRun, Positions, Replace, ResolvedIntervention,
-                            ResolvedRun, dispatch, resolve_run)
+                            ResolvedRun, resolve_run)
 from .models import ModelInfo, info_of
 from .readings import SiteReader, input_device
 from .sites import ResolvedSite, Site, plain_modules, resid_post, resolve_site

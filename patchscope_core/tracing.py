@@ -32,7 +32,8 @@ import torch
 
 from .errors import PatchscopeError
 from .hooks import hooked, position_ids_from_mask
-from .interventions import Action, Intervention, Noise, Positions, Resample, ResolvedIntervention, dispatch
+from .dispatch import dispatch
+from .interventions import Action, Intervention, Noise, Positions, Resample, ResolvedIntervention
 from .models import ModelInfo
 from .readings import input_device
 from .sites import ResolvedSite, Site, resolve_site
