@@ -219,6 +219,14 @@ def test_multi_hop_probes(tmp_path):
                        for role, src in (("patchscope", "Who is the CEO of"), ("control", "The capital city of"))
                        for l in (0, 1)]
     assert all(p.expected == "Satya Nadella" for p in probes if p.role != "hop1")
+    framed = MultiHop((0,), (2,), 20, "Q: {second_hop}", "{first_hop}?\nA:", "Q: What is {first_hop}?\nA:",
+                      "Q: {second_hop} {bridge}?\nA:").probes(1, rows[1], None)
+    assert {p.role: p.prompt for p in framed if p.method == "plain"} == {
+        "hop1": "Q: What is the country of the Colosseum?\nA:", "hop2": "Q: The capital city of Italy?\nA:",
+        "vanilla": "Q: The capital city of the country of the Colosseum?\nA:"}
+    assert [(p.role, p.source.prompt, p.target.prompt) for p in framed if p.method == "patchscope"] == [
+        ("patchscope", "Q: The capital city of", "the country of the Colosseum?\nA:"),
+        ("control", "Q: Who is the CEO of", "the country of the Colosseum?\nA:")]
 
 
 def test_probes_travel_as_plain_data():
