@@ -46,7 +46,7 @@ def _plt():
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=110)
     _plt().close(fig)
     return path
 
@@ -161,17 +161,19 @@ def attribute_extraction(df: pd.DataFrame, model: str, out: Path) -> dict[str, P
 
 
 def entity_description(df: pd.DataFrame, model: str, out: Path) -> dict[str, Path]:
-    if df["target_layer"].nunique() > 1 and (df["target_layer"] != df["source_layer"]).any():
+    key = f"recipe_{_safe(model)}_entity_description"
+    table = df.groupby(["source_layer", "target_layer"]).agg(rouge_l=("score", "mean"),
+                                                             control_rouge_l=("control_score", "mean"),
+                                                             entities=("score", "size")).reset_index()
+    table.to_csv(out / f"{key}.csv", index=False)
+    if (df["target_layer"] != df["source_layer"]).any():  # a grid of (l, l*)
         fig, ax = _plt().subplots(figsize=(6.5, 5))
         _heat(ax, _grid(df), f"{model}: entity description RougeL", vmax=float(df["score"].max() or 1))
-        key = f"recipe_{_safe(model)}_entity_description"
-        return {key: _save(fig, out / f"{key}.png")}
-    table = df.groupby("source_layer").agg(rouge_l=("score", "mean"), control_rouge_l=("control_score", "mean"),
-                                           entities=("score", "size")).reset_index()
+        return {key: _save(fig, out / f"{key}.png"), f"{key}_table": out / f"{key}.csv"}
     plt = _plt()
     entities = list(dict.fromkeys(df.sort_values("row")["subject"]))
     layers = sorted(df["source_layer"].unique())
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(8, 1.1 * len(layers)), 3.2 + 0.42 * len(entities)),
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(min(16, max(8, 0.55 * len(layers))), 3 + 0.3 * len(entities)),
                                    gridspec_kw={"height_ratios": [1, max(1.5, len(entities) / 6)]})
     ax1.plot(table["source_layer"], table["rouge_l"], marker="o", ms=3, label="Patchscope description vs reference")
     ax1.plot(table["source_layer"], table["control_rouge_l"], marker="o", ms=3, ls="--",
@@ -184,13 +186,11 @@ def entity_description(df: pd.DataFrame, model: str, out: Path) -> dict[str, Pat
     text = df.set_index(["subject", "source_layer"])["generated_text"]
     for i, e in enumerate(entities):
         for j, l in enumerate(layers):
-            note = textwrap.shorten(description_of(text.get((e, l), "")), 24, placeholder="…")
-            ax2.text(j, i, _literal(note), ha="center", va="center", fontsize=5, color="white")
+            note = textwrap.shorten(description_of(text.get((e, l), "")), 22, placeholder="…")
+            ax2.text(j, i, _literal(note), ha="center", va="center", fontsize=3.6, color="white")
     ax2.set_xticks(range(len(layers)), [str(int(l)) for l in layers], fontsize=7)
     ax2.set_yticks(range(len(entities)), [_literal(e) for e in entities], fontsize=7)
     ax2.set_xlabel("layer l (l* = l); colour: RougeL, text: the description generated")
-    key = f"recipe_{_safe(model)}_entity_description"
-    table.to_csv(out / f"{key}.csv", index=False)
     return {key: _save(fig, out / f"{key}.png"), f"{key}_table": out / f"{key}.csv"}
 
 
