@@ -181,6 +181,9 @@ def test_attribute_extraction_rows_and_probes_from_the_lre_data():
     assert all(p.target.positions == (-1,) for p in first[:4])
     assert all(p.expected == rows[0]["object"] and p.control == rows[0]["control"] for p in first)
     assert (first[-1].method, first[-1].role, first[-1].prompt) == ("plain", "question", rows[0]["question"])
+    everything = load_lre(LRE, ["country_capital_city"])
+    objects = {r["subject"]: r["object"] for r in everything}
+    assert len(everything) == 24 and objects["Colombia"] == "Bogotá"  # stored as 'Bogot\u00e1'
     with pytest.raises(PatchscopeError, match="relations: no relation 'capitals'"):
         load_lre(LRE, ["capitals"])
 

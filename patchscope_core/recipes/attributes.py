@@ -19,6 +19,7 @@ from __future__ import annotations
 import ast
 import csv
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
@@ -27,6 +28,11 @@ from ..errors import PatchscopeError
 from ..spec import Source, Target
 from .metrics import shuffled_labels
 from .probes import Probe, Recipe
+
+
+def _unescape(text: str) -> str:
+    """Some objects are stored with JSON escapes (`Bogot\\u00e1`): the characters they stand for."""
+    return re.sub(r"\\u([0-9a-fA-F]{4})", lambda m: chr(int(m.group(1), 16)), text)
 
 
 def _relation_file(root: Path, relation: str, field_name: str) -> Path:
@@ -62,7 +68,7 @@ def load_lre(root: str | Path, relations: Sequence[str], subjects: int | None = 
                 target = rec["prompt_target"]
                 if not target.endswith(" x"):
                     raise PatchscopeError(f"{field_name}: {path.name}: prompt_target {target!r} does not end in ' x'")
-                rows.append({"relation": relation, "subject": subject, "object": rec["object"],
+                rows.append({"relation": relation, "subject": subject, "object": _unescape(rec["object"]),
                              "source": "".join(ast.literal_eval(rec["source_cropped_toks"])), "target": target,
                              "question": target[:-1] + subject, "ask": k == 0})
         mine = rows[start:]
