@@ -203,8 +203,8 @@ def multihop_summary(df: pd.DataFrame) -> tuple[pd.DataFrame, set]:
     right = {r for r in rows if hop["hop1"].get(r, 0) > 0 and hop["hop2"].get(r, 0) > 0}
     grid, control = df[df["role"] == "patchscope"], df[df["role"] == "control"]
     on = lambda d: d[d["row"].isin(right)]  # noqa: E731
-    cells = _grid(on(grid)) if right else pd.DataFrame()
-    best = cells.stack() if right else pd.Series(dtype=float)
+    best = _grid(on(grid)).stack() if right else pd.Series(dtype=float)
+    control_best = _grid(on(control)).stack() if right and len(control) else pd.Series(dtype=float)
     summary = pd.DataFrame([{
         "chains": len(rows), "hop1_right": int((hop["hop1"] > 0).sum()), "hop2_right": int((hop["hop2"] > 0).sum()),
         "right_hop_by_hop": len(right), "vanilla_all": float(hop["vanilla"].mean()),
@@ -213,6 +213,7 @@ def multihop_summary(df: pd.DataFrame) -> tuple[pd.DataFrame, set]:
         "patchscope_best_cell_on_right": float(best.max()) if len(best) else float("nan"),
         "best_l": int(best.idxmax()[0]) if len(best) else None, "best_l_star": int(best.idxmax()[1]) if len(best) else None,
         "control_any_cell_on_right": _any(on(control)), "control_any_cell_all": _any(control),
+        "control_best_cell_on_right": float(control_best.max()) if len(control_best) else float("nan"),
     }])
     return summary, right
 
@@ -225,11 +226,11 @@ def multi_hop(df: pd.DataFrame, model: str, out: Path) -> dict[str, Path]:
     fig, axes = _plt().subplots(1, 2, figsize=(11, 4.6))
     _heat(axes[0], _grid(on[on["role"] == "patchscope"]),
           f"CoT Patchscope accuracy on {on['row'].nunique()} {which} (vanilla {s.vanilla_on_right:.2f}; "
-          f"any (l, l*) {s.patchscope_any_cell_on_right:.2f})")
+          f"any (l, l*) {s.patchscope_any_cell_on_right:.2f}; best cell {s.patchscope_best_cell_on_right:.2f})")
     control = on[on["role"] == "control"]
     if len(control):
         _heat(axes[1], _grid(control), f"control: another chain's question patched in (any (l, l*) "
-                                       f"{s.control_any_cell_on_right:.2f})")
+                                       f"{s.control_any_cell_on_right:.2f}; best cell {s.control_best_cell_on_right:.2f})")
     fig.suptitle(f"{model}: multi-hop, {int(s.chains)} chains, {int(s.right_hop_by_hop)} right hop by hop", fontsize=10)
     key = f"recipe_{_safe(model)}_multi_hop"
     summary.to_csv(out / f"{key}.csv", index=False)
@@ -266,8 +267,10 @@ def recipe_summary(df: pd.DataFrame) -> str:
                              f"plain question {s.known_subjects:.2f}; control any {s.control_any_cell:.2f}")
         elif recipe == "multi_hop":
             s = multihop_summary(g)[0].iloc[0]
-            lines.append(f"  {int(s.right_hop_by_hop)} of {int(s.chains)} chains right hop by hop; vanilla {s.vanilla_on_right:.2f}, "
-                         f"CoT Patchscope any (l, l*) {s.patchscope_any_cell_on_right:.2f}, control {s.control_any_cell_on_right:.2f}")
+            lines.append(f"  {int(s.right_hop_by_hop)} of {int(s.chains)} chains right hop by hop; vanilla {s.vanilla_on_right:.2f}; "
+                         f"CoT Patchscope any (l, l*) {s.patchscope_any_cell_on_right:.2f}, best cell "
+                         f"{s.patchscope_best_cell_on_right:.2f}; control any {s.control_any_cell_on_right:.2f}, best cell "
+                         f"{s.control_best_cell_on_right:.2f}")
         else:
             t = g.groupby(["source_layer", "target_layer"])["score"].mean()
             lines += [f"  l={int(l)} l*={int(lt)}: {v:.3f}" for (l, lt), v in t.items()][:40]

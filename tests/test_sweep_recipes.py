@@ -191,6 +191,7 @@ def test_multihop_summary_by_hand():
     assert s["patchscope_any_cell_on_right"] == 0.5 and s["patchscope_any_cell_all"] == pytest.approx(2 / 3)
     assert (s["patchscope_best_cell_on_right"], s["best_l"], s["best_l_star"]) == (0.5, 0, 1)
     assert s["control_any_cell_on_right"] == 0.5 and s["control_any_cell_all"] == pytest.approx(1 / 3)
+    assert s["control_best_cell_on_right"] == 0.5  # (0, 0): chains 0 and 2 score 0 and 1
 
 
 # ---------------------------------------------------------------- end to end on Ray
