@@ -23,7 +23,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -350,22 +350,134 @@ class TraceConfig(_Strict):
         return _parse_positions(v, allow_all=True)
 
 
+# ---------------------------------------------------------------- recipes (kind: recipe)
+
+
+class _RecipeSection(_Strict):
+    """What every recipe section takes (`recipe.name` picks the recipe; patchscope_core.recipes)."""
+
+    seed: int = Field(0, description="orders windows and subjects, and pairs rows for the shuffled-label control")
+
+
+class _CorpusSection(_RecipeSection):
+    corpus: str = Field("pydoc", description="pydoc (CPython's pydoc_data.topics) or a UTF-8 text file")
+    words: int = Field(48, ge=4, description="words per window")
+    windows: int = Field(40, ge=1, description="evaluated windows")
+    fit_windows: int = Field(200, ge=1, description="windows the maps are fitted on, disjoint from the evaluated ones")
+
+
+class TokenIdentityRecipe(_CorpusSection):
+    name: Literal["token_identity"]
+    layers: Any = "all"
+    positions: int = Field(5, ge=1, description="evaluated positions per window")
+    min_context: int = Field(8, ge=0, description="the first evaluated position (BOS counted)")
+    baselines: list[Literal["logit_lens", "tuned_lens"]] = ["logit_lens", "tuned_lens"]
+    target_prompt: str = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
+
+    @field_validator("layers", mode="after")
+    @classmethod
+    def _layers(cls, v: Any) -> Any:
+        return _parse_layers(v, allow_same=False)
+
+
+class CrossModelRecipe(_CorpusSection):
+    name: Literal["cross_model"]
+    source_model: str = Field(description="the model M whose states are read; the sweep's models are the targets M*")
+    source_layers: Any = "all"
+    target_layers: Any = "all"
+
+    @field_validator("source_layers", "target_layers", mode="after")
+    @classmethod
+    def _layers(cls, v: Any) -> Any:
+        return _parse_layers(v, allow_same=False)
+
+
+class AttributeExtractionRecipe(_RecipeSection):
+    name: Literal["attribute_extraction"]
+    data: str = Field("../shared/data/lre-attribute-extraction", description="the LRE data directory")
+    relations: list[str] = Field(min_length=1)
+    subjects: int | None = Field(None, ge=1, description="subjects per relation (default: all)")
+    contexts: int = Field(1, ge=1, description="source contexts per subject")
+    source_layers: Any = "all"
+    target_layers: Any = "all"
+
+    @field_validator("source_layers", "target_layers", mode="after")
+    @classmethod
+    def _layers(cls, v: Any) -> Any:
+        return _parse_layers(v, allow_same=False)
+
+
+class EntityDescriptionRecipe(_RecipeSection):
+    name: Literal["entity_description"]
+    file: str = Field(description="CSV with columns entity, description (and optionally source)")
+    source_template: str = "{entity}"
+    layers: Any = "all"
+    target_layers: Any = "same"
+    target_prompt: str = ("Syria: Country in the Middle East, Leonardo DiCaprio: American actor, Samsung: South Korean "
+                          "multinational major appliance and consumer electronics corporation, x")
+
+    @field_validator("layers", "target_layers", mode="after")
+    @classmethod
+    def _layers(cls, v: Any, info) -> Any:
+        return _parse_layers(v, allow_same=info.field_name == "target_layers")
+
+
+class MultiHopRecipe(_RecipeSection):
+    name: Literal["multi_hop"]
+    file: str = Field(description="CSV with columns first_hop, bridge, second_hop, answer")
+    source_layers: Any = "all"
+    target_layers: Any = "all"
+    source_template: str = Field("{second_hop}", description="the CoT Patchscope's source; the paper's bare phrase")
+    target_template: str = Field("{first_hop}", description="its target; vanilla = source + ' ' + target")
+    hop1_template: str = Field("{first_hop}", description="the plain first-hop question (must name the bridge)")
+    hop2_template: str = Field("{second_hop} {bridge}", description="the plain second-hop question")
+
+    @field_validator("source_template", "target_template", "hop1_template", "hop2_template", mode="after")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        try:
+            v.format(first_hop="", bridge="", second_hop="", answer="")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"a template may use {{first_hop}}, {{bridge}}, {{second_hop}} and {{answer}} only ({exc!r})")
+        return v
+
+    @field_validator("source_layers", "target_layers", mode="after")
+    @classmethod
+    def _layers(cls, v: Any) -> Any:
+        return _parse_layers(v, allow_same=False)
+
+
+RECIPE_SECTIONS = {c.model_fields["name"].annotation.__args__[0]: c for c in (
+    TokenIdentityRecipe, AttributeExtractionRecipe, EntityDescriptionRecipe, CrossModelRecipe, MultiHopRecipe)}
+RecipeSection = Annotated[TokenIdentityRecipe | AttributeExtractionRecipe | EntityDescriptionRecipe | CrossModelRecipe
+                          | MultiHopRecipe, Field(discriminator="name")]
+
+
 KIND_SECTIONS = {"patchscope": ("source", "target"), "intervention": ("prompts", "intervention"),
-                 "causal_trace": ("prompts", "trace")}
+                 "causal_trace": ("prompts", "trace"), "recipe": ("recipe",)}
 
 
 class SweepConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    kind: Literal["patchscope", "intervention", "causal_trace"] = "patchscope"
+    kind: Literal["patchscope", "intervention", "causal_trace", "recipe"] = "patchscope"
     models: list[str] = Field(min_length=1)
     source: SourceConfig | None = None
     target: TargetConfig | None = None
     prompts: PromptsConfig | None = None
     intervention: InterventionConfig | None = None
     trace: TraceConfig | None = None
+    recipe: RecipeSection | None = None
     generation: GenerationConfig = GenerationConfig()
     execution: ExecutionConfig = ExecutionConfig()
     output: OutputConfig = OutputConfig()
+
+    @field_validator("recipe", mode="before")
+    @classmethod
+    def _recipe_name(cls, v: Any) -> Any:
+        if isinstance(v, dict) and v.get("name") not in RECIPE_SECTIONS:
+            what = f"unknown recipe {v['name']!r}" if "name" in v else "missing"
+            raise ValueError(f"recipe.name: {what} (allowed: {', '.join(RECIPE_SECTIONS)})")
+        return v
 
     @model_validator(mode="after")
     def _sections(self) -> "SweepConfig":
@@ -413,6 +525,8 @@ def _loc(loc: tuple) -> str:
 
 
 def _allowed_keys(loc: tuple) -> list[str]:
+    if loc[:1] == ("recipe",) and len(loc) == 2 and loc[1] in RECIPE_SECTIONS:
+        return list(RECIPE_SECTIONS[loc[1]].model_fields)
     model: Any = SweepConfig
     for key in loc:
         info = getattr(model, "model_fields", {}).get(key)
@@ -425,7 +539,10 @@ def _allowed_keys(loc: tuple) -> list[str]:
 def _format(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
-        loc = _loc(err["loc"])
+        where = err["loc"]
+        if where[:1] == ("recipe",) and len(where) > 1 and where[1] in RECIPE_SECTIONS:
+            where = where[:1] + where[2:]  # the recipe's name is pydantic's union tag, not a key
+        loc = _loc(where)
         msg = err["msg"]
         for prefix in ("Value error, ", "Assertion failed, "):
             msg = msg.removeprefix(prefix)
@@ -584,6 +701,10 @@ def load_rows(config: SweepConfig, base: Path | None = None) -> list[Row]:
 
     A relative source.file is read from the current directory, or else from `base` (the
     config file's directory)."""
+    if config.kind == "recipe":
+        from .recipe_rows import load_recipe_rows
+
+        return load_recipe_rows(config, base)
     if config.kind != "patchscope":
         return load_prompt_rows(config, base)
     src, tgt = config.source, config.target
@@ -796,6 +917,10 @@ def check_studies(config: SweepConfig, rows: list[PromptRow], base: Path | None 
     from patchscope_core.sites import resolve_site
     from patchscope_core.tracing import TRACE_SITES, subject_span
 
+    if config.kind == "recipe":
+        from .recipe_rows import check_recipe
+
+        return check_recipe(config, rows, base)
     plans = {}
     kinds = intervention_kinds(config, rows, base) if config.kind == "intervention" else []
     for i, name in enumerate(config.models):
@@ -851,6 +976,9 @@ def config_hash(config: SweepConfig, rows: list, context: Any = None) -> str:
         science.pop("kind")  # hashes of patchscope sweeps stay what they were
         science["source"].pop("file", None)  # the rows stand for the file's content
         science["rows"] = [[r.source_prompt, r.target_prompt, [list(x) for x in r.refs]] for r in rows]
+    elif config.kind == "recipe":
+        science["rows"] = rows  # the recipe's rows as read from its data (plain data)
+        science["context"] = context
     else:
         science["prompts"].pop("file", None)
         science["rows"] = [[r.prompt, r.answer, r.subject, [list(x) for x in r.refs]] for r in rows]

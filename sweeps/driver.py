@@ -166,6 +166,10 @@ def _axes(config, plan, context) -> str:
         kinds = sorted({k for k, _ in context.values()})
         return (f"layers {plan.source_layers} x site {iv.site} x heads {iv.heads or '-'} x neurons {iv.neurons or '-'} x "
                 f"{len(context)} kind(s) and strength(s) ({', '.join(kinds)}), positions {iv.positions}")
+    if config.kind == "recipe":
+        rs, settings = config.recipe, context["settings"][plan.info.name]
+        layers = {k: v for k, v in settings.items() if "layers" in k and v is not None}
+        return f"{rs.name}: " + " x ".join(f"{k} {v}" for k, v in layers.items()) + f" ({len(context['fit_texts'])} fit windows)"
     if config.kind == "causal_trace":
         tr = config.trace
         return (f"layers {plan.source_layers} x sites {tr.sites} x positions {tr.positions}; {tr.samples} noise samples "

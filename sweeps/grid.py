@@ -225,7 +225,8 @@ class Task:
 
     @property
     def kind(self) -> str:
-        return {Cell: "patchscope", InterventionCell: "intervention", TraceCell: "causal_trace"}[type(self.cells[0])]
+        cls = type(self.cells[0])
+        return getattr(cls, "KIND", None) or {Cell: "patchscope", InterventionCell: "intervention", TraceCell: "causal_trace"}[cls]
 
     def payload(self) -> dict[str, Any]:
         """What travels to a worker: plain data, one entry per cell, in cell order."""
@@ -284,6 +285,11 @@ def group_sizes(config: SweepConfig, rows: list, plans: dict[str, ModelPlan],
                 context: Any = None) -> Iterator[tuple[str, int, bool]]:
     """(model, cells, one task) for each task group (one model and one source prompt, prompt or
     fact), counted without expanding; `one task`: the group's cells form a single task."""
+    if config.kind == "recipe":
+        from .recipe_grid import recipe_group_sizes
+
+        yield from recipe_group_sizes(config, rows, plans, context)
+        return
     if config.kind != "patchscope":
         for model, group in _study_groups(config, rows, plans):
             yield model, sum(_study_row_size(config, plans[model], row, context) for row in group), \
@@ -394,7 +400,13 @@ def make_tasks(cells: Iterable[Any], batch_size: int, context: Any = None) -> li
 
 def study_context(config: SweepConfig, rows: list[PromptRow], base=None) -> dict[str, Any]:
     """What every task of a study shares: the kinds of an intervention grid (by the digest of
-    their values), or a trace's settings and the prompts that set its noise."""
+    their values), a trace's settings and the prompts that set its noise, or a recipe's settings
+    and fit windows."""
+    if config.kind == "recipe":
+        from .recipe_rows import recipe_context
+
+        context = recipe_context(config, rows, base)
+        return {**context, "key": _digest([context["settings"], context["fit_texts"], context["source_model"]])}
     if config.kind == "causal_trace":
         tr = config.trace
         settings = {"sites": list(tr.sites), "window": tr.window, "noise": tr.noise, "samples": tr.samples, "seed": tr.seed}
@@ -436,7 +448,12 @@ def _study_row_size(config: SweepConfig, plan: ModelPlan, row: PromptRow, contex
 
 
 def _study_cells(config: SweepConfig, rows: list[PromptRow], plans, context: Any) -> Iterator[Any]:
-    """Every cell of an intervention or causal-trace grid, one task group after another."""
+    """Every cell of an intervention, causal-trace or recipe grid, one task group after another."""
+    if config.kind == "recipe":
+        from .recipe_grid import recipe_cells
+
+        yield from recipe_cells(config, rows, plans, context)
+        return
     gen, max_new = generation_key(config), config.generation.max_new_tokens
     for model, group in _study_groups(config, rows, plans):
         plan = plans[model]

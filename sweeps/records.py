@@ -15,6 +15,7 @@ from typing import Any
 from dataclasses import dataclass
 
 from .grid import INTERVENTION_COLUMNS, PARAM_COLUMNS, TRACE_COLUMNS, Task
+from .recipe_grid import RECIPE_COLUMNS
 
 # What the engine produced for a cell.
 RESULT_COLUMNS = (
@@ -47,6 +48,13 @@ INTERVENTION_RESULTS = (
 )
 TRACE_RESULTS = ("token", "is_subject", "p_clean", "p_corrupt", "p_restored", "indirect_effect", "samples")
 
+# A recipe's probe: its score by the recipe's metric and what it produced (patchscope_core.recipes).
+RECIPE_RESULTS = (
+    "score", "control_score", "surprisal", "predicted_token_id", "expected_token_id", "predicted_token",
+    "expected_token", "generated_text", "generated_token_ids", "top_token_ids", "top_logprobs",
+    "source_position_abs", "target_position_abs", "max_new_tokens",
+)
+
 SCHEMAS = {
     "patchscope": Schema(PARAM_COLUMNS, RESULT_COLUMNS, TABLE_COLUMNS, TOKEN_COLUMNS),
     "intervention": Schema(
@@ -56,12 +64,20 @@ SCHEMAS = {
          "p_answer_clean", "generated_text", "clean_generated_text", "generated_token_ids"),
         ("generated_token_ids",)),
     "causal_trace": Schema(TRACE_COLUMNS, TRACE_RESULTS, TRACE_COLUMNS + TRACE_RESULTS, ()),
+    "recipe": Schema(
+        RECIPE_COLUMNS, RECIPE_RESULTS,
+        ("cell_id", "model", "recipe", "row", "role", "method", "relation", "subject", "source_layer", "target_layer",
+         "source_position", "score", "control_score", "surprisal", "predicted_token", "expected_token", "expected",
+         "generated_text", "source_prompt", "target_prompt", "prompt", "generated_token_ids"),
+        ("generated_token_ids",)),
 }
 
 
 def kind_of(columns) -> str:
     """Which kind of sweep stored rows with these columns."""
     columns = set(columns)
+    if {"role", "score"} <= columns:
+        return "recipe"
     if "indirect_effect" in columns:
         return "causal_trace"
     return "intervention" if "delta_logprob" in columns else "patchscope"
@@ -73,6 +89,8 @@ def records(task: Task, output: dict[str, Any]) -> list[dict[str, Any]]:
         return _intervention_records(task, output)
     if task.kind == "causal_trace":
         return _trace_records(task, output)
+    if task.kind == "recipe":
+        return _recipe_records(task, output)
     rows = []
     for cell, rec in zip(task.cells, output["records"], strict=True):
         row = cell.params()
@@ -117,6 +135,18 @@ def _trace_records(task: Task, output: dict[str, Any]) -> list[dict[str, Any]]:
         row.update(token=rec["tokens"][cell.position], is_subject=start <= cell.position < end, p_clean=rec["p_clean"],
                    p_corrupt=rec["p_corrupt"], p_restored=p, indirect_effect=p - rec["p_corrupt"], samples=samples,
                    **_run(output, rec))
+        rows.append(row)
+    return rows
+
+
+def _recipe_records(task: Task, output: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for cell, rec in zip(task.cells, output["records"], strict=True):
+        row = cell.params()
+        row.update({c: rec.get(c) for c in RECIPE_RESULTS})
+        row["generated_token_ids"] = rec.get("generated_token_ids") or []  # lenses generate nothing
+        row["max_new_tokens"] = cell.probe.max_new_tokens
+        row.update(_run(output, rec))
         rows.append(row)
     return rows
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .records import SCHEMAS, TABLE_COLUMNS, TOKEN_COLUMNS, enrich, kind_of, token_text
+from .report_recipes import recipe_report, recipe_summary
 from .report_studies import intervention_report, trace_report
 from .store import ResultStore
 
@@ -142,7 +143,8 @@ def write_report(out_dir: str | Path, df=None) -> dict[str, Path]:
 def _study_report(out_dir: Path, df, kind: str) -> dict[str, Path]:
     """results.csv with the kind's table columns, then its pictures (sweeps/report_studies.py)."""
     schema = SCHEMAS[kind]
-    keys = [c for c in ("model", "row", "site", "layer", "head", "neuron", "kind", "alpha", "position") if c in df.columns]
+    keys = [c for c in ("model", "row", "site", "layer", "head", "neuron", "kind", "alpha", "position", "role",
+                        "source_layer", "target_layer") if c in df.columns]
     df = df.sort_values(keys, kind="stable")
     columns = [c for c in schema.table if c in df.columns] + [c for c in df.columns if c.startswith(("ref_", "match_"))]
     table = df[columns].copy()
@@ -150,12 +152,15 @@ def _study_report(out_dir: Path, df, kind: str) -> dict[str, Path]:
         table[c] = [token_text(v) for v in table[c]]
     out: dict[str, Path] = {"table": out_dir / "results.csv"}
     table.to_csv(out["table"], index=False)
-    out.update(intervention_report(out_dir, df) if kind == "intervention" else trace_report(out_dir, df))
+    draw = {"intervention": intervention_report, "causal_trace": trace_report, "recipe": recipe_report}[kind]
+    out.update(draw(out_dir, df))
     return out
 
 
 def study_summary(df, kind: str, max_rows: int = 15) -> str:
     """What to read first in the terminal: the strongest cells."""
+    if kind == "recipe":
+        return recipe_summary(df)
     if kind == "intervention":
         g = df.groupby(["model", "site", "head", "kind"], dropna=False)["delta_logprob"].mean().reset_index()
         g = g.sort_values("delta_logprob", key=abs, ascending=False).head(max_rows)

@@ -13,11 +13,12 @@ PACKAGES = ("patchscope_core", "workers", "sweeps")
 # Each module's place in the flow; a module may import only from its own place or earlier ones.
 STAGES = {
     "patchscope_core": 0,
-    "sweeps.config": 1,
-    "sweeps.grid": 2,
+    "sweeps.config": 1, "sweeps.recipe_rows": 1,
+    "sweeps.grid": 2, "sweeps.recipe_grid": 2,
     "workers": 3, "sweeps.scheduler": 3,  # the actors, and the driver's side of them
     "sweeps.records": 4,
     "sweeps.store": 5, "sweeps.wandb_sink": 5, "sweeps.report": 5, "sweeps.report_studies": 5,  # the sinks
+    "sweeps.report_recipes": 5,
     "sweeps.driver": 6,
     "sweeps.cli": 7,
     "sweeps.examples": 8,  # scripts that build the examples' data

@@ -90,8 +90,8 @@ class PatchscopeWorker:
 
 def run_task(engine: PatchscopeEngine, payload: dict[str, Any], batch_size: int,
              where: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The engine's records of one task (Patchscopes, intervention runs or a causal trace),
-    with the worker and the task's time."""
+    """The engine's records of one task (Patchscopes, intervention runs, a causal trace or a
+    recipe's probes), with the worker and the task's time."""
     if payload["model"] != engine.target_info.name:
         raise RuntimeError(f"task {payload['task_id']} is for {payload['model']}, this worker holds {engine.target_info.name}")
     t0 = time.perf_counter()
@@ -101,6 +101,10 @@ def run_task(engine: PatchscopeEngine, payload: dict[str, Any], batch_size: int,
     elif kind == "intervention":
         runs = [run_from_dict(r) for r in payload["runs"]]
         records = [r.to_record() for r in engine.run_interventions(runs, batch_size)]
+    elif kind == "recipe":
+        from .recipes import recipe_records
+
+        records = recipe_records(engine, payload, batch_size)
     else:
         records = [trace_record(engine, payload, batch_size)]
     return {
