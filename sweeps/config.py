@@ -2,34 +2,29 @@
 
 `kind` says what the sweep runs: `patchscope` (the default; sections `source` and `target`),
 `intervention` (`prompts` and `intervention`: ablation, steering and patching grids at
-TransformerLens sites) or `causal_trace` (`prompts` and `trace`: ROME's causal tracing).
+TransformerLens sites), `causal_trace` (`prompts` and `trace`: ROME's causal tracing) or `recipe`
+(`recipe`: one of the paper's named Patchscopes, `patchscope_core.recipes`).
 
-Two stages, both before any weights load:
-1. `load_config(path)`: UTF-8, YAML syntax (a key given twice is refused), types (unknown keys
-   rejected, layer specs parsed);
-2. `check_against_models(config)`: layer ranges against each model's config, positions
-   against the tokenized prompts, prompt + max_new_tokens against each model's context
-   (`patchscope_core.model_info` reads no weights).
+Three stages, all before any weights load:
+1. here, `load_config(path)`: UTF-8, YAML syntax (a key given twice is refused), types (unknown
+   keys rejected, layer specs parsed);
+2. `sweeps.rows.load_rows(config)`: the prompts, from the config or the files it names;
+3. `sweeps.plan`: every setting against each model's config and tokenizer (layer ranges,
+   positions, sites, prompt + max_new_tokens against the context; no weights are read).
 Every error is a `ConfigError` whose message starts with the field, e.g.
 `source.layers: 31 is out of range 0 .. 29 for smollm2-135m (...)`.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
-import json
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from patchscope_core import InputError, ModelInfo, PatchscopeError, model_info, tokenize
-from patchscope_core.spec import check_layer, context_problem, resolve_position
+from patchscope_core import InputError
 
 
 class ConfigError(InputError):
@@ -271,7 +266,7 @@ class PromptsConfig(_Strict):
         return self
 
 
-def _axis(value: Any) -> list:
+def axis(value: Any) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
@@ -306,7 +301,7 @@ class InterventionConfig(_Strict):
     def _units(cls, v: Any) -> Any:
         if v is None or v == "all":
             return v
-        values = _axis(v)
+        values = axis(v)
         if not values or not all(isinstance(x, int) and not isinstance(x, bool) for x in values):
             raise ValueError(f"expected 'all', an integer or a list of integers, got {v!r}")
         return values
@@ -315,14 +310,14 @@ class InterventionConfig(_Strict):
     def _kinds(self) -> "InterventionConfig":
         from patchscope_core import KINDS
 
-        for k in _axis(self.kind):
+        for k in axis(self.kind):
             if k not in KINDS:
                 raise ValueError(f"intervention.kind: unknown kind {k!r} (allowed: {', '.join(KINDS)})")
             if k == "add" and self.vector is None and (self.positive is None or self.negative is None):
                 raise ValueError("intervention.vector: add needs a vector file, or positive and negative prompts")
             if k in ("replace", "resample") and self.source is None and (k == "resample" or self.vector is None):
                 raise ValueError(f"intervention.source: {k} needs a source prompt" + (" or a vector" if k == "replace" else ""))
-        for site in _axis(self.site):
+        for site in axis(self.site):
             if not isinstance(site, str) or not site.strip():
                 raise ValueError(f"intervention.site: expected TransformerLens hook names, got {site!r}")
         return self
@@ -631,357 +626,3 @@ def load_config(path: str | Path) -> SweepConfig:
     finally:
         loader.dispose()
     return parse_config(data, str(path))
-
-
-# ---------------------------------------------------------------- rows and model checks
-
-
-@dataclass(frozen=True)
-class Row:
-    """One (source prompt, target prompt) pair with its reference values."""
-
-    source_prompt: str
-    target_prompt: str
-    refs: tuple[tuple[str, Any], ...] = ()
-    where: str = "source.prompts"  # for error messages
-    index: int = 0  # position in source.prompts or source.file (orders tables and pictures)
-
-
-@dataclass(frozen=True)
-class PromptRow:
-    """One prompt of an intervention or causal-trace sweep, with its answer, subject and references."""
-
-    prompt: str
-    answer: str | None = None
-    subject: str | None = None
-    refs: tuple[tuple[str, Any], ...] = ()
-    where: str = "prompts.rows"
-    index: int = 0
-
-
-def _read_table(path: Path) -> list[dict[str, Any]]:
-    suffix = path.suffix.lower()
-    if suffix in (".csv", ".tsv"):
-        text = read_text(path, "source.file", encoding="utf-8-sig")  # a spreadsheet's byte-order mark is not a column name
-        return list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ","))
-    if suffix in (".jsonl", ".ndjson"):
-        rows = []
-        for i, line in enumerate(read_text(path, "source.file").splitlines(), 1):
-            if line.strip():
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ConfigError(f"source.file: {path} line {i} is not JSON ({exc})") from None
-                if not isinstance(obj, dict):
-                    raise ConfigError(f"source.file: {path} line {i} is not a JSON object")
-                rows.append(obj)
-        return rows
-    raise ConfigError(f"source.file: {path} must end in .csv, .tsv or .jsonl")
-
-
-def _ref_value(v: Any) -> str | None:
-    """Reference values are stored as text (one type per Parquet column whatever the file held)."""
-    if v is None or isinstance(v, str):
-        return v
-    return json.dumps(v) if isinstance(v, (dict, list)) else str(v)
-
-
-def locate(name: str, base: Path | None, field_name: str) -> Path:
-    """A file named in the config: from the current directory, or else beside the config."""
-    path = Path(name).expanduser()
-    if not path.is_file() and base is not None and (base / path).is_file():
-        path = base / path
-    if not path.is_file():
-        raise ConfigError(f"{field_name}: no such file {name!r}")
-    return path
-
-
-def load_rows(config: SweepConfig, base: Path | None = None) -> list[Row]:
-    """The (source, target) pairs of the sweep, from source.prompts or source.file.
-
-    A relative source.file is read from the current directory, or else from `base` (the
-    config file's directory)."""
-    if config.kind == "recipe":
-        from .recipe_rows import load_recipe_rows
-
-        return load_recipe_rows(config, base)
-    if config.kind != "patchscope":
-        return load_prompt_rows(config, base)
-    src, tgt = config.source, config.target
-    if src.prompts is not None:
-        return [Row(p, tgt.prompt, (), f"source.prompts[{i}]", i) for i, p in enumerate(src.prompts)]
-    path = locate(src.file, base, "source.file")
-    table = _read_table(path)
-    if not table:
-        raise ConfigError(f"source.file: {path} has no rows")
-    columns = list(table[0])
-    for field_name, col in (("source.prompt_column", src.prompt_column), ("target.prompt_column", tgt.prompt_column)):
-        if col is not None and col not in columns:
-            raise ConfigError(f"{field_name}: no column {col!r} in {path} (columns: {', '.join(columns)})")
-    used = {src.prompt_column, tgt.prompt_column}
-    refs = src.reference_columns if src.reference_columns is not None else [c for c in columns if c not in used]
-    for c in refs:
-        if c not in columns:
-            raise ConfigError(f"source.reference_columns: no column {c!r} in {path} (columns: {', '.join(columns)})")
-    rows = []
-    for i, rec in enumerate(table):
-        where = f"source.file row {i + 1}"
-        s = rec.get(src.prompt_column)
-        t = rec.get(tgt.prompt_column) if tgt.prompt_column else tgt.prompt
-        for field_name, v in (("source.prompt_column", s), ("target.prompt_column", t)):
-            if not isinstance(v, str) or not v.strip():
-                raise ConfigError(f"{field_name}: {where} has an empty or missing prompt ({v!r})")
-        rows.append(Row(s, t, tuple((c, _ref_value(rec.get(c))) for c in refs), where, i))
-    return rows
-
-
-@dataclass
-class ModelPlan:
-    """What one model runs: its layers and the token count of every prompt."""
-
-    info: ModelInfo
-    source_layers: list[int]
-    target_layers: list[int] | None  # None: same as the source layer
-    n_tokens: dict[str, int] = field(default_factory=dict)
-
-
-def _checked_layers(spec: Any, info: ModelInfo, field_name: str) -> list[int]:
-    try:
-        layers = expand_layers(spec, info.n_layers)
-    except ValueError as exc:
-        raise ConfigError(f"{field_name}: {exc}") from None
-    for layer in layers:
-        check_layer(layer, info, field_name)
-    return layers
-
-
-def _prompt_field(config: SweepConfig, row: Row, role: str) -> str:
-    """Where a row's source or target prompt was given, as the start of an error message."""
-    if role == "target":
-        return "target.prompt" if config.target.prompt is not None else f"target.prompt_column: {row.where}"
-    return row.where if config.source.prompts is not None else f"source.prompt_column: {row.where}"
-
-
-def _check_context(config: SweepConfig, info: ModelInfo, row: Row, role: str, n: int) -> None:
-    """A source prompt must fit the model's context; a target prompt with max_new_tokens too."""
-    new = config.generation.max_new_tokens if role == "target" else 0
-    problem = context_problem(n, new, info)
-    if problem:
-        prompt = row.target_prompt if role == "target" else row.source_prompt
-        why = ", the new ones from generation.max_new_tokens" if n <= info.n_ctx else ""
-        raise ConfigError(f"{_prompt_field(config, row, role)}: {problem}{why} ({role} prompt {prompt[:40]!r})")
-
-
-def check_against_models(config: SweepConfig, rows: list[Row]) -> dict[str, ModelPlan]:
-    """Layers against each model's config, positions against each tokenized prompt, prompt
-    lengths and max_new_tokens against each model's context; reads configs and tokenizers only,
-    never weights. Raises ConfigError naming the field."""
-    plans = {}
-    for i, name in enumerate(config.models):
-        try:
-            info = model_info(name)
-        except PatchscopeError as exc:
-            msg = str(exc).removeprefix("model: ")
-            raise ConfigError(f"models[{i}]: {msg}") from None
-        if info.n_ctx and config.generation.max_new_tokens >= info.n_ctx:
-            raise ConfigError(f"generation.max_new_tokens: {config.generation.max_new_tokens} does not fit {name}'s "
-                              f"context of {info.n_ctx} tokens (prompt tokens + new tokens must be at most {info.n_ctx})")
-        try:
-            plan = ModelPlan(
-                info,
-                _checked_layers(config.source.layers, info, "source.layers"),
-                None if config.target.layers == "same" else _checked_layers(config.target.layers, info, "target.layers"),
-            )
-            for row in rows:
-                for prompt, role, positions in (
-                    (row.source_prompt, "source", config.source.positions),
-                    (row.target_prompt, "target", config.target.positions),
-                ):
-                    if prompt in plan.n_tokens and role == "target":
-                        n = plan.n_tokens[prompt]
-                    else:
-                        n = len(tokenize(info, prompt, f"{role}.prompt"))
-                        plan.n_tokens[prompt] = n
-                    _check_context(config, info, row, role, n)
-                    if positions == "all":
-                        continue
-                    for p in positions:
-                        try:
-                            resolve_position(p, n, f"{role}.positions")
-                        except PatchscopeError as exc:
-                            raise ConfigError(f"{exc} ({role} prompt {prompt[:60]!r} of {row.where}, on {name})") from None
-        except PatchscopeError as exc:
-            raise ConfigError(str(exc)) from None
-        plans[name] = plan
-    return plans
-
-
-def load_prompt_rows(config: SweepConfig, base: Path | None = None) -> list[PromptRow]:
-    """The prompts of an intervention or causal-trace sweep, from prompts.file or prompts.rows."""
-    pc = config.prompts
-    where = "prompts.rows"
-    table = pc.rows
-    if pc.file is not None:
-        path = locate(pc.file, base, "prompts.file")
-        table, where = _read_table(path), "prompts.file"
-        if not table:
-            raise ConfigError(f"prompts.file: {path} has no rows")
-    columns = list(dict.fromkeys(c for rec in table for c in rec))
-    used = [c for c in (pc.prompt_column, pc.answer_column, pc.subject_column) if c is not None]
-    for name, col in (("prompt_column", pc.prompt_column), ("answer_column", pc.answer_column),
-                      ("subject_column", pc.subject_column)):
-        if col is not None and col not in columns:
-            raise ConfigError(f"prompts.{name}: no column {col!r} in {where} (columns: {', '.join(columns)})")
-    refs = pc.reference_columns if pc.reference_columns is not None else [c for c in columns if c not in used]
-    for c in refs:
-        if c not in columns:
-            raise ConfigError(f"prompts.reference_columns: no column {c!r} in {where} (columns: {', '.join(columns)})")
-    rows = []
-    for i, rec in enumerate(table):
-        at = f"{where} row {i + 1}"
-        values = {}
-        for name, col in (("prompt_column", pc.prompt_column), ("answer_column", pc.answer_column),
-                          ("subject_column", pc.subject_column)):
-            v = rec.get(col) if col is not None else None
-            if col is not None and (not isinstance(v, str) or not v.strip()):
-                raise ConfigError(f"prompts.{name}: {at} has an empty or missing {col} ({v!r})")
-            values[name] = v
-        rows.append(PromptRow(values["prompt_column"], values["answer_column"], values["subject_column"],
-                              tuple((c, _ref_value(rec.get(c))) for c in refs), at, i))
-    return rows
-
-
-def prompt_list(value: str | list[str] | None, base: Path | None, field_name: str) -> tuple[str, ...] | None:
-    """Prompts given as a list, or as a file of one prompt a line."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        lines = locate(value, base, field_name).read_text().splitlines()
-        value = [line for line in lines if line.strip()]
-    if not value:
-        raise ConfigError(f"{field_name}: no prompts")
-    return tuple(value)
-
-
-def site_hooks(config: SweepConfig, layers: list[int]) -> list[str]:
-    """Every hook name of the intervention grid: each site, {layer} filled with each layer."""
-    out = []
-    for site in _axis(config.intervention.site):
-        out += [site.format(layer=l) for l in layers] if "{layer}" in site else [site]
-    return list(dict.fromkeys(out))
-
-
-def intervention_kinds(config: SweepConfig, rows: list[PromptRow], base: Path | None) -> list[tuple[str, dict[str, Any]]]:
-    """(kind, its field values as plain data) for every kind x strength of the grid; vectors and
-    prompt files are read here, before any weights load."""
-    from patchscope_core.interventions import load_vector
-
-    iv = config.intervention
-    reference = prompt_list(iv.reference, base, "intervention.reference") or tuple(dict.fromkeys(r.prompt for r in rows))
-    vector = load_vector(locate(iv.vector, base, "intervention.vector"), "intervention.vector").tolist() if iv.vector else None
-    out = []
-    for kind in _axis(iv.kind):
-        if kind == "add":
-            extra = ({"vector": vector} if vector is not None else
-                     {"positive": list(prompt_list(iv.positive, base, "intervention.positive")),
-                      "negative": list(prompt_list(iv.negative, base, "intervention.negative"))})
-            out += [(kind, {"alpha": float(a), **extra}) for a in _axis(iv.alpha)]
-        elif kind == "scale":
-            out += [(kind, {"factor": float(f)}) for f in _axis(iv.factor)]
-        elif kind == "noise":
-            out += [(kind, {"scale": float(x), "reference": list(reference), "seed": int(sd)})
-                    for x in _axis(iv.noise_scale) for sd in _axis(iv.seed)]
-        elif kind == "mean":
-            out.append((kind, {"reference": list(reference)}))
-        elif kind == "resample":
-            out.append((kind, {"source": iv.source}))
-        elif kind == "replace":
-            out.append((kind, {"vector": vector} if vector is not None else
-                        {"source": iv.source, "source_position": iv.source_position}))
-        else:
-            out.append((kind, {}))
-    return out
-
-
-def _units(spec: Any, count: int) -> list[int | None]:
-    if spec is None:
-        return [None]
-    return list(range(count)) if spec == "all" else list(spec)
-
-
-def check_studies(config: SweepConfig, rows: list[PromptRow], base: Path | None = None) -> dict[str, ModelPlan]:
-    """Checks of an intervention or causal-trace sweep against each model, before any weights
-    load: layers, sites, heads and neurons, kinds, positions, answers, subjects, context."""
-    from patchscope_core import Intervention, InterventionRun, Positions, Site
-    from patchscope_core.interventions import make_kind, resolve_run
-    from patchscope_core.sites import resolve_site
-    from patchscope_core.tracing import TRACE_SITES, subject_span
-
-    if config.kind == "recipe":
-        from .recipe_rows import check_recipe
-
-        return check_recipe(config, rows, base)
-    plans = {}
-    kinds = intervention_kinds(config, rows, base) if config.kind == "intervention" else []
-    for i, name in enumerate(config.models):
-        try:
-            info = model_info(name)
-        except PatchscopeError as exc:
-            raise ConfigError(f"models[{i}]: {str(exc).removeprefix('model: ')}") from None
-        section = config.intervention if config.kind == "intervention" else config.trace
-        field_name = "intervention" if config.kind == "intervention" else "trace"
-        layers = _checked_layers(section.layers, info, f"{field_name}.layers")
-        plan = ModelPlan(info, layers, None)
-        try:
-            for row in rows:
-                plan.n_tokens[row.prompt] = len(tokenize(info, row.prompt, f"prompts ({row.where})"))
-            if config.kind == "causal_trace":
-                for row in rows:
-                    subject_span(info, row.prompt, row.subject, f"prompts.subject_column ({row.where})")
-                    if not info.tokenizer(row.answer, add_special_tokens=False)["input_ids"]:
-                        raise ConfigError(f"prompts.answer_column: {row.where} has an answer without tokens")
-                    if section.positions != "all":
-                        for p in section.positions:
-                            resolve_position(p, plan.n_tokens[row.prompt], f"trace.positions ({row.where})")
-                for site in section.sites:
-                    resolve_site(Site(TRACE_SITES[site].format(l=layers[0])), info, "trace.sites")
-                plans[name] = plan
-                continue
-            iv = config.intervention
-            hooks = site_hooks(config, layers)
-            sites = [Site(h, head=tuple(h_ for h_ in [hd] if h_ is not None), neuron=tuple(n for n in [nr] if n is not None))
-                     for h in hooks for hd in _units(iv.heads, info.n_heads) for nr in _units(iv.neurons, info.d_mlp)]
-            for site in sites:
-                resolve_site(site, info, "intervention.site")
-            positions = Positions.parse(iv.positions, "intervention.positions")
-            for kind, values in kinds:
-                k = make_kind(kind, values, "intervention.kind")
-                for row in rows:
-                    run = InterventionRun(row.prompt, (Intervention(sites[0], k, positions),), row.answer,
-                                          config.generation.max_new_tokens)
-                    resolve_run(run, info, f"intervention ({row.where})")
-        except PatchscopeError as exc:
-            raise ConfigError(f"{exc} (on {name})") from None
-        plans[name] = plan
-    return plans
-
-
-def config_hash(config: SweepConfig, rows: list, context: Any = None) -> str:
-    """Hash of everything that decides the results (models, prompts, layers, positions,
-    generation; a study's kinds with the vectors and prompt sets read from their files);
-    execution and output settings may change between resumed runs."""
-    sections = set(KIND_SECTIONS[config.kind]) | {"kind", "models", "generation"}
-    science = config.model_dump(mode="json", include=sections, exclude_defaults=False)
-    if config.kind == "patchscope":
-        science.pop("kind")  # hashes of patchscope sweeps stay what they were
-        science["source"].pop("file", None)  # the rows stand for the file's content
-        science["rows"] = [[r.source_prompt, r.target_prompt, [list(x) for x in r.refs]] for r in rows]
-    elif config.kind == "recipe":
-        science["rows"] = rows  # the recipe's rows as read from its data (plain data)
-        science["context"] = context
-    else:
-        science["prompts"].pop("file", None)
-        science["rows"] = [[r.prompt, r.answer, r.subject, [list(x) for x in r.refs]] for r in rows]
-        science["context"] = context
-    blob = json.dumps(science, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]

@@ -27,7 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, check_against_models, check_studies, config_hash, load_config, load_rows
+from .config import ConfigError, load_config
+from .plan import check_against_models, check_studies, config_hash
+from .rows import load_rows
 from .grid import count_cells, count_todo, iter_cells, iter_tasks, study_context, worker_settings
 from .records import records as result_rows
 from .scheduler import run_model

@@ -31,7 +31,9 @@ from typing import Any, Iterable, Iterator
 
 from patchscope_core import Patchscope, Source, Target
 
-from .config import ModelPlan, PromptRow, Row, SweepConfig, _units, intervention_kinds, site_hooks
+from .config import SweepConfig
+from .plan import ModelPlan, intervention_kinds, site_hooks, units
+from .rows import PromptRow, Row
 
 # A cell's parameters, in this order (ref_<name> columns follow); the first columns of every
 # result row (sweeps/records.py).
@@ -426,12 +428,12 @@ def _study_groups(config: SweepConfig, rows: list[PromptRow], plans) -> Iterator
             yield model, list(group.values())
 
 
-def _hooks_and_units(config: SweepConfig, plan: ModelPlan) -> list[tuple[str, int | None, int | None]]:
+def _hooks_andunits(config: SweepConfig, plan: ModelPlan) -> list[tuple[str, int | None, int | None]]:
     iv, info = config.intervention, plan.info
     out = []
     for hook in site_hooks(config, plan.source_layers):
-        heads = _units(iv.heads, info.n_heads) if hook.endswith("attn.hook_z") else [None]
-        neurons = _units(iv.neurons, info.d_mlp) if hook.endswith("mlp.hook_post") else [None]
+        heads = units(iv.heads, info.n_heads) if hook.endswith("attn.hook_z") else [None]
+        neurons = units(iv.neurons, info.d_mlp) if hook.endswith("mlp.hook_post") else [None]
         out += [(hook, h, n) for h in heads for n in neurons]
     return out
 
@@ -444,7 +446,7 @@ def _trace_positions(config: SweepConfig, plan: ModelPlan, row: PromptRow) -> li
 def _study_row_size(config: SweepConfig, plan: ModelPlan, row: PromptRow, context: Any) -> int:
     if config.kind == "causal_trace":
         return len(config.trace.sites) * len(plan.source_layers) * len(_trace_positions(config, plan, row))
-    return len(_hooks_and_units(config, plan)) * len(context)
+    return len(_hooks_andunits(config, plan)) * len(context)
 
 
 def _study_cells(config: SweepConfig, rows: list[PromptRow], plans, context: Any) -> Iterator[Any]:
@@ -465,7 +467,7 @@ def _study_cells(config: SweepConfig, rows: list[PromptRow], plans, context: Any
                             yield TraceCell(model, row.prompt, row.subject, row.answer, site, layer, pos, row.index,
                                             row.refs, context["key"])
                 continue
-            for hook, head, neuron in _hooks_and_units(config, plan):
+            for hook, head, neuron in _hooks_andunits(config, plan):
                 layer = int(hook.split(".")[1]) if hook.startswith("blocks.") else None
                 for variant, (kind, values) in context.items():
                     yield InterventionCell(model, row.prompt, row.answer, hook, layer, head, neuron, kind, variant,

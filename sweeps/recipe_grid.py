@@ -17,7 +17,8 @@ from typing import Any, ClassVar, Iterator
 
 from patchscope_core.recipes import RECIPES, Probe
 
-from .config import ModelPlan, SweepConfig
+from .config import SweepConfig
+from .plan import ModelPlan
 
 RECIPE_COLUMNS = (
     "cell_id", "model", "recipe", "row", "role", "method", "relation", "subject", "source_model", "source_prompt",

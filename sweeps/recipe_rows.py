@@ -25,7 +25,9 @@ from patchscope_core.recipes import (AttributeExtraction, CrossModel, EntityDesc
 from patchscope_core.recipes.lenses import _aligned
 from patchscope_core.spec import context_problem
 
-from .config import ConfigError, ModelPlan, SweepConfig, _checked_layers, locate, read_text
+from .config import ConfigError, SweepConfig, read_text
+from .plan import ModelPlan, checked_layers
+from .rows import locate
 
 CORPUS_RECIPES = ("token_identity", "cross_model")
 
@@ -90,17 +92,17 @@ def recipe_for(config: SweepConfig, info: ModelInfo) -> Recipe:
     """The recipe of the config with `info`'s layers (cross_model: the source model's source layers)."""
     rs, new = config.recipe, config.generation.max_new_tokens
     if rs.name == "token_identity":
-        return TokenIdentity(tuple(_checked_layers(rs.layers, info, "recipe.layers")), rs.positions, rs.min_context,
+        return TokenIdentity(tuple(checked_layers(rs.layers, info, "recipe.layers")), rs.positions, rs.min_context,
                              tuple(rs.baselines), rs.target_prompt)
     if rs.name == "cross_model":
         src = source_info(config, info)
-        return CrossModel(tuple(_checked_layers(rs.source_layers, src, "recipe.source_layers")),
-                          tuple(_checked_layers(rs.target_layers, info, "recipe.target_layers")))
+        return CrossModel(tuple(checked_layers(rs.source_layers, src, "recipe.source_layers")),
+                          tuple(checked_layers(rs.target_layers, info, "recipe.target_layers")))
     if rs.name == "entity_description":
-        targets = None if rs.target_layers == "same" else tuple(_checked_layers(rs.target_layers, info, "recipe.target_layers"))
-        return EntityDescription(tuple(_checked_layers(rs.layers, info, "recipe.layers")), targets, new, rs.target_prompt)
-    layers = (tuple(_checked_layers(rs.source_layers, info, "recipe.source_layers")),
-              tuple(_checked_layers(rs.target_layers, info, "recipe.target_layers")), new)
+        targets = None if rs.target_layers == "same" else tuple(checked_layers(rs.target_layers, info, "recipe.target_layers"))
+        return EntityDescription(tuple(checked_layers(rs.layers, info, "recipe.layers")), targets, new, rs.target_prompt)
+    layers = (tuple(checked_layers(rs.source_layers, info, "recipe.source_layers")),
+              tuple(checked_layers(rs.target_layers, info, "recipe.target_layers")), new)
     if rs.name == "attribute_extraction":
         return AttributeExtraction(*layers)
     return MultiHop(*layers, rs.source_template, rs.target_template, rs.hop1_template, rs.hop2_template)

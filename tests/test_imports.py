@@ -13,7 +13,7 @@ PACKAGES = ("patchscope_core", "workers", "sweeps")
 # Each module's place in the flow; a module may import only from its own place or earlier ones.
 STAGES = {
     "patchscope_core": 0,
-    "sweeps.config": 1, "sweeps.recipe_rows": 1,
+    "sweeps.config": 1, "sweeps.rows": 1, "sweeps.plan": 1, "sweeps.recipe_rows": 1,
     "sweeps.grid": 2, "sweeps.recipe_grid": 2,
     "workers": 3, "sweeps.scheduler": 3,  # the actors, and the driver's side of them
     "sweeps.records": 4,

@@ -16,7 +16,9 @@ import patchscope_core
 import patchscope_core.models
 from patchscope_core import model_info, tokenize
 from sweeps import cli
-from sweeps.config import ConfigError, check_against_models, expand_layers, load_config, load_rows, parse_config
+from sweeps.config import ConfigError, expand_layers, load_config, parse_config
+from sweeps.plan import check_against_models
+from sweeps.rows import load_rows
 from sweeps.grid import expand, make_tasks
 from sweeps.store import ResultStore
 
