@@ -10,6 +10,7 @@ Offline runs are written under output.dir/wandb/ and uploaded later with `wandb 
 
 from __future__ import annotations
 
+import math
 import netrc
 import os
 import sys
@@ -63,6 +64,9 @@ def table_rows(records: Sequence[dict[str, Any]], ref_columns: Sequence[str] = (
     return columns, rows
 
 
+MAX_INCREMENTS = 90  # of the live table; W&B's workspace shows the last 100
+
+
 class WandbSink:
     def __init__(self, cfg: WandbConfig, name: str, config: dict[str, Any], out_dir: Path) -> None:
         self.mode = resolve_mode(cfg.mode)
@@ -70,6 +74,7 @@ class WandbSink:
         self.out_dir = Path(out_dir)
         self.ref_columns: list[str] = []
         self.live = None  # the incremental table of cells, created at the first finished task
+        self.unsent = 0  # rows added to it since its last log
         self.url: str | None = None
         if self.mode == "disabled":
             return
@@ -128,12 +133,15 @@ class WandbSink:
                 self.live = wandb.Table(columns=columns, log_mode="INCREMENTAL")
             for row in table_rows(records, self.ref_columns)[1]:
                 self.live.add_data(*row)
-            self.run.log({
-                "cells_done": cells_done,
-                "fraction_done": cells_done / max(cells_total, 1),
-                "cells_per_s": cells_per_s,
-                "cells": self.live,
-            })
+            self.unsent += len(records)
+            progress = {"cells_done": cells_done, "fraction_done": cells_done / max(cells_total, 1),
+                        "cells_per_s": cells_per_s}
+            # W&B shows only the last 100 increments of a table: send the rows in at most
+            # MAX_INCREMENTS batches of the sweep's size, whatever its number of tasks.
+            if self.unsent >= math.ceil(cells_total / MAX_INCREMENTS) or cells_done >= cells_total:
+                progress["cells"] = self.live
+                self.unsent = 0
+            self.run.log(progress)
         except Exception as exc:  # noqa: BLE001
             self._fail("log", exc)
 
@@ -148,6 +156,8 @@ class WandbSink:
             ref_columns = sorted({k for r in records[:1] for k in r if k.startswith("ref_")})
             columns, rows = table_rows(records, ref_columns)
             payload: dict[str, Any] = {"cells_done": summary.get("cells_done", len(records))}
+            if self.live is not None and self.unsent:
+                payload["cells"] = self.live  # the last rows of a sweep that ended short
             payload["results"] = wandb.Table(columns=columns, data=rows)
             for key, path in images.items():
                 if Path(path).suffix == ".png":

@@ -221,6 +221,24 @@ def test_wandb_offline_run_has_rows_logged_during_the_run_and_the_final_table(e2
     assert (out / "results.csv").is_file()
 
 
+def test_a_sweep_of_many_tasks_sends_its_live_table_in_at_most_90_increments(tmp_path):
+    """W&B's workspace shows only a table's last 100 increments: 250 tasks of one cell must
+    arrive in at most 90, every cell once, and a sweep that ends short sends its last rows."""
+    from sweeps.config import WandbConfig
+    from sweeps.wandb_sink import WandbSink
+
+    sink = WandbSink(WandbConfig(project="patchscope-tests", mode="offline"), "many-tasks", {}, tmp_path)
+    for i in range(250):  # 260 cells planned, 10 never done
+        sink.log_task([{"cell_id": f"c{i}", "model": "m", "generated_text": str(i)}], i + 1, 260, 1.0)
+    sink.finish([], {}, {"cells_done": 250})
+    wb = read_offline_run(tmp_path)
+    steps = [h for h in wb["history"] if "cells" in h]
+    assert len([h for h in wb["history"] if "cells_per_s" in h]) == 250  # progress after every task
+    assert len(steps) <= 90
+    logged = [row["cell_id"] for h in steps for row in wb["table"](h["cells"])]
+    assert sorted(logged) == sorted(f"c{i}" for i in range(250))
+
+
 def test_report_command_prints_table_and_pictures(e2e, capsys):
     _, out = e2e
     assert cli.main(["report", str(out)]) == 0
