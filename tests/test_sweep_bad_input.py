@@ -8,7 +8,6 @@ command line; `expected` is the start of the error line after "error: ".
 
 from __future__ import annotations
 
-import copy
 import http.server
 import json
 import os
@@ -28,6 +27,7 @@ import yaml
 import sweeps.driver
 from sweeps import cli
 from sweeps.store import ResultStore
+from tests.configs import changed
 
 BASE = {
     "name": "tiny-bad-input",
@@ -42,14 +42,7 @@ LONG = "x " * 600  # about 600 tokens: more than the tiny models' context of 512
 
 def sweep(tmp_path: Path, *extra: str, out: str | Path | None = None, text: str | None = None, **changes) -> list[str]:
     """`patchscope sweep` of BASE with changes ('section__key': value), written to tmp_path."""
-    cfg = copy.deepcopy(BASE)
-    cfg["output"]["dir"] = str(out if out is not None else tmp_path / "out")
-    for key, value in changes.items():
-        *parents, last = key.split("__")
-        node = cfg
-        for p in parents:
-            node = node[p]
-        node[last] = value
+    cfg = changed(BASE, output__dir=str(out if out is not None else tmp_path / "out"), **changes)
     path = tmp_path / "sweep.yaml"
     if text is not None:
         path.write_bytes(text.encode("utf-8", "surrogateescape"))

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-import yaml
 
 from sweeps.store import ResultStore
+from tests.configs import changed, write_yaml
 
 pytestmark = pytest.mark.ray
 
@@ -95,12 +95,7 @@ def _config(tmp_path: Path, name: str, rows: str, **changes) -> Path:
         "execution": {"workers": 2, "batch_size": 4, "cpus_per_worker": 1},
         "output": {"dir": str(tmp_path / "out"), "wandb": {"mode": "offline"}},
     }
-    for key, value in changes.items():
-        section, field = key.split("__")
-        cfg[section][field] = value
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_yaml(changed(cfg, **changes), tmp_path / f"{name}.yaml")
 
 
 def test_sweep_on_a_two_node_cluster_finishes_with_all_cells(tmp_path, two_node_cluster):

@@ -17,10 +17,11 @@ import patchscope_core.models
 from patchscope_core import model_info, tokenize
 from sweeps import cli
 from sweeps.config import ConfigError, expand_layers, load_config, parse_config
+from sweeps.grid import expand, make_tasks
 from sweeps.plan import check_against_models
 from sweeps.rows import load_rows
-from sweeps.grid import expand, make_tasks
 from sweeps.store import ResultStore
+from tests.configs import changed
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "sweeps" / "examples" / "entity_description.yaml"
@@ -37,21 +38,8 @@ BASE = {
 
 
 def _with(**changes) -> dict:
-    """BASE with changes; a key like 'source.layers' sets a nested value."""
-    cfg = copy.deepcopy(BASE)
-    for key, value in changes.items():
-        *parents, last = key.split("__")
-        node = cfg
-        for p in parents:
-            node = node.setdefault(p, {})
-        if value is _DELETE:
-            node.pop(last, None)
-        else:
-            node[last] = value
-    return cfg
-
-
-_DELETE = object()
+    """BASE with changes ('source__layers': a nested value; None removes the key)."""
+    return changed(BASE, **changes)
 
 
 @pytest.fixture
@@ -101,10 +89,10 @@ BAD_CONFIGS = [
     ("zero workers", _with(execution__workers=0), "execution.workers: Input should be greater than or equal to 1"),
     ("negative gpus", _with(execution__gpus_per_worker=-0.5), "execution.gpus_per_worker: Input should be greater than or equal to 0"),
     ("prompts and file", _with(source__file="x.csv"), "source: give exactly one of source.prompts or source.file"),
-    ("no target prompt", _with(target__prompt=_DELETE), "target: give exactly one of target.prompt or target.prompt_column"),
-    ("target column without a file", _with(target__prompt=_DELETE, target__prompt_column="t"), "target.prompt_column: needs source.file"),
+    ("no target prompt", _with(target__prompt=None), "target: give exactly one of target.prompt or target.prompt_column"),
+    ("target column without a file", _with(target__prompt=None, target__prompt_column="t"), "target.prompt_column: needs source.file"),
     ("empty prompt", _with(source__prompts=["Paris", " "]), "source.prompts: empty prompt"),
-    ("missing source file", _with(source__prompts=_DELETE, source__file="nowhere.csv"), "source.file: no such file 'nowhere.csv'"),
+    ("missing source file", _with(source__prompts=None, source__file="nowhere.csv"), "source.file: no such file 'nowhere.csv'"),
     ("bad name", _with(name="my sweep/1"), "name: String should match pattern"),
 ]
 
@@ -130,7 +118,7 @@ FILE_ERRORS = [
 def test_file_column_errors_name_the_field(tmp_path, capsys, no_model_loads, src, tgt, expected):
     data = tmp_path / "rows.csv"
     data.write_text("prompt,target,answer\nParis,x is,France\n")
-    cfg = _with(source__prompts=_DELETE, source__file=str(data), target__prompt=_DELETE, target__prompt_column="target")
+    cfg = _with(source__prompts=None, source__file=str(data), target__prompt=None, target__prompt_column="target")
     cfg["source"].update(src)
     cfg["target"].update(tgt)
     assert cli.main(["sweep", str(_write(tmp_path, cfg))]) == 2
@@ -140,7 +128,7 @@ def test_file_column_errors_name_the_field(tmp_path, capsys, no_model_loads, src
 def test_empty_prompt_in_a_file_row_names_the_row(tmp_path, capsys, no_model_loads):
     data = tmp_path / "rows.jsonl"
     data.write_text(json.dumps({"prompt": "Paris"}) + "\n" + json.dumps({"prompt": ""}) + "\n")
-    cfg = _with(source__prompts=_DELETE, source__file=str(data))
+    cfg = _with(source__prompts=None, source__file=str(data))
     assert cli.main(["sweep", str(_write(tmp_path, cfg))]) == 2
     assert "source.prompt_column: source.file row 2 has an empty or missing prompt" in capsys.readouterr().err
 
@@ -279,8 +267,8 @@ def test_source_file_rows_pair_source_and_target_and_carry_references(tmp_path, 
     else:
         sep = "," if fmt == "csv" else "\t"
         path.write_text("\n".join([sep.join(rows[0])] + [sep.join(r.values()) for r in rows]) + "\n")
-    cfg = _with(models=["tiny-llama"], source__prompts=_DELETE, source__file=str(path), source__prompt_column="entity",
-                source__layers=[1, 2], source__positions=[-1, 0], target__prompt=_DELETE, target__prompt_column="tgt",
+    cfg = _with(models=["tiny-llama"], source__prompts=None, source__file=str(path), source__prompt_column="entity",
+                source__layers=[1, 2], source__positions=[-1, 0], target__prompt=None, target__prompt_column="tgt",
                 source__reference_columns=["answer"])
     _, _, cells = _grid(cfg)
     assert len(cells) == 2 * 2 * 2  # rows x layers x positions

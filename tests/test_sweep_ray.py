@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from patchscope_core import Patchscope, PatchscopeEngine, Source, Target, load_model, model_info, tokenize
 from sweeps import cli
 from sweeps.store import ResultStore
+from tests.configs import changed, write_yaml
 
 pytestmark = pytest.mark.ray
 
@@ -46,15 +46,7 @@ def write_config(tmp_path: Path, name: str, **overrides) -> Path:
         "execution": {"workers": 2, "batch_size": 3},
         "output": {"dir": str(tmp_path / "out"), "wandb": {"project": "patchscope-tests", "mode": "offline"}},
     }
-    for key, value in overrides.items():  # "models" or "section__field"
-        if "__" in key:
-            section, field = key.split("__")
-            cfg[section][field] = value
-        else:
-            cfg[key] = value
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_yaml(changed(cfg, **overrides), tmp_path / f"{name}.yaml")  # "models" or "section__field"
 
 
 def expected_cells(models=MODELS, layers=LAYERS):

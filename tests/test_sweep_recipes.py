@@ -5,13 +5,11 @@ recipe end to end on the local Ray cluster (cells equal to the in-process recipe
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
 from patchscope_core import PatchscopeEngine
 from patchscope_core.recipes import TokenIdentity, corpus_windows, pydoc_text, run_recipe
@@ -22,6 +20,7 @@ from sweeps.records import records
 from sweeps.report import write_report
 from sweeps.report_recipes import attribute_summary, multihop_summary
 from sweeps.store import ResultStore
+from tests.configs import changed, write_yaml
 from tests.test_sweep_ray import read_offline_run
 from workers.actor import run_task
 
@@ -50,24 +49,11 @@ RECIPES = {
 
 
 def write(tmp_path: Path, cfg: dict, section: dict | None = None, **changes) -> Path:
-    cfg = copy.deepcopy(cfg)
-    if section is not None:
-        cfg["recipe"] = copy.deepcopy(section)
-    for key, value in changes.items():
-        node = cfg
-        keys = key.split("__")
-        for k in keys[:-1]:
-            node = node[k]
-        if value is None:
-            node.pop(keys[-1], None)
-        else:
-            node[keys[-1]] = value
+    cfg = changed({**cfg, "recipe": section} if section is not None else cfg, **changes)
     (tmp_path / "chains.csv").write_text(CHAINS)
     (tmp_path / "entities.csv").write_text(ENTITIES)
     cfg["output"]["dir"] = str(tmp_path / "out")
-    path = tmp_path / f"{cfg['name']}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_yaml(cfg, tmp_path / f"{cfg['name']}.yaml")
 
 
 # ---------------------------------------------------------------- config errors, before anything loads

@@ -3,18 +3,17 @@ Ray cluster with tiny models (cells equal the in-process engine's, exactly once,
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from patchscope_core import Engine, Intervention, InterventionRun, Mean, Site, Zero
 from patchscope_core.tracing import Fact, Tracer, TraceSettings
 from sweeps import cli
 from sweeps.store import ResultStore
+from tests.configs import changed, write_yaml
 from tests.test_sweep_ray import read_offline_run
 
 FACTS = [
@@ -42,21 +41,10 @@ TRACE = {
 
 
 def write(tmp_path: Path, cfg: dict, **changes) -> Path:
-    cfg = copy.deepcopy(cfg)
-    for path, value in changes.items():
-        node = cfg
-        keys = path.split("__")
-        for k in keys[:-1]:
-            node = node[k]
-        if value is None:
-            node.pop(keys[-1], None)
-        else:
-            node[keys[-1]] = value
+    cfg = changed(cfg, **changes)
     (tmp_path / "facts.jsonl").write_text("".join(json.dumps(f) + "\n" for f in FACTS))
     cfg["output"]["dir"] = str(tmp_path / "out")
-    path = tmp_path / f"{cfg['name']}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_yaml(cfg, tmp_path / f"{cfg['name']}.yaml")
 
 
 # ---------------------------------------------------------------- config errors, before anything loads
