@@ -5,10 +5,12 @@ layers x every prompt position x 10 noise samples, as sweeps/examples/causal_tra
 - shortcuts: what the sweep runs (clean and corrupted runs once; positions before the subject
   computed, not run; each row from its first restored layer and position, with the corrupted
   run's stored input and KV cache);
-- batched: every row runs the whole prompt through every layer, rows batched with per-row hooks;
-- one forward per row.
-The last two are timed on a sample of the cells (--sample rows for one per row, --batched-share
-of the cells batched) and scaled to all rows; the output says so.
+- batched: every row (positions before the subject too) runs the whole prompt through every
+  layer, rows batched with per-row hooks;
+- one forward per row: the same, one row at a time (the naive computation).
+The last two are timed on a seeded random sample of the cells (--sample rows for one per row,
+--batched-share of the cells batched) and scaled to all rows; the clean and corrupted runs are
+timed once and not scaled. The output says so.
 Both full computations must agree with the shortcuts (largest difference printed).
 
     .venv/bin/python benchmarks/bench_tracing.py [--threads 2] [--sample 60]
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import random
 import time
 
 import torch
@@ -52,17 +55,21 @@ def main() -> None:
         fast = tracer.trace(fact, settings, reference)
         t_fast = time.perf_counter() - t0
         cells = sorted(fast.p_restored)
-        share = cells[:: max(1, round(1 / args.batched_share))]
+        t0 = time.perf_counter()
+        tracer.trace(fact, settings, reference, cells=[], shortcuts=False)  # the clean and corrupted runs alone
+        fixed = time.perf_counter() - t0
+        share = random.Random(1).sample(cells, max(1, round(len(cells) * args.batched_share)))
         t0 = time.perf_counter()
         plain = tracer.trace(fact, settings, reference, cells=share, shortcuts=False)
-        t_plain = (time.perf_counter() - t0) * len(cells) / len(share)
+        t_plain = fixed + (time.perf_counter() - t0 - fixed) * len(cells) / len(share)
         worst = max(abs(fast.p_restored[k] - plain.p_restored[k]) for k in share)
         n_rows = len(cells) * settings.samples
-        sample = cells[:: max(1, len(cells) // max(1, args.sample // settings.samples))]
+        # a seeded random sample: every k-th cell of the sorted list can hit one position only
+        sample = random.Random(0).sample(cells, max(1, args.sample // settings.samples))
         tracer.batch_size, keep = 1, tracer.batch_size
         t0 = time.perf_counter()
         one = tracer.trace(fact, settings, reference, cells=sample, shortcuts=False)
-        t_one = (time.perf_counter() - t0) * len(cells) / len(sample)
+        t_one = fixed + (time.perf_counter() - t0 - fixed) * len(cells) / len(sample)
         tracer.batch_size = keep
         worst_one = max(abs(one.p_restored[k] - fast.p_restored[k]) for k in sample)
         print(f"\n{fact.prompt!r} ({len(fast.token_ids)} tokens, subject at {fast.subject}): {n_rows} rows")

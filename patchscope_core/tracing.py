@@ -146,7 +146,8 @@ class Tracer:
               cells: Sequence[tuple[str, int, int]] | None = None, shortcuts: bool = True) -> TraceResult:
         """p_clean, p_corrupt and p_restored of every cell (site, layer, position); default: every
         site of `settings` x every layer x every prompt position. `reference`: the prompts whose
-        token embeddings give the noise's std."""
+        token embeddings give the noise's std. `shortcuts=False` runs every row as a full forward
+        pass, the positions before the subject too (the naive computation: tests, benchmarks)."""
         settings.check()
         ids, (s0, s1), answer = self.check(fact)
         n_layers, m = self.info.n_layers, len(ids)
@@ -163,7 +164,7 @@ class Tracer:
         rows, runs = [], defaultdict(list)
         for cell in cells:
             site, layer, p = cell
-            if p < s0:  # never corrupted: restoring it changes nothing
+            if shortcuts and p < s0:  # never corrupted: restoring it changes nothing
                 result.p_restored[cell] = result.p_corrupt
                 continue
             layers = window_layers(site, layer, settings.window, n_layers)
