@@ -1,6 +1,6 @@
 """The rows of a recipe sweep (`kind: recipe`), read from the recipe's data and checked against
-every model before any weights load (the config stage of `kind: recipe`; sweeps/config.py
-dispatches here).
+every model before any weights load (the config stage of `kind: recipe`: `sweeps/rows.py` and
+`sweeps/plan.py` dispatch here).
 
 - `load_recipe_rows`: the recipe's input rows as plain data, through the loaders of
   `patchscope_core.recipes`: windows of the corpus (`{"text": ...}`), LRE facts, entities with
