@@ -389,7 +389,7 @@ class CrossModelRecipe(_CorpusSection):
 
 class AttributeExtractionRecipe(_RecipeSection):
     name: Literal["attribute_extraction"]
-    data: str = Field("../shared/data/lre-attribute-extraction", description="the LRE data directory")
+    data: str | None = Field(None, description="the LRE data directory (default: the four relations in sweeps/examples/lre)")
     relations: list[str] = Field(min_length=1)
     subjects: int | None = Field(None, ge=1, description="subjects per relation (default: all)")
     contexts: int = Field(1, ge=1, description="source contexts per subject")

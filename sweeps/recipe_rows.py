@@ -30,6 +30,8 @@ from .plan import ModelPlan, checked_layers
 from .rows import locate
 
 CORPUS_RECIPES = ("token_identity", "cross_model")
+# The four LRE relations shipped with the examples (sweeps/examples/lre/README.md): recipe.data by default.
+SHIPPED_LRE = Path(__file__).resolve().parent / "examples" / "lre"
 
 
 def _corpus(config: SweepConfig, base: Path | None) -> tuple[list[str], list[str]]:
@@ -39,6 +41,7 @@ def _corpus(config: SweepConfig, base: Path | None) -> tuple[list[str], list[str
         return corpus_windows(text, rs.words, rs.windows, rs.fit_windows, rs.seed, "recipe.corpus")
     except PatchscopeError as exc:
         raise ConfigError(str(exc)) from None
+
 
 
 def _directory(name: str, base: Path | None, field_name: str) -> Path:
@@ -58,7 +61,7 @@ def load_recipe_rows(config: SweepConfig, base: Path | None = None) -> list[dict
         if rs.name in CORPUS_RECIPES:
             return [{"text": w} for w in _corpus(config, base)[0]]
         if rs.name == "attribute_extraction":
-            return load_lre(_directory(rs.data, base, "recipe.data"), rs.relations, rs.subjects, rs.contexts, rs.seed,
+            return load_lre(_directory(rs.data, base, "recipe.data") if rs.data else SHIPPED_LRE, rs.relations, rs.subjects, rs.contexts, rs.seed,
                             "recipe.relations")
         if rs.name == "entity_description":
             return load_entities(locate(rs.file, base, "recipe.file"), rs.source_template, rs.seed, "recipe.file")

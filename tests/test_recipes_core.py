@@ -21,7 +21,7 @@ from patchscope_core.recipes import (ENTITY_PROMPT, IDENTITY_PROMPT, AttributeEx
 from patchscope_core.spec import Source, Target
 from tests.reference import hooked_logits, site_values
 
-LRE = Path(__file__).resolve().parents[2] / "shared" / "data" / "lre-attribute-extraction"
+LRE = Path(__file__).resolve().parents[1] / "sweeps" / "examples" / "lre"
 TEXTS = ["The quick brown fox jumps over the lazy dog and runs into the forest to hide.",
          "Paris is the capital of France. The Eiffel Tower is in Paris, and Tokyo is in Japan.",
          "Python is a programming language. Amazon is a company. Water is a liquid at room temperature."]

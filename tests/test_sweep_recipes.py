@@ -25,7 +25,7 @@ from tests.test_sweep_ray import read_offline_run
 from workers.actor import run_task
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "sweeps" / "examples"
-LRE = Path(__file__).resolve().parents[2] / "shared" / "data" / "lre-attribute-extraction"
+LRE = Path(__file__).resolve().parents[1] / "sweeps" / "examples" / "lre"
 TOKEN_IDENTITY = {
     "name": "tiny-token-identity", "kind": "recipe", "models": ["tiny-llama"],
     "recipe": {"name": "token_identity", "layers": "all", "words": 16, "windows": 3, "positions": 2, "min_context": 4,
@@ -89,6 +89,15 @@ def test_config_errors_name_the_field_before_any_load(tmp_path, capsys, no_weigh
 
 
 @pytest.mark.smollm2
+def test_attribute_extraction_reads_the_shipped_relations_without_data(tmp_path, monkeypatch, no_weights):
+    monkeypatch.chdir(tmp_path)
+    cfg = dict(TOKEN_IDENTITY, name="tiny-shipped-lre", generation={"max_new_tokens": 6})
+    section = changed(RECIPES["attribute_extraction"], data=None, relations=["product_by_company"], contexts=1)
+    _, rows, _, n_cells, _ = plan(str(write(tmp_path, cfg, section)))
+    assert len(rows) == 2 and {r["relation"] for r in rows} == {"product_by_company"}
+    assert n_cells == 2 * (2 * 2 + 1)  # subjects x ((l, l*) + question)
+
+
 @pytest.mark.parametrize("example, cells", [
     ("recipe_token_identity.yaml", 40 * 5 * 30 * 3),  # windows x positions x layers x (Patchscope + 2 lenses)
     ("recipe_attribute_extraction.yaml", 3 * 20 * (10 * 10 + 1)),  # relations x subjects x ((l, l*) + question)
@@ -96,8 +105,8 @@ def test_config_errors_name_the_field_before_any_load(tmp_path, capsys, no_weigh
     ("recipe_cross_model.yaml", 100 * 6 * 6),  # windows x (l, l*)
     ("recipe_multi_hop.yaml", 30 * (3 + 2 * 10 * 10)),  # chains x (hop1, hop2, vanilla + CoT grid + control grid)
 ])
-def test_the_example_configs_are_valid_and_count_their_grids(example, cells, monkeypatch, no_weights):
-    monkeypatch.chdir(EXAMPLES.parent.parent)  # the LRE data path is relative to the repository
+def test_the_example_configs_are_valid_and_count_their_grids(example, cells, monkeypatch, no_weights, tmp_path):
+    monkeypatch.chdir(tmp_path)  # the files an example names are found beside it, from anywhere
     assert plan(str(EXAMPLES / example))[3] == cells
 
 

@@ -1,12 +1,12 @@
 """Build facts.csv: facts SmolLM2-135M answers correctly, for the ablation and tracing examples.
 
 Candidates come from the LRE relations shipped with the Patchscopes paper's data
-(country_capital_city, product_by_company; ../shared/data/lre-attribute-extraction, Apache 2.0)
+(country_capital_city, product_by_company; sweeps/examples/lre, Apache 2.0)
 put into a sentence, and from a few well-known landmarks and companies written for this project
 with the subject first, as ROME's facts are. A fact is kept when the model's greedy next token
 is the answer's first token.
 
-    .venv/bin/python sweeps/examples/make_facts.py [--data ../shared/data/lre-attribute-extraction]
+    .venv/bin/python sweeps/examples/make_facts.py [--data sweeps/examples/lre]
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def candidates(data: Path) -> list[tuple[str, str, str, str]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "../shared/data/lre-attribute-extraction"))
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parent / "lre"))
     ap.add_argument("--out", default=str(Path(__file__).with_name("facts.csv")))
     args = ap.parse_args()
     model, info = load_model("smollm2-135m", device="cpu"), model_info("smollm2-135m")
