@@ -6,8 +6,9 @@ its last token), sources x layers, 16 new tokens, no EOS stop, batches of 16 cel
 - plain HF loop: the ceiling of a hand-written loop that does no patching: sources once (one
   forward per source prompt), then HF `generate` on batches of 16 target prompts;
 - ours, in-process: `PatchscopeEngine.run`, with shared target prefixes (the default) and without;
-- nnsight (the `bench` extra): the same cells as batched invokes, each writing its vector at
-  the last position under `tracer.iter[0]`, as nnsight's docs recommend;
+- nnsight (the `bench` extra): the same cells, sources read by one nnsight trace per source
+  prompt, then batched invokes, each writing its vector at the last position under
+  `tracer.iter[0]`, as nnsight's docs recommend;
 - the paper's method: one hooked `generate` per cell (source forward pass, then a hook on layer
   l* that patches the chunk when it is longer than one token, the paper's rule), timed on a
   sample of cells and scaled;
@@ -85,9 +86,24 @@ def paper_method(hf, info, spec, device) -> list[int]:
     return out[0, ids.shape[1]:].tolist()
 
 
-def nnsight_batches(lm, info, specs, sources) -> list[list[int]]:
-    """The same cells through nnsight: batched invokes, each writing its vector at the last
-    position of layer l* in the first generation step (tracer.iter[0])."""
+def nnsight_sources(lm, info, specs) -> dict:
+    """Each source prompt once through nnsight (one trace per prompt, saving the last position of
+    every layer its cells read), as the plain loop and ours read them."""
+    out = {}
+    for prompt in dict.fromkeys(s.source.prompt for s in specs):
+        layers = sorted({s.source.layer for s in specs if s.source.prompt == prompt})
+        saved = []
+        with lm.trace(torch.tensor([tokenize(info, prompt)])):
+            for layer in layers:
+                saved.append(lm.model.layers[layer].output[0, -1].save())
+        out.update({(prompt, l): v for l, v in zip(layers, saved)})
+    return {s: out[(s.source.prompt, s.source.layer)] for s in specs}
+
+
+def nnsight_batches(lm, info, specs) -> list[list[int]]:
+    """The same cells through nnsight: the sources, then batched invokes, each writing its
+    vector at the last position of layer l* in the first generation step (tracer.iter[0])."""
+    sources = nnsight_sources(lm, info, specs)
     target = torch.tensor([tokenize(info, ENTITY)])
     out = []
     for start in range(0, len(specs), BATCH):
@@ -162,9 +178,6 @@ def main() -> None:
 
     ours = [r.generated_token_ids for r in shared.run(specs, batch_size=BATCH)]
     assert ours == [r.generated_token_ids for r in full.run(specs, batch_size=BATCH)], "shared prefixes changed tokens"
-    resolved = shared.resolve(specs)
-    sources = shared.extract_sources(resolved)
-    vectors = {spec: sources[(r.source_token_ids, r.spec.source.layer, r.source_position)] for spec, r in zip(specs, resolved)}
     fns = {
         "plain HF loop (no patching)": lambda: plain_loop(hf, info, specs, device),
         "ours, shared prefixes": lambda: shared.run(specs, batch_size=BATCH),
@@ -174,9 +187,9 @@ def main() -> None:
         from nnsight import TransformersModel
 
         lm = TransformersModel(hf, tokenizer=bridge.tokenizer, task="text-generation")
-        got = nnsight_batches(lm, info, specs, vectors)
+        got = nnsight_batches(lm, info, specs)
         assert got == ours, "nnsight's tokens differ from ours: the comparison would be void"
-        fns["nnsight, batched invokes"] = lambda: nnsight_batches(lm, info, specs, vectors)
+        fns["nnsight, batched invokes"] = lambda: nnsight_batches(lm, info, specs)
     except ImportError:
         print("nnsight is not installed (pip install -e '.[bench]'): skipped")
     t = side_by_side(fns, args.repeats)
