@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -349,9 +349,16 @@ class TraceConfig(_Strict):
 
 
 class _RecipeSection(_Strict):
-    """What every recipe section takes (`recipe.name` picks the recipe; patchscope_core.recipes)."""
+    """What every recipe section takes (`recipe.name` picks the recipe; patchscope_core.recipes),
+    and the one parser of its layer fields (`"same"` only where `same_allowed` names the field)."""
 
     seed: int = Field(0, description="orders windows and subjects, and pairs rows for the shuffled-label control")
+    same_allowed: ClassVar[tuple[str, ...]] = ()
+
+    @field_validator("layers", "source_layers", "target_layers", mode="after", check_fields=False)
+    @classmethod
+    def _layers(cls, v: Any, info) -> Any:
+        return _parse_layers(v, allow_same=info.field_name in cls.same_allowed)
 
 
 class _CorpusSection(_RecipeSection):
@@ -369,22 +376,12 @@ class TokenIdentityRecipe(_CorpusSection):
     baselines: list[Literal["logit_lens", "tuned_lens"]] = ["logit_lens", "tuned_lens"]
     target_prompt: str = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
 
-    @field_validator("layers", mode="after")
-    @classmethod
-    def _layers(cls, v: Any) -> Any:
-        return _parse_layers(v, allow_same=False)
-
 
 class CrossModelRecipe(_CorpusSection):
     name: Literal["cross_model"]
     source_model: str = Field(description="the model M whose states are read; the sweep's models are the targets M*")
     source_layers: Any = "all"
     target_layers: Any = "all"
-
-    @field_validator("source_layers", "target_layers", mode="after")
-    @classmethod
-    def _layers(cls, v: Any) -> Any:
-        return _parse_layers(v, allow_same=False)
 
 
 class AttributeExtractionRecipe(_RecipeSection):
@@ -396,11 +393,6 @@ class AttributeExtractionRecipe(_RecipeSection):
     source_layers: Any = "all"
     target_layers: Any = "all"
 
-    @field_validator("source_layers", "target_layers", mode="after")
-    @classmethod
-    def _layers(cls, v: Any) -> Any:
-        return _parse_layers(v, allow_same=False)
-
 
 class EntityDescriptionRecipe(_RecipeSection):
     name: Literal["entity_description"]
@@ -408,13 +400,9 @@ class EntityDescriptionRecipe(_RecipeSection):
     source_template: str = "{entity}"
     layers: Any = "all"
     target_layers: Any = "same"
+    same_allowed: ClassVar[tuple[str, ...]] = ("target_layers",)
     target_prompt: str = ("Syria: Country in the Middle East, Leonardo DiCaprio: American actor, Samsung: South Korean "
                           "multinational major appliance and consumer electronics corporation, x")
-
-    @field_validator("layers", "target_layers", mode="after")
-    @classmethod
-    def _layers(cls, v: Any, info) -> Any:
-        return _parse_layers(v, allow_same=info.field_name == "target_layers")
 
 
 class MultiHopRecipe(_RecipeSection):
@@ -435,11 +423,6 @@ class MultiHopRecipe(_RecipeSection):
         except (KeyError, IndexError, ValueError) as exc:
             raise ValueError(f"a template may use {{first_hop}}, {{bridge}}, {{second_hop}} and {{answer}} only ({exc!r})")
         return v
-
-    @field_validator("source_layers", "target_layers", mode="after")
-    @classmethod
-    def _layers(cls, v: Any) -> Any:
-        return _parse_layers(v, allow_same=False)
 
 
 RECIPE_SECTIONS = {c.model_fields["name"].annotation.__args__[0]: c for c in (
