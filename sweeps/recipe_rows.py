@@ -44,15 +44,6 @@ def _corpus(config: SweepConfig, base: Path | None) -> tuple[list[str], list[str
 
 
 
-def _directory(name: str, base: Path | None, field_name: str) -> Path:
-    path = Path(name).expanduser()
-    if not path.is_dir() and base is not None and (base / path).is_dir():
-        path = base / path
-    if not path.is_dir():
-        raise ConfigError(f"{field_name}: no such directory {name!r}")
-    return path
-
-
 def load_recipe_rows(config: SweepConfig, base: Path | None = None) -> list[dict[str, Any]]:
     """The recipe's rows, plain data; a relative file or directory is read from the current
     directory, or else beside the config."""
@@ -61,8 +52,8 @@ def load_recipe_rows(config: SweepConfig, base: Path | None = None) -> list[dict
         if rs.name in CORPUS_RECIPES:
             return [{"text": w} for w in _corpus(config, base)[0]]
         if rs.name == "attribute_extraction":
-            return load_lre(_directory(rs.data, base, "recipe.data") if rs.data else SHIPPED_LRE, rs.relations, rs.subjects, rs.contexts, rs.seed,
-                            "recipe.relations")
+            data = locate(rs.data, base, "recipe.data", directory=True) if rs.data else SHIPPED_LRE
+            return load_lre(data, rs.relations, rs.subjects, rs.contexts, rs.seed, "recipe.relations")
         if rs.name == "entity_description":
             return load_entities(locate(rs.file, base, "recipe.file"), rs.source_template, rs.seed, "recipe.file")
         return load_chains(locate(rs.file, base, "recipe.file"), rs.seed, "recipe.file")

@@ -12,7 +12,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from .config import ConfigError, SweepConfig, read_text
 
@@ -67,13 +67,26 @@ def _ref_value(v: Any) -> str | None:
     return json.dumps(v) if isinstance(v, (dict, list)) else str(v)
 
 
-def locate(name: str, base: Path | None, field_name: str) -> Path:
-    """A file named in the config: from the current directory, or else beside the config."""
+def _checked_columns(columns: list[str], named: Sequence[tuple[str, str | None]], references: list[str] | None,
+                    references_field: str, where: Any) -> list[str]:
+    """Every named column (field, column; None: not used) and reference column must be in
+    `where`; the reference columns default to every column not named. Returns them."""
+    for field_name, col in list(named) + [(references_field, c) for c in references or ()]:
+        if col is not None and col not in columns:
+            raise ConfigError(f"{field_name}: no column {col!r} in {where} (columns: {', '.join(columns)})")
+    used = {col for _, col in named}
+    return references if references is not None else [c for c in columns if c not in used]
+
+
+def locate(name: str, base: Path | None, field_name: str, directory: bool = False) -> Path:
+    """A file (or a directory) named in the config: from the current directory, or else beside
+    the config."""
+    exists = Path.is_dir if directory else Path.is_file
     path = Path(name).expanduser()
-    if not path.is_file() and base is not None and (base / path).is_file():
+    if not exists(path) and base is not None and exists(base / path):
         path = base / path
-    if not path.is_file():
-        raise ConfigError(f"{field_name}: no such file {name!r}")
+    if not exists(path):
+        raise ConfigError(f"{field_name}: no such {'directory' if directory else 'file'} {name!r}")
     return path
 
 
@@ -95,15 +108,9 @@ def load_rows(config: SweepConfig, base: Path | None = None) -> list[Row]:
     table = _read_table(path)
     if not table:
         raise ConfigError(f"source.file: {path} has no rows")
-    columns = list(table[0])
-    for field_name, col in (("source.prompt_column", src.prompt_column), ("target.prompt_column", tgt.prompt_column)):
-        if col is not None and col not in columns:
-            raise ConfigError(f"{field_name}: no column {col!r} in {path} (columns: {', '.join(columns)})")
-    used = {src.prompt_column, tgt.prompt_column}
-    refs = src.reference_columns if src.reference_columns is not None else [c for c in columns if c not in used]
-    for c in refs:
-        if c not in columns:
-            raise ConfigError(f"source.reference_columns: no column {c!r} in {path} (columns: {', '.join(columns)})")
+    refs = _checked_columns(list(table[0]), (("source.prompt_column", src.prompt_column),
+                                              ("target.prompt_column", tgt.prompt_column)),
+                            src.reference_columns, "source.reference_columns", path)
     rows = []
     for i, rec in enumerate(table):
         where = f"source.file row {i + 1}"
@@ -126,22 +133,16 @@ def load_prompt_rows(config: SweepConfig, base: Path | None = None) -> list[Prom
         table, where = _read_table(path), "prompts.file"
         if not table:
             raise ConfigError(f"prompts.file: {path} has no rows")
-    columns = list(dict.fromkeys(c for rec in table for c in rec))
-    used = [c for c in (pc.prompt_column, pc.answer_column, pc.subject_column) if c is not None]
-    for name, col in (("prompt_column", pc.prompt_column), ("answer_column", pc.answer_column),
-                      ("subject_column", pc.subject_column)):
-        if col is not None and col not in columns:
-            raise ConfigError(f"prompts.{name}: no column {col!r} in {where} (columns: {', '.join(columns)})")
-    refs = pc.reference_columns if pc.reference_columns is not None else [c for c in columns if c not in used]
-    for c in refs:
-        if c not in columns:
-            raise ConfigError(f"prompts.reference_columns: no column {c!r} in {where} (columns: {', '.join(columns)})")
+    names = ("prompt_column", "answer_column", "subject_column")
+    named = [(f"prompts.{name}", getattr(pc, name)) for name in names]
+    refs = _checked_columns(list(dict.fromkeys(c for rec in table for c in rec)), named, pc.reference_columns,
+                            "prompts.reference_columns", where)
     rows = []
     for i, rec in enumerate(table):
         at = f"{where} row {i + 1}"
         values = {}
-        for name, col in (("prompt_column", pc.prompt_column), ("answer_column", pc.answer_column),
-                          ("subject_column", pc.subject_column)):
+        for name in names:
+            col = getattr(pc, name)
             v = rec.get(col) if col is not None else None
             if col is not None and (not isinstance(v, str) or not v.strip()):
                 raise ConfigError(f"prompts.{name}: {at} has an empty or missing {col} ({v!r})")
