@@ -61,6 +61,7 @@ def write(tmp_path: Path, cfg: dict, **changes) -> Path:
     (ABLATION, {"intervention__heads": [7]}, "intervention.site.head: 7 is out of range 0 .. 3"),
     (ABLATION, {"intervention__positions": [40]}, "positions: 40 is out of range"),
     (ABLATION, {"prompts__answer_column": "nope"}, "prompts.answer_column: no column 'nope'"),
+    (ABLATION, {"prompts__reference_columns": ["topic", "year"]}, "prompts.reference_columns: no column 'year'"),
     (ABLATION, {"intervention__kind": "resample"}, "intervention.source: resample needs a source prompt"),
     (TRACE, {"prompts__subject_column": None}, "prompts.subject_column: a causal_trace sweep needs it"),
     (TRACE, {"prompts__subject_column": "topic"}, "prompts.subject_column (prompts.file row 1): 'city' does not occur"),
