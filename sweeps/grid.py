@@ -151,21 +151,17 @@ class InterventionCell:
 
     @staticmethod
     def payload(task: "Task") -> dict[str, Any]:
+        """Each cell as the core's InterventionRun, in the core's plain-data form (run_to_dict)."""
+        from patchscope_core import Intervention, InterventionRun, Site
+        from patchscope_core.interventions import make_kind, run_to_dict
+
+        kinds = {v: make_kind(*task.context[v]) for v in dict.fromkeys(c.variant for c in task.cells)}
         runs = []
         for c in task.cells:
-            kind, values = task.context[c.variant]
-            runs.append({"prompt": c.prompt, "answer": c.answer, "max_new_tokens": c.max_new_tokens,
-                         "interventions": [{"site": c.site, "head": [] if c.head is None else [c.head],
-                                            "neuron": [] if c.neuron is None else [c.neuron], "kind": kind,
-                                            "values": values, "positions": _positions(c.positions)}]})
+            site = Site(c.site, head=() if c.head is None else (c.head,), neuron=() if c.neuron is None else (c.neuron,))
+            run = InterventionRun(c.prompt, (Intervention(site, kinds[c.variant], c.positions),), c.answer, c.max_new_tokens)
+            runs.append(run_to_dict(run))
         return {"kind": "intervention", "runs": runs}
-
-
-def _positions(value: Any) -> dict[str, Any]:
-    from patchscope_core import Positions
-
-    p = Positions.parse(value)
-    return {"indices": list(p.indices), "prompt": p.prompt, "generated": p.generated}
 
 
 def fact_key(prompt: str, subject: str | None, answer: str | None) -> str:
