@@ -235,6 +235,7 @@ class Tracer:
             p, start = min(r.position for r in group), min(r.start for r in group)
             probs = (self._run_from(ids, group, corrupt, answer, p, start) if fast
                      else self._run_full(ids, group, answer, span, noise))
+            self.engine.counts["trace_rows"] += len(group)
             out.update(zip(batch, probs))
         return [out[i] for i in range(len(rows))]
 

@@ -123,9 +123,12 @@ def test_shortcuts_equal_the_plain_path_for_every_cell(traced, name):
 def test_exact_identities(traced, name):
     """Before the subject nothing is corrupted: restoring there is p_corrupt, exactly. Restoring
     the last layer's residual at the last position gives the clean logits: p_clean."""
-    _, _, _, _, fast, plain, _ = traced[name]
+    _, engine, _, _, fast, plain, counts = traced[name]
     start, _ = fast.subject
     n_layers, m = 4, len(fast.token_ids)
+    # the shortcuts run no row before the subject; the plain path runs every row, those too
+    assert counts["trace_rows"] == 3 * n_layers * (m - start) * SETTINGS.samples
+    assert engine.counts["trace_rows"] - counts["trace_rows"] == 3 * n_layers * m * SETTINGS.samples
     for site in ("resid_post", "mlp_out", "attn_out"):
         for layer in range(n_layers):
             for p in range(start):
