@@ -335,3 +335,50 @@ def test_smollm2_knockout_equals_eager_attention_with_an_additive_mask(smollm2):
         compare_tokens(result.generated_token_ids, want, want_logits, f"smollm2 case {k}")
         for got, ref in zip(steps, want_logits):
             torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------- the CLI
+
+
+def test_cli_intervene_knockout_maps_its_options_onto_the_kind(tiny_models, capsys):
+    import json
+
+    from sweeps.cli import main
+
+    prompt = PROMPTS[0]
+    argv = ["intervene", "--model", "tiny-llama", "--prompt", prompt, "--kind", "knockout", "--from", "last", "generated",
+            "--to", "3", "subject", "--subject", "Paris", "--layers", "1..3", "--head", "0", "2", "--answer", " France",
+            "--max-new-tokens", "4", "--no-stop-at-eos", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    kind = Knockout(from_=("last", "generated"), to=(3, "subject"), subject="Paris", heads=(0, 2), window=3)
+    (want,) = engine_of(tiny_models["tiny-llama"], "tiny-llama").run(
+        [InterventionRun(prompt, [Intervention("blocks.2.attn", kind)], answer=" France", max_new_tokens=4)])
+    assert out["generated_token_ids"] == want.generated_token_ids
+    assert out["answer_logprobs"] == pytest.approx(want.answer_logprobs, abs=1e-6)
+    assert out["answer_logprob"] != pytest.approx(out["clean_answer_logprob"], abs=1e-4)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--to", "3"], "--layers: a knockout takes --layers"),
+    (["--to", "3", "--layers", "1..3", "--site", "blocks.1.attn"], "--layers: a knockout takes --layers"),
+    (["--to", "3", "--layers", "3..1"], "--layers: expected 0 <= a <= b"),
+    (["--to", "3", "--layers", "a..b"], "--layers: expected a..b"),
+    (["--to", "nowhere", "--layers", "1"], "run.interventions[0].knockout.to: expected prompt positions"),
+])
+def test_cli_bad_knockout_options_name_the_option_before_any_weights(no_weights, capsys, extra, message):
+    from sweeps.cli import main
+
+    argv = ["intervene", "--model", "tiny-llama", "--prompt", PROMPTS[0], "--kind", "knockout", *extra]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith(f"error: {message}")
+
+
+def test_cli_other_kinds_refuse_the_knockout_options(no_weights, capsys):
+    from sweeps.cli import main
+
+    base = ["intervene", "--model", "tiny-llama", "--prompt", PROMPTS[0], "--kind", "zero", "--site", "blocks.1.hook_resid_post"]
+    assert main(base + ["--layers", "1..3"]) == 2
+    assert capsys.readouterr().err.startswith("error: --layers: not used by --kind zero")
+    assert main(base + ["--to", "3"]) == 2
+    assert capsys.readouterr().err.startswith("error: --to: not used by --kind zero")
