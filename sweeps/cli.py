@@ -124,7 +124,9 @@ def _cmd_intervene(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_record()))
         return 0
     tok = model.tokenizer
-    print(f"intervention  {args.kind} at {site} positions {positions} on {args.model}")
+    where = f"from {' '.join(args.from_ or ['last'])} to {' '.join(args.to or [])} layers {args.layers}" \
+        if args.kind == "knockout" else f"positions {positions}"
+    print(f"intervention  {args.kind} at {site} {where} on {args.model}")
     print(f"prompt        {[tok.decode([t]) for t in result.prompt_token_ids]}")
     print(f"generated     {result.generated_text!r}")
     print(f"clean         {result.clean_generated_text!r}")

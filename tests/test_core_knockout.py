@@ -382,3 +382,19 @@ def test_cli_other_kinds_refuse_the_knockout_options(no_weights, capsys):
     assert capsys.readouterr().err.startswith("error: --layers: not used by --kind zero")
     assert main(base + ["--to", "3"]) == 2
     assert capsys.readouterr().err.startswith("error: --to: not used by --kind zero")
+
+
+def test_rows_of_one_prompt_share_the_prefix_no_knockout_touches(models):
+    """Knockouts from the last token leave every earlier position's keys and values clean, so rows
+    of one prompt compute that prefix once; each row still equals itself alone."""
+    name = "tiny-llama"
+    engine = engine_of(models[name], name)
+    runs = [InterventionRun(PROMPTS[0], [Intervention(f"blocks.{l}.attn", Knockout(from_=("last", "generated"), to=to, subject="Paris"))],
+                            answer=" France", max_new_tokens=N_NEW) for l in range(4) for to in ("subject", "all_previous", (0, 2))]
+    before = engine.counts["shared_prefix_tokens"]
+    batch = engine.run(runs, batch_size=32, clean=False)
+    assert engine.counts["shared_prefix_tokens"] > before
+    for k, (run, b) in enumerate(zip(runs, batch)):
+        (a,) = engine.run([run], batch_size=1, clean=False)
+        assert b.generated_token_ids == a.generated_token_ids, f"runs[{k}]"
+        torch.testing.assert_close(torch.tensor(b.top_logprobs), torch.tensor(a.top_logprobs), atol=1e-4, rtol=0)
