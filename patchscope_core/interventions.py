@@ -11,6 +11,10 @@ written only at the selected positions and features (a site's heads or neurons),
 real tokens, never on left padding. Values that need a forward pass (a mean over reference
 prompts, a std, another prompt's activations) come from a reader that computes each once.
 
+One kind writes no value: `Knockout` blocks attention edges (query -> key positions, per head,
+over a window of layers) at the site `blocks.{l}.attn`, inside Hugging Face's attention
+(knockout.py); `ACTIVATION_KINDS` are the others.
+
 A Patchscope is `Replace(vector=f(h))` at `blocks.{l*}.hook_resid_post` and the target positions.
 """
 
