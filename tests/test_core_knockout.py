@@ -12,7 +12,6 @@ from patchscope_core import Decoding, Intervention, InterventionRun, PatchscopeE
 from patchscope_core.engine import Engine
 from patchscope_core.interventions import Knockout, resolve_run, run_from_dict, run_to_dict
 from patchscope_core.models import _load_tokenizer, _tiny_hf_model, _tiny_tokenizer_dir
-from patchscope_core.sites import plain_modules
 from patchscope_core.tracing import subject_span
 from tests.reference import compare_tokens
 
