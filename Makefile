@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) benchmarks/bench_generation.py
 	$(PY) benchmarks/bench_interventions.py
+	$(PY) benchmarks/bench_knockout.py
 	$(PY) benchmarks/bench_tracing.py
 	$(PY) benchmarks/bench_throughput.py
 

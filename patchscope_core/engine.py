@@ -29,6 +29,7 @@ import torch
 from .errors import PatchscopeError
 from .hooks import HookFn, hooked, left_pad, position_ids_from_mask
 from .dispatch import dispatch
+from .knockout import group_by_layer, knockout_hooks
 from .interventions import (Action, Intervention, InterventionRun, Positions, Replace, ResolvedIntervention,
                             ResolvedRun, resolve_run)
 from .models import ModelInfo, info_of
@@ -283,8 +284,11 @@ class Engine:
         by_site: dict[str, list[tuple[int, ResolvedIntervention, Action]]] = defaultdict(list)
         for b, (r, acts) in enumerate(zip(batch, actions)):
             for iv, act in zip(r.interventions, acts):
-                by_site[iv.site.site.hook].append((b, iv, act))
-        return [(entries[0][1].site, dispatch(entries)) for entries in by_site.values()]
+                if iv.edges is None:  # a knockout writes no value: its edges go to the attention (knockout.py)
+                    by_site[iv.site.site.hook].append((b, iv, act))
+        knockouts = group_by_layer([[iv.edges for iv in r.interventions if iv.edges is not None] for r in batch])
+        return [(entries[0][1].site, dispatch(entries)) for entries in by_site.values()] + \
+            knockout_hooks(knockouts, self.info)
 
     @torch.no_grad()
     def _batch(self, batch: Sequence[ResolvedRun], actions: Sequence[Sequence[Action]]) -> list[_Output]:

@@ -120,11 +120,17 @@ def _attach(module: nn.Module, side: str, site: ResolvedSite, fn: HookFn, tracke
 @contextmanager
 def hooked(modules: nn.Module, bridge, hooks: Sequence[tuple[ResolvedSite, HookFn]],
            pads: Sequence[int], prompt_lengths: Sequence[int]) -> Iterator[_Tracker]:
-    """Run `modules` with `hooks` on a left-padded batch (pads, prompt_lengths per row)."""
+    """Run `modules` with `hooks` on a left-padded batch (pads, prompt_lengths per row). A hook on
+    an attention site (blocks.{l}.attn) is a knockout's edge function, installed by knockout.py."""
     tracker = _Tracker(torch.tensor(list(pads)), torch.tensor(list(prompt_lengths)))
     with ExitStack() as stack:
         stack.callback(modules.register_forward_pre_hook(tracker, with_kwargs=True).remove)
         for site, fn in hooks:
+            if site.side == "attention":  # a knockout's edges (knockout.py): fn(ctx, key positions)
+                from .knockout import attach
+
+                stack.callback(attach(modules, site, fn, tracker))
+                continue
             module, side = boundary_module(modules, bridge, site)
             stack.callback(_attach(module, side, site, fn, tracker).remove)
         yield tracker

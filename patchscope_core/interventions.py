@@ -11,13 +11,17 @@ written only at the selected positions and features (a site's heads or neurons),
 real tokens, never on left padding. Values that need a forward pass (a mean over reference
 prompts, a std, another prompt's activations) come from a reader that computes each once.
 
+One kind writes no value: `Knockout` blocks attention edges (query -> key positions, per head,
+over a window of layers) at the site `blocks.{l}.attn`, inside Hugging Face's attention
+(knockout.py); `ACTIVATION_KINDS` are the others.
+
 A Patchscope is `Replace(vector=f(h))` at `blocks.{l*}.hook_resid_post` and the target positions.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, Sequence
 
 import torch
@@ -154,6 +158,8 @@ class Kind:
 
     def prepare(self, site: ResolvedSite, reader: Reader) -> Action:
         raise NotImplementedError
+
+    edits_attention: ClassVar[bool] = False  # True: acts on attention edges at blocks.{l}.attn, not on a value
 
 
 @dataclass(frozen=True)
@@ -293,7 +299,62 @@ class Add(Kind):
         return Action(scale=1.0, shift=float(self.alpha) * v)
 
 
-KINDS: dict[str, type[Kind]] = {k.name: k for k in (Replace, Add, Scale, Zero, Mean, Resample, Noise)}
+# A knockout's positions: queries (`from`) and keys (`to`), as the config and the CLI write them.
+QUERY_WORDS = ("last", "generated")
+KEY_WORDS = ("subject", "non_subject", "last", "all_previous")
+
+
+def _words(value: Any) -> tuple:
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
+@dataclass(frozen=True)
+class Knockout(Kind):
+    """Attention knockout (Geva et al. 2023): queries at `from` may not attend to keys at `to`, in
+    `heads` (all by default), at site blocks.{l}.attn and the `window` layers centred on l (ROME's
+    and Geva's window, clipped at the model's ends). The chosen (head, query, key) scores get the
+    dtype's minimum added before the softmax (knockout.py).
+
+    from: `last` (the last prompt token), prompt positions (ints; negative from the end), `generated`
+        (every generated token, blocked as it is decoded; in a scoring run: every answer token).
+    to: prompt positions (ints), `subject` (the tokens of `subject`), `non_subject` (every prompt
+        token that is neither the subject's nor the last one, BOS not counted), `last`, `all_previous`
+        (every key before the query: the query then attends to itself alone).
+    Empty `from` or `to`: nothing is blocked (bit-identical to no knockout)."""
+
+    from_: tuple = field(default=("last",), metadata={"key": "from"})
+    to: tuple = ()
+    heads: tuple[int, ...] = ()
+    window: int = 1
+    subject: str | None = None
+    name: ClassVar[str] = "knockout"
+    edits_attention: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        for name in ("from_", "to", "heads"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, () if value is None else _words(value))
+
+    def check(self, site, info, positions, field_name):
+        for key, values, words in (("from", self.from_, QUERY_WORDS), ("to", self.to, KEY_WORDS)):
+            for v in values:
+                if not (v in words or (isinstance(v, int) and not isinstance(v, bool))):
+                    raise PatchscopeError(f"{field_name}.{key}: expected prompt positions (integers) or "
+                                          f"{', '.join(words)}; got {v!r}")
+        for h in self.heads:
+            if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < info.n_heads:
+                raise PatchscopeError(f"{field_name}.heads: {h!r} is out of range 0 .. {info.n_heads - 1} for {info.name}")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise PatchscopeError(f"{field_name}.window: expected an integer >= 1, got {self.window!r}")
+        if any(v in ("subject", "non_subject") for v in self.to) and self.subject is None:
+            raise PatchscopeError(f"{field_name}.subject: to: subject / non_subject needs the subject (a substring of the prompt)")
+
+    def prepare(self, site, reader):
+        return Action()  # nothing is written: the edges are blocked inside the attention (knockout.py)
+
+
+KINDS: dict[str, type[Kind]] = {k.name: k for k in (Replace, Add, Scale, Zero, Mean, Resample, Noise, Knockout)}
+ACTIVATION_KINDS = {name: k for name, k in KINDS.items() if not k.edits_attention}  # kinds that write a site's value
 
 
 # ---------------------------------------------------------------- an intervention and a run
@@ -331,7 +392,8 @@ class InterventionRun:
 class ResolvedIntervention:
     intervention: Intervention
     site: ResolvedSite
-    positions: Positions  # absolute
+    positions: Positions  # absolute (a knockout's: its queries)
+    edges: Any = None  # a knockout's blocked edges on this prompt (knockout.Edges)
 
 
 @dataclass(frozen=True)
@@ -369,6 +431,19 @@ def resolve_run(run: InterventionRun, info: ModelInfo, field_name: str = "run") 
         if not isinstance(iv.kind, Kind):
             raise PatchscopeError(f"{where}.kind: expected one of {', '.join(KINDS)}, got {iv.kind!r}")
         site = resolve_site(iv.site, info, f"{where}.site")
+        if (site.side == "attention") != iv.kind.edits_attention:
+            raise PatchscopeError(f"{where}.site: {iv.kind.name} acts on " + (
+                "blocks.{l}.attn (attention edges)" if iv.kind.edits_attention else f"a value, not on {iv.site.hook}; "
+                "only knockout acts on blocks.{l}.attn"))
+        if iv.kind.edits_attention:
+            if iv.positions != Positions(prompt=True, generated=True):
+                raise PatchscopeError(f"{where}.positions: a knockout's queries are its `from` field; leave positions unset")
+            iv.kind.check(site, info, iv.positions, f"{where}.{iv.kind.name}")
+            from .knockout import resolve_edges  # the knockout's machinery builds on this module
+
+            edges = resolve_edges(iv.kind, info, run.prompt, len(prompt), iv.site.layer, f"{where}.{iv.kind.name}")
+            resolved.append(ResolvedIntervention(iv, site, edges.queries, edges))
+            continue
         positions = iv.positions.resolve(len(prompt), f"{where}.positions")
         iv.kind.check(site, info, positions, f"{where}.{iv.kind.name}")
         resolved.append(ResolvedIntervention(iv, site, positions))
@@ -379,12 +454,19 @@ def kind_fields(name: str) -> list[str]:
     """The typed fields of a registered kind (for the CLI and the sweep config)."""
     from dataclasses import fields
 
-    return [f.name for f in fields(KINDS[name])]
+    return [_key(f) for f in fields(KINDS[name])]
+
+
+def _key(f) -> str:
+    """A field's config key (`from` for Knockout.from_, a Python keyword)."""
+    return f.metadata.get("key", f.name)
 
 
 def make_kind(name: str, values: dict[str, Any], field_name: str = "kind") -> Kind:
     """A registered kind from plain data (what travels to a sweep's workers): vectors as lists of
     numbers, prompt sets as lists of strings; fields the kind does not take are refused."""
+    from dataclasses import fields
+
     if name not in KINDS:
         raise PatchscopeError(f"{field_name}: unknown kind {name!r} (allowed: {', '.join(KINDS)})")
     takes = set(kind_fields(name))
@@ -395,10 +477,11 @@ def make_kind(name: str, values: dict[str, Any], field_name: str = "kind") -> Ki
     for key, value in values.items():
         if key == "vector" and value is not None and not isinstance(value, torch.Tensor):
             value = torch.tensor(value, dtype=torch.float32)
-        elif key in ("reference", "positive", "negative") and value is not None:
+        elif key in ("reference", "positive", "negative", "from", "to", "heads") and value is not None:
             value = tuple(value)
         typed[key] = value
-    return KINDS[name](**typed)
+    attrs = {_key(f): f.name for f in fields(KINDS[name])}
+    return KINDS[name](**{attrs[k]: v for k, v in typed.items()})
 
 
 def kind_values(kind: Kind) -> dict[str, Any]:
@@ -412,7 +495,7 @@ def kind_values(kind: Kind) -> dict[str, Any]:
             value = value.tolist()
         elif isinstance(value, tuple):
             value = list(value)
-        out[f.name] = value
+        out[_key(f)] = value
     return out
 
 
@@ -435,6 +518,6 @@ def run_from_dict(data: dict[str, Any]) -> InterventionRun:
 
 
 __all__ = [
-    "Action", "Add", "Intervention", "InterventionRun", "KINDS", "Kind", "Mean", "Noise", "Positions", "Replace",
+    "ACTIVATION_KINDS", "Action", "Add", "Intervention", "InterventionRun", "KINDS", "Kind", "Knockout", "Mean", "Noise", "Positions", "Replace",
     "Resample", "ResolvedIntervention", "ResolvedRun", "Scale", "Zero", "noise_at", "resolve_run", "site_vector",
 ]

@@ -40,6 +40,7 @@ SITES = {
     "blocks.{l}.attn.hook_z": ("each query head's output before the output projection", "head"),
     "blocks.{l}.mlp.hook_post": ("MLP hidden activations (the down projection's input)", "neuron"),
 }
+ATTENTION = "blocks.{l}.attn"  # block l's attention itself: where a knockout blocks edges (knockout.py)
 _FORM = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
@@ -84,7 +85,7 @@ class ResolvedSite:
 
     site: Site
     module: str  # Hugging Face module path in the bridged model, e.g. model.layers.8.self_attn.o_proj
-    side: Literal["input", "output"]
+    side: Literal["input", "output", "attention"]  # attention: the attention function itself (knockout.py)
     shape: tuple[int, ...]  # one position's activation as TransformerLens shows it: (d_model,), (n_heads, d_head), (d_mlp,)
 
     @property
@@ -102,7 +103,7 @@ class ResolvedSite:
 
 
 def valid_sites(info: ModelInfo) -> str:
-    return ", ".join(SITES) + f" (l = 0 .. {info.n_layers - 1})"
+    return ", ".join(SITES) + f", {ATTENTION} (knockout) (l = 0 .. {info.n_layers - 1})"
 
 
 def resolve_site(site: Site, info: ModelInfo, field: str = "site") -> ResolvedSite:
@@ -119,7 +120,7 @@ def resolve_site(site: Site, info: ModelInfo, field: str = "site") -> ResolvedSi
             f"input, not the residual stream that flows on; use blocks.{layer}.hook_attn_out "
             f"(resid_mid = resid_pre + attn_out) or blocks.{layer}.hook_resid_post"
         )
-    if form not in SITES:
+    if form not in SITES and form != ATTENTION:
         raise PatchscopeError(f"{field}: unknown site {site.hook!r}; valid sites: {valid_sites(info)}")
     if m:
         layer = int(m.group(1))
@@ -127,7 +128,7 @@ def resolve_site(site: Site, info: ModelInfo, field: str = "site") -> ResolvedSi
             raise PatchscopeError(
                 f"{field}: layer {layer} of {site.hook!r} is out of range 0 .. {info.n_layers - 1} for {info.name}"
             )
-    unit = SITES[form][1]
+    unit = SITES[form][1] if form in SITES else None
     shape = {"head": (info.n_heads, info.d_head), "neuron": (info.d_mlp,)}.get(unit, (info.d_model,))
     for name, values, count in (("head", site.head, info.n_heads), ("neuron", site.neuron, info.d_mlp)):
         if values and unit != name:
@@ -135,13 +136,17 @@ def resolve_site(site: Site, info: ModelInfo, field: str = "site") -> ResolvedSi
         for v in values:
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < count:
                 raise PatchscopeError(f"{field}.{name}: {v!r} is out of range 0 .. {count - 1} for {info.name}")
+    if form == ATTENTION:  # the attention module: the boundary whose output is attn's hook_out
+        shape, name = (info.n_heads,), f"{site.hook}.hook_out"
+    else:
+        name = site.hook
     try:
-        module, side = module_boundary(info.components, site.hook)
+        module, side = module_boundary(info.components, name)
     except LookupError:
         raise PatchscopeError(
             f"{field}: {site.hook} sits on no Hugging Face module boundary of {info.name}'s architecture"
         ) from None
-    return ResolvedSite(site, module, side, shape)
+    return ResolvedSite(site, module, "attention" if form == ATTENTION else side, shape)
 
 
 def module_boundary(components: dict, name: str) -> tuple[str, Literal["input", "output"]]:

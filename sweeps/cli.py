@@ -85,6 +85,11 @@ def _kind(args: argparse.Namespace):
         "negative": ("--negative-prompts", lambda: _read_prompts(args.negative_prompts, "--negative-prompts") or None),
         "scale": ("--noise-scale", lambda: args.noise_scale),
         "seed": ("--seed", lambda: args.seed),
+        "from_": ("--from", lambda: _words(args.from_) if args.from_ else None),
+        "to": ("--to", lambda: _words(args.to) if args.to else None),
+        "subject": ("--subject", lambda: args.subject),
+        "heads": ("--head", lambda: tuple(args.head) if args.head and args.kind == "knockout" else None),
+        "window": ("--layers", lambda: _layer_range(args.layers)[1] if args.layers else None),
     }
     cls = KINDS[args.kind]
     takes = {f.name for f in fields(cls)}
@@ -104,10 +109,10 @@ def _cmd_intervene(args: argparse.Namespace) -> int:
     from patchscope_core.interventions import resolve_run
     from patchscope_core.models import check_device
 
+    site = _site(args)
     words = args.positions
     positions = Positions.parse(words[0] if len(words) == 1 and not words[0].lstrip("-").isdigit()
                                 else _ints(words, "--positions"), "--positions")
-    site = Site(args.site, head=tuple(args.head or ()), neuron=tuple(args.neuron or ()))
     run = InterventionRun(args.prompt, (Intervention(site, _kind(args), positions),), answer=args.answer,
                           max_new_tokens=args.max_new_tokens)
     resolve_run(run, model_info(args.model), "run")  # every input error surfaces here, before the weights load
@@ -119,7 +124,9 @@ def _cmd_intervene(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_record()))
         return 0
     tok = model.tokenizer
-    print(f"intervention  {args.kind} at {site} positions {positions} on {args.model}")
+    where = f"from {' '.join(args.from_ or ['last'])} to {' '.join(args.to or [])} layers {args.layers}" \
+        if args.kind == "knockout" else f"positions {positions}"
+    print(f"intervention  {args.kind} at {site} {where} on {args.model}")
     print(f"prompt        {[tok.decode([t]) for t in result.prompt_token_ids]}")
     print(f"generated     {result.generated_text!r}")
     print(f"clean         {result.clean_generated_text!r}")
@@ -128,6 +135,41 @@ def _cmd_intervene(args: argparse.Namespace) -> int:
               f"delta {result.answer_logprob - result.clean_answer_logprob:+.3f}); "
               f"p(first token) = {result.p_answer:.4f} (clean {result.p_answer_clean:.4f})")
     return 0
+
+
+def _site(args: argparse.Namespace):
+    """--site, or for a knockout blocks.{l}.attn at the centre of --layers (a..b or l)."""
+    from patchscope_core import InputError, Site
+
+    if args.kind == "knockout":
+        if args.site is not None or not args.layers:
+            raise InputError("--layers: a knockout takes --layers (a..b or l) instead of --site")
+        return Site(f"blocks.{_layer_range(args.layers)[0]}.attn")
+    if args.site is None:
+        raise InputError("--site: required (a TransformerLens hook name)")
+    if args.layers:
+        raise InputError(f"--layers: not used by --kind {args.kind} (only knockout takes it)")
+    return Site(args.site, head=tuple(args.head or ()), neuron=tuple(args.neuron or ()))
+
+
+def _layer_range(text: str) -> tuple[int, int]:
+    """(centre, window) of a layer range a..b (ROME's and Geva's window centred on the layer)."""
+    from patchscope_core import InputError
+
+    a, _, b = text.partition("..")
+    try:
+        first, last = int(a), int(b or a)
+    except ValueError:
+        raise InputError(f"--layers: expected a..b or one layer, got {text!r}") from None
+    if last < first or first < 0:
+        raise InputError(f"--layers: expected 0 <= a <= b, got {text!r}")
+    window = last - first + 1
+    return first + window // 2, window
+
+
+def _words(words: list[str]) -> tuple:
+    """Positions as words and integers: last, generated, subject, 3, -1, ..."""
+    return tuple(int(w) if w.lstrip("-").isdigit() else w for w in words)
 
 
 def _ints(words: list[str], field: str) -> list[int]:
@@ -177,10 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("intervene", help="generate and score one prompt with an intervention at a TransformerLens site")
     v.add_argument("--model", default="smollm2-135m")
     v.add_argument("--prompt", required=True)
-    v.add_argument("--site", required=True, help="a TransformerLens hook name, e.g. blocks.8.attn.hook_z")
-    v.add_argument("--head", type=int, nargs="+", help="attn.hook_z: the heads to act on (default all)")
+    v.add_argument("--site", help="a TransformerLens hook name, e.g. blocks.8.attn.hook_z")
+    v.add_argument("--head", type=int, nargs="+", help="attn.hook_z, knockout: the heads to act on (default all)")
     v.add_argument("--neuron", type=int, nargs="+", help="mlp.hook_post: the neurons to act on (default all)")
-    v.add_argument("--kind", required=True, choices=["replace", "add", "scale", "zero", "mean", "resample", "noise"])
+    v.add_argument("--kind", required=True, choices=["replace", "add", "scale", "zero", "mean", "resample", "noise", "knockout"])
     v.add_argument("--positions", nargs="+", default=["all"],
                    help="prompt positions (BOS counted; negatives from the end), or all | prompt | generated (default all)")
     v.add_argument("--vector", help="replace/add: a [d] tensor (.safetensors or .pt)")
@@ -193,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--negative-prompts", help="... these prompts' mean is the vector")
     v.add_argument("--noise-scale", type=float, help="noise: x the site's std over the reference prompts (default 3)")
     v.add_argument("--seed", type=int, help="noise: the seed (default 0)")
+    v.add_argument("--from", dest="from_", nargs="+", help="knockout: the queries: last, generated, positions (default last)")
+    v.add_argument("--to", nargs="+", help="knockout: the keys: positions, subject, non_subject, last, all_previous")
+    v.add_argument("--layers", help="knockout: the layers, a..b (or one layer)")
+    v.add_argument("--subject", help="knockout: the subject (a substring of the prompt) for --to subject / non_subject")
     v.add_argument("--answer", help="score this continuation: teacher-forced log-probability, with and without the intervention")
     v.add_argument("--max-new-tokens", type=int, default=20)
     v.add_argument("--no-stop-at-eos", action="store_true", help="always generate max-new-tokens tokens")

@@ -10,10 +10,10 @@ import copy
 import pytest
 import torch
 
-from patchscope_core import (KINDS, SITES, Add, Decoding, Intervention, InterventionRun, Mean, Noise, PatchscopeError,
+from patchscope_core import (SITES, Add, Decoding, Intervention, InterventionRun, Mean, Noise, PatchscopeError,
                              Replace, Resample, Scale, Site, Zero, model_info)
 from patchscope_core.engine import Engine
-from patchscope_core.interventions import resolve_run
+from patchscope_core.interventions import ACTIVATION_KINDS, resolve_run
 from patchscope_core.models import _tiny_hf_model
 from tests.reference import compare_tokens, hooked_logits, reference_hooks, uncached_generation
 
@@ -82,7 +82,7 @@ def grid_runs(model, prompts=PROMPTS, long_source=LONG, heads=None, neurons=None
     layer_of = layer_of or (lambda i, j: (i + 2 * j) % n_layers)
     runs = []
     for i, form in enumerate(SITES):
-        for j, kind_name in enumerate(KINDS):
+        for j, kind_name in enumerate(ACTIVATION_KINDS):  # knockout: tests/test_core_knockout.py
             site = site_of(form, layer_of(i, j), i + j)
             if heads and site.head:
                 site = Site(site.hook, head=heads[(i + j) % len(heads)])
@@ -143,7 +143,7 @@ def test_every_site_and_kind_equals_the_bridges_own_hook_point(tiny_models, name
     model = tiny_models[name]
     runs = grid_runs(model)
     kinds = collections.Counter((form_of(iv.site.hook), iv.kind.name) for r in runs for iv in r.interventions)
-    assert len(kinds) == len(SITES) * len(KINDS)
+    assert len(kinds) == len(SITES) * len(ACTIVATION_KINDS)
     assert_logits_match_the_bridge(model, Engine(model, name=name), runs)
 
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from patchscope_core import KINDS, SITES, Decoding, Intervention, InterventionRun, Site, Zero
+from patchscope_core import SITES, Decoding, Intervention, InterventionRun, Site, Zero
 from patchscope_core.engine import Engine
+from patchscope_core.interventions import ACTIVATION_KINDS
 from tests.reference import compare_tokens, reference_hooks, uncached_generation
 from tests.test_core_interventions import (LONG, PROMPTS, assert_logits_match_the_bridge, every_step_runs, form_of,
                                            grid_runs, hf_greedy)
@@ -27,7 +28,7 @@ def test_every_site_and_kind_equals_the_bridges_own_hook_point(smollm2, engine):
     runs = grid_runs(smollm2, heads=[(1,), (0, 8), (4, 5, 6)], neurons=[(0, 700, 1535), tuple(range(3, 1536, 5))],
                      layer_of=lambda i, j: (4 * i + 3 * j + 1) % 30, seed=10)
     assert {(form_of(iv.site.hook), iv.kind.name) for r in runs for iv in r.interventions} == {
-        (s, k) for s in SITES for k in KINDS}
+        (s, k) for s in SITES for k in ACTIVATION_KINDS}
     assert max(iv.site.layer or 0 for r in runs for iv in r.interventions) == 29
     # In a padded batch of 52 rows SmolLM2's logits (up to ~30) differ from a single row's by float
     # rounding alone: up to ~6e-5 with no intervention at all, 1.3e-4 with one (mean embeddings at
