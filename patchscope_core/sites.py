@@ -38,6 +38,9 @@ SITES = {
     "blocks.{l}.hook_attn_out": ("output of block l's attention", None),
     "blocks.{l}.hook_mlp_out": ("output of block l's MLP", None),
     "blocks.{l}.attn.hook_z": ("each query head's output before the output projection", "head"),
+    "blocks.{l}.attn.hook_q": ("each query head's query (before rotary)", "head"),
+    "blocks.{l}.attn.hook_k": ("each key/value head's key (before rotary)", "kv_head"),
+    "blocks.{l}.attn.hook_v": ("each key/value head's value", "kv_head"),
     "blocks.{l}.mlp.hook_post": ("MLP hidden activations (the down projection's input)", "neuron"),
 }
 _FORM = re.compile(r"^blocks\.(\d+)\.(.+)$")
@@ -128,13 +131,19 @@ def resolve_site(site: Site, info: ModelInfo, field: str = "site") -> ResolvedSi
                 f"{field}: layer {layer} of {site.hook!r} is out of range 0 .. {info.n_layers - 1} for {info.name}"
             )
     unit = SITES[form][1]
-    shape = {"head": (info.n_heads, info.d_head), "neuron": (info.d_mlp,)}.get(unit, (info.d_model,))
-    for name, values, count in (("head", site.head, info.n_heads), ("neuron", site.neuron, info.d_mlp)):
-        if values and unit != name:
-            raise PatchscopeError(f"{field}.{name}: {site.hook} has no {name}s (only {'attn.hook_z' if name == 'head' else 'mlp.hook_post'} does)")
+    n_kv = info.n_kv_heads or info.n_heads
+    shape = {"head": (info.n_heads, info.d_head), "kv_head": (n_kv, info.d_head),
+             "neuron": (info.d_mlp,)}.get(unit, (info.d_model,))
+    heads = n_kv if unit == "kv_head" else info.n_heads
+    for name, values, count in (("head", site.head, heads), ("neuron", site.neuron, info.d_mlp)):
+        if values and (unit or "").removeprefix("kv_") != name:
+            owners = "attn.hook_z, hook_q, hook_k, hook_v" if name == "head" else "mlp.hook_post"
+            raise PatchscopeError(f"{field}.{name}: {site.hook} has no {name}s (only {owners} do)")
         for v in values:
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < count:
-                raise PatchscopeError(f"{field}.{name}: {v!r} is out of range 0 .. {count - 1} for {info.name}")
+                what = "key/value heads" if unit == "kv_head" else f"{name}s"
+                raise PatchscopeError(f"{field}.{name}: {v!r} is out of range 0 .. {count - 1} for {info.name}'s "
+                                      f"{count} {what} at {form}")
     try:
         module, side = module_boundary(info.components, site.hook)
     except LookupError:
