@@ -185,10 +185,10 @@ def test_smollm2_ioi_equals_transformer_lens_on_a_subset(smollm2):
         directions = ("denoising", "noising") if both else ("denoising",)
         result = patcher.patch(IOI_PAIR, cells, directions)
         with torch.no_grad():
-            want = fn(smollm2, corrupted, clean_cache, metric, index_df=df)
+            want = fn(smollm2, corrupted, clean_cache, metric, index_axis_names=None, index_df=df)
             assert grid(result, "denoising") == pytest.approx(want.tolist(), abs=1e-4), site
             if both:
-                want = fn(smollm2, clean, corrupted_cache, metric, index_df=df)
+                want = fn(smollm2, clean, corrupted_cache, metric, index_axis_names=None, index_df=df)
                 assert grid(result, "noising") == pytest.approx(want.tolist(), abs=1e-4), site
 
 
