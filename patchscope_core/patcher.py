@@ -63,6 +63,9 @@ class Patcher:
         checked = self.check(pair, cells, directions, metrics, field_name)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise PatchscopeError(f"max_new_tokens: expected an integer >= 0, got {max_new_tokens!r}")
+        if max_new_tokens and any(c.site in ("attn.hook_q", "attn.hook_k", "attn.hook_v") for c in cells):
+            raise PatchscopeError("max_new_tokens: generation takes the intervention sites; attn.hook_q, hook_k and "
+                                  "hook_v are patched without generating (max_new_tokens 0)")
         keep = len(checked.answer_ids) if "logprob" in metrics else 1
         tail = checked.answer_ids[:-1] if keep > 1 else ()
         hooks = sorted({cell.hook(l) for cell in cells for l in cell.layers(self.info.n_layers)})
@@ -98,7 +101,7 @@ class Patcher:
         key = (hook, head, neuron)
         if key not in self._sites:
             self._sites[key] = resolve_site(Site(hook, head=() if head is None else head,
-                                                 neuron=() if neuron is None else neuron), self.info)
+                                                 neuron=() if neuron is None else neuron), self.info, qkv=True)
         return self._sites[key]
 
     def _base(self, ids: tuple[int, ...], hooks: list[str], keep: int, purpose: str) -> dict:

@@ -32,15 +32,11 @@ from typing import Any, Sequence
 
 import torch
 
-from .dispatch import dispatch
 from .errors import PatchscopeError
-from .hooks import hooked
-from .interventions import Action, Intervention, InterventionRun, Positions, Resample, ResolvedIntervention
 from .models import ModelInfo
-from .readings import input_device
-from .sites import ResolvedSite, Site, resolve_site
+from .sites import Site, resolve_site
 from .spec import resolve_position, tokenize
-from .tracing import batches_by_position, forward_from, window_layers
+from .tracing import window_layers
 
 # Sites a cell may patch (the hook name inside block l) and what their `head` indexes.
 PATCH_SITES = {
@@ -205,13 +201,15 @@ def check_cell(cell: Cell, info: ModelInfo, n_tokens: int, field_name: str = "ce
     if cell.neuron is not None and PATCH_SITES[site] != "neuron":
         raise PatchscopeError(f"{field_name}.neuron: {site} has no neurons")
     resolve_site(Site(cell.hook(), head=cell.head if cell.head is not None else (),
-                      neuron=cell.neuron if cell.neuron is not None else ()), info, f"{field_name}.site")
+                      neuron=cell.neuron if cell.neuron is not None else ()), info, f"{field_name}.site", qkv=True)
 
 
 def make_cells(info: ModelInfo, n_tokens: int, sites: Sequence[str], layers: Any = "all", positions: Any = "each",
-               heads: Any = "all", window: int = 1, field_name: str = "patching") -> list[Cell]:
+               heads: Any = "all", window: int = 1, field_name: str = "patching",
+               neurons: Sequence[int] | None = None) -> list[Cell]:
     """The grid of cells: sites x layers ('all' or a list) x positions ('each', 'all', or a list:
-    BOS counted, negatives from the end) x heads ('all' or a list; head sites only)."""
+    BOS counted, negatives from the end) x heads ('all' or a list; head sites only) x neurons
+    (mlp.hook_post only: a list; None patches every neuron of the site at once)."""
     if isinstance(sites, str):
         sites = [sites]
     names = [site_name(s, f"{field_name}.sites[{i}]") for i, s in enumerate(sites)]
@@ -238,7 +236,11 @@ def make_cells(info: ModelInfo, n_tokens: int, sites: Sequence[str], layers: Any
                 if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < count:
                     raise PatchscopeError(f"{field_name}.heads: {h!r} is out of range 0 .. {count - 1}: {site} has "
                                           f"{count} {PATCH_SITES[site]} heads on {info.name}")
-        cells += [Cell(site, l, p, h, None, window) for l in layers for p in at for h in unit_heads]
+        units = [None] if PATCH_SITES[site] != "neuron" or neurons is None else list(neurons)
+        for u in units:
+            if u is not None and (isinstance(u, bool) or not isinstance(u, int) or not 0 <= u < info.d_mlp):
+                raise PatchscopeError(f"{field_name}.neurons: {u!r} is out of range 0 .. {info.d_mlp - 1}")
+        cells += [Cell(site, l, p, h, u, window) for l in layers for p in at for h in unit_heads for u in units]
     seen: set[str] = set()
     for i, cell in enumerate(cells):  # each site's boundary once (a site GPT-2 has no module for, ...)
         if cell.site not in seen:

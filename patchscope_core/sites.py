@@ -38,10 +38,15 @@ SITES = {
     "blocks.{l}.hook_attn_out": ("output of block l's attention", None),
     "blocks.{l}.hook_mlp_out": ("output of block l's MLP", None),
     "blocks.{l}.attn.hook_z": ("each query head's output before the output projection", "head"),
+    "blocks.{l}.mlp.hook_post": ("MLP hidden activations (the down projection's input)", "neuron"),
+}
+# Query, key and value heads: sites of activation patching (`resolve_site(..., qkv=True)`), on
+# architectures with their own q/k/v projections; under grouped-query attention k and v have
+# fewer (key/value) heads. GPT-2's are split by the bridge from one fused c_attn: refused.
+QKV_SITES = {
     "blocks.{l}.attn.hook_q": ("each query head's query (before rotary)", "head"),
     "blocks.{l}.attn.hook_k": ("each key/value head's key (before rotary)", "kv_head"),
     "blocks.{l}.attn.hook_v": ("each key/value head's value", "kv_head"),
-    "blocks.{l}.mlp.hook_post": ("MLP hidden activations (the down projection's input)", "neuron"),
 }
 _FORM = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
@@ -108,9 +113,9 @@ def valid_sites(info: ModelInfo) -> str:
     return ", ".join(SITES) + f" (l = 0 .. {info.n_layers - 1})"
 
 
-def resolve_site(site: Site, info: ModelInfo, field: str = "site") -> ResolvedSite:
+def resolve_site(site: Site, info: ModelInfo, field: str = "site", qkv: bool = False) -> ResolvedSite:
     """Check `site` against the model and find its module boundary; raises PatchscopeError
-    naming `field` (an unknown name's message lists the valid ones)."""
+    naming `field` (an unknown name's message lists the valid ones). `qkv`: QKV_SITES too."""
     if not isinstance(site.hook, str):
         raise PatchscopeError(f"{field}: expected a TransformerLens hook name, got {site.hook!r}")
     m = _FORM.match(site.hook)
@@ -122,7 +127,8 @@ def resolve_site(site: Site, info: ModelInfo, field: str = "site") -> ResolvedSi
             f"input, not the residual stream that flows on; use blocks.{layer}.hook_attn_out "
             f"(resid_mid = resid_pre + attn_out) or blocks.{layer}.hook_resid_post"
         )
-    if form not in SITES:
+    known = {**SITES, **QKV_SITES} if qkv else SITES
+    if form not in known:
         raise PatchscopeError(f"{field}: unknown site {site.hook!r}; valid sites: {valid_sites(info)}")
     if m:
         layer = int(m.group(1))
@@ -130,7 +136,10 @@ def resolve_site(site: Site, info: ModelInfo, field: str = "site") -> ResolvedSi
             raise PatchscopeError(
                 f"{field}: layer {layer} of {site.hook!r} is out of range 0 .. {info.n_layers - 1} for {info.name}"
             )
-    unit = SITES[form][1]
+    unit = known[form][1]
+    if form in QKV_SITES and "qkv" in (info.components["blocks"].submodules["attn"].submodules or {}):
+        raise PatchscopeError(f"{field}: {site.hook} is split by the bridge from {info.name}'s fused q/k/v projection "
+                              f"and sits on no Hugging Face module boundary")
     n_kv = info.n_kv_heads or info.n_heads
     shape = {"head": (info.n_heads, info.d_head), "kv_head": (n_kv, info.d_head),
              "neuron": (info.d_mlp,)}.get(unit, (info.d_model,))

@@ -24,7 +24,10 @@ GRIDS = {
     "z_by_pos": (tlp.get_act_patch_attn_head_out_by_pos, "blocks.{layer}.attn.hook_z", "each"),
     "z_all_pos": (tlp.get_act_patch_attn_head_out_all_pos, "blocks.{layer}.attn.hook_z", "all"),
     "v_by_pos": (tlp.get_act_patch_attn_head_v_by_pos, "blocks.{layer}.attn.hook_v", "each"),
+    "q_by_pos": (tlp.get_act_patch_attn_head_q_by_pos, "blocks.{layer}.attn.hook_q", "each"),
+    "k_all_pos": (tlp.get_act_patch_attn_head_k_all_pos, "blocks.{layer}.attn.hook_k", "all"),
 }
+LLAMA_ONLY = ("v_by_pos", "q_by_pos", "k_all_pos")  # GPT-2's q/k/v are split from c_attn: no module boundary
 
 
 def logit_diff_of(checked):
@@ -48,7 +51,7 @@ def grid(result, direction):
 
 
 @pytest.mark.parametrize("model,name", [("tiny-llama", g) for g in GRIDS]
-                         + [("tiny-gpt2", g) for g in GRIDS if g != "v_by_pos"])
+                         + [("tiny-gpt2", g) for g in GRIDS if g not in LLAMA_ONLY])
 def test_grid_equals_transformer_lens_both_directions(engines, model, name):
     engine = engines[model]
     fn, site, positions = GRIDS[name]
@@ -64,8 +67,8 @@ def test_grid_equals_transformer_lens_both_directions(engines, model, name):
         noising = fn(bridge, clean, corrupted_cache, metric).flatten()
     assert grid(result, "denoising") == pytest.approx(denoising.tolist(), abs=1e-4)
     assert grid(result, "noising") == pytest.approx(noising.tolist(), abs=1e-4)
-    assert result.clean_values["logit_diff"] == pytest.approx(float(metric(bridge(clean))), abs=1e-4)
-    assert result.corrupted_values["logit_diff"] == pytest.approx(float(metric(bridge(corrupted))), abs=1e-4)
+    assert result.clean_values["logit_diff"] == pytest.approx(float(metric(bridge(clean).detach())), abs=1e-4)
+    assert result.corrupted_values["logit_diff"] == pytest.approx(float(metric(bridge(corrupted).detach())), abs=1e-4)
 
 
 def test_every_position_of_resid_pre_at_layer_0_is_the_source_run(engines):
@@ -88,7 +91,7 @@ def test_patching_what_the_base_run_holds_gives_the_base_run_and_is_not_run(engi
     result = Patcher(engine).patch(TINY_PAIR, cells, directions=("denoising",))
     assert engine.counts["patch_unchanged"] - before.get("patch_unchanged", 0) == len(cells)
     assert engine.counts["patch_rows"] == before.get("patch_rows", 0)
-    want = float(logit_diff_of(checked)(engine.model(torch.tensor([checked.corrupted_ids]))))
+    want = float(logit_diff_of(checked)(engine.model(torch.tensor([checked.corrupted_ids])).detach()))
     assert all(c.patched == pytest.approx(want, abs=1e-4) and c.recovered == 0.0 for c in result.cells)
 
 
@@ -136,6 +139,26 @@ def test_window_and_every_metric_equal_the_bridge_with_hooks(engines):
     assert got["prob"] == pytest.approx(float(lp[m - 1, answer[0]].exp()), abs=1e-5)
     assert got["kl"] == pytest.approx(float((clean_lp.exp() * (clean_lp - lp[m - 1])).sum()), abs=1e-4)
     assert len(answer) > 1 and result.clean_values["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_neuron_of_mlp_hook_post_equals_the_bridge_with_hooks(engines):
+    engine = engines["tiny-llama"]
+    checked = check_pair(TINY_PAIR, engine.info)
+    m = len(checked.clean_ids)
+    cells = make_cells(engine.info, m, ["mlp.hook_post"], layers=[1], positions=[-1], neurons=[5, 77])
+    result = Patcher(engine).patch(TINY_PAIR, cells, ("noising",))
+    bridge, metric = engine.model, logit_diff_of(checked)
+    with torch.no_grad():
+        _, cache = bridge.run_with_cache(torch.tensor([checked.corrupted_ids]))
+        for cell, got in zip(cells, result.cells):
+            def write(x, hook, n=cell.neuron):
+                x = x.clone()
+                x[:, m - 1, n] = cache[hook.name][:, m - 1, n]
+                return x
+
+            logits = bridge.run_with_hooks(torch.tensor([checked.clean_ids]), fwd_hooks=[("blocks.1.mlp.hook_post", write)])
+            assert got.patched == pytest.approx(float(metric(logits)), abs=1e-4)
+    assert result.cells[0].patched != pytest.approx(result.cells[1].patched, abs=1e-7)
 
 
 def test_generation_keeps_the_patch_under_the_cache(engines):
@@ -216,3 +239,16 @@ def test_bad_input_is_refused_before_weights_load(no_weights, call, field, words
     for w in words:
         assert w in str(err.value), str(err.value)
     make_cells(info, 5, ["blocks.{layer}.attn.hook_z"], heads=[3])  # 4 query heads: head 3 is fine for z
+
+
+def test_fused_qkv_sites_and_generation_at_them_are_refused(no_weights):
+    with pytest.raises(InputError, match=r"^patching.cells\[0\].site: blocks.0.attn.hook_q is split by the bridge"):
+        make_cells(model_info("tiny-gpt2"), 5, ["attn.hook_q"])
+
+
+def test_generation_at_qkv_sites_is_refused_before_any_run(engines):
+    engine = engines["tiny-llama"]
+    before = engine.counts["patch_clean"]
+    with pytest.raises(InputError, match="^max_new_tokens:"):
+        Patcher(engine).patch(TINY_PAIR, [Cell("attn.hook_v", 1, 2, head=0)], max_new_tokens=3)
+    assert engine.counts["patch_clean"] == before
