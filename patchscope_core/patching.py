@@ -183,6 +183,8 @@ def head_count(site: str, info: ModelInfo) -> int:
 def check_cell(cell: Cell, info: ModelInfo, n_tokens: int, field_name: str = "cell") -> None:
     """Refuse a cell the model or the pair cannot take, naming the field."""
     site = site_name(cell.site, f"{field_name}.site")
+    if site != cell.site:
+        raise PatchscopeError(f"{field_name}.site: a cell names the hook inside the block, {site!r}, not {cell.site!r}")
     if isinstance(cell.layer, bool) or not isinstance(cell.layer, int) or not 0 <= cell.layer < info.n_layers:
         raise PatchscopeError(f"{field_name}.layer: {cell.layer!r} is out of range 0 .. {info.n_layers - 1}")
     if cell.position is not None and not (isinstance(cell.position, int) and 0 <= cell.position < n_tokens):
