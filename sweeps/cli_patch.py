@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"pair     clean {words}\n         corrupted {out['corrupted_tokens']}")
     for m in metrics:
-        print(f"{m:9s}clean {result.clean_values[m]:.4f}  corrupted {result.corrupted_values[m]:.4f}")
+        print(f"{m:11s}clean {result.clean_values[m]:.4f}  corrupted {result.corrupted_values[m]:.4f}")
     top = sorted(out["cells"], key=lambda c: -abs(c["recovered"] or 0))[:15]
     print("cells with the largest |recovered|:")
     for c in top:
