@@ -63,6 +63,7 @@ class ModelInfo:
     tokenizer: Any
     prepend_bos: bool = True
     n_heads: int = 0
+    n_kv_heads: int = 0  # key/value heads (fewer than n_heads under grouped-query attention)
     d_head: int = 0
     d_mlp: int = 0
     n_ctx: int = 0  # the longest sequence (prompt + generated tokens) the model takes
@@ -84,6 +85,7 @@ def describe(name: str, cfg: Any, components: Any, tokenizer: Any) -> ModelInfo:
         tokenizer=tokenizer,
         prepend_bos=bool(getattr(cfg, "default_prepend_bos", True)),
         n_heads=int(cfg.n_heads),
+        n_kv_heads=int(getattr(cfg, "n_key_value_heads", None) or cfg.n_heads),
         d_head=int(cfg.d_head),
         d_mlp=int(cfg.d_mlp or 0),
         n_ctx=int(cfg.n_ctx),

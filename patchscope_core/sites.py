@@ -41,6 +41,14 @@ SITES = {
     "blocks.{l}.mlp.hook_post": ("MLP hidden activations (the down projection's input)", "neuron"),
 }
 ATTENTION = "blocks.{l}.attn"  # block l's attention itself: where a knockout blocks edges (knockout.py)
+# Query, key and value heads: sites of activation patching (`resolve_site(..., qkv=True)`), on
+# architectures with their own q/k/v projections; under grouped-query attention k and v have
+# fewer (key/value) heads. GPT-2's are split by the bridge from one fused c_attn: refused.
+QKV_SITES = {
+    "blocks.{l}.attn.hook_q": ("each query head's query (before rotary)", "head"),
+    "blocks.{l}.attn.hook_k": ("each key/value head's key (before rotary)", "kv_head"),
+    "blocks.{l}.attn.hook_v": ("each key/value head's value", "kv_head"),
+}
 _FORM = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
@@ -106,9 +114,9 @@ def valid_sites(info: ModelInfo) -> str:
     return ", ".join(SITES) + f", {ATTENTION} (knockout) (l = 0 .. {info.n_layers - 1})"
 
 
-def resolve_site(site: Site, info: ModelInfo, field: str = "site") -> ResolvedSite:
+def resolve_site(site: Site, info: ModelInfo, field: str = "site", qkv: bool = False) -> ResolvedSite:
     """Check `site` against the model and find its module boundary; raises PatchscopeError
-    naming `field` (an unknown name's message lists the valid ones)."""
+    naming `field` (an unknown name's message lists the valid ones). `qkv`: QKV_SITES too."""
     if not isinstance(site.hook, str):
         raise PatchscopeError(f"{field}: expected a TransformerLens hook name, got {site.hook!r}")
     m = _FORM.match(site.hook)
@@ -120,7 +128,8 @@ def resolve_site(site: Site, info: ModelInfo, field: str = "site") -> ResolvedSi
             f"input, not the residual stream that flows on; use blocks.{layer}.hook_attn_out "
             f"(resid_mid = resid_pre + attn_out) or blocks.{layer}.hook_resid_post"
         )
-    if form not in SITES and form != ATTENTION:
+    known = {**SITES, **QKV_SITES} if qkv else SITES
+    if form not in known and form != ATTENTION:
         raise PatchscopeError(f"{field}: unknown site {site.hook!r}; valid sites: {valid_sites(info)}")
     if m:
         layer = int(m.group(1))
@@ -128,14 +137,23 @@ def resolve_site(site: Site, info: ModelInfo, field: str = "site") -> ResolvedSi
             raise PatchscopeError(
                 f"{field}: layer {layer} of {site.hook!r} is out of range 0 .. {info.n_layers - 1} for {info.name}"
             )
-    unit = SITES[form][1] if form in SITES else None
-    shape = {"head": (info.n_heads, info.d_head), "neuron": (info.d_mlp,)}.get(unit, (info.d_model,))
-    for name, values, count in (("head", site.head, info.n_heads), ("neuron", site.neuron, info.d_mlp)):
-        if values and unit != name:
-            raise PatchscopeError(f"{field}.{name}: {site.hook} has no {name}s (only {'attn.hook_z' if name == 'head' else 'mlp.hook_post'} does)")
+    unit = known[form][1] if form in known else None
+    if form in QKV_SITES and "qkv" in (info.components["blocks"].submodules["attn"].submodules or {}):
+        raise PatchscopeError(f"{field}: {site.hook} is split by the bridge from {info.name}'s fused q/k/v projection "
+                              f"and sits on no Hugging Face module boundary")
+    n_kv = info.n_kv_heads or info.n_heads
+    shape = {"head": (info.n_heads, info.d_head), "kv_head": (n_kv, info.d_head),
+             "neuron": (info.d_mlp,)}.get(unit, (info.d_model,))
+    heads = n_kv if unit == "kv_head" else info.n_heads
+    for name, values, count in (("head", site.head, heads), ("neuron", site.neuron, info.d_mlp)):
+        if values and (unit or "").removeprefix("kv_") != name:
+            owners = "attn.hook_z, hook_q, hook_k, hook_v" if name == "head" else "mlp.hook_post"
+            raise PatchscopeError(f"{field}.{name}: {site.hook} has no {name}s (only {owners} do)")
         for v in values:
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < count:
-                raise PatchscopeError(f"{field}.{name}: {v!r} is out of range 0 .. {count - 1} for {info.name}")
+                what = "key/value heads" if unit == "kv_head" else f"{name}s"
+                raise PatchscopeError(f"{field}.{name}: {v!r} is out of range 0 .. {count - 1} for {info.name}'s "
+                                      f"{count} {what} at {form}")
     if form == ATTENTION:  # the attention module: the boundary whose output is attn's hook_out
         shape, name = (info.n_heads,), f"{site.hook}.hook_out"
     else:

@@ -240,29 +240,10 @@ class Tracer:
         return [out[i] for i in range(len(rows))]
 
     def _batches(self, rows: list[_Row], m: int, fast: bool) -> list[list[int]]:
-        """Row indices in batches. The shortcut batches rows of one restored position p, ordered
-        by the layer they start from, up to batch_size x m tokens (a row computes m - p of them),
-        and cuts where the start layers would spread by more than MAX_SPREAD layers (the batch
-        recomputes the layers between its lowest start and each row's own)."""
         if not fast:
             idx = list(range(len(rows)))
             return [idx[b:b + self.batch_size] for b in range(0, len(idx), self.batch_size)]
-        by_position: dict[int, list[int]] = defaultdict(list)
-        for i, row in enumerate(rows):
-            by_position[row.position].append(i)
-        batches = []
-        for p, idx in by_position.items():
-            idx.sort(key=lambda i: rows[i].start)
-            limit = max(1, self.batch_size * m // (m - p))
-            current: list[int] = []
-            for i in idx:
-                if current and (len(current) >= limit or rows[i].start - rows[current[0]].start > self.max_spread):
-                    batches.append(current)
-                    current = []
-                current.append(i)
-            if current:
-                batches.append(current)
-        return batches
+        return batches_by_position(rows, m, self.batch_size, self.max_spread)
 
     def _writes(self, batch: list[_Row]) -> list:
         entries = defaultdict(list)
@@ -287,19 +268,8 @@ class Tracer:
         """Rows restoring at position p from layer `start` on: positions p.. of layers start..,
         from the corrupted runs' block input and KV cache of their samples."""
         samples = torch.tensor([row.sample for row in batch], device=corrupt["p"].device)
-        cache = copy.deepcopy(corrupt["cache"])
-        cache.batch_select_indices(samples)
-        cache.crop(p - len(ids))  # keep positions < p
-        hidden = corrupt["inputs"][start][samples, p:]
-        t = torch.tensor([list(ids)[p:]] * len(batch), device=input_device(self.engine.model))
-        mask = torch.ones(len(batch), len(ids), dtype=torch.long, device=t.device)
-        # hooks first: they find their modules by path, which the shortened block list would shift
-        with hooked(self.engine.modules, self.engine.model, self._writes(batch), [0] * len(batch), [len(ids)] * len(batch)), \
-                starting_at(self.engine.modules, self.info, start, hidden):
-            out = self.engine.modules(input_ids=t, attention_mask=mask, past_key_values=cache, use_cache=True,
-                                      position_ids=torch.arange(p, len(ids), device=t.device)[None].expand(len(batch), -1),
-                                      logits_to_keep=1)
-        return torch.softmax(out.logits[:, -1].float(), -1)[:, answer].tolist()
+        logits = forward_from(self.engine, ids, self._writes(batch), corrupt["inputs"], corrupt["cache"], samples, p, start)
+        return torch.softmax(logits[:, -1].float(), -1)[:, answer].tolist()
 
     def _check_shortcut(self, ids, corrupt, answer) -> bool:
         """Starting mid-stack from stored inputs and a cropped cache must reproduce the corrupted
@@ -312,6 +282,52 @@ class Tracer:
             return False
         want = float(corrupt["p"][0])
         return all(abs(g - want) < 1e-4 for g in got)
+
+
+def batches_by_position(rows, m: int, batch_size: int, max_spread: int) -> list[list[int]]:
+    """Row indices in batches for `forward_from`: rows (with .position, the first position they
+    change, and .start, the first layer) of one position p, ordered by start layer, up to
+    batch_size x m tokens (a row computes m - p of them), cut where the start layers would
+    spread by more than max_spread layers (a batch recomputes the layers between its lowest
+    start and each row's own)."""
+    by_position: dict[int, list[int]] = defaultdict(list)
+    for i, row in enumerate(rows):
+        by_position[row.position].append(i)
+    batches = []
+    for p, idx in by_position.items():
+        idx.sort(key=lambda i: rows[i].start)
+        limit = max(1, batch_size * m // max(1, m - p))
+        current: list[int] = []
+        for i in idx:
+            if current and (len(current) >= limit or rows[i].start - rows[current[0]].start > max_spread):
+                batches.append(current)
+                current = []
+            current.append(i)
+        if current:
+            batches.append(current)
+    return batches
+
+
+def forward_from(engine, ids: Sequence[int], hooks, inputs: dict[int, torch.Tensor], cache, samples: torch.Tensor,
+                 p: int, start: int, keep: int = 1) -> torch.Tensor:
+    """Logits [rows, keep, vocab] of rows that equal stored base runs below layer `start` and
+    before position p: row r starts from base run samples[r]'s input to block `start` (inputs:
+    layer -> [runs, tokens, d_model]) and its KV cache cropped to positions < p, and computes
+    only positions p.. of layers start.., with `hooks` (writes at absolute positions)."""
+    n = len(samples)
+    cache = copy.deepcopy(cache)
+    cache.batch_select_indices(samples)
+    cache.crop(p - len(ids))  # keep positions < p
+    hidden = inputs[start][samples, p:]
+    t = torch.tensor([list(ids)[p:]] * n, device=input_device(engine.model))
+    mask = torch.ones(n, len(ids), dtype=torch.long, device=t.device)
+    # hooks first: they find their modules by path, which the shortened block list would shift
+    with hooked(engine.modules, engine.model, hooks, [0] * n, [len(ids)] * n), \
+            starting_at(engine.modules, engine.info, start, hidden):
+        out = engine.modules(input_ids=t, attention_mask=mask, past_key_values=cache, use_cache=True,
+                             position_ids=torch.arange(p, len(ids), device=t.device)[None].expand(n, -1),
+                             logits_to_keep=keep)
+    return out.logits
 
 
 @contextmanager
@@ -329,7 +345,8 @@ def starting_at(modules: torch.nn.Module, info: ModelInfo, layer: int, hidden: t
             return (hidden,) + tuple(args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
 
-    handle = first.register_forward_pre_hook(feed, with_kwargs=True)
+    # prepended: a write at this block's own input (hook_resid_pre) must act on `hidden`
+    handle = first.register_forward_pre_hook(feed, with_kwargs=True, prepend=True)
     parent._modules[name] = torch.nn.ModuleList(list(blocks)[layer:])
     try:
         yield

@@ -1,5 +1,5 @@
 """The `patchscope` command: models, inspect (one Patchscope), intervene (one run with an
-intervention), sweep, report."""
+intervention), patch (activation patching of one pair, `cli_patch.py`), sweep, report."""
 
 from __future__ import annotations
 
@@ -256,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="tables and plots from a sweep's stored results")
     r.add_argument("dir")
     r.set_defaults(func=_cmd_report)
+
+    from sweeps import cli_patch
+
+    cli_patch.add_parser(sub)  # patch: activation patching of one pair
     return p
 
 

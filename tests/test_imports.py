@@ -20,7 +20,7 @@ STAGES = {
     "sweeps.store": 5, "sweeps.wandb_sink": 5, "sweeps.report": 5, "sweeps.report_studies": 5,  # the sinks
     "sweeps.report_recipes": 5,
     "sweeps.driver": 6,
-    "sweeps.cli": 7,
+    "sweeps.cli": 7, "sweeps.cli_patch": 7,
     "sweeps.examples": 8,  # scripts that build the examples' data
 }
 
