@@ -101,27 +101,35 @@ def describe(name: str, cfg: Any, components: Any, tokenizer: Any, hf_config: An
 
 
 def info_of(bridge, name: str | None = None) -> ModelInfo:
-    """ModelInfo of a loaded TransformerBridge; d_mlp is the width of the module `mlp.hook_post`
-    feeds where the bridge's config says otherwise (Lfm2 adjusts its MLP width at build time)."""
+    """ModelInfo of a loaded TransformerBridge. The widths of `mlp.hook_post` and `attn.hook_z`
+    are read from the modules they feed where the bridge's config says otherwise (Lfm2 adjusts
+    its MLP width at build time; multi-head latent attention's value heads are v_head_dim wide)."""
     import dataclasses
 
     info = describe(name or getattr(bridge.cfg, "model_name", "model"), bridge.cfg, bridge.adapter.component_mapping,
                     bridge.tokenizer, getattr(bridge.original_model, "config", None))
-    width = _loaded_mlp_width(bridge, info.components)
-    return dataclasses.replace(info, d_mlp=width) if width and width != info.d_mlp else info
+    changes = {}
+    d_mlp = _input_width(bridge, info.components, "blocks.0.mlp.hook_post")
+    if d_mlp and d_mlp != info.d_mlp:
+        changes["d_mlp"] = d_mlp
+    d_attn = _input_width(bridge, info.components, "blocks.0.attn.hook_z")
+    if d_attn and info.n_heads and d_attn % info.n_heads == 0 and d_attn != info.d_attn:
+        changes["d_head"] = d_attn // info.n_heads
+    return dataclasses.replace(info, **changes) if changes else info
 
 
-def _loaded_mlp_width(bridge, components) -> int | None:
+def _input_width(bridge, components, hook: str) -> int | None:
+    """Input width of the Linear (or GPT-2 Conv1D) whose input is `hook`, if it is one."""
     from .sites import module_boundary
 
     try:
-        path, side, _ = module_boundary(components, "blocks.0.mlp.hook_post")
+        path, side, _ = module_boundary(components, hook)
         module = bridge.original_model.get_submodule(path)
     except (LookupError, AttributeError):
         return None
     while module._modules.get("_original_component") is not None:  # under the bridge's wrapper
         module = module._modules["_original_component"]
-    width = getattr(module, "in_features", None) or getattr(module, "nx", None)  # Linear, or GPT-2's Conv1D
+    width = getattr(module, "in_features", None) or getattr(module, "nx", None)
     return int(width) if side == "input" and isinstance(width, int) else None
 
 
