@@ -29,7 +29,7 @@ import pytest
 import torch
 from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
 
-from patchscope_core import SITES, Decoding, Intervention, InterventionRun, PatchscopeError, Scale, Site, Zero
+from patchscope_core import SITES, Add, Decoding, Intervention, InterventionRun, PatchscopeError, Scale, Site, Zero
 from patchscope_core.engine import Engine
 from patchscope_core.models import _load_tokenizer, _tiny_tokenizer_dir
 from tests.reference import compare_tokens, hooked_logits, reference_hooks, site_values, uncached_generation
@@ -52,6 +52,7 @@ TINY = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_
             num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
             shared_expert_intermediate_size=32, rotary_dim=16, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
             qk_nope_head_dim=8, qk_head_dim=16, v_head_dim=16, is_decoder=True, attention_types=[[["global"], 3]],
+            residual_multiplier=0.5,  # Granite: the block scales its sublayer outputs (1.0 by default would hide it)
             bos_token_id=0, eos_token_id=1, pad_token_id=2, use_cache=True)
 
 
@@ -127,7 +128,9 @@ def sites_of(bridge, d_mlp: int) -> list[Site]:
 
 def check_site(bridge, engine, site: Site, prompt_ids) -> str:
     """One site: 'ok', or 'refused: ...'; assertion errors for wrong results."""
-    kind = Zero() if site.head else Scale(factor=-2.0)
+    # additive at d_model sites (a write that forgot a scale, as Granite's, would show), scaling at neurons
+    vector = 2 * torch.randn(bridge.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    kind = Zero() if site.head else Scale(factor=-2.0) if site.neuron else Add(vector=vector)
     run = InterventionRun(PROMPT, [Intervention(site, kind, "all")], max_new_tokens=N_NEW)
     try:
         engine.resolve([run])
