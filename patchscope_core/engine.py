@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import torch
 
 from .errors import PatchscopeError
-from .hooks import HookFn, hooked, left_pad, position_ids_from_mask
+from .hooks import HookFn, cached_length, hooked, left_pad, position_ids_from_mask
 from .dispatch import dispatch
 from .knockout import group_by_layer, knockout_hooks
 from .interventions import (Action, Intervention, InterventionRun, Positions, Replace, ResolvedIntervention,
@@ -320,6 +320,8 @@ class Engine:
         if k < 1:
             return None
         cache = self.modules(input_ids=ids[:1, :k], use_cache=True, logits_to_keep=1).past_key_values
+        if cached_length(cache) is None:  # the hooks could not tell where the prefix ends
+            return None
         cache.batch_repeat_interleave(len(batch))
         self.counts["shared_prefix_tokens"] += k * (len(batch) - 1)
         return cache

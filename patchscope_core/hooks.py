@@ -72,11 +72,18 @@ class _Tracker:
         self.prompt_lengths = prompt_lengths
         self.start = 0
         self.step = -1
+        self.fed = 0  # tokens fed so far with a cache, for caches that keep no length
         self._ctx: dict[tuple[int, torch.device], HookContext] = {}
 
     def __call__(self, module, args, kwargs) -> None:
         cache = kwargs.get("past_key_values")
-        self.start = int(cache.get_seq_length()) if cache is not None else 0
+        if cache is None:
+            self.start = 0
+        else:
+            length = cached_length(cache)
+            self.start = self.fed if length is None else length
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            self.fed = self.start + (ids.shape[1] if ids is not None else 0)
         self.step += 1
         self._ctx.clear()
 
@@ -89,21 +96,38 @@ class _Tracker:
         return self._ctx[key]
 
 
-def _attach(module: nn.Module, side: str, site: ResolvedSite, fn: HookFn, tracker: _Tracker):
-    """Register fn on one side of a module; fn sees TransformerLens' shape of the activation."""
+def cached_length(cache) -> int | None:
+    """Tokens in a KV cache; None for a cache of linear-attention (recurrent) layers only, which
+    keep no length (a tiny Qwen3-Next or Jamba whose layers are all recurrent)."""
+    try:
+        return int(cache.get_seq_length())
+    except ValueError:
+        return None
+
+
+def _attach(module: nn.Module, side: str, site: ResolvedSite, fn: HookFn, tracker: _Tracker, scale: float = 1.0):
+    """Register fn on one side of a module; fn sees TransformerLens' shape of the activation
+    (and its value: the module's x scale, which a write divides out again)."""
 
     def call(x: torch.Tensor) -> torch.Tensor | None:
-        b, n = x.shape[0], x.shape[1]
-        new = fn(x.view(b, n, *site.shape), tracker.context(n, x.device))
-        return None if new is None else new.reshape(x.shape)
+        if x.dim() > 2:
+            b, n = x.shape[0], x.shape[1]
+        else:  # some modules see [batch * chunk, width] (OPT's MLP): unflatten
+            b = len(tracker.pads)
+            n = x.shape[0] // b
+        seen = x.view(b, n, *site.shape)
+        new = fn(seen * scale if scale != 1.0 else seen, tracker.context(n, x.device))
+        if new is None:
+            return None
+        return (new / scale if scale != 1.0 else new).reshape(x.shape)
 
     if side == "output":
         def hook(mod, args, out):
-            x = out[0] if isinstance(out, tuple) else out
-            new = call(x)
+            several = isinstance(out, (tuple, list))  # (hidden, ...): OpenAI GPT's attention returns a list
+            new = call(out[0] if several else out)
             if new is None:
                 return None
-            return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
+            return type(out)([new, *out[1:]]) if several else new
 
         return module.register_forward_hook(hook)
 
@@ -131,8 +155,8 @@ def hooked(modules: nn.Module, bridge, hooks: Sequence[tuple[ResolvedSite, HookF
 
                 stack.callback(attach(modules, site, fn, tracker))
                 continue
-            module, side = boundary_module(modules, bridge, site)
-            stack.callback(_attach(module, side, site, fn, tracker).remove)
+            module, side, scale = boundary_module(modules, bridge, site)
+            stack.callback(_attach(module, side, site, fn, tracker, scale).remove)
         yield tracker
 
 

@@ -75,9 +75,18 @@ class ModelInfo:
         return self.n_heads * self.d_head
 
 
-def describe(name: str, cfg: Any, components: Any, tokenizer: Any) -> ModelInfo:
+def mlp_width(cfg: Any, hf_config: Any = None) -> int:
+    """Width of `mlp.hook_post`. TransformerLens reads the MLP width from `intermediate_size`-like
+    fields and otherwise assumes 4 x d_model; OPT and XGLM name it `ffn_dim`, which it does not
+    read (a tiny OPT with ffn_dim 128 shows d_mlp 256 while its fc2 takes 128)."""
+    ffn_dim = getattr(hf_config, "ffn_dim", None) if hf_config is not None else None
+    return int(ffn_dim) if isinstance(ffn_dim, int) and ffn_dim > 0 else int(cfg.d_mlp or 0)
+
+
+def describe(name: str, cfg: Any, components: Any, tokenizer: Any, hf_config: Any = None) -> ModelInfo:
     """The one place a ModelInfo is built: from a TransformerLens bridge config and its adapter's
-    component mapping (a loaded bridge's, or one made from the Hugging Face config alone)."""
+    component mapping (a loaded bridge's, or one made from the Hugging Face config alone), and
+    the Hugging Face config where the bridge's config misreads it (`mlp_width`)."""
     return ModelInfo(
         name=name,
         n_layers=int(cfg.n_layers),
@@ -87,16 +96,43 @@ def describe(name: str, cfg: Any, components: Any, tokenizer: Any) -> ModelInfo:
         n_heads=int(cfg.n_heads),
         n_kv_heads=int(getattr(cfg, "n_key_value_heads", None) or cfg.n_heads),
         d_head=int(cfg.d_head),
-        d_mlp=int(cfg.d_mlp or 0),
+        d_mlp=mlp_width(cfg, hf_config),
         n_ctx=int(cfg.n_ctx),
         components=components,
     )
 
 
 def info_of(bridge, name: str | None = None) -> ModelInfo:
-    """ModelInfo of a loaded TransformerBridge."""
-    return describe(name or getattr(bridge.cfg, "model_name", "model"), bridge.cfg,
-                    bridge.adapter.component_mapping, bridge.tokenizer)
+    """ModelInfo of a loaded TransformerBridge. The widths of `mlp.hook_post` and `attn.hook_z`
+    are read from the modules they feed where the bridge's config says otherwise (Lfm2 adjusts
+    its MLP width at build time; multi-head latent attention's value heads are v_head_dim wide)."""
+    import dataclasses
+
+    info = describe(name or getattr(bridge.cfg, "model_name", "model"), bridge.cfg, bridge.adapter.component_mapping,
+                    bridge.tokenizer, getattr(bridge.original_model, "config", None))
+    changes = {}
+    d_mlp = _input_width(bridge, info.components, "blocks.0.mlp.hook_post")
+    if d_mlp and d_mlp != info.d_mlp:
+        changes["d_mlp"] = d_mlp
+    d_attn = _input_width(bridge, info.components, "blocks.0.attn.hook_z")
+    if d_attn and info.n_heads and d_attn % info.n_heads == 0 and d_attn != info.d_attn:
+        changes["d_head"] = d_attn // info.n_heads
+    return dataclasses.replace(info, **changes) if changes else info
+
+
+def _input_width(bridge, components, hook: str) -> int | None:
+    """Input width of the Linear (or GPT-2 Conv1D) whose input is `hook`, if it is one."""
+    from .sites import module_boundary
+
+    try:
+        path, side, _ = module_boundary(components, hook)
+        module = bridge.original_model.get_submodule(path)
+    except (LookupError, AttributeError):
+        return None
+    while module._modules.get("_original_component") is not None:  # under the bridge's wrapper
+        module = module._modules["_original_component"]
+    width = getattr(module, "in_features", None) or getattr(module, "nx", None)
+    return int(width) if side == "input" and isinstance(width, int) else None
 
 
 def _adapter(hf_config):
@@ -314,7 +350,7 @@ def model_info(name: str) -> ModelInfo:
         adapter = _adapter(config)
     except (ValueError, NotImplementedError) as exc:
         raise UnknownModelError(f"model: TransformerLens cannot bridge {name!r} ({exc})") from None
-    return describe(name, adapter.cfg, adapter.component_mapping, tokenizer)
+    return describe(name, adapter.cfg, adapter.component_mapping, tokenizer, config)
 
 
 def default_device() -> str:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import copy
 import math
 import re
+import types
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -95,6 +97,7 @@ class ResolvedSite:
     module: str  # Hugging Face module path in the bridged model, e.g. model.layers.8.self_attn.o_proj
     side: Literal["input", "output", "attention"]  # attention: the attention function itself (knockout.py)
     shape: tuple[int, ...]  # one position's activation as TransformerLens shows it: (d_model,), (n_heads, d_head), (d_mlp,)
+    scale: float = 1.0  # TransformerLens' activation is the module's value x scale (Granite's scaled residual adds)
 
     @property
     def width(self) -> int:
@@ -159,17 +162,40 @@ def resolve_site(site: Site, info: ModelInfo, field: str = "site", qkv: bool = F
     else:
         name = site.hook
     try:
-        module, side = module_boundary(info.components, name)
+        module, side, scale = module_boundary(info.components, name)
     except LookupError:
         raise PatchscopeError(
             f"{field}: {site.hook} sits on no Hugging Face module boundary of {info.name}'s architecture"
         ) from None
-    return ResolvedSite(site, module, "attention" if form == ATTENTION else side, shape)
+    if unit == "neuron":
+        _refuse_whole_mlp_output(info, site, module, side, field)
+    return ResolvedSite(site, module, "attention" if form == ATTENTION else side, shape, scale)
 
 
-def module_boundary(components: dict, name: str) -> tuple[str, Literal["input", "output"]]:
-    """(Hugging Face module path, 'input' or 'output') of a TransformerLens hook name, read from
-    the bridge adapter's component mapping and the components' hook aliases."""
+def _refuse_whole_mlp_output(info: ModelInfo, site: Site, module: str, side: str, field: str) -> None:
+    """mlp.hook_post names hidden neurons only where the bridge puts it inside the MLP; on a
+    mixture-of-experts block the bridge aliases it to the whole block's output (d_model wide)."""
+    layer = site.layer
+    try:
+        mlp_out = module_boundary(info.components, f"blocks.{layer}.mlp.hook_out")
+    except LookupError:
+        return
+    if (module, side) != mlp_out[:2]:
+        return
+    mlp = info.components["blocks"].submodules["mlp"]
+    what = "mixture-of-experts block" if "moe" in type(mlp).__name__.lower() else "MLP block"
+    raise PatchscopeError(
+        f"{field}: on {info.name} TransformerBridge's {site.hook} is the whole {what}'s output "
+        f"({info.d_model} wide, the same activation as blocks.{layer}.hook_mlp_out), not the hidden neurons "
+        f"(the experts' hidden activations have no single hook); use blocks.{layer}.hook_mlp_out"
+    )
+
+
+def module_boundary(components: dict, name: str) -> tuple[str, Literal["input", "output"], float]:
+    """(Hugging Face module path, 'input' or 'output', scale) of a TransformerLens hook name, read
+    from the bridge adapter's component mapping and the components' hook aliases. scale is 1
+    except at a block's own contribution hook points (Granite: `hook_attn_out` is the attention
+    output x the block's residual multiplier)."""
     from transformer_lens.model_bridge.bridge_core import BridgeCore
 
     return _walk(components, BridgeCore.hook_aliases, name.split("."), "", None)
@@ -178,7 +204,9 @@ def module_boundary(components: dict, name: str) -> tuple[str, Literal["input", 
 def _walk(children: dict, aliases: dict, parts: list[str], path: str, component):
     head, rest = parts[0], parts[1:]
     if component is not None and head in ("hook_in", "hook_out") and not rest:
-        return path, "input" if head == "hook_in" else "output"
+        if component.name is None:  # a container the bridge declares without a module of its own
+            raise LookupError(head)
+        return path, "input" if head == "hook_in" else "output", 1.0
     if head in aliases and not rest:  # an alias: a path relative to this component
         targets = aliases[head] if isinstance(aliases[head], list) else [aliases[head]]
         for target in targets:
@@ -187,10 +215,15 @@ def _walk(children: dict, aliases: dict, parts: list[str], path: str, component)
             except LookupError:
                 continue
         raise LookupError(head)
+    if not rest and component is not None and head not in children:
+        return _contribution(children, component, head, path)
     child = children[head]
-    if child.name is None:
-        raise LookupError(head)
-    child_path = child.name if component is None else f"{path}.{child.name}"
+    if child.name is None:  # no container module: its parts are named relative to the parent
+        if component is None or not rest:
+            raise LookupError(head)
+        child_path = path
+    else:
+        child_path = child.name if component is None else f"{path}.{child.name}"
     if getattr(child, "is_list_item", False):  # blocks: the next part is the layer index
         if not rest or not rest[0].isdigit():
             raise LookupError(head)
@@ -200,12 +233,33 @@ def _walk(children: dict, aliases: dict, parts: list[str], path: str, component)
     return _walk(child.submodules or {}, getattr(child, "hook_aliases", {}) or {}, rest, child_path, child)
 
 
+def _contribution(children: dict, component, head: str, path: str):
+    """A real hook point a block declares for a scaled sublayer output (TransformerLens'
+    ScaledResidualBlockBridge: `hook_attn_out` / `hook_mlp_out` fire on the sublayer module's
+    output x `residual_contribution_scale`)."""
+    from transformer_lens.model_bridge.generalized_components.block import ScaledResidualBlockBridge
+
+    if not isinstance(component, ScaledResidualBlockBridge):
+        raise LookupError(head)
+    sub = {"hook_attn_out": component.scaled_attn_submodule, "hook_mlp_out": component.scaled_mlp_submodule}.get(head)
+    if sub is None or sub not in children or children[sub].name is None:
+        raise LookupError(head)
+    return f"{path}.{children[sub].name}", "output", float(component.residual_contribution_scale)
+
+
 # ---------------------------------------------------------------- the modules the engine runs on
+
+
+class _Unpeelable(Exception):
+    """A module whose forward is tied to the bridged original in a way a view cannot follow."""
 
 
 def _peel(module: nn.Module) -> nn.Module:
     """A shallow copy of the Hugging Face module under any bridge wrappers, with its children
-    peeled too; parameters and buffers are shared, hooks are not."""
+    peeled too; parameters and buffers are shared, hooks are not. A `forward` set on the
+    instance (adapters patch some, e.g. Falcon's decoder layers) is re-bound to the copy when it
+    is a method of the original; any other instance forward of a module with children would run
+    the bridged children, so it raises _Unpeelable."""
     while isinstance(module._modules.get("_original_component"), nn.Module):
         module = module._modules["_original_component"]
     view = copy.copy(module)
@@ -213,33 +267,57 @@ def _peel(module: nn.Module) -> nn.Module:
     for key, value in module.__dict__.items():  # fresh hook registries: hooks on the view stay on the view
         if "hooks" in key and isinstance(value, dict):
             view.__dict__[key] = type(value)()
+    forward = module.__dict__.get("forward")
+    if forward is not None:
+        if isinstance(forward, types.MethodType) and forward.__self__ is module:
+            view.__dict__["forward"] = types.MethodType(forward.__func__, view)
+        elif module._modules:
+            raise _Unpeelable(f"{type(module).__name__}.forward is replaced on the instance by {forward!r}")
     return view
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        warnings.warn(f"patchscope: {reason}; the engine runs this model through TransformerBridge's own hook "
+                      "points instead of the plain modules (slower, same results)", RuntimeWarning, stacklevel=3)
 
 
 def plain_modules(bridge) -> nn.Module:
     """The bridge's Hugging Face model without the bridge's wrappers (shared weights).
 
-    A model that accelerate dispatched over devices (device_map) keeps its forward wrappers
-    bound to the original modules, so it is returned as it is, bridged: slower, equally right
-    (hooks then go on the bridge's own hook points, see `boundary_module`).
+    Where that view would run wrong, the model is returned as it is, bridged, with a warning
+    (once per reason): a model that accelerate dispatched over devices (device_map) keeps its
+    forward wrappers bound to the original modules, and an adapter may replace a module's
+    forward on the instance with something a copy cannot re-bind. Hooks then go on the bridge's
+    own hook points (see `boundary_module`): slower, equally right.
     """
     model = bridge.original_model
     if any(hasattr(m, "_hf_hook") for m in model.modules()):
+        _warn_once("accelerate dispatched this model (device_map): its forward wrappers stay bound to the bridged modules")
         return model
-    return _peel(model)
+    try:
+        return _peel(model)
+    except _Unpeelable as exc:
+        _warn_once(f"cannot peel the bridge's wrappers off: {exc}")
+        return model
 
 
-def boundary_module(modules: nn.Module, bridge, site: ResolvedSite) -> tuple[nn.Module, str]:
-    """The module to hook for `site` in `modules`, and which side of it.
+def boundary_module(modules: nn.Module, bridge, site: ResolvedSite) -> tuple[nn.Module, str, float]:
+    """The module to hook for `site` in `modules`, which side of it, and the factor from the
+    module's value to TransformerLens' activation (`ResolvedSite.scale`).
 
     On the plain modules: the Hugging Face module itself. On a model that stayed bridged
     (`plain_modules` returned it as it is): the bridge's hook point of that name, an identity
-    module whose output is the activation.
+    module whose output is the activation (already scaled).
     """
     if modules is bridge.original_model:
-        return bridge.hook_dict[site.site.hook], "output"
+        return bridge.hook_dict[site.site.hook], "output", 1.0
     try:
-        return modules.get_submodule(site.module), site.side
+        return modules.get_submodule(site.module), site.side, site.scale
     except AttributeError:
         raise PatchscopeError(f"site: {site.site.hook} maps to {site.module}, which this model does not have") from None
 

@@ -92,10 +92,12 @@ class ReferenceIntervention:
     n_heads, d_head]) and writes every selected position of it, so the same hook serves a
     scoring pass over prompt + answer (answer tokens are generated positions) and every full
     re-run of uncached generation (where it re-applies at every step). Values that need a
-    forward pass are computed here with `run_with_cache`, one prompt at a time.
+    forward pass are computed here with `run_with_cache`, one prompt at a time. `shape`: one
+    position's activation (default from the bridge's config; pass the shape the bridge's hook
+    point shows where the config's d_mlp is not the MLP's width).
     """
 
-    def __init__(self, model, intervention, n_prompt: int) -> None:
+    def __init__(self, model, intervention, n_prompt: int, shape: tuple[int, ...] | None = None) -> None:
         from patchscope_core.interventions import Add, Mean, Noise, Replace, Resample, Scale, Zero
 
         site, kind, where = intervention.site, intervention.kind, intervention.positions
@@ -106,7 +108,7 @@ class ReferenceIntervention:
         assert all(-n_prompt <= p < n_prompt for p in where.indices)
         self.on_prompt, self.on_generated = where.prompt, where.generated
         cfg = model.cfg
-        self.shape = ((cfg.n_heads, cfg.d_head) if self.name.endswith("attn.hook_z")
+        self.shape = shape or ((cfg.n_heads, cfg.d_head) if self.name.endswith("attn.hook_z")
                       else (cfg.d_mlp,) if self.name.endswith("mlp.hook_post") else (cfg.d_model,))
         self.mask = torch.ones(self.shape, dtype=torch.bool)
         if site.head:

@@ -53,3 +53,48 @@ def test_accelerate_dispatched_model_runs_bridged_and_stays_right():
     assert plain_modules(bridge) is bridge.original_model
     results = PatchscopeEngine(bridge, name="tiny-llama", decoding=Decoding(stop_at_eos=False)).run(cases())
     check_against_uncached(bridge, results, "dispatched")
+
+
+def test_an_instance_forward_the_view_cannot_rebind_runs_bridged_with_one_warning():
+    """A decoder layer whose forward an adapter replaced by a closure over the original layer
+    would run the bridged children from the peeled copy (hooks on the copy never fire): the
+    engine must run through the bridge's own hook points instead, say so once, and stay right."""
+    import functools
+
+    import pytest
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from patchscope_core import sites
+    from patchscope_core.models import _tiny_hf_model
+
+    hf, tokenizer = _tiny_hf_model("tiny-llama")
+    layer = hf.model.layers[1]
+    layer.forward = functools.partial(type(layer).forward, layer)  # not a method: cannot be re-bound
+    bridge = TransformerBridge.boot_transformers("tiny-llama", hf_model=hf, tokenizer=tokenizer, device="cpu")
+    sites._WARNED.clear()
+    with pytest.warns(RuntimeWarning, match="cannot peel") as caught:
+        assert plain_modules(bridge) is bridge.original_model
+        assert plain_modules(bridge) is bridge.original_model
+    assert len([w for w in caught if "cannot peel" in str(w.message)]) == 1
+    results = PatchscopeEngine(bridge, name="tiny-llama", decoding=Decoding(stop_at_eos=False)).run(cases())
+    check_against_uncached(bridge, results, "unpeelable")
+
+
+def test_an_instance_forward_that_is_a_method_is_rebound_to_the_view(tiny_models):
+    """Falcon's adapter binds a patched forward to each decoder layer; the peeled copy must run
+    it on itself, so hooks on the copy's children fire."""
+    import types
+
+    bridge = tiny_models["tiny-llama"]
+    original = bridge.blocks[2].original_component
+    original.forward = types.MethodType(type(original).forward, original)
+    try:
+        view = plain_modules(bridge)
+        fired = []
+        handle = block(view, bridge, 2).mlp.register_forward_hook(lambda *a: fired.append(1))
+        with torch.no_grad():
+            view(input_ids=bridge.to_tokens("The quick brown fox"))
+        handle.remove()
+        assert fired, "the peeled layer ran the original's forward: hooks on its children never fired"
+    finally:
+        del original.forward
