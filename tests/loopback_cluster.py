@@ -27,9 +27,13 @@ os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled
 
 
 def main(temp_dir: str, n_nodes: int = 2) -> None:
+    from ray._common.utils import get_default_ray_temp_dir
     from ray._private import ray_constants
     from ray.cluster_utils import Cluster
 
+    # Cluster.add_node writes the head's address to <default temp dir>/ray_current_cluster
+    # without creating the folder: on a machine where Ray never ran it does not exist yet.
+    os.makedirs(get_default_ray_temp_dir(), exist_ok=True)
     cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=1, include_dashboard=False, temp_dir=temp_dir))
     nodes = [cluster.head_node] + [cluster.add_node(num_cpus=1) for _ in range(n_nodes - 1)]
     signal.signal(signal.SIGTERM, lambda *_: (cluster.shutdown(), sys.exit(0)))
