@@ -112,6 +112,15 @@ class CleanStates:
                                     use_cache=False, logits_to_keep=keep).logits
         return logits.float(), pads
 
+    def score_logits(self, batch: Sequence[ResolvedRun], hooks, keep: int) -> torch.Tensor | None:
+        """`Engine._score`'s logits of the batch from its lowest first layer on; None where it would
+        start at block 0 or the self-check refused the shortcut (then every layer runs)."""
+        start = min(first_layer(r) for r in batch)
+        if not start or not self.usable(batch[0].prompt_ids + batch[0].answer_ids):
+            return None
+        return self.forward([r.prompt_ids + r.answer_ids for r in batch], [len(r.prompt_ids) for r in batch],
+                            hooks, keep, start)[0]
+
     def usable(self, ids: tuple[int, ...]) -> bool:
         """Once per engine: does starting mid-stack from the stored input reproduce the clean
         run's last logits (within 1e-4)? If the architecture does not allow it, never shortcut."""

@@ -274,10 +274,9 @@ class Engine:
             if current and (len(current) >= batch_size or over or spread):
                 batches.append(current)
                 current, longest = [], 0
-            if not current:
-                low = high = starts[i]
+            low, high = (min(low, starts[i]), max(high, starts[i])) if current else (starts[i], starts[i])
             current.append(i)
-            longest, low, high = max(longest, length), min(low, starts[i]), max(high, starts[i])
+            longest = max(longest, length)
         return batches + ([current] if current else [])
 
     def _halving(self, batch: Sequence[ResolvedRun], actions: Sequence[Sequence[Action]]) -> list[_Output]:
@@ -393,11 +392,8 @@ class Engine:
         """Teacher-forced log-probabilities of each row's answer; the first token's top-k too when
         nothing was generated."""
         keep = max(len(r.answer_ids) for r in batch) + 1
-        start = min(first_layer(r) for r in batch) if self.start_at_first_layer else 0
-        if start and self.states.usable(batch[0].prompt_ids + batch[0].answer_ids):  # blocks start.. only
-            logits, _ = self.states.forward([r.prompt_ids + r.answer_ids for r in batch],
-                                            [len(r.prompt_ids) for r in batch], hooks, keep, start)
-        else:
+        logits = self.states.score_logits(batch, hooks, keep) if self.start_at_first_layer else None
+        if logits is None:  # every layer
             logits, _ = self._forward(batch, hooks, keep)
         logprobs = torch.log_softmax(logits, dim=-1)  # [batch, keep, vocab]; column keep-1 is the last token
         for b, (r, out) in enumerate(zip(batch, outputs)):
