@@ -8,6 +8,10 @@ logit_diff. Writes the records (records.parquet), the summary with bootstrap int
 (summary.csv) and the heatmaps (PNG) to --out, and prints the cells that recover most.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ioi_patching_probe.py --pairs 8 --out /tmp/ioi-probe
+
+The templates differ in length, so absolute positions do not line up across pairs: `--roles`
+(also alone, on the records of an earlier --out) prints the means by IOI role instead: S1, IO,
+S2 (the first position where the prompts differ), S2+1, END (the last position), other.
 """
 
 from __future__ import annotations
@@ -18,11 +22,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from patchscope_core import load_model
+from patchscope_core import load_model, model_info
 from patchscope_core.engine import Engine
 from patchscope_core.patcher import Patcher
 from patchscope_core.patching import Pair, check_pair, make_cells
 from patchscope_core.patching_summary import draw_layer_head, draw_layer_position, summarize, top_heads
+from patchscope_core.spec import tokenize
 
 PAIRS = Path(__file__).resolve().parent.parent / "sweeps" / "examples" / "ioi_pairs.csv"
 SITES = ["hook_resid_pre", "hook_attn_out", "hook_mlp_out", "attn.hook_z"]
@@ -32,10 +37,44 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--out", default="/tmp/ioi-probe")
+    ap.add_argument("--roles", choices=("also", "only"), default="also", help="means by IOI role; only: from --out's records")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = pd.read_csv(PAIRS).head(args.pairs)
+    if args.roles == "only":
+        return by_role(pd.read_parquet(out / "records.parquet"), table)
+    run(table, out)
+    by_role(pd.read_parquet(out / "records.parquet"), table)
+
+
+def roles_of(info, p) -> dict[int, str]:
+    """position -> IOI role of one pair (BOS counted)."""
+    clean, corrupted = tokenize(info, p.clean), tokenize(info, p.corrupted)
+    io, s = (info.tokenizer(name, add_special_tokens=False)["input_ids"][0] for name in (p.answer, p.wrong_answer))
+    s2 = next(i for i, (a, b) in enumerate(zip(clean, corrupted)) if a != b)
+    roles = {i: "other" for i in range(len(clean))}
+    roles[clean.index(io)], roles[clean.index(s)] = "IO", "S1"
+    roles.update({s2: "S2", s2 + 1: "S2+1", len(clean) - 1: "END"})
+    return roles
+
+
+def by_role(df: pd.DataFrame, table: pd.DataFrame) -> None:
+    """Mean recovered over pairs by (site, layer, role): the best layers per role, and the heads."""
+    info = model_info("smollm2-135m")
+    roles = {row: roles_of(info, p) for row, p in table.iterrows()}
+    df = df[df.position.notna()].copy()
+    df["role"] = [roles[r][int(q)] for r, q in zip(df.row, df.position)]
+    pd.set_option("display.width", 200)
+    for site in SITES[:3]:
+        m = df[df.site == site].groupby(["layer", "role"]).recovered.mean().unstack("role")
+        print(f"\n{site}: mean recovered by layer and role (every 2nd layer)\n", m.iloc[::2].round(2).to_string())
+    z = df[df.site == "attn.hook_z"].groupby(["role", "layer", "head"]).recovered.agg(["mean", "std", "count"])
+    top = z.reindex(z["mean"].abs().sort_values(ascending=False).index).head(16)
+    print("\nattn.hook_z by role: top 16 (role, layer, head) by |mean recovered| (std over pairs)\n", top.round(3).to_string())
+
+
+def run(table: pd.DataFrame, out: Path) -> None:
     model = load_model("smollm2-135m", device="cpu")
     engine = Engine(model, name="smollm2-135m")
     patcher = Patcher(engine, batch_size=64)
