@@ -31,9 +31,10 @@ def side_by_side(fns: dict, repeats: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def smollm2_and_plain_hf(doc: str):
-    """The command line (--repeats, --new-tokens, --device), SmolLM2 as a bridge, and a separate
-    plain Hugging Face copy with no TransformerLens and no hooks; prints the set-up line."""
+def smollm2_and_plain_hf(doc: str, add_args=None):
+    """The command line (--repeats, --new-tokens, --device, and what `add_args(parser)` adds),
+    SmolLM2 as a bridge, and a separate plain Hugging Face copy with no TransformerLens and no
+    hooks; prints the set-up line."""
     from transformers import AutoModelForCausalLM
 
     from patchscope_core import load_model
@@ -44,6 +45,8 @@ def smollm2_and_plain_hf(doc: str):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--device", default=None)
+    if add_args is not None:
+        add_args(ap)
     args = ap.parse_args()
     bridge = load_model("smollm2-135m", device=args.device)
     device = input_device(bridge)

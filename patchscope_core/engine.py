@@ -28,6 +28,7 @@ import torch
 
 from .errors import PatchscopeError
 from .hooks import HookFn, cached_length, hooked, left_pad, position_ids_from_mask
+from .clean_start import CleanStates, first_layer
 from .dispatch import dispatch
 from .knockout import group_by_layer, knockout_hooks
 from .interventions import (Action, Intervention, InterventionRun, Positions, Replace, ResolvedIntervention,
@@ -139,6 +140,9 @@ class Engine:
         self._clean: dict[tuple, _Output] = {}  # clean baselines by (prompt, answer, max_new_tokens)
         self.share_prefixes = True  # rows of one prompt compute the prefix no intervention touches once
         self.batch_tokens: int | None = None  # a batch holds at most this many tokens (rows x longest sequence)
+        self.start_at_first_layer = True  # scoring rows start at their first touched layer (clean_start.py)
+        self.start_spread = 2  # ... in batches whose first layers spread by at most this many layers
+        self.states = CleanStates(self)
 
     # ------------------------------------------------------------------ interventions
 
@@ -243,27 +247,34 @@ class Engine:
     def execute(self, resolved: Sequence[ResolvedRun], actions: Sequence[Sequence[Action]], batch_size: int) -> list[_Output]:
         """Outputs of resolved runs, batched by prompt length (at most batch_size rows, and at most
         `batch_tokens` tokens when set); results in input order. A batch that runs out of memory
-        is halved and the halves run instead."""
-        order = sorted(range(len(resolved)), key=lambda i: len(resolved[i].prompt_ids) + len(resolved[i].answer_ids))
+        is halved and the halves run instead. Rows that only score go in batches of nearby first
+        layers (`start_spread`), each starting at its lowest row's layer (clean_start.py)."""
+        starts = [first_layer(r) if self.start_at_first_layer and not r.max_new_tokens else 0 for r in resolved]
+        order = sorted(range(len(resolved)), key=lambda i: (len(resolved[i].prompt_ids) + len(resolved[i].answer_ids),
+                                                            starts[i]))
         outputs: list[_Output | None] = [None] * len(resolved)
-        for idx in self._cut(order, resolved, batch_size):
+        for idx in self._cut(order, resolved, batch_size, starts):
             for i, out in zip(idx, self._halving([resolved[i] for i in idx], [actions[i] for i in idx])):
                 outputs[i] = out
         return outputs  # type: ignore[return-value]
 
-    def _cut(self, order: list[int], resolved: Sequence[ResolvedRun], batch_size: int) -> list[list[int]]:
-        """Batches of rows in `order`: batch_size rows at most, and rows x their longest sequence
-        (prompt + answer or generated tokens) within batch_tokens."""
+    def _cut(self, order: list[int], resolved: Sequence[ResolvedRun], batch_size: int,
+             starts: Sequence[int]) -> list[list[int]]:
+        """Batches of rows in `order`: batch_size rows at most, rows x their longest sequence
+        (prompt + answer or generated tokens) within batch_tokens, first layers `starts` spread by
+        at most start_spread."""
         batches: list[list[int]] = []
         current: list[int] = []
-        longest = 0
+        longest, low, high = 0, 0, 0
         for i in order:
             r = resolved[i]
             length = len(r.prompt_ids) + max(len(r.answer_ids), r.max_new_tokens)
             over = self.batch_tokens is not None and (len(current) + 1) * max(longest, length) > self.batch_tokens
-            if current and (len(current) >= batch_size or over):
+            spread = max(high, starts[i]) - min(low, starts[i]) > self.start_spread
+            if current and (len(current) >= batch_size or over or spread):
                 batches.append(current)
                 current, longest = [], 0
+            low, high = (min(low, starts[i]), max(high, starts[i])) if current else (starts[i], starts[i])
             current.append(i)
             longest = max(longest, length)
         return batches + ([current] if current else [])
@@ -381,7 +392,9 @@ class Engine:
         """Teacher-forced log-probabilities of each row's answer; the first token's top-k too when
         nothing was generated."""
         keep = max(len(r.answer_ids) for r in batch) + 1
-        logits, _ = self._forward(batch, hooks, keep)
+        logits = self.states.score_logits(batch, hooks, keep) if self.start_at_first_layer else None
+        if logits is None:  # every layer
+            logits, _ = self._forward(batch, hooks, keep)
         logprobs = torch.log_softmax(logits, dim=-1)  # [batch, keep, vocab]; column keep-1 is the last token
         for b, (r, out) in enumerate(zip(batch, outputs)):
             k = len(r.answer_ids)
