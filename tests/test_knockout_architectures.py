@@ -97,7 +97,10 @@ def probe(architecture: str, paths: dict[int, str]) -> dict[int, bool]:
     def fn(module, *args, **kwargs):
         callers.add(id(module))  # then the module's own eager function (softcapping, sinks...), else sdpa
         eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-        return (eager or ALL_ATTENTION_FUNCTIONS["sdpa"])(module, *args, **kwargs)
+        try:
+            return (eager or ALL_ATTENTION_FUNCTIONS["sdpa"])(module, *args, **kwargs)
+        except TypeError:  # an eager function that wants a mask the model left to sdpa (ModernBERT decoder)
+            return ALL_ATTENTION_FUNCTIONS["sdpa"](module, *args, **kwargs)
 
     AttentionInterface.register(PROBE, fn)
     for path in paths.values():
