@@ -439,9 +439,10 @@ def resolve_run(run: InterventionRun, info: ModelInfo, field_name: str = "run") 
             if iv.positions != Positions(prompt=True, generated=True):
                 raise PatchscopeError(f"{where}.positions: a knockout's queries are its `from` field; leave positions unset")
             iv.kind.check(site, info, iv.positions, f"{where}.{iv.kind.name}")
-            from .knockout import resolve_edges  # the knockout's machinery builds on this module
+            from .knockout import check_attention, resolve_edges  # the knockout's machinery builds on this module
 
             edges = resolve_edges(iv.kind, info, run.prompt, len(prompt), iv.site.layer, f"{where}.{iv.kind.name}")
+            check_attention(info, edges.layers, f"{where}.site")
             resolved.append(ResolvedIntervention(iv, site, edges.queries, edges))
             continue
         positions = iv.positions.resolve(len(prompt), f"{where}.positions")

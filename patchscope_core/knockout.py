@@ -10,6 +10,13 @@ implementation (eager or sdpa): it adds the dtype's minimum to the chosen (row, 
 key) scores through the additive mask before the softmax, and calls the module's own
 implementation unchanged when no row blocks anything in this call (then bit-identical).
 
+Only an attention module whose forward calls the function `AttentionInterface` names can carry a
+knockout (`refusal`): Falcon, Bloom, GPT-J, GPT-Neo and others compute their scores themselves,
+and a knockout there would change nothing. `check_attention` refuses those before any weights
+load (from the module classes of a model built on the meta device from the Hugging Face
+config), `attach` again on the loaded module, and a guard on each forward refuses a module that
+ran without calling the function (a branch that bypasses it) before the model's output exists.
+
 Queries and keys are absolute positions (`HookContext`: the running cache length, each row's
 left padding), never chunk offsets: under the KV cache a prompt query is blocked in the prefill
 and a generated query when it is decoded; the keys it reads are the cache's columns.
@@ -18,7 +25,10 @@ and a generated query when it is decoded; the keys it reads are the cache's colu
 from __future__ import annotations
 
 import copy
+import inspect
 import sys
+import types
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -146,6 +156,75 @@ def group_by_layer(rows: Sequence[Sequence[Edges | None]]) -> dict[int, list[tup
     return by_layer
 
 
+# ---------------------------------------------------------------- which attention modules can carry one
+
+
+def _code_names(fn: Callable) -> set[str]:
+    """The global and attribute names a function's code (and its nested code) refers to."""
+    code = getattr(inspect.unwrap(fn), "__code__", None)
+    names: set[str] = set()
+    stack = [code] if code is not None else []
+    while stack:
+        c = stack.pop()
+        names |= set(c.co_names)
+        stack += [k for k in c.co_consts if isinstance(k, types.CodeType)]
+    return names
+
+
+def refusal(cls: type) -> str | None:
+    """Why a knockout cannot act on attention modules of class `cls`, or None: its forward must
+    look up the attention function transformers' AttentionInterface names (ALL_ATTENTION_FUNCTIONS)."""
+    if "ALL_ATTENTION_FUNCTIONS" not in _code_names(cls.forward):
+        return (f"{cls.__name__} computes its attention scores itself instead of calling the function transformers' "
+                "AttentionInterface names (config._attn_implementation), so a knockout cannot reach them")
+    return None
+
+
+_META: dict[int, tuple[Any, nn.Module | None]] = {}  # id(hf_config) -> (hf_config, its model on the meta device)
+
+
+def _meta_model(hf_config) -> nn.Module | None:
+    """The model of a Hugging Face config built on the meta device (no weights, no memory), or
+    None where transformers cannot build it so (then `attach` decides at run time)."""
+    if id(hf_config) not in _META:
+        import transformers
+
+        model = None
+        try:
+            config = copy.deepcopy(hf_config)  # building a model may set fields of its config
+            arch = (getattr(config, "architectures", None) or [""])[0]
+            cls = getattr(transformers, arch, None)
+            with warnings.catch_warnings(), torch.device("meta"):
+                warnings.simplefilter("ignore")
+                model = cls(config) if cls is not None else transformers.AutoModelForCausalLM.from_config(config)
+        except Exception:  # noqa: BLE001 - no early check; attach refuses at run time
+            model = None
+        _META[id(hf_config)] = (hf_config, model)
+    return _META[id(hf_config)][1]
+
+
+def _architecture(hf_config) -> str:
+    return (getattr(hf_config, "architectures", None) or [type(hf_config).__name__])[0]
+
+
+def check_attention(info: ModelInfo, layers: Sequence[int], field_name: str) -> None:
+    """Refuse, before any weights load, a knockout on layers whose attention module bypasses the
+    AttentionInterface (the modules' classes read from a meta-device copy of the model)."""
+    model = _meta_model(info.hf_config) if info.hf_config is not None else None
+    if model is None:
+        return
+    for layer in layers:
+        path = resolve_site(Site(f"blocks.{layer}.attn"), info).module
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue
+        reason = refusal(type(module))
+        if reason:
+            raise PatchscopeError(f"{field_name}: knockout is not supported on {_architecture(info.hf_config)} "
+                                  f"(blocks.{layer}.attn is {path}): {reason}")
+
+
 # ---------------------------------------------------------------- where: the attention function
 
 
@@ -157,6 +236,7 @@ class _Edit:
     own: Callable
     edges: Callable
     tracker: Any
+    called: bool = False  # whether this forward of the module reached the attention function
 
 
 def _additive(mask: torch.Tensor | None, query: torch.Tensor, k_len: int, start: int) -> torch.Tensor:
@@ -177,6 +257,7 @@ def knockout_attention(module: nn.Module, query, key, value, attention_mask, **k
     """The registered attention function: the module's own implementation with the dtype's
     minimum added to the blocked (row, head, query, key) scores."""
     edit: _Edit = module.config.__dict__["_patchscope_knockout"]
+    edit.called = True
     n, k_len = query.shape[2], key.shape[2]
     tracker = edit.tracker
     if k_len < tracker.start + n:
@@ -210,7 +291,11 @@ def _own_implementation(module: nn.Module) -> Callable:
     if name in (None, "eager"):
         if getattr(module, "reorder_and_upcast_attn", False):
             raise PatchscopeError("knockout: GPT-2's reorder_and_upcast_attn path bypasses the attention function")
-        return sys.modules[type(module).__module__].eager_attention_forward
+        scope = vars(sys.modules[type(module).__module__])  # the eager function its forward falls back to
+        eager = sorted(n for n in _code_names(type(module).forward) if n.endswith("eager_attention_forward") and n in scope)
+        if not eager:
+            raise PatchscopeError(f"knockout: {type(module).__name__} names no eager attention function to wrap")
+        return scope[eager[0]]
     if name == NAME:
         raise PatchscopeError("knockout: this attention module already carries a knockout")
     return ALL_ATTENTION_FUNCTIONS[name]
@@ -219,16 +304,36 @@ def _own_implementation(module: nn.Module) -> Callable:
 def attach(modules: nn.Module, site: ResolvedSite, edges: Callable, tracker) -> Callable[[], None]:
     """Give the attention module of `site` a config copy that names the knockout attention function
     with this batch's edges; returns what undoes it."""
-    module = modules.get_submodule(site.module)
+    try:
+        module = modules.get_submodule(site.module)
+    except AttributeError:
+        raise PatchscopeError(f"knockout: {site.site.hook}: this layer has no attention module {site.module}") from None
     while isinstance(module._modules.get("_original_component"), nn.Module):  # a model that stayed bridged
         module = module._modules["_original_component"]
+    reason = refusal(type(module))
+    if reason:
+        raise PatchscopeError(f"knockout: {site.site.hook} ({site.module}) cannot carry a knockout: {reason}")
     shared = module.config
     config = copy.copy(shared)
+    edit = _Edit(_own_implementation(module), edges, tracker)
     config.__dict__["_attn_implementation_internal"] = NAME  # not the setter: it would recurse into shared sub-configs
-    config.__dict__["_patchscope_knockout"] = _Edit(_own_implementation(module), edges, tracker)
+    config.__dict__["_patchscope_knockout"] = edit
     module.__dict__["config"] = config
+
+    def before(mod, args, kwargs):
+        edit.called = False
+
+    def after(mod, args, kwargs, out):  # a branch of forward that bypassed the function: no silent no-op
+        if not edit.called:
+            raise PatchscopeError(f"knockout: {site.site.hook} ({type(module).__name__}) ran without calling the "
+                                  "attention function, so the knockout would change nothing; refused")
+
+    handles = [module.register_forward_pre_hook(before, with_kwargs=True),
+               module.register_forward_hook(after, with_kwargs=True)]
 
     def undo() -> None:
         module.__dict__["config"] = shared
+        for h in handles:
+            h.remove()
 
     return undo

@@ -24,7 +24,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,7 @@ class ModelInfo:
     d_mlp: int = 0
     n_ctx: int = 0  # the longest sequence (prompt + generated tokens) the model takes
     components: Any = None  # the bridge adapter's component mapping: where each hook name lives
+    hf_config: Any = field(default=None, compare=False, repr=False)  # Hugging Face's config (knockout.py reads its classes)
 
     @property
     def d_attn(self) -> int:
@@ -99,6 +100,7 @@ def describe(name: str, cfg: Any, components: Any, tokenizer: Any, hf_config: An
         d_mlp=mlp_width(cfg, hf_config),
         n_ctx=int(cfg.n_ctx),
         components=components,
+        hf_config=hf_config,
     )
 
 
