@@ -182,18 +182,20 @@ def _ints(words: list[str], field: str) -> list[int]:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from sweeps import driver
+    from sweeps.run import driver
 
     return driver.main(args)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from sweeps import report
+    from sweeps.sinks import report
 
     return report.main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from patchscope_core import KINDS as INTERVENTION_KINDS
+
     p = argparse.ArgumentParser(prog="patchscope", description="Patchscopes at scale (Ghandeharioun et al., ICML 2024)")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -222,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--site", help="a TransformerLens hook name, e.g. blocks.8.attn.hook_z")
     v.add_argument("--head", type=int, nargs="+", help="attn.hook_z, knockout: the heads to act on (default all)")
     v.add_argument("--neuron", type=int, nargs="+", help="mlp.hook_post: the neurons to act on (default all)")
-    v.add_argument("--kind", required=True, choices=["replace", "add", "scale", "zero", "mean", "resample", "noise", "knockout"])
+    v.add_argument("--kind", required=True, choices=list(INTERVENTION_KINDS))
     v.add_argument("--positions", nargs="+", default=["all"],
                    help="prompt positions (BOS counted; negatives from the end), or all | prompt | generated (default all)")
     v.add_argument("--vector", help="replace/add: a [d] tensor (.safetensors or .pt)")

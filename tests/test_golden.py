@@ -43,7 +43,7 @@ def engine():
 
 @pytest.mark.parametrize("kind", sorted(common.RUNS))
 def test_a_run_written_before_resumes_with_nothing_recomputed_and_the_same_rows(kind, tmp_path, engine):
-    from sweeps.store import ResultStore
+    from sweeps.sinks.store import ResultStore
 
     run = tmp_path / kind
     shutil.copytree(GOLDEN / "stores" / kind, run)

@@ -34,11 +34,11 @@ def digest(obj) -> str:
 
 def _api():
     """The sweep functions the fixtures go through (their import paths may move; the values may not)."""
-    from sweeps.driver import plan
     from sweeps.grid import iter_cells, iter_tasks
     from sweeps.plan import config_hash
     from sweeps.records import records
-    from sweeps.store import ResultStore
+    from sweeps.run.driver import plan
+    from sweeps.sinks.store import ResultStore
 
     return plan, config_hash, iter_cells, iter_tasks, records, ResultStore
 
