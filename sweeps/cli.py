@@ -193,6 +193,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return report.main(args)
 
 
+def _run_options(p: argparse.ArgumentParser) -> None:
+    """What every command that runs a model takes last."""
+    p.add_argument("--no-stop-at-eos", action="store_true", help="always generate max-new-tokens tokens")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from patchscope_core import KINDS as INTERVENTION_KINDS
 
@@ -213,9 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--mapping", help="affine map file (.safetensors or torch dict with W [d_target, d_source], b)")
     i.add_argument("--seed", type=int, help="sample with this seed (default: greedy)")
     i.add_argument("--temperature", type=float, default=1.0)
-    i.add_argument("--no-stop-at-eos", action="store_true", help="always generate max-new-tokens tokens")
-    i.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
-    i.add_argument("--json", action="store_true", help="print one JSON object")
+    _run_options(i)
     i.set_defaults(func=_cmd_inspect)
 
     v = sub.add_parser("intervene", help="generate and score one prompt with an intervention at a TransformerLens site")
@@ -243,9 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--subject", help="knockout: the subject (a substring of the prompt) for --to subject / non_subject")
     v.add_argument("--answer", help="score this continuation: teacher-forced log-probability, with and without the intervention")
     v.add_argument("--max-new-tokens", type=int, default=20)
-    v.add_argument("--no-stop-at-eos", action="store_true", help="always generate max-new-tokens tokens")
-    v.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
-    v.add_argument("--json", action="store_true", help="print one JSON object")
+    _run_options(v)
     v.set_defaults(func=_cmd_intervene)
 
     s = sub.add_parser("sweep", help="run a sweep config on a Ray cluster")

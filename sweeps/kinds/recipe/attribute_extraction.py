@@ -14,8 +14,7 @@ from patchscope_core.recipes import AttributeExtraction, load_lre
 from ... import pictures
 from ...config import Layers
 from ...config.files import locate
-from ...config.models import checked_layers
-from .common import RecipePart, RecipeSection, any_cell, heat, layer_grid
+from .common import RecipePart, RecipeSection, any_cell, heat, layer_grid, layer_pairs
 
 # The four LRE relations shipped with the examples (sweeps/examples/lre/README.md): recipe.data by default.
 SHIPPED_LRE = Path(__file__).resolve().parents[2] / "examples" / "lre"
@@ -66,10 +65,7 @@ class AttributeExtractionPart(RecipePart):
         return load_lre(data, rs.relations, rs.subjects, rs.contexts, rs.seed, "recipe.relations")
 
     def build(self, config, info) -> AttributeExtraction:
-        rs = config.recipe
-        return AttributeExtraction(tuple(checked_layers(rs.source_layers, info, "recipe.source_layers")),
-                                   tuple(checked_layers(rs.target_layers, info, "recipe.target_layers")),
-                                   config.generation.max_new_tokens)
+        return AttributeExtraction(*layer_pairs(config, info, info), config.generation.max_new_tokens)
 
     def prompts(self, config, row, recipe) -> list[tuple[str, str, bool]]:
         return [("recipe.relations", row["source"], False), ("recipe.relations", row["target"], True),

@@ -85,6 +85,15 @@ class RecipePart:
     def summary(self, df: pd.DataFrame) -> list[str]: ...
 
 
+def layer_pairs(config, source: ModelInfo, target: ModelInfo) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """recipe.source_layers on the source model and recipe.target_layers on the target, checked."""
+    from ...config.models import checked_layers
+
+    rs = config.recipe
+    return (tuple(checked_layers(rs.source_layers, source, "recipe.source_layers")),
+            tuple(checked_layers(rs.target_layers, target, "recipe.target_layers")))
+
+
 def target_prompt_fits(config, info: ModelInfo, new_tokens: int) -> None:
     """recipe.target_prompt plus new_tokens must fit the model's context."""
     from patchscope_core import tokenize

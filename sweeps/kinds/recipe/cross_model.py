@@ -14,8 +14,8 @@ from patchscope_core.recipes.lenses import _aligned
 
 from ... import pictures
 from ...config import ConfigError, Layers
-from ...config.models import checked_layers, model_info_for
-from .common import CorpusSection, RecipePart, corpus, grid_lines, heat, layer_grid
+from ...config.models import model_info_for
+from .common import CorpusSection, RecipePart, corpus, grid_lines, heat, layer_grid, layer_pairs
 
 
 class CrossModelRecipe(CorpusSection):
@@ -39,9 +39,7 @@ class CrossModelPart(RecipePart):
         return model_info_for(config.recipe.source_model, "recipe.source_model")
 
     def build(self, config, info) -> CrossModel:
-        rs, src = config.recipe, self.source_info(config, info)
-        return CrossModel(tuple(checked_layers(rs.source_layers, src, "recipe.source_layers")),
-                          tuple(checked_layers(rs.target_layers, info, "recipe.target_layers")))
+        return CrossModel(*layer_pairs(config, self.source_info(config, info), info))
 
     def prompts(self, config, row, recipe) -> list[tuple[str, str, bool]]:
         return [("recipe.corpus", row["text"], False)]

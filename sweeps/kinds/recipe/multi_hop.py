@@ -14,8 +14,7 @@ from patchscope_core.recipes import MultiHop, load_chains
 from ... import pictures
 from ...config import Layers
 from ...config.files import locate
-from ...config.models import checked_layers
-from .common import RecipePart, RecipeSection, any_cell, heat, layer_grid
+from .common import RecipePart, RecipeSection, any_cell, heat, layer_grid, layer_pairs
 
 
 class MultiHopRecipe(RecipeSection):
@@ -70,9 +69,7 @@ class MultiHopPart(RecipePart):
 
     def build(self, config, info) -> MultiHop:
         rs = config.recipe
-        return MultiHop(tuple(checked_layers(rs.source_layers, info, "recipe.source_layers")),
-                        tuple(checked_layers(rs.target_layers, info, "recipe.target_layers")),
-                        config.generation.max_new_tokens, rs.source_template, rs.target_template, rs.hop1_template,
+        return MultiHop(*layer_pairs(config, info, info), config.generation.max_new_tokens, rs.source_template, rs.target_template, rs.hop1_template,
                         rs.hop2_template)
 
     def prompts(self, config, row, recipe) -> list[tuple[str, str, bool]]:
