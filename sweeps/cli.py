@@ -182,18 +182,27 @@ def _ints(words: list[str], field: str) -> list[int]:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from sweeps import driver
+    from sweeps.run import driver
 
     return driver.main(args)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from sweeps import report
+    from sweeps.sinks import report
 
     return report.main(args)
 
 
+def _run_options(p: argparse.ArgumentParser) -> None:
+    """What every command that runs a model takes last."""
+    p.add_argument("--no-stop-at-eos", action="store_true", help="always generate max-new-tokens tokens")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from patchscope_core import KINDS as INTERVENTION_KINDS
+
     p = argparse.ArgumentParser(prog="patchscope", description="Patchscopes at scale (Ghandeharioun et al., ICML 2024)")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -211,9 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--mapping", help="affine map file (.safetensors or torch dict with W [d_target, d_source], b)")
     i.add_argument("--seed", type=int, help="sample with this seed (default: greedy)")
     i.add_argument("--temperature", type=float, default=1.0)
-    i.add_argument("--no-stop-at-eos", action="store_true", help="always generate max-new-tokens tokens")
-    i.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
-    i.add_argument("--json", action="store_true", help="print one JSON object")
+    _run_options(i)
     i.set_defaults(func=_cmd_inspect)
 
     v = sub.add_parser("intervene", help="generate and score one prompt with an intervention at a TransformerLens site")
@@ -222,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--site", help="a TransformerLens hook name, e.g. blocks.8.attn.hook_z")
     v.add_argument("--head", type=int, nargs="+", help="attn.hook_z, knockout: the heads to act on (default all)")
     v.add_argument("--neuron", type=int, nargs="+", help="mlp.hook_post: the neurons to act on (default all)")
-    v.add_argument("--kind", required=True, choices=["replace", "add", "scale", "zero", "mean", "resample", "noise", "knockout"])
+    v.add_argument("--kind", required=True, choices=list(INTERVENTION_KINDS))
     v.add_argument("--positions", nargs="+", default=["all"],
                    help="prompt positions (BOS counted; negatives from the end), or all | prompt | generated (default all)")
     v.add_argument("--vector", help="replace/add: a [d] tensor (.safetensors or .pt)")
@@ -241,9 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--subject", help="knockout: the subject (a substring of the prompt) for --to subject / non_subject")
     v.add_argument("--answer", help="score this continuation: teacher-forced log-probability, with and without the intervention")
     v.add_argument("--max-new-tokens", type=int, default=20)
-    v.add_argument("--no-stop-at-eos", action="store_true", help="always generate max-new-tokens tokens")
-    v.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
-    v.add_argument("--json", action="store_true", help="print one JSON object")
+    _run_options(v)
     v.set_defaults(func=_cmd_intervene)
 
     s = sub.add_parser("sweep", help="run a sweep config on a Ray cluster")

@@ -24,9 +24,9 @@ import pytest
 import torch
 import yaml
 
-import sweeps.driver
+import sweeps.run.driver
 from sweeps import cli
-from sweeps.store import ResultStore
+from sweeps.sinks.store import ResultStore
 from tests.configs import changed
 
 BASE = {
@@ -230,7 +230,7 @@ def nothing_may_start(no_weights, monkeypatch):
         raise AssertionError("Ray was started before the bad input was refused")
 
     monkeypatch.setattr(ray, "init", refuse)
-    monkeypatch.setattr(sweeps.driver, "connect", refuse)
+    monkeypatch.setattr(sweeps.run.driver, "connect", refuse)
 
 
 @pytest.mark.parametrize("build, expected", [_case(r)[1:] for r in BAD_INPUT],

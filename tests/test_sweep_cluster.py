@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from sweeps.store import ResultStore
+from sweeps.sinks.store import ResultStore
 from tests.configs import changed, write_yaml
 
 pytestmark = pytest.mark.ray

@@ -16,11 +16,12 @@ import patchscope_core
 import patchscope_core.models
 from patchscope_core import model_info, tokenize
 from sweeps import cli
-from sweeps.config import ConfigError, expand_layers, load_config, parse_config
+from sweeps.config import ConfigError, expand_layers
+from sweeps.config.sweep import load_config, parse_config
 from sweeps.grid import expand, make_tasks
 from sweeps.plan import check_against_models
-from sweeps.rows import load_rows
-from sweeps.store import ResultStore
+from sweeps.plan import load_rows
+from sweeps.sinks.store import ResultStore
 from tests.configs import changed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,11 +52,11 @@ def no_model_loads(monkeypatch):
 
     monkeypatch.setattr(patchscope_core.models, "load_model", boom)
     monkeypatch.setattr(patchscope_core, "load_model", boom)
-    import sweeps.driver
+    import sweeps.run.driver
     import workers.actor
 
     monkeypatch.setattr(workers.actor, "load_model", boom)
-    monkeypatch.setattr(sweeps.driver, "connect", boom)
+    monkeypatch.setattr(sweeps.run.driver, "connect", boom)
 
 
 def _write(tmp_path: Path, cfg: dict, name: str = "sweep.yaml") -> Path:
@@ -207,7 +208,8 @@ def test_grid_is_counted_without_expanding_and_expanded_lazily_with_the_same_ids
     a cell's id is still the digest of the JSON list it always was (stored results resume)."""
     import hashlib
 
-    from sweeps.grid import Cell, count_cells, count_tasks, count_todo, iter_cells, iter_tasks
+    from sweeps.grid import count_cells, count_tasks, count_todo, iter_cells, iter_tasks
+    from sweeps.kinds.patchscope import Cell
 
     cfg = _with(source__prompts=["Paris", "The quick brown fox", "Paris"], source__positions="all",
                 target__layers=[0, 3], target__positions=[-1, -2])
@@ -316,7 +318,7 @@ def test_store_writes_each_cell_once_atomically_and_refuses_another_config(tmp_p
 
 
 def test_wandb_auto_mode_is_offline_without_credentials(monkeypatch, tmp_path):
-    from sweeps.wandb_sink import resolve_mode
+    from sweeps.sinks.wandb import resolve_mode
 
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("WANDB_API_KEY", raising=False)

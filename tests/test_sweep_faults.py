@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from sweeps import cli
-from sweeps.store import ResultStore
+from sweeps.sinks.store import ResultStore
 
 pytestmark = pytest.mark.ray
 
@@ -118,7 +118,7 @@ def test_no_worker_placeable_stops_cleanly_keeping_stored_cells(ray_cluster, tmp
 
 def test_a_second_sweep_into_the_same_dir_is_refused_and_a_killed_driver_leaves_no_lock(
         ray_cluster, tmp_path, capsys, monkeypatch):
-    import sweeps.driver
+    import sweeps.run.driver
 
     rows = [{"prompt": f"Entity {i}", "target": "Paris is the capital of x", "answer": str(i)} for i in range(12)]
     config = write_config(tmp_path, "tiny-locked", rows, generation={"max_new_tokens": 40},
@@ -139,7 +139,7 @@ def test_a_second_sweep_into_the_same_dir_is_refused_and_a_killed_driver_leaves_
         else:
             pytest.fail("the first sweep never took the lock")
         # The second sweep, started while the first runs: refused before it starts anything.
-        monkeypatch.setattr(sweeps.driver, "connect", lambda *a: pytest.fail("the second sweep started Ray"))
+        monkeypatch.setattr(sweeps.run.driver, "connect", lambda *a: pytest.fail("the second sweep started Ray"))
         assert cli.main(["sweep", str(config)]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: output.dir: another sweep is running into {out} (pid {first.pid} on "

@@ -17,7 +17,7 @@ import pytest
 
 from patchscope_core import Patchscope, PatchscopeEngine, Source, Target, load_model, model_info, tokenize
 from sweeps import cli
-from sweeps.store import ResultStore
+from sweeps.sinks.store import ResultStore
 from tests.configs import changed, write_yaml
 
 pytestmark = pytest.mark.ray
@@ -217,7 +217,7 @@ def test_a_sweep_of_many_tasks_sends_its_live_table_in_at_most_90_increments(tmp
     """W&B's workspace shows only a table's last 100 increments: 250 tasks of one cell must
     arrive in at most 90, every cell once, and a sweep that ends short sends its last rows."""
     from sweeps.config import WandbConfig
-    from sweeps.wandb_sink import WandbSink
+    from sweeps.sinks.wandb import WandbSink
 
     sink = WandbSink(WandbConfig(project="patchscope-tests", mode="offline"), "many-tasks", {}, tmp_path)
     for i in range(250):  # 260 cells planned, 10 never done
@@ -244,11 +244,11 @@ def test_report_command_prints_table_and_pictures(e2e, capsys):
 
 def test_resume_after_a_stop_recomputes_nothing_stored(ray_cluster, tmp_path, monkeypatch, capsys):
     import sweeps.grid
-    import sweeps.store
+    import sweeps.sinks.store
 
     config = write_config(tmp_path, "tiny-resume", models=["tiny-llama"], execution__batch_size=2)
     # 1 model x 3 prompts x 2 layers x 2 positions = 12 cells in 6 tasks of 2
-    real_write = sweeps.store.ResultStore.write
+    real_write = sweeps.sinks.store.ResultStore.write
     writes = []
 
     def stop_after_two(self, task_id, records):
@@ -258,10 +258,10 @@ def test_resume_after_a_stop_recomputes_nothing_stored(ray_cluster, tmp_path, mo
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C after two tasks were stored
         return new
 
-    monkeypatch.setattr(sweeps.store.ResultStore, "write", stop_after_two)
+    monkeypatch.setattr(sweeps.sinks.store.ResultStore, "write", stop_after_two)
     assert cli.main(["sweep", str(config)]) == 130
     assert "interrupted: 4 of 12 cells are stored" in capsys.readouterr().out
-    monkeypatch.setattr(sweeps.store.ResultStore, "write", real_write)
+    monkeypatch.setattr(sweeps.sinks.store.ResultStore, "write", real_write)
     out = tmp_path / "out"
     first = {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in ResultStore(out).files()}
     stored_first = set(ResultStore(out).read()["cell_id"])

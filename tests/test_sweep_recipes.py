@@ -14,12 +14,13 @@ import pytest
 from patchscope_core import PatchscopeEngine
 from patchscope_core.recipes import TokenIdentity, corpus_windows, pydoc_text, run_recipe
 from sweeps import cli
-from sweeps.driver import plan
+from sweeps.run.driver import plan
 from sweeps.grid import iter_cells, iter_tasks
 from sweeps.records import records
-from sweeps.report import write_report
-from sweeps.report_recipes import attribute_summary, multihop_summary
-from sweeps.store import ResultStore
+from sweeps.sinks.report import write_report
+from sweeps.kinds.recipe.attribute_extraction import attribute_summary
+from sweeps.kinds.recipe.multi_hop import multihop_summary
+from sweeps.sinks.store import ResultStore
 from tests.configs import changed, write_yaml
 from tests.test_sweep_ray import read_offline_run
 from workers.actor import run_task
@@ -79,9 +80,9 @@ def write(tmp_path: Path, cfg: dict, section: dict | None = None, **changes) -> 
     (RECIPES["cross_model"], {"recipe__source_model": "no such model"}, "recipe.source_model: unknown model 'no such model'"),
 ])
 def test_config_errors_name_the_field_before_any_load(tmp_path, capsys, no_weights, monkeypatch, recipe, changes, message):
-    import sweeps.driver
+    import sweeps.run.driver
 
-    monkeypatch.setattr(sweeps.driver, "connect", lambda *a, **k: pytest.fail("Ray started before the config error"))
+    monkeypatch.setattr(sweeps.run.driver, "connect", lambda *a, **k: pytest.fail("Ray started before the config error"))
     assert cli.main(["sweep", str(write(tmp_path, TOKEN_IDENTITY, recipe, **changes)), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "\n" == err[-1] and err.count("\n") == 1, err

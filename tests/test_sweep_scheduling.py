@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from sweeps.config import ExecutionConfig
-from sweeps.scheduler import _Actor, pick
+from sweeps.run.scheduler import _Actor, pick
 
 
 def actors(*states: str) -> list[_Actor]:

@@ -12,7 +12,7 @@ import pytest
 from patchscope_core import Engine, Intervention, InterventionRun, Mean, Site, Zero
 from patchscope_core.tracing import Fact, Tracer, TraceSettings
 from sweeps import cli
-from sweeps.store import ResultStore
+from sweeps.sinks.store import ResultStore
 from tests.configs import changed, write_yaml
 from tests.test_sweep_ray import read_offline_run
 
@@ -69,9 +69,9 @@ def write(tmp_path: Path, cfg: dict, **changes) -> Path:
     (TRACE, {"trace__samples": 0}, "trace.samples: Input should be greater than or equal to 1"),
 ])
 def test_config_errors_name_the_field_before_any_load(tmp_path, capsys, no_weights, monkeypatch, base, changes, message):
-    import sweeps.driver
+    import sweeps.run.driver
 
-    monkeypatch.setattr(sweeps.driver, "connect", lambda *a, **k: pytest.fail("Ray started before the config error"))
+    monkeypatch.setattr(sweeps.run.driver, "connect", lambda *a, **k: pytest.fail("Ray started before the config error"))
     assert cli.main(["sweep", str(write(tmp_path, base, **changes)), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err, err

@@ -5,7 +5,7 @@ with `ray.remote` and Ray's own fault tolerance: `max_restarts` restarts a crash
 reloads its model) and `max_task_retries` re-runs the tasks it was running. There is no
 hand-written retry loop.
 
-Workers import `patchscope_core` only: a task arrives as plain data (`sweeps.grid.Task.payload`:
+Workers import `patchscope_core` only: a task arrives as plain data (`sweeps.grid.Task.payload`, made by the sweep kind:
 Patchscopes as dicts) with plain settings (`sweeps.grid.worker_settings`), and what goes back is
 the engine's own records; `sweeps.records` turns them into result rows.
 
@@ -26,6 +26,8 @@ from typing import Any
 from patchscope_core import Decoding, Patchscope, PatchscopeEngine, load_model
 from patchscope_core.interventions import run_from_dict
 from patchscope_core.tracing import Fact, Tracer, TraceSettings
+
+from .recipes import recipe_records
 
 
 def _node_id() -> str:
@@ -95,18 +97,7 @@ def run_task(engine: PatchscopeEngine, payload: dict[str, Any], batch_size: int,
     if payload["model"] != engine.target_info.name:
         raise RuntimeError(f"task {payload['task_id']} is for {payload['model']}, this worker holds {engine.target_info.name}")
     t0 = time.perf_counter()
-    kind = payload.get("kind", "patchscope")
-    if kind == "patchscope":
-        records = [r.to_record() for r in engine.run([Patchscope.from_dict(p) for p in payload["patchscopes"]], batch_size)]
-    elif kind == "intervention":
-        runs = [run_from_dict(r) for r in payload["runs"]]
-        records = [r.to_record() for r in engine.run_interventions(runs, batch_size)]
-    elif kind == "recipe":
-        from .recipes import recipe_records
-
-        records = recipe_records(engine, payload, batch_size)
-    else:
-        records = [trace_record(engine, payload, batch_size)]
+    records = OPERATIONS[payload.get("kind", "patchscope")](engine, payload, batch_size)
     return {
         "task_id": payload["task_id"],
         "records": records,
@@ -137,6 +128,27 @@ def trace_record(engine, payload: dict[str, Any], batch_size: int) -> dict[str, 
     return {"token_ids": result.token_ids, "tokens": [tok.decode([t]) for t in result.token_ids],
             "subject": list(result.subject), "p_clean": result.p_clean, "p_corrupt": result.p_corrupt,
             "p_restored": [result.p_restored[c] for c in cells]}
+
+
+def patchscope_records(engine, payload: dict[str, Any], batch_size: int) -> list[dict[str, Any]]:
+    """Patchscopes, in order."""
+    return [r.to_record() for r in engine.run([Patchscope.from_dict(p) for p in payload["patchscopes"]], batch_size)]
+
+
+def intervention_records(engine, payload: dict[str, Any], batch_size: int) -> list[dict[str, Any]]:
+    """Intervention runs (each with its clean baseline), in order."""
+    runs = [run_from_dict(r) for r in payload["runs"]]
+    return [r.to_record() for r in engine.run_interventions(runs, batch_size)]
+
+
+# The engine operation that runs each payload kind (a sweep kind's `operation`): (engine, payload,
+# batch_size) -> the engine's records, one per cell (a causal trace: one per fact).
+OPERATIONS = {
+    "patchscope": patchscope_records,
+    "intervention": intervention_records,
+    "causal_trace": lambda engine, payload, batch_size: [trace_record(engine, payload, batch_size)],
+    "recipe": recipe_records,
+}
 
 
 def start_workers(model: str, settings: dict[str, Any], n: int, *, num_cpus: float, num_gpus: float,

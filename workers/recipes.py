@@ -1,7 +1,7 @@
 """Recipe tasks on a worker (`kind: recipe`): probes in, scored results out.
 
 A task brings its recipe's name and settings, the fit windows of its maps, the source model of
-a cross-model recipe, and its probes as plain data (`sweeps.recipe_grid.RecipeCell.payload`).
+a cross-model recipe, and its probes as plain data (`sweeps.kinds.recipe.RecipeKind.payload`).
 The worker keeps, per engine, a `patchscope_core.recipes.RecipeRunner` for each recipe it has
 seen, so the tuned lens or the cross-model maps are fitted once per worker and reused by every
 later task; a cross-model source model is loaded once, on the engine's device and dtype.

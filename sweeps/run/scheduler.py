@@ -26,7 +26,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from .grid import Task
+from ..grid import Task
 
 TICK_S = 1.0  # how often the loop wakes without news, to look at timeouts and nodes
 NODE_CHECK_S = 2.0  # how often the nodes of busy actors are looked up while tasks are in flight

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any, Sequence
 from urllib.parse import urlparse
 
-from .config import WandbConfig
-from .records import SCHEMAS, kind_of, token_text, top1_logprob
+from ..config import WandbConfig
+from ..kinds import KINDS, kind_of
+from ..records import token_text, top1_logprob
 
 
 def has_credentials() -> bool:
@@ -44,7 +45,7 @@ def resolve_mode(mode: str) -> str:
 def table_rows(records: Sequence[dict[str, Any]], ref_columns: Sequence[str] = (),
                kind: str | None = None) -> tuple[list[str], list[list[Any]]]:
     """The W&B table of some result rows: the kind's table columns (records.SCHEMAS)."""
-    schema = SCHEMAS[kind or (kind_of(records[0]) if records else "patchscope")]
+    schema = KINDS[kind or kind_of(records[0] if records else ())].schema
     columns = list(schema.table) + list(ref_columns)
     rows = []
     for r in records:
@@ -184,3 +185,32 @@ class WandbSink:
             except Exception:  # noqa: BLE001
                 pass
             self.run = None
+
+
+class WandbPeer:
+    """W&B as a sink (`sinks.base.Sink`): the run starts when there is work; the final table gets
+    the report's pictures and tables."""
+
+    name = "W&B"
+
+    def __init__(self, cfg: WandbConfig, name: str, config: dict[str, Any], out_dir: Path) -> None:
+        self.args = (cfg, name, config, out_dir)
+        self.run = WandbSink(cfg.model_copy(update={"mode": "disabled"}), name, {}, out_dir)
+
+    def start(self) -> None:
+        self.run = WandbSink(*self.args)
+
+    def write(self, rows, done: int, total: int, cells_per_s: float) -> None:
+        self.run.log_task(rows, done, total, cells_per_s)
+
+    def finish(self, end) -> None:
+        images = {k: v for k, v in end.made.items() if k != "table"}
+        records = end.df.to_dict("records") if end.summary["cells_done"] else []
+        run_dir = self.run.finish(records, images, end.summary)
+        if run_dir and self.run.mode == "offline":
+            end.notes.append(f"W&B:      offline run in {run_dir}; upload it with: wandb sync {run_dir}")
+        elif run_dir:
+            end.notes.append(f"W&B:      {self.run.url or 'run'} (files in {run_dir})")
+
+    def fail(self) -> None:
+        self.run.abort()

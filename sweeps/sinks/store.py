@@ -31,7 +31,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .config import ConfigError
+from ..config import ConfigError
 
 RESULTS = "results"
 DAMAGED = "damaged"

@@ -1,0 +1,85 @@
+"""The config sections every sweep kind shares: generation, execution, output (with W&B)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from .fields import Strict
+
+class GenerationConfig(Strict):
+    max_new_tokens: int = Field(20, ge=1)
+    stop_at_eos: bool = True
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    top_logprobs: int = Field(10, ge=1, description="how many first-token log-probabilities to keep")
+
+    @model_validator(mode="after")
+    def _seed(self) -> "GenerationConfig":
+        if self.do_sample and self.seed is None:
+            raise ValueError("generation.seed: sampling needs an explicit seed so results can be reproduced")
+        return self
+
+    def decoding(self):
+        from patchscope_core import Decoding
+
+        return Decoding(
+            do_sample=self.do_sample,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            stop_at_eos=self.stop_at_eos,
+        )
+
+
+class ExecutionConfig(Strict):
+    workers: int = Field(2, ge=1, description="Ray actors per model, each holding the model for its lifetime")
+    batch_size: int = Field(16, ge=1, description="cells per task (and per generate batch)")
+    batch_tokens: int | None = Field(None, ge=1, description="a generate batch holds at most this many tokens "
+                                                             "(rows x longest prompt + new tokens); default: no limit")
+    gpus_per_worker: float = Field(0, ge=0, description="0: CPU; fractional shares a GPU; >1 spreads the model")
+    cpus_per_worker: float | Literal["auto"] = Field(
+        "auto", description="CPUs (and torch threads) per worker; auto: a local sweep shares the machine's cores "
+                            "among the workers, a sweep that joins a cluster asks 1")
+
+    @field_validator("cpus_per_worker", mode="after")
+    @classmethod
+    def _cpus(cls, v: Any) -> Any:
+        if v != "auto" and v <= 0:
+            raise ValueError(f"expected 'auto' or a number > 0, got {v!r}")
+        return v
+
+    def resolved(self, local: bool) -> "ExecutionConfig":
+        """These settings with cpus_per_worker a number: auto gives each of a local sweep's
+        workers its share of this machine's cores (at least 1), and 1 on a cluster joined."""
+        if self.cpus_per_worker != "auto":
+            return self
+        import os
+
+        cpus = float(max(1, (os.cpu_count() or 1) // self.workers) if local else 1)
+        return self.model_copy(update={"cpus_per_worker": cpus})
+    max_in_flight_per_worker: int = Field(2, ge=1, description="tasks queued on one actor at once (back-pressure)")
+    device_map: str | None = Field(None, description="accelerate device map; default 'auto' when gpus_per_worker > 1")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    max_restarts: int = Field(2, ge=-1, description="Ray actor restarts after a crash (-1: forever)")
+    max_task_retries: int = Field(2, ge=-1, description="Ray retries of a task whose actor died (-1: forever)")
+    placement_timeout_s: float = Field(
+        600, gt=0, description="seconds a worker may take to be placed and load its model before it is reported "
+                               "and its work goes to the others; with no worker placed by then the sweep stops")
+    max_cells: int = Field(10_000_000, ge=1, description="refuse a grid of more cells than this")
+
+
+class WandbConfig(Strict):
+    project: str = "patchscope-sweeps"
+    entity: str | None = None
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    tags: list[str] = []
+
+
+class OutputConfig(Strict):
+    dir: str | None = Field(None, description="default runs/<name>")
+    wandb: WandbConfig = WandbConfig()
+

@@ -1,0 +1,130 @@
+"""The `SweepKind` protocol: everything one kind of sweep (`kind:` in the config) brings, so that
+the config, the plan, the grid, the records, the sinks and the workers never name a kind.
+
+A kind is one object registered in `sweeps.kinds.KINDS` under its `kind:` name. Through the flow
+config -> rows -> checks -> grid -> tasks -> workers -> records -> sinks it declares:
+
+- config: `sections` (its config sections, pydantic models, by key; `tagged` for a section
+  that is a union told apart by a tag) and `check_config` (checks across its sections);
+- rows: `load_rows` (its input rows, from the config or the files it names);
+- checks: `check` (every setting against each model's config and tokenizer, no weights: one
+  `ModelPlan` per model) and `context` (what every task shares: a table of kinds, settings);
+- identity: `science` (the part of the config its config hash covers);
+- grid: `group_sizes` (cells per task group, counted without building a cell), `cells` (every
+  cell, lazily, the cells of a task group together), `cell_ids` (the same ids, possibly faster)
+  and `one_task` (a task group is one task, whatever batch_size);
+- tasks: `operation` (the worker operation, `workers.actor.OPERATIONS`, that runs its
+  payloads) and `payload` (a task as plain data);
+- records: `schema` (its result columns) and `to_rows` (a worker's output -> one row per cell);
+- sinks: `marks` (columns that tell its stored rows apart), `order` (how results.csv is sorted),
+  `report` (its pictures and extra tables, for `patchscope report` and W&B) and `summary` (what
+  the terminal shows first);
+- `describe`: one model's grid in words, for `--dry-run`.
+
+A cell is a frozen dataclass with `KIND` (its kind's name), `model`, `group` (its task group),
+`cell_id` (a digest of everything that decides its result: resume relies on it) and `params()`
+(its parameter columns). Every error is a `ConfigError` whose message starts with the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Iterator, Protocol, runtime_checkable
+
+# Which task and worker computed a row (timings follow as time_<name>): every kind's last columns.
+RUN_COLUMNS = ("task_id", "worker_node", "worker_pid", "worker_device", "worker_peak_mb", "time_task_s")
+# How the rows of the study kinds are sorted in results.csv (the columns present, in this order).
+STUDY_ORDER = ("model", "row", "site", "layer", "head", "neuron", "kind", "alpha", "position", "role",
+               "source_layer", "target_layer")
+
+
+@dataclass(frozen=True)
+class Schema:
+    """A kind's result columns."""
+
+    params: tuple[str, ...]  # the cell's parameters (ref_<name> columns follow)
+    results: tuple[str, ...]  # what the engine produced
+    table: tuple[str, ...]  # what a person reads, in this order (ref_ and match_ columns follow)
+    tokens: tuple[str, ...]  # token-id lists, shown as text in tables
+
+
+def digest(obj: Any, n: int = 16) -> str:
+    """The hex digest that names cells, tasks and settings: sha256 of sorted-key JSON."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def generation_key(config) -> str:
+    """The digest of the generation settings (part of a generating cell's id)."""
+    return digest(config.generation.model_dump(mode="json"))
+
+
+def run_columns(output: dict[str, Any], rec: dict[str, Any]) -> dict[str, Any]:
+    """Where and when a row was computed: the task, the worker, the timings."""
+    return {"task_id": output["task_id"], "time_task_s": output["time_task_s"],
+            **{k: v for k, v in rec.items() if k.startswith("time_")}, **output["worker"]}
+
+
+@runtime_checkable
+class SweepKind(Protocol):
+    """One kind of sweep; see the module docstring for where each member is used."""
+
+    name: str
+    sections: dict[str, type]
+    tagged: dict[str, dict[str, type]]
+    operation: str
+    schema: Schema
+    marks: frozenset[str]
+    order: tuple[str, ...]
+    one_task: bool
+
+    def check_config(self, config) -> None:
+        """Checks across this kind's sections, after their types; raise ValueError('field: ...')."""
+
+    def load_rows(self, config, base: Path | None) -> list: ...
+
+    def check(self, config, rows: list, base: Path | None) -> dict[str, Any]:
+        """{model: ModelPlan}; a ConfigError for anything a run would refuse. No weights."""
+
+    def context(self, config, rows: list, base: Path | None) -> Any: ...
+
+    def science(self, science: dict[str, Any], config, rows: list, context: Any) -> dict[str, Any]:
+        """`science` (the config's kind, models, generation and this kind's sections, as JSON)
+        with what else decides the results (the rows, the context): what the config hash covers."""
+
+    def group_sizes(self, config, rows: list, plans: dict, context: Any) -> Iterator[tuple[str, int]]: ...
+
+    def cells(self, config, rows: list, plans: dict, context: Any) -> Iterator[Any]: ...
+
+    def cell_ids(self, config, rows: list, plans: dict, context: Any) -> Iterator[str]: ...
+
+    def payload(self, task) -> dict[str, Any]:
+        """{'kind': self.operation, ...}: the task's cells as plain data for the worker."""
+
+    def to_rows(self, task, output: dict[str, Any]) -> list[dict[str, Any]]: ...
+
+    def describe(self, config, plan, context: Any) -> str: ...
+
+    def report(self, out_dir: Path, df) -> dict[str, Path]: ...
+
+    def summary(self, df) -> str: ...
+
+
+class KindDefaults:
+    """What most kinds share: no cross-section checks, no tagged sections, no context, ids from
+    the cells, a task group cut into batches."""
+
+    tagged: ClassVar[dict[str, dict[str, type]]] = {}
+    one_task: ClassVar[bool] = False
+    order: ClassVar[tuple[str, ...]] = STUDY_ORDER
+
+    def check_config(self, config) -> None:
+        return None
+
+    def context(self, config, rows: list, base: Path | None) -> Any:
+        return None
+
+    def cell_ids(self, config, rows: list, plans: dict, context: Any) -> Iterator[str]:
+        return (c.cell_id for c in self.cells(config, rows, plans, context))

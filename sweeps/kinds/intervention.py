@@ -1,0 +1,390 @@
+"""`kind: intervention`: ablation, steering and patching grids at TransformerLens sites, sections
+`prompts` and `intervention` (the intervention kinds are `patchscope_core.interventions.KINDS`).
+
+An `InterventionCell` is one point of model x prompt row x site x layer x head or neuron x kind
+x strength; a task holds cells of one prompt, at most batch_size of them (one batch, one clean
+baseline). The context is the grid's table of kinds (by the digest of their values; vectors and
+prompt files read before any weights load). The report draws layer x head (or layer x site)
+heatmaps of the mean change in the answer's log-probability, the top heads, and for `add` the
+steered generations by alpha.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from pydantic import Field, field_validator, model_validator
+
+from patchscope_core import KINDS as INTERVENTION_KINDS
+from patchscope_core import PatchscopeError
+
+from .. import pictures
+from ..config import ConfigError, Layers, Strict, axis
+from ..config.files import locate, prompt_list
+from ..config.models import ModelPlan
+from .base import KindDefaults, Schema, digest, generation_key, run_columns
+from .prompts import PromptRow, PromptsConfig, count_tokens, load_prompt_rows, model_plans, prompt_rows_science, study_groups
+
+
+class InterventionConfig(Strict):
+    """An intervention grid. Lists are grid axes: site, layers, heads, neurons, kind, alpha,
+    factor, noise_scale, seed."""
+
+    site: str | list[str] = Field(description="TransformerLens hook names; {layer} takes each of `layers`")
+    layers: Layers = "all"
+    heads: Any = Field(None, description="attn.hook_z: 'all', a head or a list; one cell per head")
+    neurons: Any = Field(None, description="mlp.hook_post: a neuron or a list; one cell per neuron")
+    positions: Any = Field("all", description="prompt positions, 'prompt', 'generated' or 'all'")
+    kind: str | list[str] = "zero"
+    alpha: float | list[float] = Field(1.0, description="add: alpha x vector")
+    factor: float | list[float] = Field(0.0, description="scale: the factor")
+    noise_scale: float | list[float] = Field(3.0, description="noise: x the site's std over the reference prompts")
+    seed: int | list[int] = Field(0, description="noise: the seed")
+    vector: str | None = Field(None, description="add / replace: a .safetensors or .pt file holding one vector")
+    positive: str | list[str] | None = Field(None, description="add: prompts (a list or a file, one a line) ...")
+    negative: str | list[str] | None = Field(None, description="... whose mean activations' difference is the vector")
+    reference: str | list[str] | None = Field(None, description="mean / noise: prompts; default the sweep's own")
+    source: str | None = Field(None, description="resample / replace: the prompt whose values are written")
+    source_position: int = Field(-1, description="replace: the source prompt's position")
+
+    @field_validator("heads", "neurons", mode="after")
+    @classmethod
+    def _units(cls, v: Any) -> Any:
+        if v is None or v == "all":
+            return v
+        values = axis(v)
+        if not values or not all(isinstance(x, int) and not isinstance(x, bool) for x in values):
+            raise ValueError(f"expected 'all', an integer or a list of integers, got {v!r}")
+        return values
+
+    @model_validator(mode="after")
+    def _kinds(self) -> "InterventionConfig":
+        for k in axis(self.kind):
+            if k not in INTERVENTION_KINDS:
+                raise ValueError(f"intervention.kind: unknown kind {k!r} (allowed: {', '.join(INTERVENTION_KINDS)})")
+            if k == "add" and self.vector is None and (self.positive is None or self.negative is None):
+                raise ValueError("intervention.vector: add needs a vector file, or positive and negative prompts")
+            if k in ("replace", "resample") and self.source is None and (k == "resample" or self.vector is None):
+                raise ValueError(f"intervention.source: {k} needs a source prompt" + (" or a vector" if k == "replace" else ""))
+        for site in axis(self.site):
+            if not isinstance(site, str) or not site.strip():
+                raise ValueError(f"intervention.site: expected TransformerLens hook names, got {site!r}")
+        return self
+
+
+INTERVENTION_COLUMNS = (
+    "cell_id", "model", "row", "prompt", "answer", "site", "layer", "head", "neuron", "kind", "alpha", "factor",
+    "noise_scale", "seed", "positions",
+)
+INTERVENTION_RESULTS = (
+    "delta_logprob", "answer_logprob", "clean_answer_logprob", "p_answer", "p_answer_clean", "generated_text",
+    "clean_generated_text", "generated_token_ids", "clean_generated_token_ids", "answer_token_ids",
+    "answer_logprobs", "prompt_token_ids", "top_token_ids", "top_logprobs", "max_new_tokens",
+)
+INTERVENTION_TABLE = (
+    "cell_id", "model", "row", "prompt", "answer", "site", "layer", "head", "neuron", "kind", "alpha", "factor",
+    "noise_scale", "seed", "positions", "delta_logprob", "answer_logprob", "clean_answer_logprob", "p_answer",
+    "p_answer_clean", "generated_text", "clean_generated_text", "generated_token_ids",
+)
+
+
+@dataclass(frozen=True)
+class InterventionCell:
+    model: str
+    prompt: str
+    answer: str | None
+    site: str  # the TransformerLens hook name, layer filled in
+    layer: int | None
+    head: int | None
+    neuron: int | None
+    kind: str
+    variant: str  # digest of the kind's field values: its entry in the task's table of kinds
+    alpha: float | None  # add
+    factor: float | None  # scale
+    noise_scale: float | None  # noise
+    seed: int | None  # noise
+    positions: Any  # as in the config: 'all', 'prompt', 'generated' or a list of prompt positions
+    row: int = 0
+    refs: tuple[tuple[str, Any], ...] = ()
+    generation_key: str = ""
+    max_new_tokens: int = 20
+    KIND = "intervention"
+
+    @property
+    def cell_id(self) -> str:
+        return digest(["intervention", self.model, self.prompt, self.answer, self.site, self.head, self.neuron,
+                       self.kind, self.variant, self.positions, [list(r) for r in self.refs], self.generation_key])
+
+    @property
+    def group(self) -> str:
+        return self.prompt
+
+    def params(self) -> dict[str, Any]:
+        from patchscope_core import Positions
+
+        out = {k: getattr(self, k) for k in INTERVENTION_COLUMNS[1:]}
+        out.update(cell_id=self.cell_id, positions=str(Positions.parse(self.positions)))
+        out.update({f"ref_{k}": v for k, v in self.refs})
+        return out
+
+
+# ---------------------------------------------------------------- the grid's kinds, sites and checks
+
+
+def site_hooks(config, layers: list[int]) -> list[str]:
+    """Every hook name of the intervention grid: each site, {layer} filled with each layer."""
+    out = []
+    for site in axis(config.intervention.site):
+        out += [site.format(layer=l) for l in layers] if "{layer}" in site else [site]
+    return list(dict.fromkeys(out))
+
+
+def intervention_kinds(config, rows: list[PromptRow], base: Path | None) -> list[tuple[str, dict[str, Any]]]:
+    """(kind, its field values as plain data) for every kind x strength of the grid; vectors and
+    prompt files are read here, before any weights load."""
+    from patchscope_core.interventions import load_vector
+
+    iv = config.intervention
+    reference = prompt_list(iv.reference, base, "intervention.reference") or tuple(dict.fromkeys(r.prompt for r in rows))
+    vector = load_vector(locate(iv.vector, base, "intervention.vector"), "intervention.vector").tolist() if iv.vector else None
+    out = []
+    for kind in axis(iv.kind):
+        if kind == "add":
+            extra = ({"vector": vector} if vector is not None else
+                     {"positive": list(prompt_list(iv.positive, base, "intervention.positive")),
+                      "negative": list(prompt_list(iv.negative, base, "intervention.negative"))})
+            out += [(kind, {"alpha": float(a), **extra}) for a in axis(iv.alpha)]
+        elif kind == "scale":
+            out += [(kind, {"factor": float(f)}) for f in axis(iv.factor)]
+        elif kind == "noise":
+            out += [(kind, {"scale": float(x), "reference": list(reference), "seed": int(sd)})
+                    for x in axis(iv.noise_scale) for sd in axis(iv.seed)]
+        elif kind == "mean":
+            out.append((kind, {"reference": list(reference)}))
+        elif kind == "resample":
+            out.append((kind, {"source": iv.source}))
+        elif kind == "replace":
+            out.append((kind, {"vector": vector} if vector is not None else
+                        {"source": iv.source, "source_position": iv.source_position}))
+        else:
+            out.append((kind, {}))
+    return out
+
+
+def units(spec: Any, count: int) -> list[int | None]:
+    if spec is None:
+        return [None]
+    return list(range(count)) if spec == "all" else list(spec)
+
+
+def _check_model(config, plan: ModelPlan, rows: list[PromptRow], kinds) -> None:
+    """Sites, heads and neurons, positions and every kind on every prompt, on one model."""
+    from patchscope_core import Intervention, InterventionRun, Positions, Site
+    from patchscope_core.interventions import make_kind, resolve_run
+    from patchscope_core.sites import resolve_site
+
+    iv, info = config.intervention, plan.info
+    sites = [Site(h, head=tuple(h_ for h_ in [hd] if h_ is not None), neuron=tuple(n for n in [nr] if n is not None))
+             for h in site_hooks(config, plan.source_layers) for hd in units(iv.heads, info.n_heads)
+             for nr in units(iv.neurons, info.d_mlp)]
+    for site in sites:
+        resolve_site(site, info, "intervention.site")
+    positions = Positions.parse(iv.positions, "intervention.positions")
+    for kind, values in kinds:
+        k = make_kind(kind, values, "intervention.kind")
+        for row in rows:
+            run = InterventionRun(row.prompt, (Intervention(sites[0], k, positions),), row.answer,
+                                  config.generation.max_new_tokens)
+            resolve_run(run, info, f"intervention ({row.where})")
+
+
+def _hooks_and_units(config, plan: ModelPlan) -> list[tuple[str, int | None, int | None]]:
+    iv, info = config.intervention, plan.info
+    out = []
+    for hook in site_hooks(config, plan.source_layers):
+        heads = units(iv.heads, info.n_heads) if hook.endswith("attn.hook_z") else [None]
+        neurons = units(iv.neurons, info.d_mlp) if hook.endswith("mlp.hook_post") else [None]
+        out += [(hook, h, n) for h in heads for n in neurons]
+    return out
+
+
+# ---------------------------------------------------------------- the report
+
+
+def _given(v) -> bool:
+    return v is not None and not (isinstance(v, float) and np.isnan(v))
+
+
+def _variant(df) -> list[str]:
+    """A label per row for what was done: kind and strength (alpha, factor, noise scale, seed)."""
+    labels = []
+    for r in df.itertuples():
+        extra = [f"{k}={getattr(r, k):g}" for k in ("alpha", "factor", "noise_scale") if _given(getattr(r, k, None))]
+        if _given(getattr(r, "seed", None)) and r.kind == "noise":
+            extra.append(f"seed={int(r.seed)}")
+        labels.append(" ".join([r.kind] + extra))
+    return labels
+
+
+def _delta_heatmap(plt, pivot, path: Path, title: str, xticks: list[str], size: tuple[float, float], xlabel=None,
+                   rotate: bool = False) -> Path:
+    """A layer x (head or site) picture of the mean delta log p(answer), centred on 0."""
+    fig, ax = plt.subplots(figsize=size)
+    lim = float(np.nanmax(np.abs(pivot.to_numpy()))) or 1.0
+    im = ax.imshow(pivot.to_numpy(dtype=float), aspect="auto", cmap="RdBu", vmin=-lim, vmax=lim, origin="lower")
+    ax.set_xticks(range(pivot.shape[1]), xticks, **({"rotation": 30, "ha": "right"} if rotate else {}))
+    ax.set_yticks(range(pivot.shape[0]), [str(int(l)) for l in pivot.index])
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    ax.set_ylabel("layer")
+    ax.set_title(pictures.literal(title), fontsize=9, **({} if rotate else {"wrap": True}))
+    fig.colorbar(im, ax=ax, label="delta log p(answer)", fraction=0.05)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _head_pictures(plt, out_dir: Path, heads, out: dict[str, Path]) -> list:
+    top = []
+    for (model, variant), g in heads.groupby(["model", "variant"], sort=False):
+        pivot = g.pivot_table(index="layer", columns="head", values="delta_logprob", aggfunc="mean")
+        key = f"{pictures.safe_name(model)}_layer_x_head" + ("" if heads["variant"].nunique() == 1
+                                                             else f"_{pictures.safe_name(variant)}")
+        out[key] = _delta_heatmap(plt, pivot, out_dir / f"heatmap_{key}.png",
+                                  f"{model}: {variant} of each head, mean change in the answer's log-probability "
+                                  f"over {g['prompt'].nunique()} prompts", [str(int(h)) for h in pivot.columns],
+                                  (2.5 + 0.5 * pivot.shape[1], 1.5 + 0.25 * pivot.shape[0]), xlabel="head")
+        means = g.groupby(["layer", "head"])["delta_logprob"].agg(["mean", "std", "count"]).reset_index()
+        means.insert(0, "variant", variant)
+        means.insert(0, "model", model)
+        top.append(means)
+    return top
+
+
+def intervention_report(out_dir: Path, df) -> dict[str, Path]:
+    import pandas as pd
+
+    plt = pictures.plt()
+    out: dict[str, Path] = {}
+    df = df.copy()
+    df["variant"] = _variant(df)
+    scored = df[df["delta_logprob"].notna()]  # rows with an answer to score
+    top = _head_pictures(plt, out_dir, scored[scored["head"].notna()], out)
+    if top:
+        table = pd.concat(top, ignore_index=True).sort_values("mean", key=abs, ascending=False).head(30)
+        table = table.rename(columns={"mean": "mean_delta_logprob", "std": "std_delta_logprob", "count": "prompts"})
+        out["top_heads"] = out_dir / "top_heads.csv"
+        table.to_csv(out["top_heads"], index=False)
+    for model, g in scored[scored["head"].isna()].groupby("model", sort=False):
+        if g.empty or g["layer"].isna().all():
+            continue
+        g = g.assign(what=[f"{s.split('.')[-1]} {v}" for s, v in zip(g["site"], g["variant"])])
+        pivot = g.pivot_table(index="layer", columns="what", values="delta_logprob", aggfunc="mean")
+        key = f"{pictures.safe_name(model)}_layer_x_site"
+        out[key] = _delta_heatmap(plt, pivot, out_dir / f"heatmap_{key}.png",
+                                  f"{model}: mean change in the answer's log-probability",
+                                  [pictures.literal(c) for c in pivot.columns],
+                                  (3 + 1.2 * pivot.shape[1], 1.5 + 0.25 * pivot.shape[0]), rotate=True)
+    for model, g in df[df["kind"] == "add"].groupby("model", sort=False):
+        table = g.pivot_table(index=["prompt", "layer"], columns="alpha", values="generated_text", aggfunc="first")
+        table.insert(0, "clean", g.groupby(["prompt", "layer"])["clean_generated_text"].first())
+        table.columns = [c if c == "clean" else f"alpha={c:g}" for c in table.columns]
+        out[f"steering_{pictures.safe_name(model)}"] = out_dir / f"steering_{pictures.safe_name(model)}.csv"
+        table.to_csv(out[f"steering_{pictures.safe_name(model)}"])
+    return out
+
+
+class InterventionKind(KindDefaults):
+    name = "intervention"
+    sections = {"prompts": PromptsConfig, "intervention": InterventionConfig}
+    operation = "intervention"
+    schema = Schema(INTERVENTION_COLUMNS, INTERVENTION_RESULTS, INTERVENTION_TABLE, ("generated_token_ids",))
+    marks = frozenset({"delta_logprob"})
+
+    def load_rows(self, config, base: Path | None) -> list[PromptRow]:
+        return load_prompt_rows(config, base)
+
+    def check(self, config, rows: list[PromptRow], base: Path | None) -> dict[str, ModelPlan]:
+        """Layers, sites, heads and neurons, kinds, positions, answers and context on each model."""
+        kinds = intervention_kinds(config, rows, base)
+        plans = {}
+        for name, plan in model_plans(config, rows, "intervention"):
+            try:
+                count_tokens(plan, rows)
+                _check_model(config, plan, rows, kinds)
+            except PatchscopeError as exc:
+                raise ConfigError(f"{exc} (on {name})") from None
+            plans[name] = plan
+        return plans
+
+    def context(self, config, rows: list[PromptRow], base: Path | None) -> dict[str, Any]:
+        """The grid's table of kinds: (kind, values) by the digest of both."""
+        return {digest([k, v]): (k, v) for k, v in intervention_kinds(config, rows, base)}
+
+    def science(self, science, config, rows, context):
+        return prompt_rows_science(science, rows, context)
+
+    def group_sizes(self, config, rows, plans, context) -> Iterator[tuple[str, int]]:
+        for model, group in study_groups(config, rows, by_fact=False):
+            yield model, len(group) * len(_hooks_and_units(config, plans[model])) * len(context)
+
+    def cells(self, config, rows, plans, context) -> Iterator[InterventionCell]:
+        gen, max_new = generation_key(config), config.generation.max_new_tokens
+        for model, group in study_groups(config, rows, by_fact=False):
+            for row in group:
+                for hook, head, neuron in _hooks_and_units(config, plans[model]):
+                    layer = int(hook.split(".")[1]) if hook.startswith("blocks.") else None
+                    for variant, (kind, values) in context.items():
+                        yield InterventionCell(model, row.prompt, row.answer, hook, layer, head, neuron, kind, variant,
+                                               values.get("alpha"), values.get("factor"), values.get("scale"),
+                                               values.get("seed"), config.intervention.positions, row.index, row.refs,
+                                               gen, max_new)
+
+    def payload(self, task) -> dict[str, Any]:
+        """Each cell as the core's InterventionRun, in the core's plain-data form (run_to_dict)."""
+        from patchscope_core import Intervention, InterventionRun, Site
+        from patchscope_core.interventions import make_kind, run_to_dict
+
+        kinds = {v: make_kind(*task.context[v]) for v in dict.fromkeys(c.variant for c in task.cells)}
+        runs = []
+        for c in task.cells:
+            site = Site(c.site, head=() if c.head is None else (c.head,), neuron=() if c.neuron is None else (c.neuron,))
+            run = InterventionRun(c.prompt, (Intervention(site, kinds[c.variant], c.positions),), c.answer, c.max_new_tokens)
+            runs.append(run_to_dict(run))
+        return {"kind": self.operation, "runs": runs}
+
+    def to_rows(self, task, output: dict[str, Any]) -> list[dict[str, Any]]:
+        rows = []
+        for cell, rec in zip(task.cells, output["records"], strict=True):
+            row = cell.params()
+            row.update({c: rec.get(c) for c in INTERVENTION_RESULTS if c in rec})
+            row["max_new_tokens"] = cell.max_new_tokens
+            a, c = rec["answer_logprob"], rec["clean_answer_logprob"]
+            row["delta_logprob"] = None if a is None or c is None else a - c
+            row.update(run_columns(output, rec))
+            rows.append(row)
+        return rows
+
+    def describe(self, config, plan: ModelPlan, context) -> str:
+        iv = config.intervention
+        kinds = sorted({k for k, _ in context.values()})
+        return (f"layers {plan.source_layers} x site {iv.site} x heads {iv.heads or '-'} x neurons {iv.neurons or '-'} x "
+                f"{len(context)} kind(s) and strength(s) ({', '.join(kinds)}), positions {iv.positions}")
+
+    def report(self, out_dir: Path, df) -> dict[str, Path]:
+        return intervention_report(out_dir, df)
+
+    def summary(self, df, max_rows: int = 15) -> str:
+        g = df.groupby(["model", "site", "head", "kind"], dropna=False)["delta_logprob"].mean().reset_index()
+        g = g.sort_values("delta_logprob", key=abs, ascending=False).head(max_rows)
+        lines = ["== the interventions that change the answer's log-probability most (mean over prompts)"]
+        lines += [f"  {r.model} {r.site}{'' if r.head != r.head else f' head {int(r.head)}'} {r.kind}: "
+                  f"{r.delta_logprob:+.3f}" for r in g.itertuples()]
+        return "\n".join(lines)
+
+
+KIND = InterventionKind()

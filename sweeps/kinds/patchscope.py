@@ -1,0 +1,422 @@
+"""`kind: patchscope` (the default): a Patchscope grid, sections `source` and `target`.
+
+A `Cell` is one point of model x (source prompt, target prompt) row x source layer x source
+position x target layer x target position; a task holds cells of one model and one source
+prompt, at most batch_size of them, so the worker extracts that prompt's hidden states once per
+task. Rows come from `source.prompts` or `source.file` (with `target.prompt` or a per-row
+`target.prompt_column`); every prompt is checked against each model's context and positions.
+The report draws source prompt x source layer (and source x target layer) heatmaps, coloured by
+the share of generations containing the row's reference value, else the first token's
+log-probability.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Iterator
+
+from pydantic import Field, field_validator, model_validator
+
+from patchscope_core import Patchscope, PatchscopeError, Source, Target, tokenize
+from patchscope_core.spec import context_problem, resolve_position
+
+from .. import pictures
+from ..config import ConfigError, Layers, Positions, Strict, TargetLayers, TargetPositions
+from ..config.files import checked_columns, locate, read_table, ref_value
+from ..config.models import ModelPlan, checked_layers, model_info_for
+from .base import KindDefaults, Schema, generation_key, run_columns
+
+
+class SourceConfig(Strict):
+    prompts: list[str] | None = None
+    file: str | None = Field(None, description="CSV, TSV or JSONL; one row per (source, target) pair")
+    prompt_column: str = "prompt"
+    reference_columns: list[str] | None = Field(
+        None, description="file columns carried into the results as ref_<name> (default: every other column)"
+    )
+    layers: Layers = "all"
+    positions: Positions = [-1]
+
+    @field_validator("prompts", mode="after")
+    @classmethod
+    def _prompts(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("empty list of prompts")
+            for p in v:
+                if not p.strip():
+                    raise ValueError("empty prompt")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "SourceConfig":
+        if (self.prompts is None) == (self.file is None):
+            raise ValueError("give exactly one of source.prompts or source.file")
+        return self
+
+
+class TargetConfig(Strict):
+    prompt: str | None = None
+    prompt_column: str | None = Field(None, description="per-row target prompt, a column of source.file")
+    layers: TargetLayers = "same"
+    positions: TargetPositions = [-1]
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> "TargetConfig":
+        if (self.prompt is None) == (self.prompt_column is None):
+            raise ValueError("give exactly one of target.prompt or target.prompt_column")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ValueError("target.prompt: empty prompt")
+        return self
+
+
+@dataclass(frozen=True)
+class Row:
+    """One (source prompt, target prompt) pair with its reference values."""
+
+    source_prompt: str
+    target_prompt: str
+    refs: tuple[tuple[str, Any], ...] = ()
+    where: str = "source.prompts"  # for error messages
+    index: int = 0  # position in source.prompts or source.file (orders tables and pictures)
+
+
+# A cell's parameters, in this order (ref_<name> columns follow); the first columns of every row.
+PARAM_COLUMNS = (
+    "cell_id", "model", "source_prompt", "source_layer", "source_position",
+    "target_prompt", "target_layer", "target_position", "row",
+)
+# What the engine produced for a cell.
+RESULT_COLUMNS = (
+    "source_position_abs", "target_position_abs", "source_token_ids", "target_token_ids",
+    "generated_token_ids", "generated_text", "top_token_ids", "top_logprobs", "max_new_tokens",
+)
+# What a person reads (W&B tables, results.csv), in this order; ref_<name> and match_<name> follow.
+TABLE_COLUMNS = (
+    "cell_id", "model", "source_prompt", "source_layer", "source_position", "target_layer",
+    "target_position", "generated_text", "top1_logprob", "target_prompt", "generated_token_ids",
+)
+# Token-id lists, shown as space-separated text in tables.
+TOKEN_COLUMNS = ("generated_token_ids", "source_token_ids", "target_token_ids")
+
+
+def _id_parts(model: str, source_prompt: str, target_prompt: str, refs, generation_key: str) -> tuple[str, str, str]:
+    """The JSON fragments of a cell id that do not depend on layers and positions."""
+    head = f"[{json.dumps(model)}, {json.dumps(source_prompt)}, "
+    tail = f"{json.dumps([list(r) for r in refs], default=str)}, {json.dumps(generation_key)}]"
+    return head, json.dumps(target_prompt), tail
+
+
+def _cell_digest(parts: tuple[str, str, str], layer: int, position: int, t_layer: int, t_position: int) -> str:
+    """A cell's id: the digest of the JSON list [model, source prompt, source layer, source
+    position, target prompt, target layer, target position, refs, generation key], written
+    from fragments so that a grid encodes each prompt once (the text json.dumps gives the list)."""
+    head, target, tail = parts
+    text = f"{head}{layer}, {position}, {target}, {t_layer}, {t_position}, {tail}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Cell:
+    model: str
+    source_prompt: str
+    source_layer: int
+    source_position: int  # as asked for (e.g. -1); results also carry the absolute index
+    target_prompt: str
+    target_layer: int
+    target_position: int
+    row: int = 0  # the input row (source.prompts / source.file) it came from; not part of the id
+    refs: tuple[tuple[str, Any], ...] = ()
+    generation_key: str = ""  # digest of the generation settings
+    max_new_tokens: int = 20  # part of the generation settings (so of the id through generation_key)
+    KIND = "patchscope"
+
+    @cached_property
+    def cell_id(self) -> str:
+        parts = _id_parts(self.model, self.source_prompt, self.target_prompt, self.refs, self.generation_key)
+        return _cell_digest(parts, self.source_layer, self.source_position, self.target_layer, self.target_position)
+
+    def params(self) -> dict[str, Any]:
+        """The cell's columns of a result row."""
+        out = {k: getattr(self, k) for k in PARAM_COLUMNS[1:]}
+        out = {"cell_id": self.cell_id, **out}
+        out.update({f"ref_{k}": v for k, v in self.refs})
+        return out
+
+    @property
+    def group(self) -> str:
+        return self.source_prompt
+
+    def patchscope(self, max_new_tokens: int) -> Patchscope:
+        return Patchscope(
+            source=Source(self.source_prompt, self.source_layer, self.source_position, model=self.model),
+            target=Target(self.target_prompt, self.target_layer, (self.target_position,), model=self.model),
+            max_new_tokens=max_new_tokens,
+        )
+
+
+# ---------------------------------------------------------------- rows and checks
+
+
+def load_patchscope_rows(config, base: Path | None = None) -> list[Row]:
+    """The (source, target) pairs of the sweep, from source.prompts or source.file (a relative
+    file is read from the current directory, or else from `base`, the config's directory)."""
+    src, tgt = config.source, config.target
+    if src.prompts is not None:
+        return [Row(p, tgt.prompt, (), f"source.prompts[{i}]", i) for i, p in enumerate(src.prompts)]
+    path = locate(src.file, base, "source.file")
+    table = read_table(path)
+    if not table:
+        raise ConfigError(f"source.file: {path} has no rows")
+    refs = checked_columns(list(table[0]), (("source.prompt_column", src.prompt_column),
+                                            ("target.prompt_column", tgt.prompt_column)),
+                           src.reference_columns, "source.reference_columns", path)
+    rows = []
+    for i, rec in enumerate(table):
+        where = f"source.file row {i + 1}"
+        s = rec.get(src.prompt_column)
+        t = rec.get(tgt.prompt_column) if tgt.prompt_column else tgt.prompt
+        for field_name, v in (("source.prompt_column", s), ("target.prompt_column", t)):
+            if not isinstance(v, str) or not v.strip():
+                raise ConfigError(f"{field_name}: {where} has an empty or missing prompt ({v!r})")
+        rows.append(Row(s, t, tuple((c, ref_value(rec.get(c))) for c in refs), where, i))
+    return rows
+
+
+def _prompt_field(config, row: Row, role: str) -> str:
+    """Where a row's source or target prompt was given, as the start of an error message."""
+    if role == "target":
+        return "target.prompt" if config.target.prompt is not None else f"target.prompt_column: {row.where}"
+    return row.where if config.source.prompts is not None else f"source.prompt_column: {row.where}"
+
+
+def _check_context(config, info, row: Row, role: str, n: int) -> None:
+    """A source prompt must fit the model's context; a target prompt with max_new_tokens too."""
+    new = config.generation.max_new_tokens if role == "target" else 0
+    problem = context_problem(n, new, info)
+    if problem:
+        prompt = row.target_prompt if role == "target" else row.source_prompt
+        why = ", the new ones from generation.max_new_tokens" if n <= info.n_ctx else ""
+        raise ConfigError(f"{_prompt_field(config, row, role)}: {problem}{why} ({role} prompt {prompt[:40]!r})")
+
+
+def _check_rows(config, plan: ModelPlan, rows: list[Row], name: str) -> None:
+    """Every prompt's token count, context and positions on one model (filling plan.n_tokens)."""
+    info = plan.info
+    for row in rows:
+        for prompt, role, positions in ((row.source_prompt, "source", config.source.positions),
+                                        (row.target_prompt, "target", config.target.positions)):
+            if prompt in plan.n_tokens and role == "target":
+                n = plan.n_tokens[prompt]
+            else:
+                n = len(tokenize(info, prompt, f"{role}.prompt"))
+                plan.n_tokens[prompt] = n
+            _check_context(config, info, row, role, n)
+            if positions == "all":
+                continue
+            for p in positions:
+                try:
+                    resolve_position(p, n, f"{role}.positions")
+                except PatchscopeError as exc:
+                    raise ConfigError(f"{exc} ({role} prompt {prompt[:60]!r} of {row.where}, on {name})") from None
+
+
+def check_patchscopes(config, rows: list[Row]) -> dict[str, ModelPlan]:
+    """Layers against each model's config, positions against each tokenized prompt, prompt
+    lengths and max_new_tokens against each model's context; reads configs and tokenizers only."""
+    plans = {}
+    for i, name in enumerate(config.models):
+        info = model_info_for(name, f"models[{i}]")
+        if info.n_ctx and config.generation.max_new_tokens >= info.n_ctx:
+            raise ConfigError(f"generation.max_new_tokens: {config.generation.max_new_tokens} does not fit {name}'s "
+                              f"context of {info.n_ctx} tokens (prompt tokens + new tokens must be at most {info.n_ctx})")
+        try:
+            source = checked_layers(config.source.layers, info, "source.layers")
+            target = None if config.target.layers == "same" else checked_layers(config.target.layers, info, "target.layers")
+            plan = ModelPlan(info, source, target)
+            _check_rows(config, plan, rows, name)
+        except PatchscopeError as exc:
+            raise ConfigError(str(exc)) from None
+        plans[name] = plan
+    return plans
+
+
+# ---------------------------------------------------------------- the grid
+
+
+def _by_source(rows: list[Row]) -> list[list[Row]]:
+    """Distinct rows (the same source, target and references twice is one row) grouped by
+    source prompt, groups in first-seen order (one task group each)."""
+    seen: set = set()
+    groups: dict[str, list[Row]] = {}
+    for row in rows:
+        key = (row.source_prompt, row.target_prompt, row.refs)
+        if key not in seen:
+            seen.add(key)
+            groups.setdefault(row.source_prompt, []).append(row)
+    return list(groups.values())
+
+
+def _row_axes(config, plan: ModelPlan, row: Row) -> tuple[list[int], list[int], list[int | None]]:
+    """Source layers, source positions and target layers (None: the source layer) of one row."""
+    positions = config.source.positions
+    if positions == "all":
+        positions = list(range(plan.n_tokens[row.source_prompt]))
+    return plan.source_layers, positions, plan.target_layers or [None]
+
+
+def _walk(config, rows: list[Row], plans: dict[str, ModelPlan]) -> Iterator[tuple]:
+    """(cell_id, model, row, source layer, source position, target layer, target position) of
+    every cell, in the grid's order; the cells of one model and source prompt come together."""
+    gen = generation_key(config)
+    for model in config.models:
+        plan = plans[model]
+        for group in _by_source(rows):
+            for row in group:
+                parts = _id_parts(model, row.source_prompt, row.target_prompt, row.refs, gen)
+                layers, positions, t_layers = _row_axes(config, plan, row)
+                for layer in layers:
+                    for pos in positions:
+                        for t_layer in (layer,) if t_layers == [None] else t_layers:
+                            for t_pos in config.target.positions:
+                                yield _cell_digest(parts, layer, pos, t_layer, t_pos), model, row, layer, pos, t_layer, t_pos
+
+
+def _ordered(df):
+    """Rows in input order (source.prompts / source.file), then layers and positions."""
+    keys = ["model", "row"] if "row" in df.columns else ["model"]
+    keys += ["source_prompt", "source_layer", "source_position", "target_layer", "target_position"]
+    return df.sort_values(keys, kind="stable")
+
+
+def metric_of(df) -> tuple[str, str]:
+    matches = [c for c in df.columns if c.startswith("match_")]
+    if matches:
+        return matches[0], f"share of generations containing the row's {matches[0][6:]}"
+    return "top1_logprob", "log-probability of the first generated token"
+
+
+def _heatmaps(out_dir: Path, model: str, mdf, metric: str, label: str) -> dict[str, Path]:
+    """Source prompt x source layer (annotated when each square holds one cell) and, with
+    several target layers per source layer, source layer x target layer."""
+    out = {}
+    pivot = mdf.pivot_table(index="source_prompt", columns="source_layer", values=metric, aggfunc="mean")
+    pivot = pivot.reindex(list(dict.fromkeys(mdf["source_prompt"])))
+    one_each = not mdf.duplicated(["source_prompt", "source_layer"]).any()
+    notes = None
+    if one_each:
+        text = mdf.set_index(["source_prompt", "source_layer"])["generated_text"]
+        notes = [[pictures.note(text.get((p, l), "")) for l in pivot.columns] for p in pivot.index]
+    key = f"{pictures.safe_name(model, 'model')}_prompt_x_layer"
+    out[key] = pictures.heatmap(
+        pivot.to_numpy(dtype=float), list(pivot.index), list(pivot.columns),
+        f"{model}: {label}" + ("" if one_each else " (mean over positions / target layers)"),
+        "source layer", "source prompt", metric, out_dir / f"heatmap_{key}.png", notes,
+    )
+    if mdf.groupby("source_layer")["target_layer"].nunique().max() > 1:
+        st = mdf.pivot_table(index="source_layer", columns="target_layer", values=metric, aggfunc="mean")
+        key = f"{pictures.safe_name(model, 'model')}_source_x_target_layer"
+        out[key] = pictures.heatmap(
+            st.to_numpy(dtype=float), [str(i) for i in st.index], list(st.columns),
+            f"{model}: {label} (mean over prompts)", "target layer", "source layer", metric,
+            out_dir / f"heatmap_{key}.png",
+        )
+    return out
+
+
+class PatchscopeKind(KindDefaults):
+    name = "patchscope"
+    sections = {"source": SourceConfig, "target": TargetConfig}
+    operation = "patchscope"
+    schema = Schema(PARAM_COLUMNS, RESULT_COLUMNS, TABLE_COLUMNS, TOKEN_COLUMNS)
+    marks = frozenset()  # what no other kind's rows are
+    order = ("model", "row", "source_prompt", "source_layer", "source_position", "target_layer", "target_position")
+
+    def check_config(self, config) -> None:
+        if config.target.prompt_column is not None and config.source.file is None:
+            raise ValueError("target.prompt_column: needs source.file (its rows pair each source with its target)")
+        if config.source.reference_columns is not None and config.source.file is None:
+            raise ValueError("source.reference_columns: needs source.file")
+
+    def load_rows(self, config, base: Path | None) -> list[Row]:
+        return load_patchscope_rows(config, base)
+
+    def check(self, config, rows: list[Row], base: Path | None) -> dict[str, ModelPlan]:
+        return check_patchscopes(config, rows)
+
+    def science(self, science: dict[str, Any], config, rows: list[Row], context: Any) -> dict[str, Any]:
+        science.pop("kind")  # hashes of patchscope sweeps stay what they were
+        science["source"].pop("file", None)  # the rows stand for the file's content
+        science["rows"] = [[r.source_prompt, r.target_prompt, [list(x) for x in r.refs]] for r in rows]
+        return science
+
+    def group_sizes(self, config, rows, plans, context) -> Iterator[tuple[str, int]]:
+        for model in config.models:
+            plan = plans[model]
+            for group in _by_source(rows):
+                n = 0
+                for row in group:
+                    layers, positions, t_layers = _row_axes(config, plan, row)
+                    n += len(layers) * len(positions) * len(t_layers) * len(config.target.positions)
+                yield model, n
+
+    def cells(self, config, rows, plans, context) -> Iterator[Cell]:
+        gen, max_new = generation_key(config), config.generation.max_new_tokens
+        for cid, model, row, layer, pos, t_layer, t_pos in _walk(config, rows, plans):
+            cell = Cell(model, row.source_prompt, layer, pos, row.target_prompt, t_layer, t_pos, row.index,
+                        row.refs, gen, max_new)
+            cell.__dict__["cell_id"] = cid  # computed above: fill the cached property
+            yield cell
+
+    def cell_ids(self, config, rows, plans, context) -> Iterator[str]:
+        return (w[0] for w in _walk(config, rows, plans))
+
+    def payload(self, task) -> dict[str, Any]:
+        return {"kind": self.operation, "patchscopes": [c.patchscope(c.max_new_tokens).to_dict() for c in task.cells]}
+
+    def to_rows(self, task, output: dict[str, Any]) -> list[dict[str, Any]]:
+        rows = []
+        for cell, rec in zip(task.cells, output["records"], strict=True):
+            row = cell.params()
+            row.update(source_position_abs=rec["source_position"], target_position_abs=rec["target_positions"][0],
+                       **{c: rec[c] for c in RESULT_COLUMNS[2:]})
+            row.update(run_columns(output, rec))
+            rows.append(row)
+        return rows
+
+    def describe(self, config, plan: ModelPlan, context) -> str:
+        tl = "same as source" if plan.target_layers is None else plan.target_layers
+        return (f"source layers {plan.source_layers} x source positions {config.source.positions} x target layers {tl} "
+                f"x target positions {config.target.positions}")
+
+    def report(self, out_dir: Path, df) -> dict[str, Path]:
+        metric, label = metric_of(df)
+        out: dict[str, Path] = {}
+        for model, mdf in df.groupby("model", sort=False):
+            out.update(_heatmaps(out_dir, model, mdf, metric, label))
+        return out
+
+    def summary(self, df, width: int = 28, max_rows: int = 40) -> str:
+        """Generated text per source prompt (rows) and source layer (columns)."""
+        df = _ordered(df)
+        lines = []
+        for model, mdf in df.groupby("model", sort=False):
+            first = mdf.sort_values(["target_layer", "source_position", "target_position"]).drop_duplicates(
+                ["source_prompt", "source_layer"])
+            pivot = first.pivot(index="source_prompt", columns="source_layer", values="generated_text")
+            pivot = pivot.reindex(list(dict.fromkeys(mdf["source_prompt"])))
+            lines.append(f"== {model}: generated text by source prompt (rows) and source layer (columns)")
+            for prompt in list(pivot.index)[:max_rows]:
+                lines.append(f"{pictures.short(prompt, 24)}")
+                for layer in pivot.columns:
+                    lines.append(f"    layer {layer:>3}: {pictures.short(pivot.loc[prompt, layer] or '', 70)!r}")
+            if len(pivot.index) > max_rows:
+                lines.append(f"... {len(pivot.index) - max_rows} more prompts in results.csv")
+        return "\n".join(lines)
+
+
+KIND = PatchscopeKind()

@@ -1,0 +1,116 @@
+"""The `prompts` section and its rows, shared by the kinds that run prompts one by one
+(`intervention`, `causal_trace`): a file (CSV, TSV or JSONL) or inline rows, with a prompt,
+answer, subject and reference columns; and what their checks and grids share (each model's
+layers and token counts, the task groups of distinct rows)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from pydantic import Field, model_validator
+
+from patchscope_core import tokenize
+
+from ..config import ConfigError, Strict
+from ..config.files import checked_columns, locate, read_table, ref_value
+from ..config.models import ModelPlan, checked_layers, model_info_for
+
+
+class PromptsConfig(Strict):
+    """The prompts of intervention and causal-trace sweeps: a file (CSV, TSV or JSONL) or rows."""
+
+    file: str | None = None
+    rows: list[dict[str, Any]] | None = None
+    prompt_column: str = "prompt"
+    answer_column: str | None = Field(None, description="the answer whose log-probability is scored")
+    subject_column: str | None = Field(None, description="causal_trace: the tokens that get corrupted")
+    reference_columns: list[str] | None = Field(None, description="carried into the results as ref_<name>")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "PromptsConfig":
+        if (self.file is None) == (self.rows is None):
+            raise ValueError("prompts: give exactly one of prompts.file or prompts.rows")
+        if self.rows is not None and not self.rows:
+            raise ValueError("prompts.rows: empty list of rows")
+        return self
+
+
+@dataclass(frozen=True)
+class PromptRow:
+    """One prompt of an intervention or causal-trace sweep, with its answer, subject and references."""
+
+    prompt: str
+    answer: str | None = None
+    subject: str | None = None
+    refs: tuple[tuple[str, Any], ...] = ()
+    where: str = "prompts.rows"
+    index: int = 0
+
+
+def load_prompt_rows(config, base: Path | None = None) -> list[PromptRow]:
+    """The prompts of the sweep, from prompts.file or prompts.rows."""
+    pc = config.prompts
+    where = "prompts.rows"
+    table = pc.rows
+    if pc.file is not None:
+        path = locate(pc.file, base, "prompts.file")
+        table, where = read_table(path), "prompts.file"
+        if not table:
+            raise ConfigError(f"prompts.file: {path} has no rows")
+    names = ("prompt_column", "answer_column", "subject_column")
+    named = [(f"prompts.{name}", getattr(pc, name)) for name in names]
+    refs = checked_columns(list(dict.fromkeys(c for rec in table for c in rec)), named, pc.reference_columns,
+                           "prompts.reference_columns", where)
+    rows = []
+    for i, rec in enumerate(table):
+        at = f"{where} row {i + 1}"
+        values = {}
+        for name in names:
+            col = getattr(pc, name)
+            v = rec.get(col) if col is not None else None
+            if col is not None and (not isinstance(v, str) or not v.strip()):
+                raise ConfigError(f"prompts.{name}: {at} has an empty or missing {col} ({v!r})")
+            values[name] = v
+        rows.append(PromptRow(values["prompt_column"], values["answer_column"], values["subject_column"],
+                              tuple((c, ref_value(rec.get(c))) for c in refs), at, i))
+    return rows
+
+
+def prompt_rows_science(science: dict[str, Any], rows: list[PromptRow], context: Any) -> dict[str, Any]:
+    """What a prompts sweep's hash covers beyond its sections: the rows (for the file) and the context."""
+    science["prompts"].pop("file", None)
+    science["rows"] = [[r.prompt, r.answer, r.subject, [list(x) for x in r.refs]] for r in rows]
+    science["context"] = context
+    return science
+
+
+def model_plans(config, rows: list[PromptRow], section: str) -> Iterator[tuple[str, ModelPlan]]:
+    """(model, its plan): `section`.layers checked against it and every prompt's token count."""
+    for i, name in enumerate(config.models):
+        info = model_info_for(name, f"models[{i}]")
+        plan = ModelPlan(info, checked_layers(getattr(config, section).layers, info, f"{section}.layers"), None)
+        yield name, plan
+
+
+def count_tokens(plan: ModelPlan, rows: list[PromptRow]) -> None:
+    for row in rows:
+        plan.n_tokens[row.prompt] = len(tokenize(plan.info, row.prompt, f"prompts ({row.where})"))
+
+
+def fact_key(prompt: str, subject: str | None, answer: str | None) -> str:
+    """A causal trace's task group: one fact."""
+    return json.dumps([prompt, subject, answer])
+
+
+def study_groups(config, rows: list[PromptRow], by_fact: bool) -> Iterator[tuple[str, list[PromptRow]]]:
+    """(model, the distinct rows of one prompt, or of one fact), in first-seen order."""
+    groups: dict[str, dict] = {}
+    for row in rows:
+        key = fact_key(row.prompt, row.subject, row.answer) if by_fact else row.prompt
+        groups.setdefault(key, {}).setdefault((row.answer, row.subject, row.refs), row)
+    for model in config.models:
+        for group in groups.values():
+            yield model, list(group.values())

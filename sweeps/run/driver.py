@@ -1,0 +1,201 @@
+"""The sweep driver (`patchscope sweep CONFIG`): config -> grid -> tasks -> Ray actors -> store, W&B.
+
+1. Load and validate the config against every model's config and tokenizer (no weights);
+   count the grid arithmetically and refuse one larger than execution.max_cells.
+2. Check what the run would refuse before starting anything or writing anything: an
+   output.dir that cannot be written or holds another config's results, GPUs this machine
+   lacks, an --address where no Ray cluster answers. `--dry-run` stops here, saying what the
+   run would do.
+3. Lock output.dir (one sweep at a time), skip the cells the store already holds (resume)
+   unless --restart, and expand the rest lazily into tasks.
+4. Per model: `scheduler.run_model` runs the tasks on `execution.workers` actors that each load
+   the model once; each finished task's records go to the store first, then to W&B.
+5. At the end: results.csv and heatmaps in output.dir, the final W&B table and images.
+Actor restarts and task retries on the same actor are Ray's (`max_restarts`,
+`max_task_retries`); the scheduler moves the tasks of a lost actor to live ones and gives up
+on what no actor can run; those cells are left for the next run of the same command.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError
+from ..config.sweep import load_config
+from ..grid import count_cells, count_todo, iter_cells, iter_tasks, worker_settings
+from ..kinds import KINDS
+from ..plan import check_against_models, config_hash, load_rows, study_context
+from ..records import records as result_rows
+from ..sinks.base import End, Peers
+from ..sinks.store import ResultStore
+from .cluster import check_local_gpus, check_reachable, check_resources, connect
+from .scheduler import run_model
+
+
+def plan(config_path: str):
+    """Config, rows, per-model plans, the number of cells and what every task shares (the kind's
+    context); raises ConfigError before any weights load, and before expanding a grid past
+    execution.max_cells."""
+    config = load_config(config_path)
+    base = Path(config_path).parent
+    rows = load_rows(config, base=base)
+    plans = check_against_models(config, rows, base)
+    context = study_context(config, rows, base)
+    n_cells = count_cells(config, rows, plans, context)
+    limit = config.execution.max_cells
+    if n_cells > limit:
+        raise ConfigError(f"execution.max_cells: the grid has {n_cells:,} cells, more than the limit of {limit:,}; "
+                          "make the grid smaller (or split it into several sweeps), or raise execution.max_cells")
+    return config, rows, plans, n_cells, context
+
+
+def run_tasks(tasks, todo: dict[str, tuple[int, int]], config, store: ResultStore, sinks: Peers, progress,
+              totals: dict[str, Any]) -> list:
+    """Run the tasks (grouped by model, read lazily) model by model; returns the tasks given up."""
+    ex = config.execution
+    settings = worker_settings(config)
+
+    def done(task, output) -> None:
+        new = store.write(task.task_id, result_rows(task, output))  # the record of truth first
+        totals["computed"] += len(new)
+        progress.update(len(new))
+        elapsed = time.perf_counter() - totals["t0"]
+        sinks.write(new, progress.n, progress.total, totals["computed"] / max(elapsed, 1e-9))
+
+    given_up = []
+    for model, mtasks in itertools.groupby(tasks, key=lambda t: t.model):
+        n_workers = min(ex.workers, todo[model][1])
+        given_up += run_model(model, mtasks, n_workers, ex, settings, done, progress.write)
+    return given_up
+
+
+def _describe(config, rows, plans, n_cells: int, context=None) -> None:
+    ex = config.execution
+    grid = count_todo(config, rows, plans, set(), context)  # {model: (cells, tasks)} of the whole grid
+    print(f"sweep {config.name} ({config.kind}): {n_cells} cells in {sum(t for _, t in grid.values())} tasks "
+          f"(batch size {ex.batch_size})")
+    for name, p in plans.items():
+        n, t = grid[name]
+        print(f"  {name}: {p.info.n_layers} layers; {len(rows)} prompt row(s) x {KINDS[config.kind].describe(config, p, context)} "
+              f"= {n} cells, {t} tasks")
+    print(f"workers: {ex.workers} per model, {ex.cpus_per_worker:g} CPU and {ex.gpus_per_worker:g} GPU each, "
+          f"at most {ex.max_in_flight_per_worker} tasks in flight per worker")
+
+
+def _dry_run(config, rows, plans, n_cells: int, store: ResultStore, restart: bool, context=None) -> int:
+    holder = store.holder()
+    if holder is not None:
+        raise ConfigError(store.busy_message(holder))  # what the real run would say
+    stored = ResultStore(store.dir, read_only=True).stored_cell_ids()
+    if restart and stored:
+        print(f"--restart: the {len(stored)} cells stored in {store.results_dir} would be deleted first")
+    todo = count_todo(config, rows, plans, set() if restart else stored, context)
+    cells, tasks = sum(c for c, _ in todo.values()), sum(t for _, t in todo.values())
+    print(f"output: {config.out_dir}: {n_cells - cells} of these cells already stored, {cells} to run in {tasks} tasks")
+    print("dry run: nothing computed")
+    return 0
+
+
+def main(args) -> int:
+    config, rows, plans, n_cells, context = plan(args.config)
+    address = args.address or os.environ.get("RAY_ADDRESS")  # set by `ray job submit`
+    config = config.model_copy(update={"execution": config.execution.resolved(local=not address)})
+    if args.dry_run:
+        _describe(config, rows, plans, n_cells, context)
+    chash = config_hash(config, rows, context)
+    store = ResultStore(config.out_dir)
+    # Everything the run would refuse (a dry run too: it says what the run would do), before
+    # anything starts or is written.
+    store.check(chash, restart=args.restart)
+    if address:
+        check_reachable(address)
+    else:
+        check_local_gpus(config)
+    if args.dry_run:
+        return _dry_run(config, rows, plans, n_cells, store, args.restart, context)
+    with store.lock():
+        return _run(args, config, rows, plans, n_cells, chash, store, address, context)
+
+
+def _sinks(config, chash: str) -> Peers:
+    """The peers of the store: the report, then W&B (which gets the report's pictures)."""
+    from ..sinks.report import ReportSink
+    from ..sinks.wandb import WandbPeer
+
+    dump = {**config.model_dump(mode="json"), "config_hash": chash}
+    return Peers([ReportSink(config.out_dir), WandbPeer(config.output.wandb, config.name, dump, config.out_dir)])
+
+
+def _compute(args, config, rows, plans, n_cells: int, chash: str, store: ResultStore, address, context, sinks,
+             totals) -> tuple[list, bool]:
+    """Start Ray if there is work, open the store, run what it lacks; (tasks given up, interrupted)."""
+    from tqdm import tqdm
+
+    todo = count_todo(config, rows, plans, set() if args.restart else store.stored_cell_ids(), context)
+    n_todo, n_tasks = sum(c for c, _ in todo.values()), sum(t for _, t in todo.values())
+    started = False
+    try:
+        if n_todo:
+            started = connect(address, config)
+            check_resources(config, local=not address)
+        store.open(config.model_dump(mode="json"), chash, n_cells, restart=args.restart)
+        already = n_cells - n_todo
+        print(f"sweep {config.name}: {n_cells} cells; "
+              + (f"{already} already stored in {store.results_dir}, skipping them; " if already else "")
+              + f"{n_todo} to run in {n_tasks} tasks")
+        if not n_todo:
+            return [], False
+        sinks.start()
+        tasks = iter_tasks(iter_cells(config, rows, plans, skip=store.stored_cell_ids(), context=context),
+                           config.execution.batch_size, context)
+        with tqdm(total=n_cells, initial=already, unit="cell", desc=config.name, dynamic_ncols=True,
+                  smoothing=0.1, file=sys.stdout) as progress:
+            return run_tasks(tasks, todo, config, store, sinks, progress, totals), False
+    except KeyboardInterrupt:
+        return [], True
+    except BaseException:
+        sinks.fail()
+        raise
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def _run(args, config, rows, plans, n_cells: int, chash: str, store: ResultStore, address: str | None,
+         context=None) -> int:
+    totals = {"computed": 0, "t0": time.perf_counter()}
+    sinks = _sinks(config, chash)
+    given_up, interrupted = _compute(args, config, rows, plans, n_cells, chash, store, address, context, sinks, totals)
+    df = store.read()
+    done = len(df)
+    elapsed = time.perf_counter() - totals["t0"]
+    if interrupted:
+        sinks.fail()
+        print(f"\ninterrupted: {done} of {n_cells} cells are stored in {store.results_dir}; "
+              "run the same command again to resume")
+        return 130
+    end = sinks.finish(End(df, {"cells_done": done, "cells_total": n_cells, "cells_computed": totals["computed"],
+                                "elapsed_s": elapsed}))
+    print(f"\n{done} of {n_cells} cells stored ({totals['computed']} computed now, in {elapsed:.1f} s): "
+          f"{store.results_dir}")
+    if "table" in end.made:
+        print(f"table:    {end.made['table']}")
+        for key, path in end.made.items():
+            if key != "table":
+                print(f"{'picture' if path.suffix == '.png' else 'table'}:  {'' if path.suffix == '.png' else '  '}{path}")
+    for line in end.notes:
+        print(line)
+    if given_up or done < n_cells:
+        n = sum(len(t.cells) for t in given_up)
+        tasks = f"{len(given_up)} task" + ("s" if len(given_up) > 1 else "")
+        what = f"{n} cells ({tasks}) were not computed" if given_up else f"{n_cells - done} cells are missing"
+        print(f"error: {what}; run the same command again to compute them (stored cells are kept)", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,42 @@
+"""The registries that must agree, held together: every sweep kind has its sections, a schema,
+a report and a worker operation; every recipe of the core has its sweep side; the intervention
+kinds the CLI offers are the core's KINDS."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from patchscope_core import KINDS as INTERVENTION_KINDS
+from patchscope_core.recipes import RECIPES
+from sweeps.config.sweep import sweep_config_model
+from sweeps.kinds import KINDS
+from sweeps.kinds.base import SweepKind
+from sweeps.kinds.recipe import PARTS
+from workers.actor import OPERATIONS
+
+
+def test_every_sweep_kind_implements_the_protocol_and_has_a_worker_operation():
+    assert list(KINDS) == ["patchscope", "intervention", "causal_trace", "recipe"]
+    fields = sweep_config_model().model_fields
+    for name, kind in KINDS.items():
+        assert isinstance(kind, SweepKind) and kind.name == name
+        assert kind.operation in OPERATIONS, f"{name}: no worker operation {kind.operation!r}"
+        assert kind.schema.params[0] == "cell_id" and kind.schema.table and kind.sections
+        assert all(s in fields for s in kind.sections)
+        assert callable(kind.report) and callable(kind.summary) and callable(kind.describe)
+    assert len({frozenset(k.marks) for k in KINDS.values()}) == len(KINDS)  # stored rows tell their kind
+
+
+def test_every_core_recipe_has_its_sweep_side_and_section():
+    assert sorted(PARTS) == sorted(RECIPES)
+    for name, part in PARTS.items():
+        assert issubclass(part.Section, BaseModel) and part.Section.model_fields["name"].annotation.__args__ == (name,)
+
+
+def test_the_cli_offers_exactly_the_core_intervention_kinds():
+    from sweeps.cli import build_parser
+
+    parser = build_parser()
+    intervene = next(a for a in parser._subparsers._actions if a.dest == "command").choices["intervene"]
+    kind = next(a for a in intervene._actions if a.dest == "kind")
+    assert list(kind.choices) == list(INTERVENTION_KINDS)
