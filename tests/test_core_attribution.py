@@ -200,3 +200,57 @@ def test_smollm2_ioi_equals_transformer_lens(smollm2):
     mlp, _ = res.estimates[("atp", "hook_mlp_out")]
     want = torch.tensor([[[scores[Node("mlp_out", p, l)]] for p in range(z.shape[1])] for l in range(30)])
     assert torch.allclose(mlp, want, rtol=1e-4, atol=1e-5 * want.abs().max())
+
+
+# ---------------------------------------------------------------- verify: exact patching of chosen nodes
+
+
+def test_verify_patches_top_k_and_random_nodes_and_the_statistics_hold(engines):
+    from patchscope_core.attribution_verify import pearson, spearman, summarise, upper_rate, verify
+    from patchscope_core.patcher import Patcher
+
+    engine = engines["tiny-llama"]
+    results = Attributor(engine).attribute(PAIRS, ["attn.hook_z", "hook_mlp_out"], method=["atp", "atp_star"])
+    patcher = Patcher(engine)
+    # heads summed over positions: 4 layers x 4 heads, the whole grid patched exactly
+    full = verify(patcher, PAIRS, results, top_k=5, random=16, positions="all")
+    assert all(v.full and len(v.nodes) == 16 for v in full if v.site == "attn.hook_z")
+    rows = summarise(results, full, positions="all", top_k=5, ks=(3,))
+    z = {r["method"]: r for r in rows if r["site"] == "attn.hook_z"}
+    assert z["atp"]["nodes"] == 32 and z["atp"]["recall@3"] is not None
+    # the exact effect of a node is the bridge's own patch of that head at every position
+    v = next(v for v in full if v.site == "attn.hook_z" and v.pair == 0)
+    checked = check_pair(PAIRS[0], engine.info)
+    clean, corr = caches(engine.model, checked)
+    n = v.nodes[3]
+    layer, head = divmod(n, engine.info.n_heads)
+
+    def write(x, hook):
+        x = x.clone()
+        x[:, :, head] = clean[hook.name][:, :, head]
+        return x
+
+    with torch.no_grad():
+        logits = engine.model.run_with_hooks(torch.tensor([checked.corrupted_ids]),
+                                             fwd_hooks=[(f"blocks.{layer}.attn.hook_z", write)])
+        base = engine.model(torch.tensor([checked.corrupted_ids]))
+    metric = metric_of(checked)
+    assert float(v.exact[3]) == pytest.approx(float(metric(logits) - metric(base)), abs=1e-4)
+    # a sample: top-k plus random others, not the grid; the bound counts the rest
+    part = verify(patcher, PAIRS, results, top_k=3, random=4, positions="each", seed=1)
+    assert all(not v.full and 3 <= len(v.nodes) <= 3 * 2 + 4 for v in part)
+    rows = summarise(results, part, positions="each", top_k=3)
+    assert all(r["recall@3"] is None and r["false_negative_bound"] is not None for r in rows)
+    a, b = torch.randn(50, dtype=torch.float64), torch.randn(50, dtype=torch.float64)
+    assert pearson(a, b) == pytest.approx(float(torch.corrcoef(torch.stack([a, b]))[0, 1]), abs=1e-9)
+    assert spearman(a, a ** 3) == pytest.approx(1.0)
+    assert upper_rate(0, 20) == pytest.approx(1 - 0.05 ** (1 / 20), abs=1e-6)
+
+
+def test_verify_refuses_bad_fields(engines):
+    from patchscope_core.attribution_verify import verify
+
+    with pytest.raises(InputError, match=r"^verify.top_k:"):
+        verify(None, [], [], top_k=-1)
+    with pytest.raises(InputError, match=r"^verify.positions:"):
+        verify(None, [], [], positions="some")
