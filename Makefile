@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_knockout.py
 	$(PY) benchmarks/bench_tracing.py
 	$(PY) benchmarks/bench_throughput.py
+	$(PY) benchmarks/bench_attribution.py
 
 clean:
 	rm -rf $(VENV) runs
