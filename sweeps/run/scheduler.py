@@ -90,127 +90,165 @@ def _resources() -> str:
             f"{free.get('CPU', 0):g} CPU and {free.get('GPU', 0):g} GPU free")
 
 
-def run_model(model: str, tasks: Iterator[Task], n_workers: int, ex, settings: dict[str, Any],
-              done: Callable[[Task, dict[str, Any]], None], say: Callable[[str], None]) -> list[Task]:
-    """Run `tasks` (all of `model`) on `n_workers` actors, calling done(task, output) for each
-    finished task; returns the tasks given up (failed, or left when no actor could run them)."""
-    import ray
-    from ray.exceptions import ObjectLostError, RayActorError, RayError
+class _ModelRun:
+    """One model's tasks on its actors: the queue, the calls in flight, the retry counts."""
 
-    from workers.actor import start_workers
+    def __init__(self, model: str, tasks: Iterator[Task], ex, handles: list,
+                 done: Callable[[Task, dict[str, Any]], None], say: Callable[[str], None]) -> None:
+        self.model, self.ex, self.done, self.say = model, ex, done, say
+        now = time.monotonic()
+        self.actors = [_Actor(i + 1, h, now) for i, h in enumerate(handles)]
+        self.asks = f"{ex.cpus_per_worker:g} CPU, {ex.gpus_per_worker:g} GPU"
+        self.work = _Work(tasks)
+        self.in_flight: dict[Any, tuple[_Actor, Task]] = {}
+        self.pings: dict[Any, _Actor] = {}
+        self.moves: Counter[str] = Counter()
+        self.given_up: list[Task] = []
 
-    handles = start_workers(model, settings, n_workers, num_cpus=ex.cpus_per_worker, num_gpus=ex.gpus_per_worker,
-                            max_restarts=ex.max_restarts, max_task_retries=ex.max_task_retries)
-    now = time.monotonic()
-    actors = [_Actor(i + 1, h, now) for i, h in enumerate(handles)]
-    asks = f"{ex.cpus_per_worker:g} CPU, {ex.gpus_per_worker:g} GPU"
-    work = _Work(tasks)
-    in_flight: dict[Any, tuple[_Actor, Task]] = {}
-    pings: dict[Any, _Actor] = {}
-    moves: Counter[str] = Counter()
-    given_up: list[Task] = []
-
-    def ping(a: _Actor) -> None:
+    def ping(self, a: _Actor) -> None:
         # Ray retries the call until the actor is alive again or gone for good.
         a.ping = a.handle.ready.options(max_task_retries=-1).remote()
-        pings[a.ping] = a
+        self.pings[a.ping] = a
 
-    def waiting(a: _Actor) -> str:
-        return (f"waiting for resources: worker {a.number} of {len(actors)} for {model} (asks {asks}) has not "
-                f"started within {ex.placement_timeout_s:g} s ({_resources()}); its share goes to the other workers")
+    def waiting(self, a: _Actor) -> str:
+        return (f"waiting for resources: worker {a.number} of {len(self.actors)} for {self.model} (asks "
+                f"{self.asks}) has not started within {self.ex.placement_timeout_s:g} s ({_resources()}); "
+                f"its share goes to the other workers")
 
-    def lose(a: _Actor, why: str) -> None:
+    def lose(self, a: _Actor, why: str) -> None:
         """The actor is gone or unreachable: its tasks go back to the queue; ask it ready() again."""
+        import ray
+
+        model, ex = self.model, self.ex
         refs = list(a.tasks)
         a.tasks.clear()
         if a.ready:
-            say(f"worker {a.number} of {model} lost ({why}); its {len(refs)} task(s) in flight go to other workers")
+            self.say(f"worker {a.number} of {model} lost ({why}); its {len(refs)} task(s) in flight go to other workers")
         a.ready = False
         for ref in refs:
-            _, task = in_flight.pop(ref)
+            _, task = self.in_flight.pop(ref)
             try:
                 ray.cancel(ref)  # Ray might still run it on the actor once restarted: not needed any more
             except Exception:  # noqa: BLE001 - best effort; the result is ignored either way
                 pass
-            moves[task.task_id] += 1
-            if 0 <= ex.max_task_retries < moves[task.task_id]:
-                say(f"task {task.task_id} ({len(task.cells)} cells of {model}) lost its worker "
-                    f"{moves[task.task_id]} times: given up (execution.max_task_retries = {ex.max_task_retries})")
-                given_up.append(task)
+            self.moves[task.task_id] += 1
+            if 0 <= ex.max_task_retries < self.moves[task.task_id]:
+                self.say(f"task {task.task_id} ({len(task.cells)} cells of {model}) lost its worker "
+                         f"{self.moves[task.task_id]} times: given up (execution.max_task_retries = "
+                         f"{ex.max_task_retries})")
+                self.given_up.append(task)
             else:
-                work.again.appendleft(task)
+                self.work.again.appendleft(task)
         if not a.dead and a.ping is None:
             a.since, a.reported = time.monotonic(), False
-            ping(a)
+            self.ping(a)
 
-    def answered(ref) -> None:
-        a = pings.pop(ref)
+    def answered(self, ref) -> None:
+        import ray
+        from ray.exceptions import RayError
+
+        a = self.pings.pop(ref)
         a.ping = None
         try:
             info = ray.get(ref)
         except RayError as exc:  # retried by Ray until the actor is back, so: gone for good
             a.dead = True
-            say(f"worker {a.number} of {model} is gone ({_why(exc)})")
+            self.say(f"worker {a.number} of {self.model} is gone ({_why(exc)})")
             return
         if a.reported:
-            say(f"worker {a.number} of {model} has started after all (node {str(info['worker_node'])[:8]})")
+            self.say(f"worker {a.number} of {self.model} has started after all (node {str(info['worker_node'])[:8]})")
         a.ready, a.reported, a.node = True, False, info["worker_node"]
 
-    def finished(ref) -> None:
-        a, task = in_flight[ref]
+    def finished(self, ref) -> None:
+        import ray
+        from ray.exceptions import ObjectLostError, RayActorError, RayError
+
+        a, task = self.in_flight[ref]
         try:
             output = ray.get(ref)
         except (RayActorError, ObjectLostError) as exc:  # the actor, or the node holding the result, is gone
-            lose(a, _why(exc))  # moves this task and the actor's others
+            self.lose(a, _why(exc))  # moves this task and the actor's others
             return
         except RayError as exc:  # the task itself failed: running it elsewhere would fail again
-            say(f"task {task.task_id} ({len(task.cells)} cells of {model}) failed: {_why(exc)}")
-            given_up.append(task)
+            self.say(f"task {task.task_id} ({len(task.cells)} cells of {self.model}) failed: {_why(exc)}")
+            self.given_up.append(task)
             output = None
-        del in_flight[ref]
+        del self.in_flight[ref]
         a.tasks.discard(ref)
         if output is not None:
-            done(task, output)
+            self.done(task, output)
 
-    def fill() -> None:
-        while work and (a := pick(actors, ex.max_in_flight_per_worker)) is not None:
-            task = work.pop()
+    def fill(self) -> None:
+        while self.work and (a := pick(self.actors, self.ex.max_in_flight_per_worker)) is not None:
+            task = self.work.pop()
             ref = a.handle.run.remote(task.payload())
-            in_flight[ref] = (a, task)
+            self.in_flight[ref] = (a, task)
             a.tasks.add(ref)
 
-    try:
-        for a in actors:
-            ping(a)
+    def stuck(self) -> bool:
+        """No actor ready, none that may still start, nothing in flight: give the rest up."""
+        actors = self.actors
+        if self.in_flight or any(a.ready for a in actors) or not all(a.dead or a.reported for a in actors):
+            return False
+        if all(a.dead for a in actors):
+            self.say(f"no worker of {self.model} is left: stopping")
+        else:
+            self.say(f"no worker of {self.model} could be placed within execution.placement_timeout_s = "
+                     f"{self.ex.placement_timeout_s:g} s (each asks {self.asks}; {_resources()}): stopping")
+        self.given_up.extend(self.work.drain())
+        return True
+
+    def watch(self, now: float, check_nodes: bool) -> None:
+        """Report actors past the placement timeout once; lose ready actors whose node is dead."""
+        import ray
+
+        for a in self.actors:
+            if a.ping is not None and not a.reported and now - a.since > self.ex.placement_timeout_s:
+                self.say(self.waiting(a))
+                a.reported = True
+        if check_nodes:
+            alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+            for a in self.actors:
+                if a.ready and a.node not in alive:
+                    self.lose(a, f"its node {str(a.node)[:8]} is dead")
+
+    def loop(self) -> None:
+        import ray
+
+        for a in self.actors:
+            self.ping(a)
         next_node_check = 0.0
-        while in_flight or work:
-            fill()
-            if not in_flight and not any(a.ready for a in actors) and all(a.dead or a.reported for a in actors):
-                if all(a.dead for a in actors):
-                    say(f"no worker of {model} is left: stopping")
-                else:
-                    say(f"no worker of {model} could be placed within execution.placement_timeout_s = "
-                        f"{ex.placement_timeout_s:g} s (each asks {asks}; {_resources()}): stopping")
-                given_up.extend(work.drain())
+        while self.in_flight or self.work:
+            self.fill()
+            if self.stuck():
                 break
-            waitables = list(in_flight) + list(pings)
+            waitables = list(self.in_flight) + list(self.pings)
             if not waitables:  # nothing to wait on (cannot happen while work is left; never spin)
                 time.sleep(TICK_S)
             ready = ray.wait(waitables, num_returns=1, timeout=TICK_S)[0] if waitables else []
             for ref in ready:
-                (answered if ref in pings else finished)(ref)
+                (self.answered if ref in self.pings else self.finished)(ref)
             now = time.monotonic()
-            for a in actors:
-                if a.ping is not None and not a.reported and now - a.since > ex.placement_timeout_s:
-                    say(waiting(a))
-                    a.reported = True
-            if in_flight and now >= next_node_check:
-                alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
-                for a in actors:
-                    if a.ready and a.node not in alive:
-                        lose(a, f"its node {str(a.node)[:8]} is dead")
+            check_nodes = bool(self.in_flight) and now >= next_node_check
+            self.watch(now, check_nodes)
+            if check_nodes:
                 next_node_check = now + NODE_CHECK_S
+
+
+def run_model(model: str, tasks: Iterator[Task], n_workers: int, ex, settings: dict[str, Any],
+              done: Callable[[Task, dict[str, Any]], None], say: Callable[[str], None]) -> list[Task]:
+    """Run `tasks` (all of `model`) on `n_workers` actors, calling done(task, output) for each
+    finished task; returns the tasks given up (failed, or left when no actor could run them)."""
+    import ray
+
+    from workers.actor import start_workers
+
+    handles = start_workers(model, settings, n_workers, num_cpus=ex.cpus_per_worker, num_gpus=ex.gpus_per_worker,
+                            max_restarts=ex.max_restarts, max_task_retries=ex.max_task_retries)
+    run = _ModelRun(model, tasks, ex, handles, done, say)
+    try:
+        run.loop()
     finally:
-        for a in actors:  # also ends any task still in flight (after an interrupt)
+        for a in run.actors:  # also ends any task still in flight (after an interrupt)
             ray.kill(a.handle)
-    return given_up
+    return run.given_up
