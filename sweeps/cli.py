@@ -200,14 +200,8 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from patchscope_core import KINDS as INTERVENTION_KINDS
-
-    p = argparse.ArgumentParser(prog="patchscope", description="Patchscopes at scale (Ghandeharioun et al., ICML 2024)")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    sub.add_parser("models", help="list model aliases").set_defaults(func=_cmd_models)
-
+def _add_inspect(sub) -> None:
+    """`patchscope inspect`: one Patchscope, printed."""
     i = sub.add_parser("inspect", help="run one Patchscope and print what the target generates")
     i.add_argument("--model", default="smollm2-135m")
     i.add_argument("--source-prompt", required=True)
@@ -222,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--temperature", type=float, default=1.0)
     _run_options(i)
     i.set_defaults(func=_cmd_inspect)
+
+
+def _add_intervene(sub) -> None:
+    """`patchscope intervene`: one intervention; --kind offers the core's KINDS."""
+    from patchscope_core import KINDS as INTERVENTION_KINDS
 
     v = sub.add_parser("intervene", help="generate and score one prompt with an intervention at a TransformerLens site")
     v.add_argument("--model", default="smollm2-135m")
@@ -250,6 +249,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-new-tokens", type=int, default=20)
     _run_options(v)
     v.set_defaults(func=_cmd_intervene)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="patchscope", description="Patchscopes at scale (Ghandeharioun et al., ICML 2024)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("models", help="list model aliases").set_defaults(func=_cmd_models)
+
+    _add_inspect(sub)
+    _add_intervene(sub)
 
     s = sub.add_parser("sweep", help="run a sweep config on a Ray cluster")
     s.add_argument("config")
