@@ -49,6 +49,10 @@ class InterventionConfig(Strict):
     reference: str | list[str] | None = Field(None, description="mean / noise: prompts; default the sweep's own")
     source: str | None = Field(None, description="resample / replace: the prompt whose values are written")
     source_position: int = Field(-1, description="replace: the source prompt's position")
+    from_: Any = Field("last", alias="from", description="knockout: the queries: last, generated, prompt positions")
+    to: Any = Field(None, description="knockout: a list of key sets, one cell each: subject, non_subject, last, "
+                                      "all_previous, a position, or a list of these blocked together")
+    window: int | list[int] = Field(1, description="knockout: the layers of a window centred on the site's layer")
 
     @field_validator("heads", "neurons", mode="after")
     @classmethod
@@ -69,6 +73,8 @@ class InterventionConfig(Strict):
                 raise ValueError("intervention.vector: add needs a vector file, or positive and negative prompts")
             if k in ("replace", "resample") and self.source is None and (k == "resample" or self.vector is None):
                 raise ValueError(f"intervention.source: {k} needs a source prompt" + (" or a vector" if k == "replace" else ""))
+        if "knockout" in axis(self.kind) and self.to is None:
+            raise ValueError("intervention.to: a knockout needs the keys to block (subject, non_subject, last, ...)")
         for site in axis(self.site):
             if not isinstance(site, str) or not site.strip():
                 raise ValueError(f"intervention.site: expected TransformerLens hook names, got {site!r}")
@@ -85,8 +91,8 @@ INTERVENTION_RESULTS = (
     "answer_logprobs", "prompt_token_ids", "top_token_ids", "top_logprobs", "max_new_tokens",
 )
 INTERVENTION_TABLE = (
-    "cell_id", "model", "row", "prompt", "answer", "site", "layer", "head", "neuron", "kind", "alpha", "factor",
-    "noise_scale", "seed", "positions", "delta_logprob", "answer_logprob", "clean_answer_logprob", "p_answer",
+    "cell_id", "model", "row", "prompt", "answer", "site", "layer", "head", "neuron", "kind", "knockout", "alpha",
+    "factor", "noise_scale", "seed", "positions", "p_change_pct", "delta_logprob", "answer_logprob", "clean_answer_logprob", "p_answer",
     "p_answer_clean", "generated_text", "clean_generated_text", "generated_token_ids",
 )
 
@@ -111,12 +117,15 @@ class InterventionCell:
     refs: tuple[tuple[str, Any], ...] = ()
     generation_key: str = ""
     max_new_tokens: int = 20
+    subject: str | None = None  # a knockout's `to: subject / non_subject`
+    edges: str | None = None  # a knockout's edges as text ("last -> subject, window 9"): the `knockout` column
     KIND = "intervention"
 
     @property
     def cell_id(self) -> str:
-        return digest(["intervention", self.model, self.prompt, self.answer, self.site, self.head, self.neuron,
-                       self.kind, self.variant, self.positions, [list(r) for r in self.refs], self.generation_key])
+        parts = ["intervention", self.model, self.prompt, self.answer, self.site, self.head, self.neuron,
+                 self.kind, self.variant, self.positions, [list(r) for r in self.refs], self.generation_key]
+        return digest(parts + [self.subject] if self.kind == "knockout" else parts)
 
     @property
     def group(self) -> str:
@@ -128,6 +137,8 @@ class InterventionCell:
         out = {k: getattr(self, k) for k in INTERVENTION_COLUMNS[1:]}
         out.update(cell_id=self.cell_id, positions=str(Positions.parse(self.positions)))
         out.update({f"ref_{k}": v for k, v in self.refs})
+        if self.kind == "knockout":
+            out["knockout"] = self.edges
         return out
 
 
@@ -169,9 +180,30 @@ def intervention_kinds(config, rows: list[PromptRow], base: Path | None) -> list
         elif kind == "replace":
             out.append((kind, {"vector": vector} if vector is not None else
                         {"source": iv.source, "source_position": iv.source_position}))
+        elif kind == "knockout":  # each item of `to` is one key set (a word, a position or a list of them)
+            queries = [q for q in axis(iv.from_)]
+            out += [(kind, {"from": queries, "to": list(axis(t)), "window": int(w)})
+                    for t in axis(iv.to) for w in axis(iv.window)]
         else:
             out.append((kind, {}))
     return out
+
+
+KNOCKOUT_FIELDS = ("from_", "to", "window")  # in the config hash only where a knockout uses them (older hashes stay)
+
+
+def with_subject(kind, subject: str | None):
+    """A knockout gets its row's subject (for `to: subject / non_subject`); other kinds are as they are."""
+    import dataclasses
+
+    return dataclasses.replace(kind, subject=subject) if kind.name == "knockout" else kind
+
+
+def edges_label(values: dict[str, Any]) -> str:
+    words = lambda v: " ".join(str(x) for x in v)  # noqa: E731
+    return f"{words(values['from'])} -> {words(values['to'])}, window {values['window']}"
+
+
 
 
 def units(spec: Any, count: int) -> list[int | None]:
@@ -196,7 +228,7 @@ def _check_model(config, plan: ModelPlan, rows: list[PromptRow], kinds) -> None:
     for kind, values in kinds:
         k = make_kind(kind, values, "intervention.kind")
         for row in rows:
-            run = InterventionRun(row.prompt, (Intervention(sites[0], k, positions),), row.answer,
+            run = InterventionRun(row.prompt, (Intervention(sites[0], with_subject(k, row.subject), positions),), row.answer,
                                   config.generation.max_new_tokens)
             resolve_run(run, info, f"intervention ({row.where})")
 
@@ -265,6 +297,46 @@ def _head_pictures(plt, out_dir: Path, heads, out: dict[str, Path]) -> list:
     return top
 
 
+def knockout_curves(df, n_boot: int = 1000, seed: int = 0):
+    """Geva et al.'s curves: per model, knockout (edges) and window centre, the mean % change of
+    p(answer's first token) over the prompts, with a 95% percentile bootstrap interval over prompts."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for (model, edges, layer), g in df.groupby(["model", "knockout", "layer"], sort=True):
+        v = g["p_change_pct"].to_numpy(dtype=float)
+        boot = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1)
+        out.append({"model": model, "knockout": edges, "layer": int(layer), "mean": v.mean(),
+                    "low": np.percentile(boot, 2.5), "high": np.percentile(boot, 97.5), "prompts": len(v)})
+    return pd.DataFrame(out)
+
+
+def _knockout_pictures(plt, out_dir: Path, df, out: dict[str, Path]) -> None:
+    ko = df[(df["kind"] == "knockout") & df.get("p_change_pct", df["kind"]).notna()] if "knockout" in df else df[:0]
+    if ko.empty or "p_change_pct" not in ko:
+        return
+    curves = knockout_curves(ko)
+    out["knockout_curves"] = out_dir / "knockout_curves.csv"
+    curves.to_csv(out["knockout_curves"], index=False)
+    for model, g in curves.groupby("model", sort=False):
+        fig, ax = plt.subplots(figsize=(6.5, 3.6))
+        for edges, c in g.groupby("knockout", sort=True):
+            ax.plot(c["layer"], c["mean"], marker="o", ms=3, label=pictures.literal(edges))
+            ax.fill_between(c["layer"], c["low"], c["high"], alpha=0.2)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel("layer (window centre)")
+        ax.set_ylabel("% change of p(answer)")
+        ax.set_title(pictures.literal(f"{model}: attention knockout, mean over {int(g['prompts'].max())} prompts "
+                                      "(95% bootstrap band)"), fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        key = f"knockout_{pictures.safe_name(model)}"
+        out[key] = out_dir / f"{key}.png"
+        fig.savefig(out[key], dpi=110)
+        plt.close(fig)
+
+
 def intervention_report(out_dir: Path, df) -> dict[str, Path]:
     import pandas as pd
 
@@ -273,6 +345,9 @@ def intervention_report(out_dir: Path, df) -> dict[str, Path]:
     df = df.copy()
     df["variant"] = _variant(df)
     scored = df[df["delta_logprob"].notna()]  # rows with an answer to score
+    _knockout_pictures(plt, out_dir, scored, out)
+    if "knockout" in scored:  # drawn as curves above, not as a layer x site heatmap
+        scored = scored[scored["kind"] != "knockout"]
     top = _head_pictures(plt, out_dir, scored[scored["head"].notna()], out)
     if top:
         table = pd.concat(top, ignore_index=True).sort_values("mean", key=abs, ascending=False).head(30)
@@ -326,6 +401,8 @@ class InterventionKind(KindDefaults):
         return {digest([k, v]): (k, v) for k, v in intervention_kinds(config, rows, base)}
 
     def science(self, science, config, rows, context):
+        if "knockout" not in axis(config.intervention.kind):
+            science["intervention"] = {k: v for k, v in science["intervention"].items() if k not in KNOCKOUT_FIELDS}
         return prompt_rows_science(science, rows, context)
 
     def group_sizes(self, config, rows, plans, context) -> Iterator[tuple[str, int]]:
@@ -342,7 +419,8 @@ class InterventionKind(KindDefaults):
                         yield InterventionCell(model, row.prompt, row.answer, hook, layer, head, neuron, kind, variant,
                                                values.get("alpha"), values.get("factor"), values.get("scale"),
                                                values.get("seed"), config.intervention.positions, row.index, row.refs,
-                                               gen, max_new)
+                                               gen, max_new, row.subject if kind == "knockout" else None,
+                                               edges_label(values) if kind == "knockout" else None)
 
     def payload(self, task) -> dict[str, Any]:
         """Each cell as the core's InterventionRun, in the core's plain-data form (run_to_dict)."""
@@ -353,7 +431,8 @@ class InterventionKind(KindDefaults):
         runs = []
         for c in task.cells:
             site = Site(c.site, head=() if c.head is None else (c.head,), neuron=() if c.neuron is None else (c.neuron,))
-            run = InterventionRun(c.prompt, (Intervention(site, kinds[c.variant], c.positions),), c.answer, c.max_new_tokens)
+            kind = with_subject(kinds[c.variant], c.subject)
+            run = InterventionRun(c.prompt, (Intervention(site, kind, c.positions),), c.answer, c.max_new_tokens)
             runs.append(run_to_dict(run))
         return {"kind": self.operation, "runs": runs}
 
@@ -365,6 +444,8 @@ class InterventionKind(KindDefaults):
             row["max_new_tokens"] = cell.max_new_tokens
             a, c = rec["answer_logprob"], rec["clean_answer_logprob"]
             row["delta_logprob"] = None if a is None or c is None else a - c
+            if cell.kind == "knockout" and rec.get("p_answer") is not None and rec.get("p_answer_clean"):
+                row["p_change_pct"] = 100.0 * (rec["p_answer"] - rec["p_answer_clean"]) / rec["p_answer_clean"]
             row.update(run_columns(output, rec))
             rows.append(row)
         return rows
