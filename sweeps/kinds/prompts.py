@@ -28,6 +28,9 @@ class PromptsConfig(Strict):
     answer_column: str | None = Field(None, description="the answer whose log-probability is scored")
     subject_column: str | None = Field(None, description="causal_trace: the tokens that get corrupted")
     reference_columns: list[str] | None = Field(None, description="carried into the results as ref_<name>")
+    clean_column: str | None = Field(None, description="activation_patching: the clean prompt")
+    corrupted_column: str | None = Field(None, description="activation_patching: the corrupted prompt")
+    wrong_answer_column: str | None = Field(None, description="activation_patching: the wrong answer (logit_diff)")
 
     @model_validator(mode="after")
     def _one_source(self) -> "PromptsConfig":
