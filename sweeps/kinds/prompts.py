@@ -41,6 +41,9 @@ class PromptsConfig(Strict):
         return self
 
 
+PAIR_COLUMNS = ("clean_column", "corrupted_column", "wrong_answer_column")
+
+
 @dataclass(frozen=True)
 class PromptRow:
     """One prompt of an intervention or causal-trace sweep, with its answer, subject and references."""
@@ -85,6 +88,9 @@ def load_prompt_rows(config, base: Path | None = None) -> list[PromptRow]:
 def prompt_rows_science(science: dict[str, Any], rows: list[PromptRow], context: Any) -> dict[str, Any]:
     """What a prompts sweep's hash covers beyond its sections: the rows (for the file) and the context."""
     science["prompts"].pop("file", None)
+    for key in PAIR_COLUMNS:  # activation_patching's columns: unset in these kinds, out of their hash
+        if science["prompts"].get(key) is None:
+            science["prompts"].pop(key, None)
     science["rows"] = [[r.prompt, r.answer, r.subject, [list(x) for x in r.refs]] for r in rows]
     science["context"] = context
     return science
