@@ -143,11 +143,31 @@ def intervention_records(engine, payload: dict[str, Any], batch_size: int) -> li
 
 # The engine operation that runs each payload kind (a sweep kind's `operation`): (engine, payload,
 # batch_size) -> the engine's records, one per cell (a causal trace: one per fact).
+def patching_record(engine, payload: dict[str, Any], batch_size: int) -> dict[str, Any]:
+    """One pair's activation patching (issue 16): its clean and corrupted runs once, every cell's
+    patched value (in the payload's order), the metrics of both runs and the clean tokens."""
+    from patchscope_core.patcher import Patcher
+    from patchscope_core.patching import Cell, Pair
+
+    t0 = time.perf_counter()
+    cells = [tuple(c) for c in payload["cells"]]
+    core = list(dict.fromkeys(Cell(s, l, p, h, None, w) for s, l, p, h, w, _, _ in cells))
+    directions = list(dict.fromkeys(c[5] for c in cells))
+    metrics = list(dict.fromkeys(c[6] for c in cells))
+    result = Patcher(engine, batch_size=batch_size).patch(Pair(**payload["pair"]), core, directions, metrics)
+    got = {(r.cell, r.direction, r.metric): r.patched for r in result.cells}
+    tok = engine.info.tokenizer
+    return {"patched": [got[(Cell(s, l, p, h, None, w), d, m)] for s, l, p, h, w, d, m in cells],
+            "clean_value": result.clean_values, "corrupted_value": result.corrupted_values,
+            "tokens": [tok.decode([t]) for t in result.checked.clean_ids], "time_patch_s": time.perf_counter() - t0}
+
+
 OPERATIONS = {
     "patchscope": patchscope_records,
     "intervention": intervention_records,
     "causal_trace": lambda engine, payload, batch_size: [trace_record(engine, payload, batch_size)],
     "recipe": recipe_records,
+    "activation_patching": lambda engine, payload, batch_size: [patching_record(engine, payload, batch_size)],
 }
 
 

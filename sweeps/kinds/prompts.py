@@ -28,6 +28,9 @@ class PromptsConfig(Strict):
     answer_column: str | None = Field(None, description="the answer whose log-probability is scored")
     subject_column: str | None = Field(None, description="causal_trace: the tokens that get corrupted")
     reference_columns: list[str] | None = Field(None, description="carried into the results as ref_<name>")
+    clean_column: str | None = Field(None, description="activation_patching: the clean prompt")
+    corrupted_column: str | None = Field(None, description="activation_patching: the corrupted prompt")
+    wrong_answer_column: str | None = Field(None, description="activation_patching: the wrong answer (logit_diff)")
 
     @model_validator(mode="after")
     def _one_source(self) -> "PromptsConfig":
@@ -36,6 +39,9 @@ class PromptsConfig(Strict):
         if self.rows is not None and not self.rows:
             raise ValueError("prompts.rows: empty list of rows")
         return self
+
+
+PAIR_COLUMNS = ("clean_column", "corrupted_column", "wrong_answer_column")
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,9 @@ def load_prompt_rows(config, base: Path | None = None) -> list[PromptRow]:
 def prompt_rows_science(science: dict[str, Any], rows: list[PromptRow], context: Any) -> dict[str, Any]:
     """What a prompts sweep's hash covers beyond its sections: the rows (for the file) and the context."""
     science["prompts"].pop("file", None)
+    for key in PAIR_COLUMNS:  # activation_patching's columns: unset in these kinds, out of their hash
+        if science["prompts"].get(key) is None:
+            science["prompts"].pop(key, None)
     science["rows"] = [[r.prompt, r.answer, r.subject, [list(x) for x in r.refs]] for r in rows]
     science["context"] = context
     return science

@@ -1,0 +1,332 @@
+"""`kind: activation_patching` (issue 16): TransformerLens's patching grids between clean and
+corrupted prompt pairs, sections `prompts` (a file of pairs) and `patching`.
+
+A `PatchCell` is one point of model x pair x site x layer x position x head x direction x metric
+(each list in `patching` is a grid axis). A task holds every cell of one pair, so the pair's clean
+and corrupted runs happen once; the worker (`workers.actor`, operation `activation_patching`) runs
+them on `patchscope_core.patcher.Patcher` in batches of `execution.batch_size` rows. Every setting
+is checked against each model's config and tokenizer before any weights load
+(`patchscope_core.patching`: pairs, sites, heads, positions). The report
+(`patchscope_core.patching_summary`) draws per site a layer x position heatmap of the mean
+`recovered` over pairs, for head sites a layer x head heatmap and a top-heads table, and writes
+the per-pair values and the bootstrap 95% intervals over pairs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from pydantic import Field, field_validator
+
+from patchscope_core import PatchscopeError
+from patchscope_core.patching import DIRECTIONS, METRICS, PATCH_SITES, Pair, check_pair, make_cells, site_name
+
+from ..config import ConfigError, Layers, Strict
+from ..config.files import checked_columns, locate, read_table
+from ..config.models import ModelPlan, checked_layers, model_info_for
+from .base import KindDefaults, Schema, digest, run_columns
+from .prompts import PromptsConfig
+
+
+def axis(value: Any) -> list:
+    """A `patching` setting given as one value or a list, as a grid axis."""
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _one_or_list(value: Any, allowed: tuple[str, ...], what: str) -> list[str]:
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not values or any(v not in allowed for v in values):
+        raise ValueError(f"expected {' | '.join(allowed)} or a list of them, got {value!r}")
+    return list(dict.fromkeys(values))
+
+
+class PatchingConfig(Strict):
+    """Activation patching: sites x layers x positions x heads x directions x metrics."""
+
+    sites: list[str] = Field(..., min_length=1, description="TransformerLens hook names, blocks.{layer}.<hook>")
+    layers: Layers = "all"
+    positions: Any = Field("each", description="each | all | a list (BOS counted, negatives from the end)")
+    heads: Any = Field("all", description="head sites: all or a list of heads")
+    direction: Any = "denoising"
+    metric: Any = "logit_diff"
+    window: int = Field(1, ge=1, description="patch a window of layers centred on the layer")
+
+    @field_validator("positions")
+    @classmethod
+    def _positions(cls, v):
+        if v in ("each", "all"):
+            return v
+        v = [v] if isinstance(v, int) and not isinstance(v, bool) else v
+        if not isinstance(v, list) or not v or any(isinstance(p, bool) or not isinstance(p, int) for p in v):
+            raise ValueError(f"expected each, all or a non-empty list of integer positions, got {v!r}")
+        return list(dict.fromkeys(v))
+
+    @field_validator("heads")
+    @classmethod
+    def _heads(cls, v):
+        if v == "all":
+            return v
+        v = [v] if isinstance(v, int) and not isinstance(v, bool) else v
+        if not isinstance(v, list) or not v or any(isinstance(h, bool) or not isinstance(h, int) for h in v):
+            raise ValueError(f"expected all or a non-empty list of integer heads, got {v!r}")
+        return list(dict.fromkeys(v))
+
+    @field_validator("direction")
+    @classmethod
+    def _direction(cls, v):
+        return _one_or_list(v, DIRECTIONS, "direction")
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, v):
+        return _one_or_list(v, METRICS, "metric")
+
+
+@dataclass(frozen=True)
+class PairRow:
+    clean: str
+    corrupted: str
+    answer: str
+    wrong_answer: str | None
+    where: str
+    index: int
+
+    def pair(self) -> Pair:
+        return Pair(self.clean, self.corrupted, self.answer, self.wrong_answer)
+
+
+PATCH_COLUMNS = ("cell_id", "model", "row", "clean", "corrupted", "answer", "wrong_answer", "site", "layer",
+                 "position", "token", "head", "direction", "metric")
+PATCH_RESULTS = ("patched", "clean_value", "corrupted_value", "recovered")
+
+
+@dataclass(frozen=True)
+class PatchCell:
+    model: str
+    row: int
+    clean: str
+    corrupted: str
+    answer: str
+    wrong_answer: str | None
+    site: str  # a PATCH_SITES name: hook_resid_pre, attn.hook_z, ...
+    layer: int
+    position: int | None  # absolute (BOS counted); None: every position at once
+    head: int | None
+    direction: str
+    metric: str
+    window: int = 1
+    KIND = "activation_patching"
+
+    @property
+    def cell_id(self) -> str:
+        return digest(["activation_patching", self.model, self.clean, self.corrupted, self.answer, self.wrong_answer,
+                       self.site, self.layer, self.position, self.head, self.direction, self.metric, self.window])
+
+    @property
+    def group(self) -> str:
+        return json.dumps([self.clean, self.corrupted, self.answer, self.wrong_answer])
+
+    def params(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in PATCH_COLUMNS if k != "token"}
+        out["cell_id"] = self.cell_id
+        return out
+
+
+def load_pairs(config, base: Path | None) -> list[PairRow]:
+    """The pairs, from prompts.file or prompts.rows, every named column present and non-empty."""
+    pc = config.prompts
+    where, table = "prompts.rows", pc.rows
+    if pc.file is not None:
+        path = locate(pc.file, base, "prompts.file")
+        table, where = read_table(path), "prompts.file"
+        if not table:
+            raise ConfigError(f"prompts.file: {path} has no rows")
+    names = ("clean_column", "corrupted_column", "answer_column", "wrong_answer_column")
+    checked_columns(list(dict.fromkeys(c for rec in table for c in rec)),
+                    [(f"prompts.{n}", getattr(pc, n)) for n in names], [], "prompts", where)
+    rows = []
+    for i, rec in enumerate(table):
+        at = f"{where} row {i + 1}"
+        values = []
+        for name in names:
+            col = getattr(pc, name)
+            v = rec.get(col) if col is not None else None
+            if col is not None and (not isinstance(v, str) or not v.strip()):
+                raise ConfigError(f"prompts.{name}: {at} has an empty or missing {col} ({v!r})")
+            values.append(v)
+        clean, corrupted, answer, wrong = values
+        if wrong is not None and wrong == answer:
+            raise ConfigError(f"prompts.wrong_answer_column: {at} has the wrong answer equal to the answer {answer!r}")
+        rows.append(PairRow(clean, corrupted, answer, wrong, at, i))
+    return rows
+
+
+def _grid(config, plan: ModelPlan, row: PairRow) -> list:
+    """The core's cells of one pair on one model (sites, layers, positions, heads; checked)."""
+    pt = config.patching
+    return make_cells(plan.info, plan.n_tokens[row.clean], pt.sites, plan.source_layers, pt.positions, pt.heads,
+                      pt.window, field_name="patching")
+
+
+def _check_pair(config, plan: ModelPlan, row: PairRow) -> None:
+    if "logit_diff" in axis(config.patching.metric) and row.wrong_answer is None:
+        raise ConfigError(f"prompts.wrong_answer_column: metric logit_diff needs a wrong answer ({row.where})")
+    try:
+        checked = check_pair(row.pair(), plan.info, axis(config.patching.metric), f"prompts ({row.where})")
+    except PatchscopeError as exc:
+        msg = str(exc)
+        if "same number of tokens" in msg:
+            raise ConfigError(f"prompts.corrupted_column: {msg}") from None
+        raise ConfigError(f"prompts.answer_column: {msg}") from None
+    plan.n_tokens[row.clean] = len(checked.clean_ids)
+
+
+# ---------------------------------------------------------------- the report
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def _last_position(df):
+    """Head rows at each pair's last position, as if patching every position (for layer x head)."""
+    last = df.groupby("row")["position"].transform("max")
+    return df[df["position"] == last].assign(position=None)
+
+
+def patching_report(out_dir: Path, df) -> dict[str, Path]:
+    """Per model, direction, metric and site: the layer x position heatmap of mean recovered (first
+    pair's tokens), for head sites the layer x head heatmap and top heads; per-pair values and
+    bootstrap 95% intervals over pairs as CSV."""
+    from patchscope_core import patching_summary as ps
+
+    from .. import pictures
+
+    out: dict[str, Path] = {}
+    df = df.astype({"position": "float", "head": "float"})
+    for (model, direction, metric), mdf in df.groupby(["model", "direction", "metric"], sort=True):
+        stem = f"{pictures.safe_name(model)}_{direction}_{metric}"
+        summary = ps.summarize(mdf)
+        summary.to_csv(out_dir / f"patching_{stem}_summary.csv", index=False)
+        ps.per_pair(mdf).to_csv(out_dir / f"patching_{stem}_per_pair.csv")
+        for site in dict.fromkeys(mdf["site"]):
+            sdf = mdf[mdf["site"] == site]
+            name = f"{stem}_{pictures.safe_name(site)}"
+            if sdf["position"].notna().any():
+                out[f"{name}_layer_position"] = _save(ps.draw_layer_position(sdf, site),
+                                                      out_dir / f"patching_{name}_layer_position.png")
+            if sdf["head"].notna().any():
+                heads = sdf if sdf["position"].isna().any() else _last_position(sdf)
+                out[f"{name}_layer_head"] = _save(ps.draw_layer_head(heads, site),
+                                                  out_dir / f"patching_{name}_layer_head.png")
+                ps.top_heads(ps.summarize(heads), k=10, site=site).to_csv(
+                    out_dir / f"patching_{name}_top_heads.csv", index=False)
+    return out
+
+
+class ActivationPatchingKind(KindDefaults):
+    name = "activation_patching"
+    sections = {"prompts": PromptsConfig, "patching": PatchingConfig}
+    operation = "activation_patching"
+    schema = Schema(PATCH_COLUMNS, PATCH_RESULTS, PATCH_COLUMNS + PATCH_RESULTS, ())
+    marks = frozenset({"recovered", "corrupted_value"})
+    order = ("model", "row", "direction", "metric", "site", "layer", "position", "head")
+    one_task = True  # a pair's cells share its clean and corrupted runs
+
+    def check_config(self, config) -> None:
+        for col in ("clean_column", "corrupted_column", "answer_column"):
+            if getattr(config.prompts, col) is None:
+                raise ValueError(f"prompts.{col}: an activation_patching sweep needs it")
+        for i, site in enumerate(config.patching.sites):
+            try:
+                site_name(site, f"patching.sites[{i}]")
+            except PatchscopeError as exc:
+                raise ValueError(str(exc)) from None
+
+    def load_rows(self, config, base: Path | None) -> list[PairRow]:
+        return load_pairs(config, base)
+
+    def check(self, config, rows: list[PairRow], base: Path | None) -> dict[str, ModelPlan]:
+        plans = {}
+        for i, name in enumerate(config.models):
+            info = model_info_for(name, f"models[{i}]")
+            plan = ModelPlan(info, checked_layers(config.patching.layers, info, "patching.layers"), None)
+            for row in rows:
+                _check_pair(config, plan, row)
+                try:
+                    _grid(config, plan, row)
+                except PatchscopeError as exc:
+                    raise ConfigError(f"{exc} ({row.where}, on {name})") from None
+            plans[name] = plan
+        return plans
+
+    def science(self, science, config, rows, context):
+        science["prompts"].pop("file", None)
+        science["rows"] = [[r.clean, r.corrupted, r.answer, r.wrong_answer] for r in rows]
+        return science
+
+    def _pair_cells(self, config, plan, model: str, row: PairRow) -> Iterator[PatchCell]:
+        pt = config.patching
+        for c in _grid(config, plan, row):
+            for direction in axis(pt.direction):
+                for metric in axis(pt.metric):
+                    yield PatchCell(model, row.index, row.clean, row.corrupted, row.answer, row.wrong_answer, c.site,
+                                    c.layer, c.position, c.head, direction, metric, c.window)
+
+    def group_sizes(self, config, rows, plans, context) -> Iterator[tuple[str, int]]:
+        per = len(axis(config.patching.direction)) * len(axis(config.patching.metric))
+        for model in config.models:
+            for row in rows:
+                yield model, per * len(_grid(config, plans[model], row))
+
+    def cells(self, config, rows, plans, context) -> Iterator[PatchCell]:
+        for model in config.models:
+            for row in rows:
+                yield from self._pair_cells(config, plans[model], model, row)
+
+    def payload(self, task) -> dict[str, Any]:
+        c = task.cells[0]
+        return {"kind": self.operation, "pair": {"clean": c.clean, "corrupted": c.corrupted, "answer": c.answer,
+                                                  "wrong_answer": c.wrong_answer},
+                "cells": [[x.site, x.layer, x.position, x.head, x.window, x.direction, x.metric] for x in task.cells]}
+
+    def to_rows(self, task, output: dict[str, Any]) -> list[dict[str, Any]]:
+        (rec,) = output["records"]
+        rows = []
+        for cell, patched in zip(task.cells, rec["patched"], strict=True):
+            row = cell.params()
+            clean, corrupted = rec["clean_value"][cell.metric], rec["corrupted_value"][cell.metric]
+            den = clean - corrupted
+            row.update(token=None if cell.position is None else rec["tokens"][cell.position], patched=patched,
+                       clean_value=clean, corrupted_value=corrupted,
+                       recovered=(patched - corrupted) / den if den else float("nan"), **run_columns(output, rec))
+            rows.append(row)
+        return rows
+
+    def describe(self, config, plan: ModelPlan, context) -> str:
+        pt = config.patching
+        return (f"sites {[site_name(s, 'patching.sites') for s in pt.sites]} x layers {plan.source_layers} x positions "
+                f"{pt.positions} x heads {pt.heads} (head sites) x directions {axis(pt.direction)} x metrics {axis(pt.metric)}, "
+                f"window {pt.window}")
+
+    def report(self, out_dir: Path, df) -> dict[str, Path]:
+        return patching_report(out_dir, df)
+
+    def summary(self, df, max_rows: int = 15) -> str:
+        lines = ["== activation patching: per pair, clean / corrupted metric and the cell recovering most per site"]
+        for (model, row, direction, metric), f in df.groupby(["model", "row", "direction", "metric"], sort=True):
+            first = f.iloc[0]
+            best = ", ".join(f"{s}: layer {int(b.layer)} pos {b.position} head {b.head} ({b.recovered:+.2f})"
+                             for s, sf in f.groupby("site") for b in [sf.loc[sf["recovered"].abs().idxmax()]])
+            lines.append(f"  {model} row {int(row)} {direction} {metric}: {first['clean_value']:.3f} / "
+                         f"{first['corrupted_value']:.3f}; {best}")
+            if len(lines) > max_rows:
+                break
+        return "\n".join(lines)
+
+
+KIND = ActivationPatchingKind()
