@@ -16,7 +16,18 @@ from workers.actor import OPERATIONS
 
 
 def test_every_sweep_kind_implements_the_protocol_and_has_a_worker_operation():
-    assert list(KINDS) == ["patchscope", "intervention", "causal_trace", "recipe"]
+    import importlib
+    import pkgutil
+
+    import sweeps.kinds
+
+    declared = {}  # every module of sweeps/kinds that declares a KIND must be in the registry
+    for info in pkgutil.iter_modules(sweeps.kinds.__path__):
+        module = importlib.import_module(f"sweeps.kinds.{info.name}")
+        if hasattr(module, "KIND"):
+            declared[module.KIND.name] = module.KIND
+    assert declared and {n: KINDS[n] for n in declared if n in KINDS} == declared, sorted(declared)
+    assert {"patchscope", "intervention", "causal_trace", "recipe", "activation_patching"} <= set(KINDS)
     fields = sweep_config_model().model_fields
     for name, kind in KINDS.items():
         assert isinstance(kind, SweepKind) and kind.name == name
