@@ -163,11 +163,12 @@ def draw_layer_position(df: pd.DataFrame, site: str, ax=None, direction: str | N
 
 
 def draw_layer_head(df: pd.DataFrame, site: str, ax=None, direction: str | None = None, metric: str | None = None,
-                    value: str = "recovered", position: int | None = None):
-    """The layer x head heatmap of `site` on `ax` (a new Figure when None: returned)."""
+                    value: str = "recovered", position: int | None = None, where: str | None = None):
+    """The layer x head heatmap of `site` on `ax` (a new Figure when None: returned); `where` says
+    which positions the rows patched (default: from `position`)."""
     table = layer_head(df, site, direction, metric, value, position)
     fig, ax = _figure(1.5 + 0.4 * max(1, table.shape[1]), 1.5 + 0.18 * max(1, len(table))) if ax is None else (ax.figure, ax)
-    where = "every position at once" if position is None else f"position {position}"
+    where = where or ("every position at once" if position is None else f"position {position}")
     draw_heatmap(ax, table, f"{site} ({where}): mean {value} over pairs", xname="head")
     fig.tight_layout()
     return fig

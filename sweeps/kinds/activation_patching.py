@@ -220,8 +220,10 @@ def patching_report(out_dir: Path, df) -> dict[str, Path]:
                 out[f"{name}_layer_position"] = _save(ps.draw_layer_position(sdf, site),
                                                       out_dir / f"patching_{name}_layer_position.png")
             if sdf["head"].notna().any():
-                heads = sdf if sdf["position"].isna().any() else _last_position(sdf)
-                out[f"{name}_layer_head"] = _save(ps.draw_layer_head(heads, site),
+                every = sdf["position"].isna().any()
+                heads = sdf if every else _last_position(sdf)
+                where = None if every else "each pair's last position"
+                out[f"{name}_layer_head"] = _save(ps.draw_layer_head(heads, site, where=where),
                                                   out_dir / f"patching_{name}_layer_head.png")
                 ps.top_heads(ps.summarize(heads), k=10, site=site).to_csv(
                     out_dir / f"patching_{name}_top_heads.csv", index=False)
