@@ -19,6 +19,7 @@ uncached generation that re-applies them at every step (the tests prove it).
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, replace
@@ -37,6 +38,7 @@ from .models import ModelInfo, info_of
 from .readings import SiteReader, input_device
 from .sites import ResolvedSite, Site, plain_modules, resid_post, resolve_site
 from .spec import Patchscope, ResolvedPatchscope, resolve_all, tokenize
+from .values import check_seed
 
 __all__ = ["Decoding", "Engine", "InterventionResult", "PatchscopeEngine", "PatchscopeResult", "info_of",
            "resid_post", "run_patchscopes"]
@@ -57,8 +59,10 @@ class Decoding:
     def __post_init__(self) -> None:
         if self.do_sample and self.seed is None:
             raise PatchscopeError("decoding.seed: sampling needs an explicit seed so results can be reproduced")
-        if self.temperature <= 0:
-            raise PatchscopeError(f"decoding.temperature: must be > 0, got {self.temperature}")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
+            raise PatchscopeError(f"decoding.temperature: must be a finite number > 0, got {self.temperature}")
+        if self.seed is not None:
+            check_seed(self.seed, "decoding.seed")
 
 
 @dataclass

@@ -40,9 +40,46 @@ BASE = {
 LONG = "x " * 600  # about 600 tokens: more than the tiny models' context of 512
 
 
-def sweep(tmp_path: Path, *extra: str, out: str | Path | None = None, text: str | None = None, **changes) -> list[str]:
-    """`patchscope sweep` of BASE with changes ('section__key': value), written to tmp_path."""
-    cfg = changed(BASE, output__dir=str(out if out is not None else tmp_path / "out"), **changes)
+IV = {  # an intervention sweep
+    "name": "tiny-bad-intervention", "kind": "intervention", "models": ["tiny-llama"],
+    "prompts": {"rows": [{"prompt": "Paris is the capital of", "answer": " France", "subject": "Paris"},
+                         {"prompt": "The Eiffel Tower is in", "answer": " Paris", "subject": "The Eiffel Tower"}],
+                "answer_column": "answer"},
+    "intervention": {"site": "blocks.{layer}.attn.hook_z", "layers": [1, 2], "heads": [0, 1], "kind": "zero"},
+    "generation": {"max_new_tokens": 4},
+    "output": {"wandb": {"mode": "disabled"}},
+}
+TRACE = {  # a causal-trace sweep
+    "name": "tiny-bad-trace", "kind": "causal_trace", "models": ["tiny-llama"],
+    "prompts": {"rows": IV["prompts"]["rows"], "answer_column": "answer", "subject_column": "subject"},
+    "trace": {"sites": ["resid_post"], "layers": [1, 2], "positions": [-1], "samples": 2},
+    "output": {"wandb": {"mode": "disabled"}},
+}
+CHAINS = ("first_hop,bridge,second_hop,answer\n"
+          "the company that created Xbox,Microsoft,Who is the CEO of,Satya Nadella\n"
+          "the country of the Colosseum,Italy,The capital city of,Rome\n")
+ENTITIES = "entity,description\nParis,capital of France\nToyota,Japanese car maker\n"
+LRE_HEADER = "prompt_target\tsubject\tobject\tsource_cropped_toks\n"
+LRE_ROW = "The capital city of x\tFrance\tParis\t[' the', ' country', ' of', ' France']\n"
+RECIPE = {  # a recipe sweep; the section is one of RECIPES
+    "name": "tiny-bad-recipe", "kind": "recipe", "models": ["tiny-llama"],
+    "generation": {"max_new_tokens": 4},
+    "output": {"wandb": {"mode": "disabled"}},
+}
+RECIPES = {
+    "multi_hop": {"name": "multi_hop", "file": "chains.csv", "source_layers": [0, 2], "target_layers": [1, 3]},
+    "entity_description": {"name": "entity_description", "file": "entities.csv", "layers": [1, 2]},
+    "attribute_extraction": {"name": "attribute_extraction", "data": "lre", "relations": ["capitals"],
+                             "source_layers": [1], "target_layers": [1]},
+    "token_identity": {"name": "token_identity", "layers": "all", "words": 16, "windows": 3, "positions": 2,
+                       "min_context": 4, "fit_windows": 12},
+}
+
+
+def sweep(tmp_path: Path, *extra: str, out: str | Path | None = None, text: str | None = None, base: dict = BASE,
+          **changes) -> list[str]:
+    """`patchscope sweep` of `base` (BASE) with changes ('section__key': value), written to tmp_path."""
+    cfg = changed(base, output__dir=str(out if out is not None else tmp_path / "out"), **changes)
     path = tmp_path / "sweep.yaml"
     if text is not None:
         path.write_bytes(text.encode("utf-8", "surrogateescape"))
@@ -169,6 +206,116 @@ def nothing_listening(tmp):
     return sweep(tmp, "--address", f"127.0.0.1:{port}")
 
 
+def iv(tmp, *extra, **changes):
+    return sweep(tmp, *extra, base=IV, **changes)
+
+
+def trace(tmp, *extra, **changes):
+    return sweep(tmp, *extra, base=TRACE, **changes)
+
+
+def recipe(name, lre: str = LRE_HEADER + LRE_ROW, chains: str = CHAINS, entities: str = ENTITIES, **changes):
+    """A recipe sweep with its data files (chains.csv, entities.csv, lre/factual/capitals.tsv) written."""
+    def build(tmp, *extra):
+        (tmp / "chains.csv").write_text(chains)
+        (tmp / "entities.csv").write_text(entities)
+        (tmp / "lre" / "factual").mkdir(parents=True)
+        (tmp / "lre" / "factual" / "capitals.tsv").write_bytes(lre.encode("utf-8", "surrogateescape"))
+        return sweep(tmp, *extra, base={**RECIPE, "recipe": RECIPES[name]}, **changes)
+    return build
+
+
+def data_file(name: str, content: bytes | str, then):
+    """Write `content` to tmp/name, then build the command line with `then(tmp, path)`."""
+    def build(tmp):
+        path = tmp / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        return then(tmp, str(path))
+    return build
+
+
+BINARY = b"PK\x03\x04\x14\x00\x00\x00\x08\x00"  # a zip file's first bytes: valid UTF-8, but binary
+LATIN1 = "Caf\xe9 au lait\n".encode("latin-1")
+
+
+def vector_file(value, name: str = "v.pt"):
+    def build(tmp):
+        path = tmp / name
+        if isinstance(value, bytes):
+            path.write_bytes(value)
+        elif name.endswith(".safetensors"):
+            from safetensors.torch import save_file
+
+            save_file({"vector": value}, str(path))
+        else:
+            torch.save(value, path)
+        return iv(tmp, intervention__kind="add", intervention__vector=str(path), intervention__site="blocks.{layer}.hook_resid_post",
+                  intervention__heads=None)
+    return build
+
+
+def nan_at(n: int, index: int, value=float("nan")):
+    v = torch.zeros(n)
+    v[index] = value
+    return v
+
+
+def mapping_tensors(W, b=None):
+    def build(tmp):
+        path = tmp / "map.pt"
+        torch.save({"W": W, **({"b": b} if b is not None else {})}, path)
+        return inspect("--mapping", str(path))
+    return build
+
+
+def alias_bomb(tmp):
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 10)]
+    text = yaml.safe_dump(changed(IV, output__dir=str(tmp / "out"))) + "\n".join(lines) + "\n"
+    return sweep(tmp, text=text)
+
+
+def busy_dir(tmp):
+    """Another sweep holds output.dir's lock (a child process, so the lock is really someone else's)."""
+    out = tmp / "out"
+    out.mkdir()
+    (out / ".lock").write_text("")
+    from sweeps.sinks.store import ResultStore as Store
+
+    lock_path = Store(out).lock_path
+    proc = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, json, sys, time\n"
+        f"fh = open({str(lock_path)!r}, 'a+'); fcntl.flock(fh, fcntl.LOCK_EX)\n"
+        "fh.write(json.dumps({'pid': 1, 'host': 'h', 'started': 's', 'command': 'patchscope sweep other.yaml'})); fh.flush()\n"
+        "print('locked', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    _STOP.append(proc.kill)
+    # a grid that takes long to plan: the lock must be checked before it
+    return iv(tmp, intervention__kind="noise", intervention__noise_scale=[float(i) for i in range(300)],
+              intervention__seed=list(range(300)))
+
+
+def report_dir(kind: str):
+    """`patchscope report DIR` of a directory whose result file or manifest is wrong."""
+    def build(tmp):
+        out = tmp / "out"
+        store = ResultStore(out)
+        store.open({"name": "x", "kind": "intervention"}, "h", 1)
+        row = {"cell_id": "c1", "model": "tiny-llama", "delta_logprob": 0.5, "site": "blocks.1.attn.hook_z",
+               "head": 0, "kind": "zero"}
+        if kind == "lacks columns":
+            store.write("t1", [row])
+        elif kind == "text numbers":
+            full = {c: None for c in ("prompt", "answer", "neuron", "alpha", "factor", "noise_scale", "seed", "positions",
+                                      "answer_logprob", "clean_answer_logprob")}
+            store.write("t1", [{**full, **row, "row": 0, "layer": 1, "delta_logprob": "0.5"}])
+        elif kind == "manifest list":
+            store.write("t1", [row])
+            store.manifest_path.write_text("[1, 2]")
+        return ["report", str(out)]
+    return build
+
+
 NO_CUDA = not torch.cuda.is_available()
 
 BAD_INPUT = [
@@ -208,6 +355,64 @@ BAD_INPUT = [
     ("mapping W as a string", mapping_file("W as a string"), "mapping.W: {tmp}/map.pt holds a str as 'W'"),
     ("mapping file that is a malicious pickle", mapping_file("pickle"), "mapping.path: cannot read "),
     ("--device tpu9", lambda t: inspect("--device", "tpu9"), "--device: 'tpu9' is not a device"),
+    # ---- intervention, causal-trace and recipe sweeps (issue 20): crashes that were tracebacks
+    ("intervention.site: []", lambda t: iv(t, intervention__site=[]), "intervention.site: empty list"),
+    ("intervention.site with a field other than {layer}", lambda t: iv(t, intervention__site="blocks.{layer}.{x}"),
+     "intervention.site: 'blocks.{layer}.{x}': a template may use {layer} only, not {x}"),
+    ("reference prompts file not UTF-8", data_file("ref.txt", LATIN1, lambda t, p: iv(
+        t, intervention__kind="mean", intervention__reference=p)),
+     "intervention.reference: {tmp}/ref.txt is not UTF-8 text (byte 0xe9 on line 1)"),
+    ("positive prompts file binary", data_file("pos.txt", BINARY, lambda t, p: iv(
+        t, intervention__kind="add", intervention__positive=p, intervention__negative=["x"])),
+     "intervention.positive: {tmp}/pos.txt is a binary file, not text (a NUL byte on line 1)"),
+    ("negative prompts file not UTF-8", data_file("neg.txt", LATIN1, lambda t, p: iv(
+        t, intervention__kind="add", intervention__positive=["x"], intervention__negative=p)),
+     "intervention.negative: {tmp}/neg.txt is not UTF-8 text"),
+    ("entities file not UTF-8", data_file("ents.csv", b"entity,description\n" + LATIN1.replace(b"\n", b",x\n"), lambda t, p: recipe(
+         "entity_description", recipe__file=p)(t)),
+     "recipe.file: {tmp}/ents.csv is not UTF-8 text (byte 0xe9 on line 2)"),
+    ("chains file binary", data_file("ch.csv", BINARY, lambda t, p: recipe("multi_hop", recipe__file=p)(t)),
+     "recipe.file: {tmp}/ch.csv is a binary file"),
+    ("LRE file not UTF-8", recipe("attribute_extraction", lre=LRE_HEADER + "The capital city of x\tCaf\udce9\tx\t['a']\n"),
+     "recipe.relations: {tmp}/lre/factual/capitals.tsv is not UTF-8 text (byte 0xe9 on line 2)"),
+    ("LRE file without a subject column", recipe("attribute_extraction", lre="prompt_target\tobject\tsource_cropped_toks\n"
+                                                 "The capital city of x\tParis\t[' France']\n"),
+     "recipe.relations: {tmp}/lre/factual/capitals.tsv has no column subject"),
+    ("LRE ragged row (short)", recipe("attribute_extraction", lre=LRE_HEADER + LRE_ROW + "The capital city of x\tSpain\n"),
+     "recipe.relations: {tmp}/lre/factual/capitals.tsv row 2 has an empty or missing object, source_cropped_toks"),
+    ("LRE ragged row (long)", recipe("attribute_extraction", lre=LRE_HEADER + LRE_ROW.replace("\n", "\textra\n")),
+     "recipe.relations: {tmp}/lre/factual/capitals.tsv line 2 has 5 fields, more than the header's 4"),
+    ("LRE malformed source_cropped_toks", recipe("attribute_extraction", lre=LRE_HEADER + LRE_ROW.replace("']", "'")),
+     "recipe.relations: {tmp}/lre/factual/capitals.tsv row 1: source_cropped_toks must be a non-empty list of strings"),
+    ("LRE code in source_cropped_toks", recipe("attribute_extraction", lre=LRE_HEADER + LRE_ROW.replace(
+        "[' the', ' country', ' of', ' France']", "__import__('os').system('touch pwned')")),
+     "recipe.relations: {tmp}/lre/factual/capitals.tsv row 1: source_cropped_toks must be a non-empty list"),
+    ("LRE empty file", recipe("attribute_extraction", lre=""), "recipe.relations: {tmp}/lre/factual/capitals.tsv has no rows"),
+    ("LRE header-only file", recipe("attribute_extraction", lre=LRE_HEADER),
+     "recipe.relations: {tmp}/lre/factual/capitals.tsv has no rows"),
+    ("entity source_template with another field", recipe("entity_description", recipe__source_template="{other} {entity}"),
+     "recipe.source_template: a template may use {entity} only, not {other}"),
+    ("entity source_template with a positional field", recipe("entity_description", recipe__source_template="{} {entity}"),
+     "recipe.source_template: a template may use {entity} only, not a positional field {}"),
+    ("entity source_template with a bad conversion", recipe("entity_description", recipe__source_template="x {entity!z}"),
+     "recipe.source_template: the conversion !z on {entity} is not one of !r, !s, !a"),
+    ("multi-hop target_template with an attribute", recipe("multi_hop", recipe__target_template="{first_hop.nope}?"),
+     "recipe.target_template: a template may use {first_hop}, {bridge}, {second_hop}, {answer} only, not {first_hop.nope}"),
+    ("inspect --temperature nan", lambda t: inspect("--seed", "0", "--temperature", "nan"),
+     "--temperature: expected a finite number, got nan"),
+    ("inspect --temperature inf", lambda t: inspect("--seed", "0", "--temperature", "inf"),
+     "--temperature: expected a finite number, got inf"),
+    ("inspect --seed 2**70", lambda t: inspect("--seed", str(2**70)), f"--seed: {2**70} is out of range 0 .. 4294967295"),
+    ("intervene noise --seed 2**70", lambda t: ["intervene", "--model", "tiny-llama", "--prompt", "Paris is",
+                                                "--site", "blocks.1.hook_resid_post", "--kind", "noise",
+                                                "--seed", str(2**70)],
+     f"--seed: {2**70} is out of range 0 .. 4294967295"),
+    ("report: a result file that lacks columns", report_dir("lacks columns"),
+     "dir: {tmp}/out/results/task-t1.parquet lacks the column(s) row, prompt, answer, layer"),
+    ("report: numbers stored as text", report_dir("text numbers"),
+     "dir: {tmp}/out/results/task-t1.parquet: column delta_logprob holds string, not numbers"),
+    ("report: manifest.json that is a JSON list", report_dir("manifest list"),
+     "dir: {tmp}/out/manifest.json is damaged (a JSON list, not an object)"),
     pytest.param("--device cuda without CUDA", lambda t: inspect("--device", "cuda"),
                  "--device: 'cuda', but this machine has no CUDA GPU",
                  marks=pytest.mark.skipif(not NO_CUDA, reason="this machine has CUDA")),
@@ -237,7 +442,7 @@ def nothing_may_start(no_weights, monkeypatch):
                          ids=[_case(r)[0] for r in BAD_INPUT])
 def test_bad_input_exits_2_with_one_line_naming_the_field(tmp_path, capsys, nothing_may_start, build, expected):
     argv = build(tmp_path)
-    expected = expected.format(tmp=tmp_path)
+    expected = expected.replace("{tmp}", str(tmp_path))
     before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     t0 = time.perf_counter()
     code = cli.main(argv)

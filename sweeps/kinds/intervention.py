@@ -20,6 +20,7 @@ from pydantic import Field, field_validator, model_validator
 
 from patchscope_core import KINDS as INTERVENTION_KINDS
 from patchscope_core import PatchscopeError
+from patchscope_core.values import number_problem, seed_problem, template_problem
 
 from .. import pictures
 from ..config import ConfigError, Layers, Strict, axis
@@ -54,6 +55,24 @@ class InterventionConfig(Strict):
                                       "all_previous, a position, or a list of these blocked together")
     window: int | list[int] = Field(1, description="knockout: the layers of a window centred on the site's layer")
 
+    @field_validator("site", "kind", "alpha", "factor", "noise_scale", "seed", "window", mode="after")
+    @classmethod
+    def _axis(cls, v: Any, info) -> Any:
+        values = axis(v)
+        if not values:
+            raise ValueError("empty list: an axis of the grid needs at least one value (or leave the key out)")
+        for x in values:
+            if info.field_name in ("alpha", "factor", "noise_scale"):
+                problem = number_problem(x) or (f"must be >= 0, got {x!r}" if info.field_name == "noise_scale" and x < 0
+                                                else None)
+            elif info.field_name == "seed":
+                problem = seed_problem(x)
+            else:
+                problem = None
+            if problem:
+                raise ValueError(problem)
+        return v
+
     @field_validator("heads", "neurons", mode="after")
     @classmethod
     def _units(cls, v: Any) -> Any:
@@ -78,6 +97,9 @@ class InterventionConfig(Strict):
         for site in axis(self.site):
             if not isinstance(site, str) or not site.strip():
                 raise ValueError(f"intervention.site: expected TransformerLens hook names, got {site!r}")
+            problem = template_problem(site, ("layer",))
+            if problem:
+                raise ValueError(f"intervention.site: {site!r}: {problem}")
         return self
 
 
@@ -189,6 +211,19 @@ def intervention_kinds(config, rows: list[PromptRow], base: Path | None) -> list
     return out
 
 
+def count_kinds(config) -> int:
+    """How many (kind, strength) entries `intervention_kinds` gives, by arithmetic (nothing read)."""
+    iv, n = config.intervention, 0
+    for kind in axis(iv.kind):
+        n += {"add": len(axis(iv.alpha)), "scale": len(axis(iv.factor)),
+              "noise": len(axis(iv.noise_scale)) * len(axis(iv.seed)),
+              "knockout": len(axis(iv.to)) * len(axis(iv.window))}.get(kind, 1)
+    return n
+
+
+STRENGTHS = ("alpha", "factor", "scale", "seed")  # values checked by the config's types: one check per kind suffices
+
+
 KNOCKOUT_FIELDS = ("from_", "to", "window")  # in the config hash only where a knockout uses them (older hashes stay)
 
 
@@ -219,13 +254,23 @@ def _check_model(config, plan: ModelPlan, rows: list[PromptRow], kinds) -> None:
     from patchscope_core.sites import resolve_site
 
     iv, info = config.intervention, plan.info
-    sites = [Site(h, head=tuple(h_ for h_ in [hd] if h_ is not None), neuron=tuple(n for n in [nr] if n is not None))
-             for h in site_hooks(config, plan.source_layers) for hd in units(iv.heads, info.n_heads)
-             for nr in units(iv.neurons, info.d_mlp)]
+    grid = _hooks_and_units(config, plan)  # heads where a site has them (attn.hook_z), neurons likewise (mlp.hook_post)
+    sites = [Site(h, head=() if hd is None else (hd,), neuron=() if nr is None else (nr,)) for h, hd, nr in grid]
+    hooks = site_hooks(config, plan.source_layers)
+    for key, unit in (("heads", "head"), ("neurons", "neuron")):  # given, but no site takes them: the core says why
+        values = getattr(iv, key)
+        if values is not None and all(getattr(s_, unit) == () for s_ in sites):
+            first = 0 if values == "all" else values[0]
+            sites.append(Site(hooks[0], **{unit: (first,)}))
     for site in sites:
         resolve_site(site, info, "intervention.site")
     positions = Positions.parse(iv.positions, "intervention.positions")
+    checked = set()
     for kind, values in kinds:
+        same = digest([kind, {k: v for k, v in values.items() if k not in STRENGTHS}])
+        if same in checked:  # the same kind at another strength (alpha, factor, scale, seed: checked by the types)
+            continue
+        checked.add(same)
         k = make_kind(kind, values, "intervention.kind")
         for row in rows:
             run = InterventionRun(row.prompt, (Intervention(sites[0], with_subject(k, row.subject), positions),), row.answer,
@@ -377,7 +422,9 @@ class InterventionKind(KindDefaults):
     name = "intervention"
     sections = {"prompts": PromptsConfig, "intervention": InterventionConfig}
     operation = "intervention"
-    schema = Schema(INTERVENTION_COLUMNS, INTERVENTION_RESULTS, INTERVENTION_TABLE, ("generated_token_ids",))
+    schema = Schema(INTERVENTION_COLUMNS, INTERVENTION_RESULTS, INTERVENTION_TABLE, ("generated_token_ids",),
+                    ("row", "layer", "head", "neuron", "alpha", "factor", "noise_scale", "seed", "delta_logprob",
+                     "answer_logprob", "clean_answer_logprob"))
     marks = frozenset({"delta_logprob"})
 
     def load_rows(self, config, base: Path | None) -> list[PromptRow]:
@@ -385,11 +432,17 @@ class InterventionKind(KindDefaults):
 
     def check(self, config, rows: list[PromptRow], base: Path | None) -> dict[str, ModelPlan]:
         """Layers, sites, heads and neurons, kinds, positions, answers and context on each model."""
+        n_kinds = count_kinds(config)
+        n_rows = sum(len(g) for m, g in study_groups(config, rows, by_fact=False) if m == config.models[0])
+        plans, n_cells = {}, 0
+        for name, plan in model_plans(config, rows, "intervention"):  # count first: nothing per cell is built yet
+            n_cells += n_rows * len(_hooks_and_units(config, plan)) * n_kinds
+            config.execution.check_cells(n_cells)
+            plans[name] = plan
         kinds = intervention_kinds(config, rows, base)
-        plans = {}
-        for name, plan in model_plans(config, rows, "intervention"):
+        for name, plan in plans.items():
             try:
-                count_tokens(plan, rows)
+                count_tokens(plan, rows, config.generation.max_new_tokens)
                 _check_model(config, plan, rows, kinds)
             except PatchscopeError as exc:
                 raise ConfigError(f"{exc} (on {name})") from None

@@ -42,15 +42,18 @@ def plan(config_path: str):
     context); raises ConfigError before any weights load, and before expanding a grid past
     execution.max_cells."""
     config = load_config(config_path)
+    holder = ResultStore(config.out_dir).holder()  # a busy output.dir is refused first, in a moment
+    if holder is not None:
+        raise ConfigError(ResultStore(config.out_dir).busy_message(holder))
     base = Path(config_path).parent
     rows = load_rows(config, base=base)
     plans = check_against_models(config, rows, base)
     context = study_context(config, rows, base)
     n_cells = count_cells(config, rows, plans, context)
-    limit = config.execution.max_cells
-    if n_cells > limit:
-        raise ConfigError(f"execution.max_cells: the grid has {n_cells:,} cells, more than the limit of {limit:,}; "
-                          "make the grid smaller (or split it into several sweeps), or raise execution.max_cells")
+    if n_cells == 0:
+        raise ConfigError(f"kind: this {config.kind} grid has no cells (an empty list or file?); every axis needs at "
+                          "least one value")
+    config.execution.check_cells(n_cells)  # the kinds' checks count their grids first too, before building anything
     return config, rows, plans, n_cells, context
 
 
@@ -80,7 +83,7 @@ def _describe(config, rows, plans, n_cells: int, context=None) -> None:
     print(f"sweep {config.name} ({config.kind}): {n_cells} cells in {sum(t for _, t in grid.values())} tasks "
           f"(batch size {ex.batch_size})")
     for name, p in plans.items():
-        n, t = grid[name]
+        n, t = grid.get(name, (0, 0))
         print(f"  {name}: {p.info.n_layers} layers; {len(rows)} prompt row(s) x {KINDS[config.kind].describe(config, p, context)} "
               f"= {n} cells, {t} tasks")
     print(f"workers: {ex.workers} per model, {ex.cpus_per_worker:g} CPU and {ex.gpus_per_worker:g} GPU each, "

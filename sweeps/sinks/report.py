@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ..config import ConfigError
 from ..kinds import KINDS, kind_of
 from ..records import enrich, token_text
 from .store import ResultStore
@@ -62,17 +63,61 @@ def text_table(df) -> str:
     return KINDS[kind_of(df.columns)].summary(enrich(df))
 
 
+def _kind_of_store(store: ResultStore, manifest: dict) -> str:
+    """The sweep's kind: the manifest's config says it; else the stored columns."""
+    import pyarrow.parquet as pq
+
+    kind = (manifest.get("config") or {}).get("kind") if isinstance(manifest.get("config"), dict) else None
+    if kind in KINDS:
+        return kind
+    columns: set[str] = set()
+    for f in store.files():
+        try:
+            columns |= set(pq.read_schema(f).names)
+        except Exception:  # noqa: BLE001 - a damaged file is the store's to set aside
+            continue
+    return kind_of(columns)
+
+
+def check_results(store: ResultStore, kind_name: str) -> None:
+    """Every result file holds the columns its kind's report reads, numbers where numbers are
+    expected; a ConfigError names the file, the column and what it holds."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = KINDS[kind_name].schema
+    needed = list(dict.fromkeys([*schema.params, *sorted(KINDS[kind_name].marks), *schema.numbers]))
+    for f in store.files():
+        try:
+            arrow = pq.read_schema(f)
+        except Exception:  # noqa: BLE001 - a damaged file is set aside (with a warning) when the store reads it
+            continue
+        missing = [c for c in needed if c not in arrow.names]
+        if missing:
+            raise ConfigError(f"dir: {f} lacks the column(s) {', '.join(missing)} of a {kind_name} sweep's results "
+                              "(written by another program or version?); move it away to report the rest")
+        for c in schema.numbers:
+            t = arrow.field(c).type
+            if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_null(t) or pa.types.is_boolean(t)):
+                raise ConfigError(f"dir: {f}: column {c} holds {t}, not numbers (written by another program?); "
+                                  "move the file away to report the rest")
+
+
 def main(args) -> int:
     out_dir = Path(args.dir)
     store = ResultStore(out_dir)
     if not store.results_dir.is_dir():
         print(f"error: dir: {out_dir} holds no sweep results (no {store.results_dir})", file=sys.stderr)
         return 2
+    try:
+        manifest = store.manifest() or {}
+    except ConfigError as exc:
+        raise ConfigError(f"dir: {str(exc).removeprefix('output.dir: ')}") from None
+    check_results(store, _kind_of_store(store, manifest))
     df = store.read()
     if df.empty:
         print(f"error: dir: {store.results_dir} holds no result files yet", file=sys.stderr)
         return 2
-    manifest = store.manifest() or {}
     total = manifest.get("cells_total")
     print(text_table(df))
     paths = write_report(out_dir, df)

@@ -212,10 +212,14 @@ class ResultStore:
         if not self.manifest_path.is_file():
             return None
         try:
-            return json.loads(self.manifest_path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
+            data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise ConfigError(f"output.dir: {self.manifest_path} is damaged ({type(exc).__name__}); "
                               "move it away to resume, or run with --restart") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"output.dir: {self.manifest_path} is damaged (a JSON {type(data).__name__}, not an "
+                              "object); move it away to resume, or run with --restart")
+        return data
 
     # ------------------------------------------------------------ reading
 

@@ -120,6 +120,10 @@ def _recipe(context: dict[str, Any], model: str):
     return RECIPES[context["recipe"]].from_settings(context["settings"][model])
 
 
+def _no_tokens(prompt: str) -> int:
+    raise AssertionError("a recipe's count needs no token counts")
+
+
 def _tokens(plan: ModelPlan):
     return lambda prompt: plan.n_tokens[prompt]
 
@@ -129,7 +133,8 @@ class RecipeKind(KindDefaults):
     sections = {"recipe": RecipeSection}
     tagged = {"recipe": RECIPE_SECTIONS}
     operation = "recipe"
-    schema = Schema(RECIPE_COLUMNS, RECIPE_RESULTS, RECIPE_TABLE, ("generated_token_ids",))
+    schema = Schema(RECIPE_COLUMNS, RECIPE_RESULTS, RECIPE_TABLE, ("generated_token_ids",),
+                    ("row", "source_layer", "target_layer", "score", "control_score"))
     marks = frozenset({"role", "score"})
 
     def load_rows(self, config, base: Path | None) -> list[dict[str, Any]]:
@@ -143,6 +148,11 @@ class RecipeKind(KindDefaults):
         """Layers, every prompt against the context, positions, a shared tokenizer and enough fit
         vectors, on each model, reading configs and tokenizers only."""
         part = PARTS[config.recipe.name]
+        n_cells = 0
+        for i, name in enumerate(config.models):  # count first (a recipe's count needs no tokens), then check
+            recipe = part.build(config, model_info_for(name, f"models[{i}]"))
+            n_cells += sum(recipe.count(item, _no_tokens) for item in rows)
+            config.execution.check_cells(n_cells)
         fit = part.fit_windows(config, base)
         plans = {}
         for i, name in enumerate(config.models):
