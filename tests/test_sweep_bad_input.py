@@ -254,6 +254,13 @@ def vector_file(value, name: str = "v.pt"):
     return build
 
 
+def _with(tmp, **changes) -> str:
+    """Rewrite tmp/sweep.yaml with changes; returns its path."""
+    path = tmp / "sweep.yaml"
+    path.write_text(yaml.safe_dump(changed(yaml.safe_load(path.read_text()), **changes)))
+    return str(path)
+
+
 def nan_at(n: int, index: int, value=float("nan")):
     v = torch.zeros(n)
     v[index] = value
@@ -413,6 +420,66 @@ BAD_INPUT = [
      "dir: {tmp}/out/results/task-t1.parquet: column delta_logprob holds string, not numbers"),
     ("report: manifest.json that is a JSON list", report_dir("manifest list"),
      "dir: {tmp}/out/manifest.json is damaged (a JSON list, not an object)"),
+    # ---- accepted before, giving empty or NaN results
+    *[(f"intervention.{key}: []", (lambda key, kind: lambda t: iv(t, **{"intervention__kind": kind,
+                                                                        f"intervention__{key}": []}))(key, kind),
+       f"intervention.{key}: empty list")
+      for key, kind in (("kind", []), ("alpha", "add"), ("factor", "scale"), ("noise_scale", "noise"),
+                        ("seed", "noise"))],
+    ("trace.sites: []", lambda t: trace(t, trace__sites=[]), "trace.sites: List should have at least 1 item"),
+    ("vector file with a NaN (add)", vector_file(nan_at(64, 5)), "intervention.vector: {tmp}/v.pt holds nan at index [5]"),
+    ("vector file with inf (replace)", lambda t: vector_file(nan_at(64, 63, float("inf")), "v.safetensors")(t)[:1] + [
+        _with(t, intervention__kind="replace")],
+     "intervention.vector: {tmp}/v.safetensors holds inf at index [63]"),
+    ("mapping W with a NaN", mapping_tensors(nan_at(64 * 64, 70).reshape(64, 64)),
+     "mapping.W: {tmp}/map.pt holds nan at index [1, 6]"),
+    ("mapping b with inf", mapping_tensors(torch.eye(64), nan_at(64, 0, float("-inf"))),
+     "mapping.b: {tmp}/map.pt holds -inf at index [0]"),
+    ("trace.noise: .inf", lambda t: trace(t, trace__noise=float("inf")), "trace.noise: Input should be a finite number"),
+    ("trace.noise: .nan", lambda t: trace(t, trace__noise=float("nan")), "trace.noise: Input should be a finite number"),
+    ("intervention.seed past 2**32", lambda t: iv(t, intervention__kind="noise", intervention__seed=[0, 2 * 10**13]),
+     "intervention.seed: 20000000000000 is out of range 0 .. 4294967295"),
+    ("trace.seed past 2**32", lambda t: trace(t, trace__seed=2 * 10**13), "trace.seed: Input should be less than or equal to 4294967295"),
+    ("generation.seed past 2**32", lambda t: iv(t, generation__seed=2 * 10**13), "generation.seed: Input should be less than or equal to 4294967295"),
+    ("recipe.seed past 2**32", recipe("multi_hop", recipe__seed=2**40), "recipe.seed: Input should be less than or equal to 4294967295"),
+    ("causal-trace prompt longer than the context", lambda t: trace(t, prompts__rows=[
+        {"prompt": LONG + " Paris is in", "subject": "Paris", "answer": " France"}]),
+     "prompts.prompt_column: prompts.rows row 1: 60"),
+    ("intervention prompt longer than the context", lambda t: iv(t, prompts__rows=[{"prompt": LONG, "answer": " x"}]),
+     "prompts.prompt_column: prompts.rows row 1: 60"),
+    ("intervention prompt + max_new_tokens past the context", lambda t: iv(
+        t, prompts__rows=[{"prompt": "x " * 480, "answer": " x"}], generation__max_new_tokens=100),
+     "generation.max_new_tokens: 48"),
+    ("CSV row with more fields than the header", data_file("rows.csv", "prompt,answer\nParis, the capital,  France\n",
+                                                           lambda t, p: iv(t, prompts__rows=None, prompts__file=p)),
+     "prompts.file: {tmp}/rows.csv line 2 has 3 fields, more than the header's 2 (a ',' inside a value must be quoted)"),
+    ("TSV row with more fields than the header", data_file("rows.tsv", "prompt\tanswer\nParis\tis\t France\n",
+                                                           lambda t, p: iv(t, prompts__rows=None, prompts__file=p)),
+     "prompts.file: {tmp}/rows.tsv line 2 has 3 fields, more than the header's 2 (a tab inside"),
+    ("source.file CSV row with more fields", data_file("src.csv", "prompt\nParis\nLondon, UK\n", lambda t, p: sweep(
+        t, source__prompts=None, source__file=p)), "source.file: {tmp}/src.csv line 3 has 2 fields"),
+    # ---- hangs
+    ("a YAML alias bomb", alias_bomb, "config: {tmp}/sweep.yaml expands to more than 1,000,000 values through its aliases"),
+    ("a YAML alias inside its own anchor", lambda t: sweep(t, text=yaml.safe_dump(changed(IV, output__dir=str(t / "out")))
+                                                         + "loop: &loop [1, *loop]\n"),
+     "config: the alias on line "),
+    ("10^6 noise_scale x seed cells past max_cells", lambda t: iv(
+        t, intervention__kind="noise", intervention__noise_scale=[float(i) for i in range(1000)],
+        intervention__seed=list(range(1000)), execution={"max_cells": 10**6}),
+     "execution.max_cells: the grid has 8,000,000 cells, more than the limit of 1,000,000"),
+    ("10^6 noise cells past max_cells, dry run", lambda t: iv(
+        t, "--dry-run", intervention__kind="noise", intervention__noise_scale=[float(i) for i in range(1000)],
+        intervention__seed=list(range(1000)), execution={"max_cells": 10**6}),
+     "execution.max_cells: the grid has 8,000,000 cells"),
+    ("causal trace past max_cells", lambda t: trace(t, prompts__rows=[
+        {"prompt": f"Fact {i}: Paris is in", "subject": "Paris", "answer": " France"} for i in range(2000)],
+        trace__sites=["resid_post", "mlp_out", "attn_out"], trace__layers="all", trace__positions=list(range(-5, 0)),
+        execution={"max_cells": 100_000}),
+     "execution.max_cells: the grid has 120,000 cells, more than the limit of 100,000"),
+    ("token-identity recipe past max_cells", recipe("token_identity", recipe__windows=400, recipe__positions=4,
+                                                    execution={"max_cells": 1000}),
+     "execution.max_cells: the grid has 19,200 cells, more than the limit of 1,000"),
+    ("another sweep is running into output.dir", busy_dir, "output.dir: another sweep is running into {tmp}/out"),
     pytest.param("--device cuda without CUDA", lambda t: inspect("--device", "cuda"),
                  "--device: 'cuda', but this machine has no CUDA GPU",
                  marks=pytest.mark.skipif(not NO_CUDA, reason="this machine has CUDA")),
