@@ -48,6 +48,11 @@ ACCEPTED = (
 )
 
 
+def _one_line(exc: BaseException) -> str:
+    """The hub's or transformers' message on one line (theirs span several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def cache_dir() -> Path:
     """Where dequantised weights and tiny models live: $PATCHSCOPE_CACHE or ~/.cache/patchscope-sweeps."""
     return Path(os.environ.get("PATCHSCOPE_CACHE", Path.home() / ".cache" / "patchscope-sweeps"))
@@ -347,7 +352,7 @@ def model_info(name: str) -> ModelInfo:
             config = AutoConfig.from_pretrained(path)
             tokenizer = _load_tokenizer(path)
         except OSError as exc:
-            raise UnknownModelError(f"model: cannot load {name!r} ({exc}); expected {ACCEPTED}") from exc
+            raise UnknownModelError(f"model: cannot load {name!r} ({_one_line(exc)}); expected {ACCEPTED}") from exc
     try:
         adapter = _adapter(config)
     except (ValueError, NotImplementedError) as exc:
@@ -416,7 +421,7 @@ def load_model(name: str, device: str | None = None, dtype: Any = None, device_m
         try:
             return TransformerBridge.boot_transformers(name, **kwargs)
         except OSError as exc:
-            raise UnknownModelError(f"model: cannot load {name!r} ({exc}); expected {ACCEPTED}") from exc
+            raise UnknownModelError(f"model: cannot load {name!r} ({_one_line(exc)}); expected {ACCEPTED}") from exc
     hf_model.eval()
     hub_name = SMOLLM2_HUB_NAME if name == "smollm2-135m" else name
     bridge_device = None if device_map is not None else device

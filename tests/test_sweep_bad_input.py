@@ -480,6 +480,30 @@ BAD_INPUT = [
                                                     execution={"max_cells": 1000}),
      "execution.max_cells: the grid has 19,200 cells, more than the limit of 1,000"),
     ("another sweep is running into output.dir", busy_dir, "output.dir: another sweep is running into {tmp}/out"),
+    # ---- unclear messages
+    ("prompts.file JSONL bad line", data_file("rows.jsonl", '{"prompt": "Paris", "answer": " x"}\n{"prompt": \n',
+                                              lambda t, p: iv(t, prompts__rows=None, prompts__file=p)),
+     "prompts.file: {tmp}/rows.jsonl line 2 is not JSON"),
+    ("prompts.file JSONL array", data_file("rows.jsonl", '[{"prompt": "Paris", "answer": " x"}]\n',
+                                           lambda t, p: iv(t, prompts__rows=None, prompts__file=p)),
+     "prompts.file: {tmp}/rows.jsonl line 1 is not a JSON object"),
+    ("prompts.file not UTF-8", data_file("rows.csv", b"prompt,answer\n" + LATIN1.replace(b"\n", b", x\n"),
+                                         lambda t, p: iv(t, prompts__rows=None, prompts__file=p)),
+     "prompts.file: {tmp}/rows.csv is not UTF-8 text (byte 0xe9 on line 2)"),
+    ("prompts.file binary", data_file("rows.jsonl", BINARY, lambda t, p: iv(t, prompts__rows=None, prompts__file=p)),
+     "prompts.file: {tmp}/rows.jsonl is a binary file"),
+    ("prompts.file .txt", data_file("rows.txt", "Paris\n", lambda t, p: iv(t, prompts__rows=None, prompts__file=p)),
+     "prompts.file: {tmp}/rows.txt must end in .csv, .tsv or .jsonl"),
+    ("unknown model (the hub's message has newlines)", lambda t: iv(t, models=["no-such-org/no-such-model"]),
+     "models[0]: cannot load 'no-such-org/no-such-model' ("),
+    ("inspect with an unknown model", lambda t: inspect()[:1] + ["--model", "no-such-org/no-such-model"] + inspect()[3:],
+     "model: cannot load 'no-such-org/no-such-model' ("),
+    ("YAML syntax error", lambda t: sweep(t, text="name: x\nmodels: [tiny-llama\nsource: {prompts: [a]}\n"),
+     "config: {tmp}/sweep.yaml is not valid YAML (expected ',' or ']', but got ':' on line 3, column 7"),
+    ("multi-hop empty hop2_template", recipe("multi_hop", recipe__hop2_template=""),
+     "recipe.hop2_template: empty template"),
+    ("multi-hop blank source_template", recipe("multi_hop", recipe__source_template="  "),
+     "recipe.source_template: empty template"),
     pytest.param("--device cuda without CUDA", lambda t: inspect("--device", "cuda"),
                  "--device: 'cuda', but this machine has no CUDA GPU",
                  marks=pytest.mark.skipif(not NO_CUDA, reason="this machine has CUDA")),
@@ -562,3 +586,26 @@ def test_planning_a_million_cells_takes_seconds(tmp_path, capsys):
     assert "1000000 cells in 62500 tasks" in out and "0 of these cells already stored, 1000000 to run in 62500 tasks" in out
     assert elapsed < 10, f"planning 10^6 cells took {elapsed:.1f} s"
     print(f"dry run of 10^6 cells: {elapsed:.2f} s")
+
+
+def test_a_plain_pickle_as_vector_or_mapping_prints_one_line_and_no_torch_warning(tmp_path):
+    """torch warns (on stderr, outside any capture) before refusing a plain pickle: the line must be the only one."""
+    path = tmp_path / "plain.pt"
+    path.write_bytes(pickle.dumps({"W": [[1.0]]}))
+    patchscope = str(Path(sys.executable).with_name("patchscope"))
+    env = {**os.environ, "PYTHONWARNINGS": "default"}
+    for argv, field in ((["intervene", "--model", "tiny-llama", "--prompt", "Paris is", "--site", "blocks.1.hook_resid_post",
+                          "--kind", "add", "--alpha", "1", "--vector", str(path)], "--vector"),
+                        (inspect("--mapping", str(path)), "mapping.path")):
+        proc = subprocess.run([patchscope, *argv], capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith(f"error: {field}: cannot read {path} as "), proc.stderr
+        assert proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_heads_apply_where_a_site_has_them(tmp_path, capsys, nothing_may_start):
+    """heads with sites [hook_resid_post, attn.hook_z]: the heads on hook_z, the whole resid_post once."""
+    argv = iv(tmp_path, "--dry-run", intervention__site=["blocks.{layer}.hook_resid_post", "blocks.{layer}.attn.hook_z"])
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    # 2 prompts x 2 layers x (1 resid_post + 2 heads of hook_z) x 1 kind
+    assert "12 cells" in capsys.readouterr().out
