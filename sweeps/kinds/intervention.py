@@ -221,7 +221,7 @@ def count_kinds(config) -> int:
     return n
 
 
-STRENGTHS = ("alpha", "factor", "scale", "seed")  # values checked by the config's types: one check per kind suffices
+STRENGTH_KINDS = ("add", "scale", "noise")  # kinds whose entries differ in strength only: one check per kind suffices
 
 
 KNOCKOUT_FIELDS = ("from_", "to", "window")  # in the config hash only where a knockout uses them (older hashes stay)
@@ -267,8 +267,9 @@ def _check_model(config, plan: ModelPlan, rows: list[PromptRow], kinds) -> None:
     positions = Positions.parse(iv.positions, "intervention.positions")
     checked = set()
     for kind, values in kinds:
-        same = digest([kind, {k: v for k, v in values.items() if k not in STRENGTHS}])
-        if same in checked:  # the same kind at another strength (alpha, factor, scale, seed: checked by the types)
+        # add, scale and noise entries differ only in strength (alpha, factor, scale, seed: checked by the types)
+        same = kind if kind in STRENGTH_KINDS else digest([kind, values])
+        if same in checked:
             continue
         checked.add(same)
         k = make_kind(kind, values, "intervention.kind")
