@@ -476,6 +476,11 @@ BAD_INPUT = [
         trace__sites=["resid_post", "mlp_out", "attn_out"], trace__layers="all", trace__positions=list(range(-5, 0)),
         execution={"max_cells": 100_000}),
      "execution.max_cells: the grid has 120,000 cells, more than the limit of 100,000"),
+    ("causal trace over all positions past max_cells", data_file("facts.jsonl", "".join(json.dumps(
+        {"prompt": "x " * 400 + f"fact {i}: Paris is in", "subject": "Paris", "answer": " France"}) + "\n"
+        for i in range(3000)), lambda t, p: trace(t, prompts__rows=None, prompts__file=p, trace__positions="all",
+                                                  trace__sites=["resid_post", "mlp_out", "attn_out"], trace__layers="all")),
+     "execution.max_cells: the grid has 10,0"),
     ("token-identity recipe past max_cells", recipe("token_identity", recipe__windows=400, recipe__positions=4,
                                                     execution={"max_cells": 1000}),
      "execution.max_cells: the grid has 19,200 cells, more than the limit of 1,000"),

@@ -208,9 +208,20 @@ class CausalTraceKind(KindDefaults):
             at_least += facts * len(tr.sites) * len(plan.source_layers) * (1 if tr.positions == "all" else len(tr.positions))
             config.execution.check_cells(at_least)
             plans[name] = plan
+        counted = 0  # positions 'all': the grid grows as the prompts are tokenised; refused as soon as it is too large
         for name, plan in plans.items():
             try:
-                count_tokens(plan, rows)
+                if tr.positions == "all":
+                    distinct: set = set()  # the rows study_groups keeps
+                    for row in rows:
+                        count_tokens(plan, [row])
+                        key = (fact_key(row.prompt, row.subject, row.answer), row.answer, row.subject, row.refs)
+                        if key not in distinct:
+                            distinct.add(key)
+                            counted += len(tr.sites) * len(plan.source_layers) * plan.n_tokens[row.prompt]
+                            config.execution.check_cells(counted)
+                else:
+                    count_tokens(plan, rows)
                 _check_facts(config, plan, rows)
             except PatchscopeError as exc:
                 raise ConfigError(f"{exc} (on {name})") from None
