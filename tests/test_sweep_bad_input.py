@@ -415,7 +415,8 @@ BAD_INPUT = [
                                                 "--seed", str(2**70)],
      f"--seed: {2**70} is out of range 0 .. 4294967295"),
     ("report: a result file that lacks columns", report_dir("lacks columns"),
-     "dir: {tmp}/out/results/task-t1.parquet lacks the column(s) row, prompt, answer, layer"),
+     "dir: {tmp}/out/results/task-t1.parquet lacks the column(s) row, layer, neuron, alpha, factor, noise_scale, seed, "
+     "answer_logprob, clean_answer_logprob, prompt of a intervention sweep's results"),
     ("report: numbers stored as text", report_dir("text numbers"),
      "dir: {tmp}/out/results/task-t1.parquet: column delta_logprob holds string, not numbers"),
     ("report: manifest.json that is a JSON list", report_dir("manifest list"),

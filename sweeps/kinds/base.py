@@ -50,6 +50,7 @@ class Schema:
     table: tuple[str, ...]  # what a person reads, in this order (ref_ and match_ columns follow)
     tokens: tuple[str, ...]  # token-id lists, shown as text in tables
     numbers: tuple[str, ...] = ()  # columns every stored row has, as numbers (`patchscope report` checks them)
+    needs: tuple[str, ...] = ()  # other columns the report and summary read (`patchscope report` checks them)
 
 
 def digest(obj: Any, n: int = 16) -> str:

@@ -186,7 +186,8 @@ class CausalTraceKind(KindDefaults):
     sections = {"prompts": PromptsConfig, "trace": TraceConfig}
     operation = "causal_trace"
     schema = Schema(TRACE_COLUMNS, TRACE_RESULTS, TRACE_COLUMNS + TRACE_RESULTS, (),
-                    ("row", "layer", "position", "p_clean", "p_corrupt", "p_restored", "indirect_effect"))
+                    ("row", "layer", "position", "p_clean", "p_corrupt", "p_restored", "indirect_effect"),
+                    ("prompt", "answer", "site", "token", "is_subject"))
     marks = frozenset({"indirect_effect"})
     one_task = True  # a fact's cells share its clean and corrupted runs
 

@@ -425,7 +425,7 @@ class InterventionKind(KindDefaults):
     operation = "intervention"
     schema = Schema(INTERVENTION_COLUMNS, INTERVENTION_RESULTS, INTERVENTION_TABLE, ("generated_token_ids",),
                     ("row", "layer", "head", "neuron", "alpha", "factor", "noise_scale", "seed", "delta_logprob",
-                     "answer_logprob", "clean_answer_logprob"))
+                     "answer_logprob", "clean_answer_logprob"), ("prompt", "site", "kind"))
     marks = frozenset({"delta_logprob"})
 
     def load_rows(self, config, base: Path | None) -> list[PromptRow]:

@@ -86,7 +86,7 @@ def check_results(store: ResultStore, kind_name: str) -> None:
     import pyarrow.parquet as pq
 
     schema = KINDS[kind_name].schema
-    needed = list(dict.fromkeys([*schema.params, *sorted(KINDS[kind_name].marks), *schema.numbers]))
+    needed = list(dict.fromkeys(["cell_id", "model", *sorted(KINDS[kind_name].marks), *schema.numbers, *schema.needs]))
     for f in store.files():
         try:
             arrow = pq.read_schema(f)

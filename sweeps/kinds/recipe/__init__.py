@@ -134,7 +134,7 @@ class RecipeKind(KindDefaults):
     tagged = {"recipe": RECIPE_SECTIONS}
     operation = "recipe"
     schema = Schema(RECIPE_COLUMNS, RECIPE_RESULTS, RECIPE_TABLE, ("generated_token_ids",),
-                    ("row", "source_layer", "target_layer", "score", "control_score"))
+                    ("row", "source_layer", "target_layer", "score", "control_score"), ("recipe", "role", "method"))
     marks = frozenset({"role", "score"})
 
     def load_rows(self, config, base: Path | None) -> list[dict[str, Any]]:
