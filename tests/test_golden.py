@@ -54,4 +54,4 @@ def test_a_run_written_before_resumes_with_nothing_recomputed_and_the_same_rows(
 
     fresh = tmp_path / "fresh"
     assert common.run_in_process(run / "sweep.yaml", engine, fresh) == len(before)
-    assert common.stable(ResultStore(fresh).read()) == before
+    assert common.same_rows(common.stable(ResultStore(fresh).read()), before) == []
