@@ -26,7 +26,6 @@ import yaml
 
 import sweeps.run.driver
 from sweeps import cli
-from sweeps.sinks.store import ResultStore
 from tests.configs import changed
 
 BASE = {
@@ -94,14 +93,6 @@ def huge_grid(tmp):
 def output_dir_is_a_file(tmp):
     (tmp / "taken").write_text("not a directory")
     return sweep(tmp, out=tmp / "taken" / "out")
-
-
-def another_configs_results(tmp, *extra):
-    """A directory that holds the results of another config: the real run refuses, and so does --dry-run."""
-    store = ResultStore(tmp / "out")
-    store.open({"name": "other"}, "hash-of-another-config", 1)
-    store.write("t1", [{"cell_id": "c1", "model": "tiny-llama", "generated_text": "x"}])
-    return sweep(tmp, *extra)
 
 
 def mapping_file(kind):
@@ -195,9 +186,6 @@ BAD_INPUT = [
     ("non-UTF-8 config", non_utf8_config, "config: {tmp}/sweep.yaml is not UTF-8 text (byte 0xe9 on line "),
     ("non-UTF-8 data file", non_utf8_data_file, "source.file: {tmp}/rows.csv is not UTF-8 text (byte 0xe9 on line 3)"),
     ("a key given twice in the YAML", duplicate_key, "target.layers: given twice (lines "),
-    ("dry run where the run would refuse another config's results", lambda t: another_configs_results(t, "--dry-run"),
-     "output.dir: {tmp}/out holds results of another config"),
-    ("run into another config's results", another_configs_results, "output.dir: {tmp}/out holds results of another config"),
     ("--address where nothing listens", nothing_listening, "--address: no Ray cluster answers at 127.0.0.1:"),
     ("--address where a web server listens", listening("web"), "--address: 127.0.0.1:"),
     ("--address where a server never answers", listening("silent"),

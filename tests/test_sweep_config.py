@@ -306,8 +306,10 @@ def test_store_writes_each_cell_once_atomically_and_refuses_another_config(tmp_p
     assert sorted(df.cell_id) == ["c1", "c2", "c3"] and "again" not in set(df.generated_text)
     # a fresh store (a resumed run) reads the stored ids back
     assert ResultStore(tmp_path / "out").open({"name": "a"}, "hash-a", 3) == 3
-    with pytest.raises(ConfigError, match=r"^output\.dir: .* holds results of another config"):
-        ResultStore(tmp_path / "out").open({"name": "a"}, "hash-b", 3)
+    # another config in the same directory reuses what it finds (results/ is a cache; the
+    # manifest keeps the config history), unless --restart
+    assert ResultStore(tmp_path / "out").open({"name": "b"}, "hash-b", 3) == 3
+    assert [h["config_hash"] for h in json.loads((tmp_path / "out" / "manifest.json").read_text())["history"]] == ["hash-a"]
     assert ResultStore(tmp_path / "out").open({"name": "a"}, "hash-b", 3, restart=True) == 0
     assert ResultStore(tmp_path / "out").read().empty
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
