@@ -9,7 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from .fields import Strict
 
 class GenerationConfig(Strict):
-    max_new_tokens: int = Field(20, ge=1)
+    max_new_tokens: int = Field(20, ge=0, description="0: score only, no generation (intervention, knockout)")
     stop_at_eos: bool = True
     do_sample: bool = False
     temperature: float = Field(1.0, gt=0)

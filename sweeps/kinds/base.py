@@ -61,6 +61,14 @@ def generation_key(config) -> str:
     return digest(config.generation.model_dump(mode="json"))
 
 
+def check_generates(config, kind: str) -> None:
+    """A kind whose result is generated text needs at least one new token (0, score only, is for
+    the kinds that score an answer without generating)."""
+    if config.generation.max_new_tokens < 1:
+        raise ValueError(f"generation.max_new_tokens: a {kind} sweep generates text; give 1 or more "
+                         "(0, score only, is for intervention sweeps)")
+
+
 def run_columns(output: dict[str, Any], rec: dict[str, Any]) -> dict[str, Any]:
     """Where and when a row was computed: the task, the worker, the timings."""
     return {"task_id": output["task_id"], "time_task_s": output["time_task_s"],

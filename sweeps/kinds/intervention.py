@@ -460,11 +460,16 @@ class InterventionKind(KindDefaults):
         return intervention_report(out_dir, df)
 
     def summary(self, df, max_rows: int = 15) -> str:
-        g = df.groupby(["model", "site", "head", "kind"], dropna=False)["delta_logprob"].mean().reset_index()
-        g = g.sort_values("delta_logprob", key=abs, ascending=False).head(max_rows)
-        lines = ["== the interventions that change the answer's log-probability most (mean over prompts)"]
-        lines += [f"  {r.model} {r.site}{'' if r.head != r.head else f' head {int(r.head)}'} {r.kind}: "
-                  f"{r.delta_logprob:+.3f}" for r in g.itertuples()]
+        # every axis the sweep varied is a group (kind and strength: the variant), never averaged over
+        df = df.assign(variant=_variant(df))
+        keys = [c for c in ("model", "site", "head", "neuron", "variant") if c in df]
+        g = df.groupby(keys, dropna=False)["delta_logprob"].agg(["mean", "count"]).reset_index()
+        g = g.sort_values("mean", key=abs, ascending=False).head(max_rows)
+        lines = ["== the interventions that change the answer's log-probability most (mean over prompts, "
+                 "per site, head or neuron, kind and strength)"]
+        lines += [f"  {r.model} {r.site}{'' if r.head != r.head else f' head {int(r.head)}'}"
+                  f"{'' if getattr(r, 'neuron', None) is None or r.neuron != r.neuron else f' neuron {int(r.neuron)}'} "
+                  f"{r.variant}: {r.mean:+.3f} ({r.count} prompts)" for r in g.itertuples()]
         return "\n".join(lines)
 
 

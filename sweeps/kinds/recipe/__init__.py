@@ -25,7 +25,7 @@ from patchscope_core.spec import context_problem
 
 from ...config import ConfigError
 from ...config.models import ModelPlan, model_info_for
-from ..base import KindDefaults, Schema, digest, generation_key, run_columns
+from ..base import KindDefaults, Schema, check_generates, digest, generation_key, run_columns
 from . import attribute_extraction, cross_model, entity_description, multi_hop, token_identity
 
 # Every recipe's sweep side, by recipe name (the names of patchscope_core.recipes.RECIPES).
@@ -131,6 +131,9 @@ class RecipeKind(KindDefaults):
     operation = "recipe"
     schema = Schema(RECIPE_COLUMNS, RECIPE_RESULTS, RECIPE_TABLE, ("generated_token_ids",))
     marks = frozenset({"role", "score"})
+
+    def check_config(self, config) -> None:
+        check_generates(config, self.name)
 
     def load_rows(self, config, base: Path | None) -> list[dict[str, Any]]:
         """The recipe's rows as plain data, through the loaders of `patchscope_core.recipes`."""

@@ -1,0 +1,67 @@
+"""Summaries that answer the question asked (issue 19): the terminal summary of an intervention
+sweep groups by every axis it varied (a steering sweep's alphas are never averaged together),
+and `max_new_tokens: 0` (score only) runs in an intervention sweep while the kinds that generate
+refuse it by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from sweeps.cli import main
+
+
+def test_the_intervention_summary_keeps_each_strength_apart():
+    from sweeps.kinds import KINDS
+
+    rows = [{"model": "m", "site": "blocks.1.hook_resid_post", "head": None, "neuron": None, "kind": "add",
+             "alpha": alpha, "factor": None, "noise_scale": None, "seed": None, "delta_logprob": value}
+            for alpha, values in ((1.0, (-2.0, -2.5)), (4.0, (-5.0, -6.0)), (8.0, (-11.0, -11.5)))
+            for value in values]
+    text = KINDS["intervention"].summary(pd.DataFrame(rows))
+    for alpha, mean in ((1, -2.25), (4, -5.5), (8, -11.25)):
+        assert f"add alpha={alpha}: {mean:+.3f} (2 prompts)" in text, text
+    assert f"{(-2.25 - 5.5 - 11.25) / 3:+.3f}" not in text  # the mean of the per-alpha means
+
+
+def write(tmp_path: Path, **cfg) -> Path:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_max_new_tokens_0_scores_without_generating_in_an_intervention_sweep(tmp_path, tiny_models):
+    from patchscope_core import Engine
+    from sweeps.sinks.store import ResultStore
+    from tests.golden.common import run_in_process
+
+    config = write(tmp_path, name="score", kind="intervention", models=["tiny-llama"],
+                   prompts={"rows": [{"prompt": "Paris is the capital of", "answer": " France"}],
+                            "prompt_column": "prompt", "answer_column": "answer"},
+                   intervention={"site": "blocks.{layer}.hook_resid_post", "layers": [1], "kind": "zero"},
+                   generation={"max_new_tokens": 0}, execution={"workers": 1},
+                   output={"dir": str(tmp_path / "out"), "wandb": {"mode": "disabled"}})
+    engine = Engine(tiny_models["tiny-llama"], name="tiny-llama")
+    assert run_in_process(config, engine, tmp_path / "out") == 1
+    (row,) = ResultStore(tmp_path / "out").read().to_dict("records")
+    assert list(row["generated_token_ids"]) == [] and row["generated_text"] == ""
+    # the answer is still scored: equal to the engine's own run with no generation
+    from patchscope_core import Intervention, InterventionRun, Zero
+
+    (want,) = engine.run_interventions([InterventionRun("Paris is the capital of",
+                                                        (Intervention("blocks.1.hook_resid_post", Zero()),),
+                                                        " France", 0)])
+    assert row["delta_logprob"] == pytest.approx(want.answer_logprob - want.clean_answer_logprob, abs=1e-5)
+
+
+def test_max_new_tokens_0_is_refused_by_a_patchscope_sweep(tmp_path, capsys, no_weights):
+    config = write(tmp_path, name="ps", models=["tiny-llama"],
+                   source={"prompts": ["Paris"], "layers": [1], "positions": [-1]},
+                   target={"prompt": "Tell me about x", "layers": "same", "positions": [-1]},
+                   generation={"max_new_tokens": 0},
+                   output={"dir": str(tmp_path / "out"), "wandb": {"mode": "disabled"}})
+    assert main(["sweep", str(config), "--dry-run"]) == 2
+    assert "error: generation.max_new_tokens: a patchscope sweep generates text" in capsys.readouterr().err
