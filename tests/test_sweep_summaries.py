@@ -65,3 +65,35 @@ def test_max_new_tokens_0_is_refused_by_a_patchscope_sweep(tmp_path, capsys, no_
                    output={"dir": str(tmp_path / "out"), "wandb": {"mode": "disabled"}})
     assert main(["sweep", str(config), "--dry-run"]) == 2
     assert "error: generation.max_new_tokens: a patchscope sweep generates text" in capsys.readouterr().err
+
+
+def test_a_steering_row_records_its_strength_against_the_sites_norm(tmp_path, tiny_models):
+    import torch
+
+    from patchscope_core import Engine
+    from sweeps.sinks.store import ResultStore
+    from tests.golden.common import run_in_process
+
+    torch.manual_seed(0)
+    vector = torch.randn(64)
+    torch.save(vector, tmp_path / "v.pt")
+    prompts = ["Paris is the capital of", "The fox jumps over the"]
+    config = write(tmp_path, name="steer", kind="intervention", models=["tiny-llama"],
+                   prompts={"rows": [{"prompt": p} for p in prompts], "prompt_column": "prompt"},
+                   intervention={"site": "blocks.{layer}.hook_resid_post", "layers": [1, 2], "kind": ["add", "zero"],
+                                 "alpha": [2.0, 8.0], "vector": "v.pt"},
+                   generation={"max_new_tokens": 1}, execution={"workers": 1},
+                   output={"dir": str(tmp_path / "out"), "wandb": {"mode": "disabled"}})
+    bridge = tiny_models["tiny-llama"]
+    run_in_process(config, Engine(bridge, name="tiny-llama"), tmp_path / "out")
+    df = ResultStore(tmp_path / "out").read()
+    add, zero = df[df["kind"] == "add"], df[df["kind"] == "zero"]
+    assert len(add) == 2 * 2 * 2 and zero["relative_strength"].isna().all()
+    for r in add.itertuples():
+        with torch.no_grad():
+            _, cache = bridge.run_with_cache(bridge.to_tokens(r.prompt))
+        h = cache[f"blocks.{r.layer}.hook_resid_post"][0, 1:]  # every token but BOS
+        site_norm = float(h.norm(dim=-1).mean())
+        assert r.vector_norm == pytest.approx(float(vector.norm()), rel=1e-5)
+        assert r.site_norm == pytest.approx(site_norm, rel=1e-4)
+        assert r.relative_strength == pytest.approx(r.alpha * float(vector.norm()) / site_norm, rel=1e-4)

@@ -85,11 +85,13 @@ INTERVENTION_COLUMNS = (
     "cell_id", "model", "row", "prompt", "answer", "site", "layer", "head", "neuron", "kind", "alpha", "factor",
     "noise_scale", "seed", "positions",
 )
+# A steering row's strength against the site's own scale (`engine.steering_norms`; null otherwise).
+STEERING_NORMS = ("vector_norm", "site_norm", "relative_strength")
 INTERVENTION_RESULTS = (
     "delta_logprob", "answer_logprob", "clean_answer_logprob", "p_answer", "p_answer_clean", "generated_text",
     "clean_generated_text", "generated_token_ids", "clean_generated_token_ids", "answer_token_ids",
     "answer_logprobs", "prompt_token_ids", "top_token_ids", "top_logprobs", "max_new_tokens",
-)
+) + STEERING_NORMS
 INTERVENTION_TABLE = (
     "cell_id", "model", "row", "prompt", "answer", "site", "layer", "head", "neuron", "kind", "knockout", "alpha",
     "factor", "noise_scale", "seed", "positions", "p_change_pct", "delta_logprob", "answer_logprob", "clean_answer_logprob", "p_answer",
@@ -441,6 +443,7 @@ class InterventionKind(KindDefaults):
         for cell, rec in zip(task.cells, output["records"], strict=True):
             row = cell.params()
             row.update({c: rec.get(c) for c in INTERVENTION_RESULTS if c in rec})
+            row.update({c: rec.get(c) for c in STEERING_NORMS})  # every row: one schema per file
             row["max_new_tokens"] = cell.max_new_tokens
             a, c = rec["answer_logprob"], rec["clean_answer_logprob"]
             row["delta_logprob"] = None if a is None or c is None else a - c
