@@ -97,3 +97,56 @@ def test_a_steering_row_records_its_strength_against_the_sites_norm(tmp_path, ti
         assert r.vector_norm == pytest.approx(float(vector.norm()), rel=1e-5)
         assert r.site_norm == pytest.approx(site_norm, rel=1e-4)
         assert r.relative_strength == pytest.approx(r.alpha * float(vector.norm()) / site_norm, rel=1e-4)
+
+
+def _contrast_config(tmp_path: Path, **report) -> Path:
+    rows = [{"prompt": p, "answer": a, "polarity": pol}
+            for p in ("I think this movie is", "My day at the office was")
+            for a, pol in ((" great", "positive"), (" terrible", "negative"))]
+    return write(tmp_path, name="contrast", kind="intervention", models=["tiny-llama"],
+                 prompts={"rows": rows, "prompt_column": "prompt", "answer_column": "answer",
+                          "reference_columns": ["polarity"]},
+                 intervention={"site": "blocks.{layer}.attn.hook_z", "layers": [0, 1], "heads": [0, 1], "kind": "zero"},
+                 generation={"max_new_tokens": 1}, execution={"workers": 1},
+                 output={"dir": str(tmp_path / "out"), "wandb": {"mode": "disabled"}}, report=report)
+
+
+def test_report_contrast_is_the_difference_of_the_two_groups_means(tmp_path, tiny_models):
+    from patchscope_core import Engine
+    from sweeps.sinks.report import write_report
+    from sweeps.sinks.store import ResultStore
+    from tests.golden.common import run_in_process
+
+    config = _contrast_config(tmp_path, contrast={"column": "polarity", "plus": "positive", "minus": "negative"})
+    run_in_process(config, Engine(tiny_models["tiny-llama"], name="tiny-llama"), tmp_path / "out")
+    df = ResultStore(tmp_path / "out").read()
+    made = write_report(tmp_path / "out", df)
+    top = pd.read_csv(made["top_heads"])
+    assert len(top) == 4 and "contrast" in top.columns
+    for r in top.itertuples():
+        cell = df[(df["layer"] == r.layer) & (df["head"] == r.head)]
+        want = (cell.loc[cell["ref_polarity"] == "positive", "delta_logprob"].mean()
+                - cell.loc[cell["ref_polarity"] == "negative", "delta_logprob"].mean())
+        assert r.contrast == pytest.approx(want, abs=1e-6) and r.prompts == 4
+
+
+@pytest.mark.parametrize("report,message", [
+    ({"contrast": {"column": "mood", "plus": "a", "minus": "b"}}, "report.contrast.column: 'mood' is not a reference column"),
+    ({"contrast": {"column": "polarity", "plus": "positive", "minus": "neutral"}},
+     "report.contrast.minus: no prompt has polarity = 'neutral'"),
+    ({"metric": "generated_text"}, "report.metric: 'generated_text' is not a measure of intervention sweeps"),
+])
+def test_bad_report_settings_are_refused_before_weights_load(tmp_path, capsys, no_weights, report, message):
+    assert main(["sweep", str(_contrast_config(tmp_path, **report)), "--dry-run"]) == 2
+    assert f"error: {message}" in capsys.readouterr().err
+
+
+def test_a_patchscope_sweep_takes_no_report_metric(tmp_path, capsys, no_weights):
+    config = write(tmp_path, name="ps", models=["tiny-llama"],
+                   source={"prompts": ["Paris"], "layers": [1], "positions": [-1]},
+                   target={"prompt": "Tell me about x", "layers": "same", "positions": [-1]},
+                   report={"metric": "delta_logprob"},
+                   output={"dir": str(tmp_path / "out"), "wandb": {"mode": "disabled"}})
+    assert main(["sweep", str(config), "--dry-run"]) == 2
+    assert "error: report.metric: 'delta_logprob' is not a measure of patchscope sweeps (it takes no report section)" \
+        in capsys.readouterr().err

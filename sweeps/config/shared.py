@@ -79,6 +79,23 @@ class WandbConfig(Strict):
     tags: list[str] = []
 
 
+class ContrastConfig(Strict):
+    """A difference of two groups of rows: the mean over the rows whose reference column is
+    `plus` minus the mean over those where it is `minus` (e.g. answers ' great' vs ' terrible')."""
+
+    column: str = Field(description="a reference column of the prompts (results: ref_<column>)")
+    plus: str
+    minus: str
+
+
+class ReportConfig(Strict):
+    """What the summaries and pictures measure (kinds that take it: intervention). Not part of
+    the config hash: changing it redraws, never recomputes."""
+
+    metric: str | None = Field(None, description="a result column to average (default: the kind's own)")
+    contrast: ContrastConfig | None = None
+
+
 class OutputConfig(Strict):
     dir: str | None = Field(None, description="default runs/<name>")
     wandb: WandbConfig = WandbConfig()

@@ -322,7 +322,7 @@ class ActivationPatchingKind(KindDefaults):
                 f"{pt.positions} x heads {pt.heads} (head sites) x directions {axis(pt.direction)} x metrics {axis(pt.metric)}, "
                 f"window {pt.window}")
 
-    def report(self, out_dir: Path, df) -> dict[str, Path]:
+    def report(self, out_dir: Path, df, settings: dict | None = None) -> dict[str, Path]:
         return patching_report(out_dir, df)
 
     def summary(self, df, max_rows: int = 15) -> str:

@@ -365,7 +365,7 @@ class AttributionPatchingKind(KindDefaults):
         return (f"sites {list(sites)} x layers {plan.source_layers} x (every position + their sum) x heads/neurons "
                 f"x methods {at.method}, metric {at.metric}; {verify}")
 
-    def report(self, out_dir: Path, df) -> dict[str, Path]:
+    def report(self, out_dir: Path, df, settings: dict | None = None) -> dict[str, Path]:
         return attribution_report(out_dir, df)
 
     def summary(self, df, max_rows: int = 15) -> str:

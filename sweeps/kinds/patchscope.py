@@ -394,7 +394,7 @@ class PatchscopeKind(KindDefaults):
         return (f"source layers {plan.source_layers} x source positions {config.source.positions} x target layers {tl} "
                 f"x target positions {config.target.positions}")
 
-    def report(self, out_dir: Path, df) -> dict[str, Path]:
+    def report(self, out_dir: Path, df, settings: dict | None = None) -> dict[str, Path]:
         metric, label = metric_of(df)
         out: dict[str, Path] = {}
         for model, mdf in df.groupby("model", sort=False):

@@ -31,7 +31,8 @@ def write_report(out_dir: str | Path, df=None) -> dict[str, Path]:
         table[c] = [token_text(v) for v in table[c]]
     out: dict[str, Path] = {"table": out_dir / "results.csv"}
     table.to_csv(out["table"], index=False)
-    out.update(kind.report(out_dir, df))
+    settings = ((ResultStore(out_dir).manifest() or {}).get("config") or {}).get("report")
+    out.update(kind.report(out_dir, df, settings))
     return out
 
 

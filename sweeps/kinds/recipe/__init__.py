@@ -220,7 +220,7 @@ class RecipeKind(KindDefaults):
         return (f"{config.recipe.name}: " + " x ".join(f"{k} {v}" for k, v in layers.items())
                 + f" ({len(context['fit_texts'])} fit windows)")
 
-    def report(self, out_dir: Path, df) -> dict[str, Path]:
+    def report(self, out_dir: Path, df, settings: dict | None = None) -> dict[str, Path]:
         """Every recipe's picture and table, per model."""
         import matplotlib
 
