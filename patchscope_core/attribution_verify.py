@@ -128,40 +128,72 @@ def upper_rate(k: int, n: int, confidence: float = 0.95) -> float:
     return hi
 
 
+def node_table(results: Sequence[PairAttribution], verified: Sequence[Verified], positions: str = "each"):
+    """One row per (pair, site, method, node) of the grids that were verified: `estimate` (signed),
+    `score` (the ranking score), `exact` (NaN where not patched) and `verified` ('top', 'random',
+    'all' when the whole grid was patched, None)."""
+    import pandas as pd
+
+    frames = []
+    for v in verified:
+        res = results[v.pair]
+        for method in sorted({m for m, _ in res.estimates}):
+            est = _grid(res, v.site, method, positions, "estimate")
+            exact = torch.full_like(est, math.nan, dtype=torch.float64)
+            exact[v.nodes] = v.exact.double()
+            label = ["all" if v.full else None] * len(est)
+            if not v.full:
+                for n in v.nodes:
+                    label[n] = "random" if n in v.sampled else "top"
+            frames.append(pd.DataFrame({"pair": v.pair, "site": v.site, "method": method, "node": range(len(est)),
+                                        "estimate": est.double().numpy(),
+                                        "score": _grid(res, v.site, method, positions, "score").double().numpy(),
+                                        "exact": exact.numpy(), "verified": label}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _top(values, k: int) -> set:
+    """The indices of the k largest values (ties: the first)."""
+    import numpy as np
+
+    return set(np.argsort(-np.asarray(values), kind="stable")[:k].tolist())
+
+
+def summary_table(df, top_k: int = 20, ks: Sequence[int] = (), group: Sequence[str] = ("site", "method")) -> list[dict]:
+    """The statistics of the module docstring, one row per `group` (with `pair`, `estimate`,
+    `score`, `exact`, `verified` columns, one row per node of each pair's grid, as `node_table`)."""
+    import numpy as np
+
+    rows = []
+    order = {s: i for i, s in enumerate(PATCH_SITES)}
+    for key, g in sorted(df.groupby(list(group), sort=False), key=lambda kv: [order.get(x, x) for x in kv[0]]):
+        v = g[g["exact"].notna()]
+        est_t, ex_t = torch.tensor(v["estimate"].to_numpy()), torch.tensor(v["exact"].to_numpy())
+        recall, fn, n_sample, unverified = {k: [] for k in (*ks, top_k)}, 0, 0, 0
+        for _, p in g.groupby("pair", sort=True):
+            score, exact = p["score"].abs().to_numpy(), p["exact"].abs().to_numpy()
+            done = ~np.isnan(exact)
+            if done.all():
+                for k in recall:
+                    want = _top(exact, k)
+                    recall[k].append(len(want & _top(score, k)) / max(len(want), 1))
+            top = _top(score, top_k)
+            theta = np.sort(exact[done])[::-1][min(top_k, int(done.sum())) - 1] if done.any() else math.inf
+            sample = [i for i in np.flatnonzero((p["verified"] == "random").to_numpy()) if i not in top]
+            n_sample += len(sample)
+            fn += int(sum(exact[i] >= theta for i in sample))
+            unverified += int((~done).sum())
+        row = {**dict(zip(group, key)), "nodes": len(v), "pearson": pearson(est_t, ex_t), "spearman": spearman(est_t, ex_t),
+               "sign_agreement": float((torch.sign(est_t) == torch.sign(ex_t)).double().mean()) if len(v) else math.nan,
+               "false_negatives": fn if n_sample else None, "sampled": n_sample,
+               "false_negative_bound": upper_rate(fn, n_sample) * unverified if n_sample else None}
+        for k, vals in recall.items():
+            row[f"recall@{k}"] = sum(vals) / len(vals) if vals else None
+        rows.append(row)
+    return rows
+
+
 def summarise(results: Sequence[PairAttribution], verified: Sequence[Verified], positions: str = "each",
               top_k: int = 20, ks: Sequence[int] = ()) -> list[dict]:
     """One row per (site, method): the statistics of the module docstring."""
-    rows = []
-    methods = sorted({m for res in results for m, _ in res.estimates})
-    for site in sorted({v.site for v in verified}, key=list(PATCH_SITES).index):
-        vs = [v for v in verified if v.site == site]
-        for method in methods:
-            est, ex, recall, fn, n_sample, unverified = [], [], {k: [] for k in (*ks, top_k)}, 0, 0, 0
-            for v in vs:
-                res = results[v.pair]
-                e = _grid(res, site, method, positions, "estimate")
-                score = _grid(res, site, method, positions, "score").abs()
-                est.append(e[v.nodes])
-                ex.append(v.exact)
-                if v.full:
-                    for k in recall:
-                        want = set(torch.argsort(v.exact.abs(), descending=True)[:k].tolist())
-                        got = set(torch.argsort(score, descending=True)[:k].tolist())
-                        recall[k].append(len(want & got) / max(len(want), 1))
-                top = set(torch.argsort(score, descending=True)[:top_k].tolist())
-                theta = float(torch.sort(v.exact.abs(), descending=True).values[min(top_k, len(v.exact)) - 1])
-                at = {n: j for j, n in enumerate(v.nodes)}
-                sample = [n for n in v.sampled if n not in top]
-                n_sample += len(sample)
-                fn += sum(1 for n in sample if float(v.exact[at[n]].abs()) >= theta)
-                unverified += len(e) - len(v.nodes)
-            est_t, ex_t = torch.cat(est), torch.cat(ex)
-            row = {"site": site, "method": method, "nodes": len(est_t), "pearson": pearson(est_t, ex_t),
-                   "spearman": spearman(est_t, ex_t),
-                   "sign_agreement": float((torch.sign(est_t) == torch.sign(ex_t)).double().mean()),
-                   "false_negatives": fn if n_sample else None, "sampled": n_sample,
-                   "false_negative_bound": upper_rate(fn, n_sample) * unverified if n_sample else None}
-            for k, vals in recall.items():
-                row[f"recall@{k}"] = sum(vals) / len(vals) if vals else None
-            rows.append(row)
-    return rows
+    return summary_table(node_table(results, verified, positions), top_k, ks)

@@ -32,7 +32,7 @@ from .hooks import HookFn, cached_length, hooked, left_pad, position_ids_from_ma
 from .clean_start import CleanStates, first_layer
 from .dispatch import dispatch
 from .knockout import group_by_layer, knockout_hooks
-from .interventions import (Action, Intervention, InterventionRun, Positions, Replace, ResolvedIntervention,
+from .interventions import (Action, Add, Intervention, InterventionRun, Positions, Replace, ResolvedIntervention,
                             ResolvedRun, resolve_run)
 from .models import ModelInfo, info_of
 from .readings import SiteReader, input_device
@@ -216,6 +216,24 @@ class Engine:
         for prompts, sites in recorder.wanted_stats.items():
             self.reader.statistics(list(sites.values()), prompts)
         return [[iv.intervention.kind.prepare(iv.site, self.reader) for iv in r.interventions] for r in resolved]
+
+    def steering_norms(self, run: InterventionRun) -> dict[str, float] | None:
+        """For a run that adds one direction (`Add`): `vector_norm` (|v|), `site_norm` (the
+        site's mean activation norm over the prompt's tokens but BOS, without interventions) and
+        `relative_strength` = |alpha| x |v| / site_norm, so strengths compare across layers and
+        models. None for other runs."""
+        resolved = resolve_run(run, self.info)
+        adds = [iv for iv in resolved.interventions if isinstance(iv.intervention.kind, Add)]
+        if len(adds) != 1:
+            return None
+        (iv,) = adds
+        kind = iv.intervention.kind
+        v = replace(kind, alpha=1.0).prepare(iv.site, self.reader).shift.float()
+        h = self.reader.values(iv.site, resolved.prompt_ids)[1 if self.info.prepend_bos else 0:].float()
+        site_norm = float(h.norm(dim=-1).mean())
+        vector_norm = float(v.norm())
+        return {"vector_norm": vector_norm, "site_norm": site_norm,
+                "relative_strength": abs(float(kind.alpha)) * vector_norm / site_norm if site_norm else float("nan")}
 
     # ------------------------------------------------------------------ your own hooks
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -334,6 +335,35 @@ def _source_path(name: str) -> str:
         return str(smollm2_dir())
     local = _local_dir(name)
     return str(local) if local else name
+
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "*.h5", "*.msgpack")
+
+
+def model_fingerprint(name: str) -> str:
+    """What identifies the weights `name` loads, read without loading them (part of a stored
+    cell's identity, so a changed model never reuses a stale result): a built-in tiny model is
+    its recipe and seed; SmolLM2 its GGUF file's size and modification time; a local directory
+    its config.json and each weight file's name, size and modification time (a rewrite, even of
+    one weight, changes it); a hub model its cached revision (`unknown` when not cached)."""
+    import hashlib
+
+    def files(paths) -> list:
+        return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(paths)]
+
+    if name in TINY:
+        return f"builtin:{name}:seed{TINY_SEED}"
+    if name == "smollm2-135m":
+        blob = files([_smollm2_gguf()])
+    elif (local := _local_dir(name)) is not None:
+        blob = [(local / "config.json").read_text(encoding="utf-8", errors="replace"),
+                files(p for pattern in WEIGHT_FILES for p in local.glob(pattern))]
+    else:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        ref = Path(HF_HUB_CACHE) / f"models--{name.replace('/', '--')}" / "refs" / "main"
+        return f"hub:{name}@{ref.read_text().strip() if ref.is_file() else 'unknown'}"
+    return hashlib.sha256(json.dumps(blob).encode()).hexdigest()[:16]
 
 
 @lru_cache(maxsize=16)

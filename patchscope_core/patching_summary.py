@@ -77,6 +77,8 @@ def summarize(df: pd.DataFrame, value: str = "recovered", n_boot: int = 1000, ci
 def _select(df: pd.DataFrame, site: str, direction: str | None, metric: str | None) -> pd.DataFrame:
     sel = df[df["site"] == site]
     for column, want in (("direction", direction), ("metric", metric)):
+        if column not in sel:  # attribution rows have no direction
+            continue
         if want is None:
             found = sel[column].unique()
             if len(found) > 1:

@@ -30,8 +30,14 @@ def smollm2():
 
 @pytest.fixture
 def no_weights(monkeypatch):
-    """Any attempt to load model weights fails the test."""
+    """Any attempt to load model weights fails the test. SmolLM2's one-time conversion from its
+    GGUF (a cache, `models.smollm2_dir`) happens first, so a test run alone on a fresh machine
+    does not mistake it for a run loading weights."""
     import transformers
+
+    from patchscope_core.models import smollm2_dir
+
+    smollm2_dir()
 
     def refuse(*args, **kwargs):
         raise AssertionError("model weights were loaded before the input was validated")

@@ -136,9 +136,11 @@ def patchscope_records(engine, payload: dict[str, Any], batch_size: int) -> list
 
 
 def intervention_records(engine, payload: dict[str, Any], batch_size: int) -> list[dict[str, Any]]:
-    """Intervention runs (each with its clean baseline), in order."""
+    """Intervention runs (each with its clean baseline), in order; a steering run (`add`) also
+    records its vector's norm against the site's (`engine.steering_norms`)."""
     runs = [run_from_dict(r) for r in payload["runs"]]
-    return [r.to_record() for r in engine.run_interventions(runs, batch_size)]
+    return [{**r.to_record(), **(engine.steering_norms(run) or {})}
+            for run, r in zip(runs, engine.run_interventions(runs, batch_size), strict=True)]
 
 
 # The engine operation that runs each payload kind (a sweep kind's `operation`): (engine, payload,
@@ -162,12 +164,46 @@ def patching_record(engine, payload: dict[str, Any], batch_size: int) -> dict[st
             "tokens": [tok.decode([t]) for t in result.checked.clean_ids], "time_patch_s": time.perf_counter() - t0}
 
 
+def attribution_records(engine, payload: dict[str, Any], batch_size: int) -> list[dict[str, Any]]:
+    """Attribution patching of a batch of pairs (issue 17): each pair's estimates and scores per
+    (method, site), flat ([layers, positions, units] and [layers, units]), and with `verify` the
+    exact effects of its verified nodes, keyed by flat index."""
+    from patchscope_core.attribution import Attributor, units
+    from patchscope_core.attribution_verify import verify
+    from patchscope_core.patcher import Patcher
+    from patchscope_core.patching import Pair
+
+    t0 = time.perf_counter()
+    pairs = [Pair(p["clean"], p["corrupted"], p["answer"], p["wrong_answer"]) for p in payload["pairs"]]
+    results = Attributor(engine, batch_size=len(pairs)).attribute(pairs, payload["sites"], payload["layers"],
+                                                                 payload["methods"], payload["metric"])
+    share = (time.perf_counter() - t0) / len(pairs)
+    tok, spec = engine.info.tokenizer, payload["verify"]
+    out = []
+    for p, pair, res in zip(payload["pairs"], pairs, results):
+        t1 = time.perf_counter()
+        exact = {}
+        if spec is not None:
+            for v in verify(Patcher(engine, batch_size=batch_size), [pair], [res], spec["top_k"], spec["random"],
+                            spec["positions"], seed=p["seed"]):
+                exact[v.site] = {"positions": spec["positions"], "full": v.full, "index": {n: i for i, n in enumerate(v.nodes)},
+                                 "exact": v.exact.tolist(), "sampled": set(v.sampled)}
+        flat = {f"{m}|{s}": [t.flatten().tolist() for t in pair_t] for (m, s), pair_t in res.estimates.items()}
+        scores = {f"{m}|{s}": [t.flatten().tolist() for t in pair_t] for (m, s), pair_t in res.scores.items()}
+        out.append({"row": p["row"], "layers": list(res.layers), "units": {s: units(s, engine.info) for s in payload["sites"]},
+                    "tokens": [tok.decode([t]) for t in res.checked.clean_ids], "clean_value": res.clean_value,
+                    "corrupted_value": res.corrupted_value, "estimates": flat, "scores": scores, "exact": exact,
+                    "time_attribution_s": share, "time_verify_s": time.perf_counter() - t1})
+    return out
+
+
 OPERATIONS = {
     "patchscope": patchscope_records,
     "intervention": intervention_records,
     "causal_trace": lambda engine, payload, batch_size: [trace_record(engine, payload, batch_size)],
     "recipe": recipe_records,
     "activation_patching": lambda engine, payload, batch_size: [patching_record(engine, payload, batch_size)],
+    "attribution_patching": attribution_records,
 }
 
 

@@ -12,7 +12,7 @@ from .errors import ConfigError
 from .fields import Strict
 
 class GenerationConfig(Strict):
-    max_new_tokens: int = Field(20, ge=1)
+    max_new_tokens: int = Field(20, ge=0, description="0: score only, no generation (intervention, knockout)")
     stop_at_eos: bool = True
     do_sample: bool = False
     temperature: float = Field(1.0, gt=0, allow_inf_nan=False)
@@ -87,6 +87,23 @@ class WandbConfig(Strict):
     entity: str | None = None
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     tags: list[str] = []
+
+
+class ContrastConfig(Strict):
+    """A difference of two groups of rows: the mean over the rows whose reference column is
+    `plus` minus the mean over those where it is `minus` (e.g. answers ' great' vs ' terrible')."""
+
+    column: str = Field(description="a reference column of the prompts (results: ref_<column>)")
+    plus: str
+    minus: str
+
+
+class ReportConfig(Strict):
+    """What the summaries and pictures measure (kinds that take it: intervention). Not part of
+    the config hash: changing it redraws, never recomputes."""
+
+    metric: str | None = Field(None, description="a result column to average (default: the kind's own)")
+    contrast: ContrastConfig | None = None
 
 
 class OutputConfig(Strict):

@@ -9,9 +9,10 @@ A test may register a kind of its own with `register`.
 from __future__ import annotations
 
 from .base import SweepKind
-from . import activation_patching, causal_trace, intervention, patchscope, recipe
+from . import activation_patching, attribution_patching, causal_trace, intervention, patchscope, recipe
 
-KINDS: dict[str, SweepKind] = {m.KIND.name: m.KIND for m in (patchscope, intervention, causal_trace, recipe, activation_patching)}
+KINDS: dict[str, SweepKind] = {m.KIND.name: m.KIND for m in (patchscope, intervention, causal_trace, recipe,
+                                                                  activation_patching, attribution_patching)}
 
 
 def register(kind: SweepKind) -> SweepKind:

@@ -171,17 +171,26 @@ def _grid(config, plan: ModelPlan, row: PairRow) -> list:
                       pt.window, field_name="patching")
 
 
-def _check_pair(config, plan: ModelPlan, row: PairRow) -> None:
-    if "logit_diff" in axis(config.patching.metric) and row.wrong_answer is None:
+def check_pair_row(plan: ModelPlan, row: PairRow, metrics: list[str]) -> None:
+    """One pair against one model (same token count, answers that tokenize), its clean token count
+    noted in the plan; shared with `attribution_patching`."""
+    if "logit_diff" in metrics and row.wrong_answer is None:
         raise ConfigError(f"prompts.wrong_answer_column: metric logit_diff needs a wrong answer ({row.where})")
     try:
-        checked = check_pair(row.pair(), plan.info, axis(config.patching.metric), f"prompts ({row.where})")
+        checked = check_pair(row.pair(), plan.info, metrics, f"prompts ({row.where})")
     except PatchscopeError as exc:
         msg = str(exc)
         if "same number of tokens" in msg:
             raise ConfigError(f"prompts.corrupted_column: {msg}") from None
         raise ConfigError(f"prompts.answer_column: {msg}") from None
     plan.n_tokens[row.clean] = len(checked.clean_ids)
+
+
+def check_pair_columns(config, kind: str) -> None:
+    """The `prompts` columns a pair needs."""
+    for col in ("clean_column", "corrupted_column", "answer_column"):
+        if getattr(config.prompts, col) is None:
+            raise ValueError(f"prompts.{col}: an {kind} sweep needs it")
 
 
 # ---------------------------------------------------------------- the report
@@ -240,9 +249,7 @@ class ActivationPatchingKind(KindDefaults):
     one_task = True  # a pair's cells share its clean and corrupted runs
 
     def check_config(self, config) -> None:
-        for col in ("clean_column", "corrupted_column", "answer_column"):
-            if getattr(config.prompts, col) is None:
-                raise ValueError(f"prompts.{col}: an activation_patching sweep needs it")
+        check_pair_columns(config, self.name)
         for i, site in enumerate(config.patching.sites):
             try:
                 site_name(site, f"patching.sites[{i}]")
@@ -258,7 +265,7 @@ class ActivationPatchingKind(KindDefaults):
             info = model_info_for(name, f"models[{i}]")
             plan = ModelPlan(info, checked_layers(config.patching.layers, info, "patching.layers"), None)
             for row in rows:
-                _check_pair(config, plan, row)
+                check_pair_row(plan, row, axis(config.patching.metric))
                 try:
                     _grid(config, plan, row)
                 except PatchscopeError as exc:
@@ -315,7 +322,7 @@ class ActivationPatchingKind(KindDefaults):
                 f"{pt.positions} x heads {pt.heads} (head sites) x directions {axis(pt.direction)} x metrics {axis(pt.metric)}, "
                 f"window {pt.window}")
 
-    def report(self, out_dir: Path, df) -> dict[str, Path]:
+    def report(self, out_dir: Path, df, settings: dict | None = None) -> dict[str, Path]:
         return patching_report(out_dir, df)
 
     def summary(self, df, max_rows: int = 15) -> str:

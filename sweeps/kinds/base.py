@@ -17,7 +17,8 @@ config -> rows -> checks -> grid -> tasks -> workers -> records -> sinks it decl
   payloads) and `payload` (a task as plain data);
 - records: `schema` (its result columns) and `to_rows` (a worker's output -> one row per cell);
 - sinks: `marks` (columns that tell its stored rows apart), `order` (how results.csv is sorted),
-  `report` (its pictures and extra tables, for `patchscope report` and W&B) and `summary` (what
+  `report` (its pictures and extra tables, for `patchscope report` and W&B, measuring what the
+  config's `report` section names where the kind declares `report_metrics`) and `summary` (what
   the terminal shows first);
 - `describe`: one model's grid in words, for `--dry-run`.
 
@@ -63,6 +64,14 @@ def generation_key(config) -> str:
     return digest(config.generation.model_dump(mode="json"))
 
 
+def check_generates(config, kind: str) -> None:
+    """A kind whose result is generated text needs at least one new token (0, score only, is for
+    the kinds that score an answer without generating)."""
+    if config.generation.max_new_tokens < 1:
+        raise ValueError(f"generation.max_new_tokens: a {kind} sweep generates text; give 1 or more "
+                         "(0, score only, is for intervention sweeps)")
+
+
 def run_columns(output: dict[str, Any], rec: dict[str, Any]) -> dict[str, Any]:
     """Where and when a row was computed: the task, the worker, the timings."""
     return {"task_id": output["task_id"], "time_task_s": output["time_task_s"],
@@ -81,6 +90,7 @@ class SweepKind(Protocol):
     marks: frozenset[str]
     order: tuple[str, ...]
     one_task: bool
+    report_metrics: tuple[str, ...]
 
     def check_config(self, config) -> None:
         """Checks across this kind's sections, after their types; raise ValueError('field: ...')."""
@@ -109,7 +119,9 @@ class SweepKind(Protocol):
 
     def describe(self, config, plan, context: Any) -> str: ...
 
-    def report(self, out_dir: Path, df) -> dict[str, Path]: ...
+    def report(self, out_dir: Path, df, settings: dict | None = None) -> dict[str, Path]:
+        """Pictures and tables; `settings`: the config's `report` section (kinds that declare
+        `report_metrics` honour it)."""
 
     def summary(self, df) -> str: ...
 
@@ -121,6 +133,7 @@ class KindDefaults:
     tagged: ClassVar[dict[str, dict[str, type]]] = {}
     one_task: ClassVar[bool] = False
     order: ClassVar[tuple[str, ...]] = STUDY_ORDER
+    report_metrics: ClassVar[tuple[str, ...]] = ()  # the measures `report.metric` may name (none: no report section)
 
     def check_config(self, config) -> None:
         return None

@@ -278,7 +278,7 @@ class CausalTraceKind(KindDefaults):
         return (f"layers {plan.source_layers} x sites {tr.sites} x positions {tr.positions}; {tr.samples} noise samples "
                 f"of {tr.noise:g} x the embeddings' std, window {tr.window}")
 
-    def report(self, out_dir: Path, df) -> dict[str, Path]:
+    def report(self, out_dir: Path, df, settings: dict | None = None) -> dict[str, Path]:
         return trace_report(out_dir, df)
 
     def summary(self, df, max_rows: int = 15) -> str:

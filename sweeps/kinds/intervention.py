@@ -5,8 +5,9 @@ An `InterventionCell` is one point of model x prompt row x site x layer x head o
 x strength; a task holds cells of one prompt, at most batch_size of them (one batch, one clean
 baseline). The context is the grid's table of kinds (by the digest of their values; vectors and
 prompt files read before any weights load). The report draws layer x head (or layer x site)
-heatmaps of the mean change in the answer's log-probability, the top heads, and for `add` the
-steered generations by alpha.
+heatmaps, per kind and strength, of the config's `report` measure (default: the mean change in
+the answer's log-probability; `report.contrast`: a difference of two groups of prompts), the top
+heads, and for `add` the steered generations by alpha.
 """
 
 from __future__ import annotations
@@ -107,11 +108,13 @@ INTERVENTION_COLUMNS = (
     "cell_id", "model", "row", "prompt", "answer", "site", "layer", "head", "neuron", "kind", "alpha", "factor",
     "noise_scale", "seed", "positions",
 )
+# A steering row's strength against the site's own scale (`engine.steering_norms`; null otherwise).
+STEERING_NORMS = ("vector_norm", "site_norm", "relative_strength")
 INTERVENTION_RESULTS = (
     "delta_logprob", "answer_logprob", "clean_answer_logprob", "p_answer", "p_answer_clean", "generated_text",
     "clean_generated_text", "generated_token_ids", "clean_generated_token_ids", "answer_token_ids",
     "answer_logprobs", "prompt_token_ids", "top_token_ids", "top_logprobs", "max_new_tokens",
-)
+) + STEERING_NORMS
 INTERVENTION_TABLE = (
     "cell_id", "model", "row", "prompt", "answer", "site", "layer", "head", "neuron", "kind", "knockout", "alpha",
     "factor", "noise_scale", "seed", "positions", "p_change_pct", "delta_logprob", "answer_logprob", "clean_answer_logprob", "p_answer",
@@ -279,6 +282,21 @@ def _check_model(config, plan: ModelPlan, rows: list[PromptRow], kinds) -> None:
             resolve_run(run, info, f"intervention ({row.where})")
 
 
+def _check_contrast(config, rows: list[PromptRow]) -> None:
+    """report.contrast names a reference column of the prompts and values it holds."""
+    c = config.report.contrast
+    if c is None:
+        return
+    values = {str(dict(r.refs).get(c.column)) for r in rows if c.column in dict(r.refs)}
+    if not values:
+        raise ConfigError(f"report.contrast.column: {c.column!r} is not a reference column of the prompts "
+                          f"(prompts.reference_columns)")
+    for side in ("plus", "minus"):
+        if str(getattr(c, side)) not in values:
+            raise ConfigError(f"report.contrast.{side}: no prompt has {c.column} = {getattr(c, side)!r} "
+                              f"(it holds {', '.join(sorted(values))})")
+
+
 def _hooks_and_units(config, plan: ModelPlan) -> list[tuple[str, int | None, int | None]]:
     iv, info = config.intervention, plan.info
     out = []
@@ -308,8 +326,8 @@ def _variant(df) -> list[str]:
 
 
 def _delta_heatmap(plt, pivot, path: Path, title: str, xticks: list[str], size: tuple[float, float], xlabel=None,
-                   rotate: bool = False) -> Path:
-    """A layer x (head or site) picture of the mean delta log p(answer), centred on 0."""
+                   rotate: bool = False, cbar: str = "mean delta_logprob") -> Path:
+    """A layer x (head or site) picture of the report's measure, centred on 0."""
     fig, ax = plt.subplots(figsize=size)
     lim = float(np.nanmax(np.abs(pivot.to_numpy()))) or 1.0
     im = ax.imshow(pivot.to_numpy(dtype=float), aspect="auto", cmap="RdBu", vmin=-lim, vmax=lim, origin="lower")
@@ -319,27 +337,50 @@ def _delta_heatmap(plt, pivot, path: Path, title: str, xticks: list[str], size: 
         ax.set_xlabel(xlabel)
     ax.set_ylabel("layer")
     ax.set_title(pictures.literal(title), fontsize=9, **({} if rotate else {"wrap": True}))
-    fig.colorbar(im, ax=ax, label="delta log p(answer)", fraction=0.05)
+    fig.colorbar(im, ax=ax, label=pictures.literal(pictures.short(cbar, 40)), fraction=0.05)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def _head_pictures(plt, out_dir: Path, heads, out: dict[str, Path]) -> list:
+REPORT_METRICS = ("delta_logprob", "answer_logprob", "p_answer", "p_change_pct")
+_GROUP = ("model", "site", "layer", "head", "neuron", "variant")
+
+
+def measured(df, settings: dict | None):
+    """(frame, label): per (model, site, layer, head or neuron, variant) the `value` the report
+    shows and the `prompts` behind it, and what it is, in words: the mean of `report.metric`
+    (default delta_logprob) over prompts, or with `report.contrast` the mean over the `plus`
+    rows minus the mean over the `minus` rows."""
+    settings = settings or {}
+    metric = settings.get("metric") or "delta_logprob"
+    keys = [c for c in _GROUP if c in df]
+    df = df[df[metric].notna()]
+    contrast = settings.get("contrast")
+    if not contrast:
+        g = df.groupby(keys, dropna=False)[metric].agg(value="mean", prompts="count").reset_index()
+        return g, f"mean {metric}"
+    col = f"ref_{contrast['column']}"
+    sides = [df[df[col].astype(str) == str(contrast[side])].groupby(keys, dropna=False)[metric].agg(["mean", "count"])
+             for side in ("plus", "minus")]
+    g = sides[0].join(sides[1], lsuffix="_plus", rsuffix="_minus", how="inner")
+    g = g.assign(value=g["mean_plus"] - g["mean_minus"], prompts=g["count_plus"] + g["count_minus"]).reset_index()
+    return g, (f"mean {metric} where {contrast['column']}={contrast['plus']} minus where "
+               f"{contrast['column']}={contrast['minus']}")
+
+
+def _head_pictures(plt, out_dir: Path, heads, label: str, out: dict[str, Path]) -> list:
     top = []
     for (model, variant), g in heads.groupby(["model", "variant"], sort=False):
-        pivot = g.pivot_table(index="layer", columns="head", values="delta_logprob", aggfunc="mean")
+        pivot = g.pivot_table(index="layer", columns="head", values="value", aggfunc="mean")
         key = f"{pictures.safe_name(model)}_layer_x_head" + ("" if heads["variant"].nunique() == 1
                                                              else f"_{pictures.safe_name(variant)}")
         out[key] = _delta_heatmap(plt, pivot, out_dir / f"heatmap_{key}.png",
-                                  f"{model}: {variant} of each head, mean change in the answer's log-probability "
-                                  f"over {g['prompt'].nunique()} prompts", [str(int(h)) for h in pivot.columns],
-                                  (2.5 + 0.5 * pivot.shape[1], 1.5 + 0.25 * pivot.shape[0]), xlabel="head")
-        means = g.groupby(["layer", "head"])["delta_logprob"].agg(["mean", "std", "count"]).reset_index()
-        means.insert(0, "variant", variant)
-        means.insert(0, "model", model)
-        top.append(means)
+                                  f"{model}: {variant} of each head; {label} over {int(g['prompts'].max())} prompts",
+                                  [str(int(h)) for h in pivot.columns],
+                                  (2.5 + 0.5 * pivot.shape[1], 1.5 + 0.25 * pivot.shape[0]), xlabel="head", cbar=label)
+        top.append(g[["model", "variant", "layer", "head", "value", "prompts"]])
     return top
 
 
@@ -383,7 +424,9 @@ def _knockout_pictures(plt, out_dir: Path, df, out: dict[str, Path]) -> None:
         plt.close(fig)
 
 
-def intervention_report(out_dir: Path, df) -> dict[str, Path]:
+def intervention_report(out_dir: Path, df, settings: dict | None = None) -> dict[str, Path]:
+    """Knockout curves; layer x head heatmaps (per kind and strength) and the top heads, or a
+    layer x site heatmap, of the report's measure (`measured`); the steered generations by alpha."""
     import pandas as pd
 
     plt = pictures.plt()
@@ -394,22 +437,24 @@ def intervention_report(out_dir: Path, df) -> dict[str, Path]:
     _knockout_pictures(plt, out_dir, scored, out)
     if "knockout" in scored:  # drawn as curves above, not as a layer x site heatmap
         scored = scored[scored["kind"] != "knockout"]
-    top = _head_pictures(plt, out_dir, scored[scored["head"].notna()], out)
+    values, label = measured(scored, settings)
+    top = _head_pictures(plt, out_dir, values[values["head"].notna()], label, out) if "head" in values else []
     if top:
-        table = pd.concat(top, ignore_index=True).sort_values("mean", key=abs, ascending=False).head(30)
-        table = table.rename(columns={"mean": "mean_delta_logprob", "std": "std_delta_logprob", "count": "prompts"})
+        table = pd.concat(top, ignore_index=True).sort_values("value", key=abs, ascending=False).head(30)
+        table = table.rename(columns={"value": "contrast" if " minus " in label else label.replace(" ", "_")})
         out["top_heads"] = out_dir / "top_heads.csv"
         table.to_csv(out["top_heads"], index=False)
-    for model, g in scored[scored["head"].isna()].groupby("model", sort=False):
+    rest = values[values["head"].isna()] if "head" in values else values
+    for model, g in rest.groupby("model", sort=False):
         if g.empty or g["layer"].isna().all():
             continue
         g = g.assign(what=[f"{s.split('.')[-1]} {v}" for s, v in zip(g["site"], g["variant"])])
-        pivot = g.pivot_table(index="layer", columns="what", values="delta_logprob", aggfunc="mean")
+        pivot = g.pivot_table(index="layer", columns="what", values="value", aggfunc="mean")
         key = f"{pictures.safe_name(model)}_layer_x_site"
         out[key] = _delta_heatmap(plt, pivot, out_dir / f"heatmap_{key}.png",
-                                  f"{model}: mean change in the answer's log-probability",
+                                  f"{model}: {label} over {int(g['prompts'].max())} prompts, per site, kind and strength",
                                   [pictures.literal(c) for c in pivot.columns],
-                                  (3 + 1.2 * pivot.shape[1], 1.5 + 0.25 * pivot.shape[0]), rotate=True)
+                                  (3 + 1.2 * pivot.shape[1], 1.5 + 0.25 * pivot.shape[0]), rotate=True, cbar=label)
     for model, g in df[df["kind"] == "add"].groupby("model", sort=False):
         table = g.pivot_table(index=["prompt", "layer"], columns="alpha", values="generated_text", aggfunc="first")
         table.insert(0, "clean", g.groupby(["prompt", "layer"])["clean_generated_text"].first())
@@ -427,6 +472,7 @@ class InterventionKind(KindDefaults):
                     ("row", "layer", "head", "neuron", "alpha", "factor", "noise_scale", "seed", "delta_logprob",
                      "answer_logprob", "clean_answer_logprob"), ("prompt", "site", "kind"))
     marks = frozenset({"delta_logprob"})
+    report_metrics = REPORT_METRICS  # what `report.metric` may name
 
     def load_rows(self, config, base: Path | None) -> list[PromptRow]:
         return load_prompt_rows(config, base)
@@ -441,6 +487,7 @@ class InterventionKind(KindDefaults):
             config.execution.check_cells(n_cells)
             plans[name] = plan
         kinds = intervention_kinds(config, rows, base)
+        _check_contrast(config, rows)
         for name, plan in plans.items():
             try:
                 count_tokens(plan, rows, config.generation.max_new_tokens)
@@ -495,6 +542,7 @@ class InterventionKind(KindDefaults):
         for cell, rec in zip(task.cells, output["records"], strict=True):
             row = cell.params()
             row.update({c: rec.get(c) for c in INTERVENTION_RESULTS if c in rec})
+            row.update({c: rec.get(c) for c in STEERING_NORMS})  # every row: one schema per file
             row["max_new_tokens"] = cell.max_new_tokens
             a, c = rec["answer_logprob"], rec["clean_answer_logprob"]
             row["delta_logprob"] = None if a is None or c is None else a - c
@@ -510,15 +558,20 @@ class InterventionKind(KindDefaults):
         return (f"layers {plan.source_layers} x site {iv.site} x heads {iv.heads or '-'} x neurons {iv.neurons or '-'} x "
                 f"{len(context)} kind(s) and strength(s) ({', '.join(kinds)}), positions {iv.positions}")
 
-    def report(self, out_dir: Path, df) -> dict[str, Path]:
-        return intervention_report(out_dir, df)
+    def report(self, out_dir: Path, df, settings: dict | None = None) -> dict[str, Path]:
+        return intervention_report(out_dir, df, settings)
 
     def summary(self, df, max_rows: int = 15) -> str:
-        g = df.groupby(["model", "site", "head", "kind"], dropna=False)["delta_logprob"].mean().reset_index()
-        g = g.sort_values("delta_logprob", key=abs, ascending=False).head(max_rows)
-        lines = ["== the interventions that change the answer's log-probability most (mean over prompts)"]
-        lines += [f"  {r.model} {r.site}{'' if r.head != r.head else f' head {int(r.head)}'} {r.kind}: "
-                  f"{r.delta_logprob:+.3f}" for r in g.itertuples()]
+        # every axis the sweep varied is a group (kind and strength: the variant), never averaged over
+        df = df.assign(variant=_variant(df))
+        keys = [c for c in ("model", "site", "head", "neuron", "variant") if c in df]
+        g = df.groupby(keys, dropna=False)["delta_logprob"].agg(["mean", "count"]).reset_index()
+        g = g.sort_values("mean", key=abs, ascending=False).head(max_rows)
+        lines = ["== the interventions that change the answer's log-probability most (mean over prompts, "
+                 "per site, head or neuron, kind and strength)"]
+        lines += [f"  {r.model} {r.site}{'' if r.head != r.head else f' head {int(r.head)}'}"
+                  f"{'' if getattr(r, 'neuron', None) is None or r.neuron != r.neuron else f' neuron {int(r.neuron)}'} "
+                  f"{r.variant}: {r.mean:+.3f} ({r.count} prompts)" for r in g.itertuples()]
         return "\n".join(lines)
 
 

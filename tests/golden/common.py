@@ -20,6 +20,9 @@ EXAMPLES = ROOT / "sweeps" / "examples"
 FIRST_IDS = 20
 FIRST_TASKS = 3
 # Run columns: where and when a cell ran, different at every run.
+# Result columns added after the golden stores were written (issue 19's steering norms): a fresh
+# run has them, the stored rows do not.
+ADDED_COLUMNS = {"vector_norm", "site_norm", "relative_strength"}
 VOLATILE = ("task_id", "worker_node", "worker_pid", "worker_device", "worker_peak_mb", "time_task_s")
 
 
@@ -150,3 +153,34 @@ def stable(df):
     df = df.drop(columns=[c for c in df.columns if c in VOLATILE or c.startswith("time_")])
     df = df.sort_values("cell_id").reset_index(drop=True)
     return json.loads(df.to_json(orient="records", double_precision=10))
+
+
+def same_rows(got, want, rel: float = 1e-4, abs_: float = 1e-7) -> list[str]:
+    """Where two `stable` row lists differ: everything equal except floats, which may differ in
+    the last digits (BLAS picks its kernels by CPU, so a fresh run on another machine moves the
+    6th-7th significant digit). Returns the differences, empty when the rows agree."""
+    import math
+
+    out: list[str] = []
+
+    def walk(a, b, where):
+        if isinstance(a, float) or isinstance(b, float):
+            if a is None or b is None or not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
+                out.append(f"{where}: {a!r} != {b!r}")
+            elif not math.isclose(a, b, rel_tol=rel, abs_tol=abs_):
+                out.append(f"{where}: {a!r} != {b!r}")
+        elif isinstance(a, dict) and isinstance(b, dict):
+            if a.keys() != b.keys():
+                out.append(f"{where}: columns {sorted(a.keys() ^ b.keys())} differ")
+            for k in a.keys() & b.keys():
+                walk(a[k], b[k], f"{where}.{k}")
+        elif isinstance(a, list) and isinstance(b, list):
+            if len(a) != len(b):
+                out.append(f"{where}: {len(a)} items != {len(b)}")
+            for i, (x, y) in enumerate(zip(a, b)):
+                walk(x, y, f"{where}[{i}]")
+        elif a != b:
+            out.append(f"{where}: {a!r} != {b!r}")
+
+    walk(got, want, "rows")
+    return out

@@ -25,7 +25,7 @@ from patchscope_core.spec import context_problem
 
 from ...config import ConfigError
 from ...config.models import ModelPlan, model_info_for
-from ..base import KindDefaults, Schema, digest, generation_key, run_columns
+from ..base import KindDefaults, Schema, check_generates, digest, generation_key, run_columns
 from . import attribute_extraction, cross_model, entity_description, multi_hop, token_identity
 
 # Every recipe's sweep side, by recipe name (the names of patchscope_core.recipes.RECIPES).
@@ -137,6 +137,9 @@ class RecipeKind(KindDefaults):
                     ("row", "source_layer", "target_layer", "score", "control_score"), ("recipe", "role", "method"))
     marks = frozenset({"role", "score"})
 
+    def check_config(self, config) -> None:
+        check_generates(config, self.name)
+
     def load_rows(self, config, base: Path | None) -> list[dict[str, Any]]:
         """The recipe's rows as plain data, through the loaders of `patchscope_core.recipes`."""
         try:
@@ -227,7 +230,7 @@ class RecipeKind(KindDefaults):
         return (f"{config.recipe.name}: " + " x ".join(f"{k} {v}" for k, v in layers.items())
                 + f" ({len(context['fit_texts'])} fit windows)")
 
-    def report(self, out_dir: Path, df) -> dict[str, Path]:
+    def report(self, out_dir: Path, df, settings: dict | None = None) -> dict[str, Path]:
         """Every recipe's picture and table, per model."""
         import matplotlib
 
