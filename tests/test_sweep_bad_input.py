@@ -414,6 +414,9 @@ BAD_INPUT = [
        f"intervention.{key}: empty list")
       for key, kind in (("kind", []), ("alpha", "add"), ("factor", "scale"), ("noise_scale", "noise"),
                         ("seed", "noise"))],
+    ("intervention.to: []", lambda t: iv(t, intervention__kind="knockout", intervention__to=[],
+                                         intervention__site="blocks.{layer}.attn", intervention__heads=None),
+     "intervention.to: empty list"),
     ("trace.sites: []", lambda t: trace(t, trace__sites=[]), "trace.sites: List should have at least 1 item"),
     ("vector file with a NaN (add)", vector_file(nan_at(64, 5)), "intervention.vector: {tmp}/v.pt holds nan at index [5]"),
     ("vector file with inf (replace)", lambda t: vector_file(nan_at(64, 63, float("inf")), "v.safetensors")(t)[:1] + [

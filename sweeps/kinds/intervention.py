@@ -56,7 +56,7 @@ class InterventionConfig(Strict):
                                       "all_previous, a position, or a list of these blocked together")
     window: int | list[int] = Field(1, description="knockout: the layers of a window centred on the site's layer")
 
-    @field_validator("site", "kind", "alpha", "factor", "noise_scale", "seed", "window", mode="after")
+    @field_validator("site", "kind", "alpha", "factor", "noise_scale", "seed", "window", "to", mode="after")
     @classmethod
     def _axis(cls, v: Any, info) -> Any:
         values = axis(v)
