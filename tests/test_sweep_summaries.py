@@ -150,3 +150,15 @@ def test_a_patchscope_sweep_takes_no_report_metric(tmp_path, capsys, no_weights)
     assert main(["sweep", str(config), "--dry-run"]) == 2
     assert "error: report.metric: 'delta_logprob' is not a measure of patchscope sweeps (it takes no report section)" \
         in capsys.readouterr().err
+
+
+def test_baseline_columns_are_named_for_what_they_are_and_old_stores_read_with_the_new_names(tmp_path):
+    from sweeps.sinks.store import ResultStore
+
+    store = ResultStore(tmp_path / "out")
+    old = {"cell_id": "c1", "model": "m", "delta_logprob": -1.0, "clean_answer_logprob": -2.0, "p_answer_clean": 0.1,
+           "clean_generated_text": " x", "clean_generated_token_ids": [3]}
+    store.write("t1", [old])  # as a version before the rename stored it
+    (row,) = ResultStore(tmp_path / "out").read().to_dict("records")
+    assert (row["baseline_answer_logprob"], row["baseline_p_answer"], row["baseline_generated_text"]) == (-2.0, 0.1, " x")
+    assert "clean_answer_logprob" not in row

@@ -212,6 +212,7 @@ def attribution_report(out_dir: Path, df) -> dict[str, Path]:
         if summary is not None:
             path = out_dir / f"attribution_{stem}_summary.csv"
             summary[summary["model"] == model].to_csv(path, index=False)
+            out[f"attribution_{stem}_summary"] = path
         methods = list(dict.fromkeys(mdf["method"]))
         for site in dict.fromkeys(mdf["site"]):
             sdf = mdf[mdf["site"] == site]

@@ -15,7 +15,8 @@ config -> rows -> checks -> grid -> tasks -> workers -> records -> sinks it decl
   and `one_task` (a task group is one task, whatever batch_size);
 - tasks: `operation` (the worker operation, `workers.actor.OPERATIONS`, that runs its
   payloads) and `payload` (a task as plain data);
-- records: `schema` (its result columns) and `to_rows` (a worker's output -> one row per cell);
+- records: `schema` (its result columns), `to_rows` (a worker's output -> one row per cell) and
+  `renamed` (columns renamed since: old stores are read with the new names);
 - sinks: `marks` (columns that tell its stored rows apart), `order` (how results.csv is sorted),
   `report` (its pictures and extra tables, for `patchscope report` and W&B, measuring what the
   config's `report` section names where the kind declares `report_metrics`) and `summary` (what
@@ -91,6 +92,7 @@ class SweepKind(Protocol):
     order: tuple[str, ...]
     one_task: bool
     report_metrics: tuple[str, ...]
+    renamed: dict[str, str]
 
     def check_config(self, config) -> None:
         """Checks across this kind's sections, after their types; raise ValueError('field: ...')."""
@@ -134,6 +136,7 @@ class KindDefaults:
     one_task: ClassVar[bool] = False
     order: ClassVar[tuple[str, ...]] = STUDY_ORDER
     report_metrics: ClassVar[tuple[str, ...]] = ()  # the measures `report.metric` may name (none: no report section)
+    renamed: ClassVar[dict[str, str]] = {}  # result columns renamed since: old name -> new, applied on reading
 
     def check_config(self, config) -> None:
         return None

@@ -110,15 +110,20 @@ INTERVENTION_COLUMNS = (
 )
 # A steering row's strength against the site's own scale (`engine.steering_norms`; null otherwise).
 STEERING_NORMS = ("vector_norm", "site_norm", "relative_strength")
+# The engine's "clean" run is this prompt without the intervention: in the results it is the
+# baseline (in patching "clean" means the other prompt). Stores written before keep the old
+# names; `renamed` maps them when they are read.
+BASELINE = {"clean_answer_logprob": "baseline_answer_logprob", "p_answer_clean": "baseline_p_answer",
+            "clean_generated_text": "baseline_generated_text", "clean_generated_token_ids": "baseline_generated_token_ids"}
 INTERVENTION_RESULTS = (
-    "delta_logprob", "answer_logprob", "clean_answer_logprob", "p_answer", "p_answer_clean", "generated_text",
-    "clean_generated_text", "generated_token_ids", "clean_generated_token_ids", "answer_token_ids",
+    "delta_logprob", "answer_logprob", "baseline_answer_logprob", "p_answer", "baseline_p_answer", "generated_text",
+    "baseline_generated_text", "generated_token_ids", "baseline_generated_token_ids", "answer_token_ids",
     "answer_logprobs", "prompt_token_ids", "top_token_ids", "top_logprobs", "max_new_tokens",
 ) + STEERING_NORMS
 INTERVENTION_TABLE = (
     "cell_id", "model", "row", "prompt", "answer", "site", "layer", "head", "neuron", "kind", "knockout", "alpha",
-    "factor", "noise_scale", "seed", "positions", "p_change_pct", "delta_logprob", "answer_logprob", "clean_answer_logprob", "p_answer",
-    "p_answer_clean", "generated_text", "clean_generated_text", "generated_token_ids",
+    "factor", "noise_scale", "seed", "positions", "p_change_pct", "delta_logprob", "answer_logprob", "baseline_answer_logprob", "p_answer",
+    "baseline_p_answer", "generated_text", "baseline_generated_text", "generated_token_ids",
 )
 
 
@@ -457,8 +462,8 @@ def intervention_report(out_dir: Path, df, settings: dict | None = None) -> dict
                                   (3 + 1.2 * pivot.shape[1], 1.5 + 0.25 * pivot.shape[0]), rotate=True, cbar=label)
     for model, g in df[df["kind"] == "add"].groupby("model", sort=False):
         table = g.pivot_table(index=["prompt", "layer"], columns="alpha", values="generated_text", aggfunc="first")
-        table.insert(0, "clean", g.groupby(["prompt", "layer"])["clean_generated_text"].first())
-        table.columns = [c if c == "clean" else f"alpha={c:g}" for c in table.columns]
+        table.insert(0, "baseline", g.groupby(["prompt", "layer"])["baseline_generated_text"].first())
+        table.columns = [c if c == "baseline" else f"alpha={c:g}" for c in table.columns]
         out[f"steering_{pictures.safe_name(model)}"] = out_dir / f"steering_{pictures.safe_name(model)}.csv"
         table.to_csv(out[f"steering_{pictures.safe_name(model)}"])
     return out
@@ -473,6 +478,7 @@ class InterventionKind(KindDefaults):
                      "answer_logprob", "clean_answer_logprob"), ("prompt", "site", "kind"))
     marks = frozenset({"delta_logprob"})
     report_metrics = REPORT_METRICS  # what `report.metric` may name
+    renamed = BASELINE  # old column names -> new, for stores written before
 
     def load_rows(self, config, base: Path | None) -> list[PromptRow]:
         return load_prompt_rows(config, base)
@@ -541,7 +547,7 @@ class InterventionKind(KindDefaults):
         rows = []
         for cell, rec in zip(task.cells, output["records"], strict=True):
             row = cell.params()
-            row.update({c: rec.get(c) for c in INTERVENTION_RESULTS if c in rec})
+            row.update({BASELINE.get(k, k): v for k, v in rec.items() if BASELINE.get(k, k) in INTERVENTION_RESULTS})
             row.update({c: rec.get(c) for c in STEERING_NORMS})  # every row: one schema per file
             row["max_new_tokens"] = cell.max_new_tokens
             a, c = rec["answer_logprob"], rec["clean_answer_logprob"]

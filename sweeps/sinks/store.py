@@ -96,6 +96,18 @@ def _holder_text(info: dict[str, Any]) -> str:
             f"{info.get('command', '')}").rstrip(": ")
 
 
+def _renamed(df):
+    """A file's rows with the column names of today (`SweepKind.renamed`: a file written before a
+    rename keeps the old names on disk)."""
+    from ..kinds import KINDS
+
+    for kind in KINDS.values():
+        old = {a: b for a, b in kind.renamed.items() if a in df.columns and b not in df.columns}
+        if old:
+            df = df.rename(columns=old)
+    return df
+
+
 class ResultStore:
     def __init__(self, out_dir: str | Path, read_only: bool = False, keys: dict[str, str] | None = None,
                  config_hash: str | None = None) -> None:
@@ -355,7 +367,7 @@ class ResultStore:
             if t is None:
                 continue
             keep = self._matches(t) if current else None
-            frames.append(t.to_pandas() if keep is None else t.to_pandas()[keep])
+            frames.append(_renamed(t.to_pandas() if keep is None else t.to_pandas()[keep]))
         frames = [f for f in frames if len(f)]
         if not frames:
             return pd.DataFrame()
