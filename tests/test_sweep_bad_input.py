@@ -304,7 +304,7 @@ def report_dir(kind: str):
             store.write("t1", [row])
         elif kind == "text numbers":
             full = {c: None for c in ("prompt", "answer", "neuron", "alpha", "factor", "noise_scale", "seed", "positions",
-                                      "answer_logprob", "clean_answer_logprob")}
+                                      "answer_logprob", "baseline_answer_logprob")}
             store.write("t1", [{**full, **row, "row": 0, "layer": 1, "delta_logprob": "0.5"}])
         elif kind == "manifest list":
             store.write("t1", [row])
@@ -403,7 +403,7 @@ BAD_INPUT = [
      f"--seed: {2**70} is out of range 0 .. 4294967295"),
     ("report: a result file that lacks columns", report_dir("lacks columns"),
      "dir: {tmp}/out/results/task-t1.parquet lacks the column(s) row, layer, neuron, alpha, factor, noise_scale, seed, "
-     "answer_logprob, clean_answer_logprob, prompt of a intervention sweep's results"),
+     "answer_logprob, baseline_answer_logprob, prompt of a intervention sweep's results"),
     ("report: numbers stored as text", report_dir("text numbers"),
      "dir: {tmp}/out/results/task-t1.parquet: column delta_logprob holds str values such as '0.5', not numbers"),
     ("report: manifest.json that is a JSON list", report_dir("manifest list"),
@@ -605,3 +605,17 @@ def test_heads_apply_where_a_site_has_them(tmp_path, capsys, nothing_may_start):
     assert cli.main(argv) == 0, capsys.readouterr().err
     # 2 prompts x 2 layers x (1 resid_post + 2 heads of hook_z) x 1 kind
     assert "12 cells" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["intervention", "causal_trace", "recipe"])
+def test_report_accepts_what_each_kind_stores(tmp_path, tiny_models, capsys, name):
+    """The columns `patchscope report` requires (Schema.numbers, Schema.needs) are the ones each kind writes."""
+    from patchscope_core import PatchscopeEngine
+    from tests.golden.common import run_in_process
+
+    argv = {"intervention": lambda: iv(tmp_path, intervention__heads=[0]), "causal_trace": lambda: trace(tmp_path),
+            "recipe": lambda: recipe("multi_hop", recipe__source_layers=[1], recipe__target_layers=[2])(tmp_path)}[name]()
+    engine = PatchscopeEngine(tiny_models["tiny-llama"], name="tiny-llama")
+    assert run_in_process(Path(argv[1]), engine, tmp_path / "out") > 0
+    capsys.readouterr()
+    assert cli.main(["report", str(tmp_path / "out")]) == 0, capsys.readouterr().err

@@ -475,7 +475,7 @@ class InterventionKind(KindDefaults):
     operation = "intervention"
     schema = Schema(INTERVENTION_COLUMNS, INTERVENTION_RESULTS, INTERVENTION_TABLE, ("generated_token_ids",),
                     ("row", "layer", "head", "neuron", "alpha", "factor", "noise_scale", "seed", "delta_logprob",
-                     "answer_logprob", "clean_answer_logprob"), ("prompt", "site", "kind"))
+                     "answer_logprob", "baseline_answer_logprob"), ("prompt", "site", "kind"))
     marks = frozenset({"delta_logprob"})
     report_metrics = REPORT_METRICS  # what `report.metric` may name
     renamed = BASELINE  # old column names -> new, for stores written before

@@ -81,7 +81,9 @@ def check_results(store: ResultStore, df, kind_name: str) -> None:
     needed = list(dict.fromkeys(["cell_id", "model", *sorted(KINDS[kind_name].marks), *schema.numbers, *schema.needs]))
     missing = [c for c in needed if c not in df.columns]
     if missing:
-        where = _file_with(store, lambda names, types: any(c not in names for c in missing))
+        renamed = KINDS[kind_name].renamed  # a file written before a rename holds the old name
+        where = _file_with(store, lambda names, types: any(c not in names and c not in
+                                                           [renamed.get(n, n) for n in names] for c in missing))
         raise ConfigError(f"dir: {where} lacks the column(s) {', '.join(missing)} of a {kind_name} sweep's results "
                           "(written by another program or version?); move it away to report the rest")
     for c in schema.numbers:
