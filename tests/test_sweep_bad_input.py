@@ -454,6 +454,11 @@ BAD_INPUT = [
     ("a YAML alias inside its own anchor", lambda t: sweep(t, text=yaml.safe_dump(changed(IV, output__dir=str(t / "out")))
                                                          + "loop: &loop [1, *loop]\n"),
      "config: the alias on line "),
+    ("YAML nested 3000 deep", lambda t: sweep(t, text="name: x\nmodels: [tiny-llama]\nsource: " + "[" * 3000 + "]" * 3000 + "\n"),
+     "config: {tmp}/sweep.yaml is nested too deeply to read"),
+    ("prompts.file JSONL nested 100000 deep", data_file("rows.jsonl", '{"prompt": ' + "[" * 100000 + "]" * 100000 + "}\n",
+                                                        lambda t, p: iv(t, prompts__rows=None, prompts__file=p)),
+     "prompts.file: {tmp}/rows.jsonl line 1 is not JSON"),
     ("10^6 noise_scale x seed cells past max_cells", lambda t: iv(
         t, intervention__kind="noise", intervention__noise_scale=[float(i) for i in range(1000)],
         intervention__seed=list(range(1000)), execution={"max_cells": 10**6}),
