@@ -83,10 +83,11 @@ def quiet_torch_load(path):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def template_problem(template: str, allowed: Iterable[str]) -> str | None:
+def template_problem(template: str, allowed: Iterable[str], needs: Iterable[str] = ()) -> str | None:
     """Why a `str.format` template cannot be filled with the `allowed` fields (as text), or None:
     a field it may not use, a positional `{}`, an attribute or index (`{a.b}`, `{a[0]}`), a
-    conversion other than !r !s !a, a format spec text cannot take, or broken braces."""
+    conversion other than !r !s !a, a format spec text cannot take, broken braces, or a field of
+    `needs` it does not use."""
     allowed = tuple(allowed)
     if not template.strip():
         return "empty template"
@@ -105,6 +106,10 @@ def template_problem(template: str, allowed: Iterable[str]) -> str | None:
             return f"the conversion !{conversion} on {{{name}}} is not one of !r, !s, !a"
         if "{" in spec:
             return f"a nested field in the format spec of {{{name}}} is not allowed"
+    used = {name for _, name, _, _ in parts if name is not None}
+    missing = [n for n in needs if n not in used]
+    if missing:
+        return "the template must use " + ", ".join("{" + n + "}" for n in missing)
     try:
         template.format(**{a: "" for a in allowed})
     except (ValueError, KeyError, IndexError, AttributeError, TypeError) as exc:

@@ -395,6 +395,8 @@ BAD_INPUT = [
      "recipe.source_template: a template may use {entity} only, not a positional field {}"),
     ("entity source_template with a bad conversion", recipe("entity_description", recipe__source_template="x {entity!z}"),
      "recipe.source_template: the conversion !z on {entity} is not one of !r, !s, !a"),
+    ("entity source_template without {entity}", recipe("entity_description", recipe__source_template="Tell me about it"),
+     "recipe.source_template: the template must use {entity}"),
     ("multi-hop target_template with an attribute", recipe("multi_hop", recipe__target_template="{first_hop.nope}?"),
      "recipe.target_template: a template may use {first_hop}, {bridge}, {second_hop}, {answer} only, not {first_hop.nope}"),
     ("inspect --temperature nan", lambda t: inspect("--seed", "0", "--temperature", "nan"),

@@ -41,9 +41,9 @@ def load_entities(path: str | Path, source_template: str = "{entity}", seed: int
     missing = {"entity", "description"} - set(table[0] if table else ())
     if missing:
         raise PatchscopeError(f"{field_name}: {path} needs columns entity and description (missing: {', '.join(sorted(missing))})")
-    problem = template_problem(source_template, ("entity",))
-    if problem or "{entity}" not in source_template:
-        raise PatchscopeError(f"{field_name}.source_template: {problem or 'has no {entity}'} ({source_template!r})")
+    problem = template_problem(source_template, ("entity",), needs=("entity",))
+    if problem:
+        raise PatchscopeError(f"{field_name}.source_template: {problem} ({source_template!r})")
     rows = []
     for i, rec in enumerate(table):
         if not (rec.get("entity") or "").strip() or not (rec.get("description") or "").strip():

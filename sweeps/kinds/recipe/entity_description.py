@@ -32,11 +32,7 @@ class EntityDescriptionRecipe(RecipeSection):
     @field_validator("source_template", mode="after")
     @classmethod
     def _template(cls, v: str) -> str:
-        import string
-
-        problem = template_problem(v, ("entity",))
-        if problem is None and "entity" not in {name for _, name, _, _ in string.Formatter().parse(v)}:
-            problem = "the template must use {entity}"
+        problem = template_problem(v, ("entity",), needs=("entity",))
         if problem:
             raise ValueError(problem)
         return v
