@@ -141,7 +141,7 @@ def load_pairs(config, base: Path | None) -> list[PairRow]:
     where, table = "prompts.rows", pc.rows
     if pc.file is not None:
         path = locate(pc.file, base, "prompts.file")
-        table, where = read_table(path), "prompts.file"
+        table, where = read_table(path, "prompts.file"), "prompts.file"
         if not table:
             raise ConfigError(f"prompts.file: {path} has no rows")
     names = ("clean_column", "corrupted_column", "answer_column", "wrong_answer_column")
