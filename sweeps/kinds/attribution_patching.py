@@ -139,7 +139,7 @@ def pair_seed(seed: int, cell) -> int:
 def _per_pair(config, plan: ModelPlan, row: PairRow) -> int:
     at, info = config.attribution, plan.info
     m = plan.n_tokens[row.clean]
-    sites = [s for s in dict.fromkeys(check_attribution(info, at.sites, plan.source_layers, at.method, at.metric)[0])]
+    sites = check_attribution(info, at.sites, plan.source_layers, at.method, at.metric)[0]
     return len(at.method) * len(plan.source_layers) * (m + 1) * sum(units(s, info) for s in sites)
 
 
