@@ -146,11 +146,6 @@ def _per_pair(config, plan: ModelPlan, row: PairRow) -> int:
 # ---------------------------------------------------------------- the report
 
 
-def _save(fig, path: Path) -> Path:
-    fig.savefig(path, dpi=100)
-    return path
-
-
 def _summary_frame(mdf):
     """The verified grid of each (site, method) as `attribution_verify.summary_table` reads it."""
     verified = mdf[mdf["exact"].notna()]
@@ -228,8 +223,7 @@ def attribution_report(out_dir: Path, df) -> dict[str, Path]:
                     ax = fig.add_subplot(1, len(panels), i + 1)
                     ps.draw_heatmap(ax, ps.layer_head(frame, site, value=value),
                                     f"{site}: {label}, all positions (mean over pairs)", xname="head")
-                fig.tight_layout()
-                out[f"{name}_layer_head"] = _save(fig, out_dir / f"{name}_layer_head.png")
+                out[f"{name}_layer_head"] = pictures.save(fig, out_dir / f"{name}_layer_head.png")
             checked = sdf[sdf["exact"].notna()]
             if len(checked):
                 fig = Figure(figsize=(4 * len(methods), 3.8))
@@ -243,8 +237,7 @@ def attribution_report(out_dir: Path, df) -> dict[str, Path]:
                     ax.set_xlabel("exact (patched - corrupted)")
                     ax.set_ylabel(f"{m} estimate")
                     ax.set_title(f"{site} {m}: r = {r:.3f}, {len(c)} nodes", fontsize=9)
-                fig.tight_layout()
-                out[f"{name}_scatter"] = _save(fig, out_dir / f"{name}_scatter.png")
+                out[f"{name}_scatter"] = pictures.save(fig, out_dir / f"{name}_scatter.png")
     return out
 
 
