@@ -34,6 +34,7 @@ from ..kinds import KINDS
 from ..plan import check_against_models, config_hash, load_rows, study_context
 from ..records import records as result_rows
 from ..sinks.base import End, Peers
+from ..sinks.report import made_lines
 from ..sinks.store import ResultStore
 from . import local, scheduler
 from .cluster import check_local_gpus, check_reachable, check_resources, connect
@@ -196,11 +197,8 @@ def _run(args, config, rows, plans, n_cells: int, chash: str, store: ResultStore
                                 "elapsed_s": elapsed}))
     print(f"\n{done} of {n_cells} cells stored ({totals['computed']} computed now, in {elapsed:.1f} s): "
           f"{store.results_dir}")
-    if "table" in end.made:
-        print(f"table:    {end.made['table']}")
-        for key, path in end.made.items():
-            if key != "table":
-                print(f"{'picture' if path.suffix == '.png' else 'table'}:  {'' if path.suffix == '.png' else '  '}{path}")
+    for line in made_lines(end.made):
+        print(line)
     for line in end.notes:
         print(line)
     if given_up or done < n_cells:
