@@ -84,6 +84,16 @@ def test_a_local_sweep_of_one_worker_needs_no_ray(tmp_path):
     assert len(ResultStore(tmp_path / "out").read()) == 8
 
 
+def test_auto_is_local_for_one_worker_without_an_address_and_ray_otherwise():
+    from sweeps.config import ExecutionConfig
+
+    assert ExecutionConfig(workers=1).resolved(local=True).backend == "local"
+    assert ExecutionConfig(workers=2).resolved(local=True).backend == "ray"
+    assert ExecutionConfig(workers=1).resolved(local=False).backend == "ray"  # --address
+    assert ExecutionConfig(workers=1, backend="ray").resolved(local=True).backend == "ray"
+    assert ExecutionConfig(workers=1, backend="local").resolved(local=True).backend == "local"
+
+
 def test_the_dry_run_says_which_backend(tmp_path, capsys, no_weights):
     assert cli.main(["sweep", str(write_run(tmp_path, "patchscope", "one")), "--dry-run"]) == 0
     assert "backend: local (in this process, no Ray): 1 worker per model" in capsys.readouterr().out
