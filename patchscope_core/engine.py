@@ -19,6 +19,7 @@ uncached generation that re-applies them at every step (the tests prove it).
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections import Counter, defaultdict
@@ -32,12 +33,13 @@ from .hooks import HookFn, attached_hooks, cached_length, hooked, left_pad, posi
 from .clean_start import CleanStates, first_layer
 from .dispatch import dispatch
 from .knockout import group_by_layer, knockout_hooks
-from .interventions import (Action, Intervention, InterventionRun, Positions, Replace, ResolvedIntervention,
+from .interventions import (Action, Add, Intervention, InterventionRun, Positions, Replace, ResolvedIntervention,
                             ResolvedRun, resolve_run)
 from .models import ModelInfo, info_of
 from .readings import SiteReader, input_device
 from .sites import ResolvedSite, Site, plain_modules, resid_post, resolve_site
 from .spec import Patchscope, ResolvedPatchscope, resolve_all, tokenize
+from .values import check_seed
 
 __all__ = ["Decoding", "Engine", "InterventionResult", "PatchscopeEngine", "PatchscopeResult", "info_of",
            "resid_post", "run_patchscopes"]
@@ -58,8 +60,10 @@ class Decoding:
     def __post_init__(self) -> None:
         if self.do_sample and self.seed is None:
             raise PatchscopeError("decoding.seed: sampling needs an explicit seed so results can be reproduced")
-        if self.temperature <= 0:
-            raise PatchscopeError(f"decoding.temperature: must be > 0, got {self.temperature}")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
+            raise PatchscopeError(f"decoding.temperature: must be a finite number > 0, got {self.temperature}")
+        if self.seed is not None:
+            check_seed(self.seed, "decoding.seed")
 
 
 @dataclass
@@ -242,6 +246,24 @@ class Engine:
         for prompts, sites in recorder.wanted_stats.items():
             self.reader.statistics(list(sites.values()), prompts)
         return [[iv.intervention.kind.prepare(iv.site, self.reader) for iv in r.interventions] for r in resolved]
+
+    def steering_norms(self, run: InterventionRun) -> dict[str, float] | None:
+        """For a run that adds one direction (`Add`): `vector_norm` (|v|), `site_norm` (the
+        site's mean activation norm over the prompt's tokens but BOS, without interventions) and
+        `relative_strength` = |alpha| x |v| / site_norm, so strengths compare across layers and
+        models. None for other runs."""
+        resolved = resolve_run(run, self.info)
+        adds = [iv for iv in resolved.interventions if isinstance(iv.intervention.kind, Add)]
+        if len(adds) != 1:
+            return None
+        (iv,) = adds
+        kind = iv.intervention.kind
+        v = replace(kind, alpha=1.0).prepare(iv.site, self.reader).shift.float()
+        h = self.reader.values(iv.site, resolved.prompt_ids)[1 if self.info.prepend_bos else 0:].float()
+        site_norm = float(h.norm(dim=-1).mean())
+        vector_norm = float(v.norm())
+        return {"vector_norm": vector_norm, "site_norm": site_norm,
+                "relative_strength": abs(float(kind.alpha)) * vector_norm / site_norm if site_norm else float("nan")}
 
     # ------------------------------------------------------------------ your own hooks
 

@@ -30,6 +30,7 @@ from .errors import PatchscopeError
 from .models import ModelInfo
 from .sites import ResolvedSite, Site, resolve_site
 from .spec import resolve_position, tokenize
+from .values import check_finite, check_seed, quiet_torch_load
 
 # ---------------------------------------------------------------- when: positions
 
@@ -131,13 +132,14 @@ def load_vector(path, field_name: str = "vector") -> torch.Tensor:
                 raise PatchscopeError(f"{field_name}: {path} holds {sorted(tensors)}; expected one tensor or one named 'vector'")
             value = tensors.get("vector", next(iter(tensors.values())))
         else:
-            value = torch.load(path, map_location="cpu", weights_only=True)
+            value = quiet_torch_load(path)
     except PatchscopeError:
         raise
     except Exception as exc:  # noqa: BLE001 - any unreadable file is bad input, named as such
         raise PatchscopeError(f"{field_name}: cannot read {path} as a tensor ({type(exc).__name__})") from None
     if not isinstance(value, torch.Tensor) or not value.is_floating_point():
         raise PatchscopeError(f"{field_name}: {path} holds {type(value).__name__}, not a floating-point tensor")
+    check_finite(value, field_name, str(path))
     return value
 
 
@@ -216,7 +218,8 @@ class Noise(Kind):
     def check(self, site, info, positions, field_name):
         if not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale) or self.scale < 0:
             raise PatchscopeError(f"{field_name}.scale: the noise scale must be a number >= 0, got {self.scale!r}")
-        if self.std is not None and not (isinstance(self.std, (int, float)) and self.std >= 0):
+        check_seed(self.seed, f"{field_name}.seed")
+        if self.std is not None and not (isinstance(self.std, (int, float)) and math.isfinite(self.std) and self.std >= 0):
             raise PatchscopeError(f"{field_name}.std: must be a number >= 0, got {self.std!r}")
         if self.std is None:
             _prompts(self.reference, info, f"{field_name}.reference")
@@ -420,6 +423,9 @@ def resolve_run(run: InterventionRun, info: ModelInfo, field_name: str = "run") 
         answer = tuple(info.tokenizer(run.answer, add_special_tokens=False)["input_ids"])
         if not answer:
             raise PatchscopeError(f"{field_name}.answer: {run.answer!r} has no tokens")
+    if info.n_ctx and len(prompt) > info.n_ctx:
+        raise PatchscopeError(f"{field_name}.prompt: {len(prompt)} tokens exceed {info.name}'s context of "
+                              f"{info.n_ctx} tokens")
     if len(prompt) + max(n, len(answer)) > info.n_ctx:
         raise PatchscopeError(
             f"{field_name}.max_new_tokens: {len(prompt)} prompt tokens + {max(n, len(answer))} more exceed "

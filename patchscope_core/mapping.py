@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .errors import PatchscopeError
+from .values import check_finite, quiet_torch_load
 
 
 class Identity:
@@ -78,7 +79,7 @@ class Affine:
 
                 tensors = load_file(str(path))
             else:
-                tensors = torch.load(path, map_location="cpu", weights_only=True)
+                tensors = quiet_torch_load(path)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is bad input; torch's own advice is not passed on
             raise PatchscopeError(
                 f"mapping.path: cannot read {path} as tensors ({type(exc).__name__}); expected a .safetensors file "
@@ -93,6 +94,8 @@ class Affine:
             if value is not None and not (isinstance(value, torch.Tensor) and value.is_floating_point()):
                 raise PatchscopeError(f"mapping.{key}: {path} holds a {type(value).__name__} as {key!r}, "
                                       "not a floating-point tensor")
+            if value is not None:
+                check_finite(value, f"mapping.{key}", str(path))
         return cls(W=tensors["W"], b=tensors.get("b"), name=f"affine:{path.name}")
 
     def check(self, d_source: int, d_target: int) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -46,6 +47,11 @@ ACCEPTED = (
     "a model alias (" + ", ".join(ALIASES) + "), a local Hugging Face model directory "
     "(with config.json), or a Hugging Face hub name such as 'gpt2' or 'EleutherAI/pythia-160m'"
 )
+
+
+def _one_line(exc: BaseException) -> str:
+    """The hub's or transformers' message on one line (theirs span several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def cache_dir() -> Path:
@@ -340,6 +346,35 @@ def _source_path(name: str) -> str:
     return str(local) if local else name
 
 
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "*.h5", "*.msgpack")
+
+
+def model_fingerprint(name: str) -> str:
+    """What identifies the weights `name` loads, read without loading them (part of a stored
+    cell's identity, so a changed model never reuses a stale result): a built-in tiny model is
+    its recipe and seed; SmolLM2 its GGUF file's size and modification time; a local directory
+    its config.json and each weight file's name, size and modification time (a rewrite, even of
+    one weight, changes it); a hub model its cached revision (`unknown` when not cached)."""
+    import hashlib
+
+    def files(paths) -> list:
+        return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(paths)]
+
+    if name in TINY:
+        return f"builtin:{name}:seed{TINY_SEED}"
+    if name == "smollm2-135m":
+        blob = files([_smollm2_gguf()])
+    elif (local := _local_dir(name)) is not None:
+        blob = [(local / "config.json").read_text(encoding="utf-8", errors="replace"),
+                files(p for pattern in WEIGHT_FILES for p in local.glob(pattern))]
+    else:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        ref = Path(HF_HUB_CACHE) / f"models--{name.replace('/', '--')}" / "refs" / "main"
+        return f"hub:{name}@{ref.read_text().strip() if ref.is_file() else 'unknown'}"
+    return hashlib.sha256(json.dumps(blob).encode()).hexdigest()[:16]
+
+
 @lru_cache(maxsize=16)
 def model_info(name: str) -> ModelInfo:
     """Layers, widths, context, tokenizer and hook locations of `name`, without loading weights
@@ -356,7 +391,7 @@ def model_info(name: str) -> ModelInfo:
             config = AutoConfig.from_pretrained(path)
             tokenizer = _load_tokenizer(path)
         except OSError as exc:
-            raise UnknownModelError(f"model: cannot load {name!r} ({exc}); expected {ACCEPTED}") from exc
+            raise UnknownModelError(f"model: cannot load {name!r} ({_one_line(exc)}); expected {ACCEPTED}") from exc
     try:
         adapter = _adapter(config)
     except (ValueError, NotImplementedError) as exc:
@@ -425,7 +460,7 @@ def load_model(name: str, device: str | None = None, dtype: Any = None, device_m
         try:
             return TransformerBridge.boot_transformers(name, **kwargs)
         except OSError as exc:
-            raise UnknownModelError(f"model: cannot load {name!r} ({exc}); expected {ACCEPTED}") from exc
+            raise UnknownModelError(f"model: cannot load {name!r} ({_one_line(exc)}); expected {ACCEPTED}") from exc
     hf_model.eval()
     hub_name = SMOLLM2_HUB_NAME if name == "smollm2-135m" else name
     bridge_device = None if device_map is not None else device

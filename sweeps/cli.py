@@ -18,10 +18,18 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from patchscope_core import Decoding, Patchscope, PatchscopeEngine, Source, Target, load_model, model_info, resolve
+    from patchscope_core import (Decoding, InputError, Patchscope, PatchscopeEngine, Source, Target, load_model,
+                                 model_info, resolve)
     from patchscope_core.mapping import Affine, Identity
     from patchscope_core.models import check_device
 
+    from patchscope_core.values import check_seed, number_problem
+
+    if args.seed is not None:
+        check_seed(args.seed, "--seed")
+    problem = number_problem(args.temperature, positive=True)
+    if problem:
+        raise InputError(f"--temperature: {problem}")
     mapping = Affine.from_file(args.mapping) if args.mapping else Identity()
     spec = Patchscope(
         source=Source(args.source_prompt, args.source_layer, args.source_position, model=args.model),
@@ -55,16 +63,14 @@ def _read_prompts(path: str | None, field: str) -> tuple[str, ...]:
     from pathlib import Path
 
     from patchscope_core import InputError
+    from patchscope_core.textfiles import read_lines
 
     if path is None:
         return ()
     p = Path(path).expanduser()
     if not p.is_file():
         raise InputError(f"{field}: no such file {path!r}")
-    try:
-        return tuple(line for line in p.read_text(encoding="utf-8").splitlines() if line.strip())
-    except UnicodeDecodeError:
-        raise InputError(f"{field}: {path} is not UTF-8 text") from None
+    return tuple(read_lines(p, field))
 
 
 def _kind(args: argparse.Namespace):
@@ -73,6 +79,7 @@ def _kind(args: argparse.Namespace):
 
     from patchscope_core import KINDS, InputError
     from patchscope_core.interventions import load_vector
+    from patchscope_core.values import check_seed
 
     given = {
         "vector": ("--vector", lambda: load_vector(args.vector, "--vector") if args.vector else None),
@@ -84,7 +91,7 @@ def _kind(args: argparse.Namespace):
         "positive": ("--positive-prompts", lambda: _read_prompts(args.positive_prompts, "--positive-prompts") or None),
         "negative": ("--negative-prompts", lambda: _read_prompts(args.negative_prompts, "--negative-prompts") or None),
         "scale": ("--noise-scale", lambda: args.noise_scale),
-        "seed": ("--seed", lambda: args.seed),
+        "seed": ("--seed", lambda: None if args.seed is None else check_seed(args.seed, "--seed")),
         "from_": ("--from", lambda: _words(args.from_) if args.from_ else None),
         "to": ("--to", lambda: _words(args.to) if args.to else None),
         "subject": ("--subject", lambda: args.subject),
@@ -284,8 +291,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except InputError as exc:  # bad input only: one line naming the field; anything else is a bug
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
+
+
+def one_line(message: str) -> str:
+    """An error message on one line: a message that quotes another (the hub's, YAML's) may hold
+    newlines; they become ' / ' and runs of spaces one space."""
+    parts = [" ".join(line.split()) for line in message.splitlines()]
+    return " / ".join(p for p in parts if p)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@
 - `check_against_models`: every setting against each model's config and tokenizer (one
   `ModelPlan` per model: layers, token counts);
 - `study_context`: what every task shares (a table of kinds, a trace's settings, a recipe's);
-- `config_hash`: the hash of everything that decides the results.
+- `config_hash`: the hash of everything that decides the results;
+- `model_keys`: what identifies each model's weights (stored beside each cell: a changed
+  model reuses none of its stored cells).
 Every error is a `ConfigError` whose message starts with the field.
 """
 
@@ -42,3 +44,13 @@ def config_hash(config, rows: list, context: Any = None) -> str:
     science = kind.science(config.model_dump(mode="json", include=sections, exclude_defaults=False), config, rows, context)
     blob = json.dumps(science, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def model_keys(config) -> dict[str, str]:
+    """{model: weights key} of every model a sweep runs (`patchscope_core.models.model_fingerprint`);
+    a recipe that reads another model's states (cross_model's `source_model`) adds its key."""
+    from patchscope_core.models import model_fingerprint
+
+    source = getattr(getattr(config, "recipe", None), "source_model", None)
+    extra = f"+{model_fingerprint(source)}" if source else ""
+    return {name: model_fingerprint(name) + extra for name in config.models}

@@ -101,7 +101,7 @@ class WordLens(KindDefaults):
     def describe(self, config, plan, context):
         return f"layers {plan.source_layers} (word lens)"
 
-    def report(self, out_dir: Path, df):
+    def report(self, out_dir: Path, df, settings: dict | None = None):
         path = out_dir / "word_lens.csv"
         df.pivot_table(index="word", columns="layer", values="generated_text", aggfunc="first").to_csv(path)
         return {"word_lens": path}

@@ -174,3 +174,13 @@ def pd_isnull(x) -> bool:
     import pandas as pd
 
     return bool(pd.isna(x))
+
+
+def test_a_pairs_file_that_is_not_utf8_names_prompts_file(tmp_path, capsys, no_weights):
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_bytes("clean,corrupted,answer,wrong_answer\nCaf\xe9 is,Cafe is, x, y\n".encode("latin-1"))
+    config = write(tmp_path, prompts={"file": str(pairs), "clean_column": "clean", "corrupted_column": "corrupted",
+                                      "answer_column": "answer", "wrong_answer_column": "wrong_answer"})
+    assert main(["sweep", str(config), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: prompts.file: ") and "not UTF-8" in err, err

@@ -85,7 +85,8 @@ BAD_CONFIGS = [
     ("unknown model", _with(models=["tiny-llama", "no such model!"]), "models[1]: unknown model 'no such model!'"),
     ("no models", _with(models=[]), "models: List should have at least 1 item"),
     ("bad wandb mode", _with(output__wandb__mode="sometimes"), "output.wandb.mode: Input should be 'auto', 'online', 'offline' or 'disabled'"),
-    ("zero new tokens", _with(generation__max_new_tokens=0), "generation.max_new_tokens: Input should be greater than or equal to 1"),
+    ("zero new tokens", _with(generation__max_new_tokens=0),
+     "generation.max_new_tokens: a patchscope sweep generates text; give 1 or more"),
     ("sampling without seed", _with(generation__do_sample=True), "generation.seed: sampling needs an explicit seed"),
     ("zero workers", _with(execution__workers=0), "execution.workers: Input should be greater than or equal to 1"),
     ("negative gpus", _with(execution__gpus_per_worker=-0.5), "execution.gpus_per_worker: Input should be greater than or equal to 0"),
@@ -306,8 +307,10 @@ def test_store_writes_each_cell_once_atomically_and_refuses_another_config(tmp_p
     assert sorted(df.cell_id) == ["c1", "c2", "c3"] and "again" not in set(df.generated_text)
     # a fresh store (a resumed run) reads the stored ids back
     assert ResultStore(tmp_path / "out").open({"name": "a"}, "hash-a", 3) == 3
-    with pytest.raises(ConfigError, match=r"^output\.dir: .* holds results of another config"):
-        ResultStore(tmp_path / "out").open({"name": "a"}, "hash-b", 3)
+    # another config in the same directory reuses what it finds (results/ is a cache; the
+    # manifest keeps the config history), unless --restart
+    assert ResultStore(tmp_path / "out").open({"name": "b"}, "hash-b", 3) == 3
+    assert [h["config_hash"] for h in json.loads((tmp_path / "out" / "manifest.json").read_text())["history"]] == ["hash-a"]
     assert ResultStore(tmp_path / "out").open({"name": "a"}, "hash-b", 3, restart=True) == 0
     assert ResultStore(tmp_path / "out").read().empty
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())

@@ -83,7 +83,7 @@ def test_every_cell_equals_eager_attention_with_the_edges_masked_by_hand(tmp_pat
         want = _p_first(hf, ids, first, blocked, n_heads)
         clean = _p_first(hf, ids, first, None, n_heads)
         assert r.p_answer == pytest.approx(want, abs=1e-5), r
-        assert r.p_answer_clean == pytest.approx(clean, abs=1e-5), r
+        assert r.baseline_p_answer == pytest.approx(clean, abs=1e-5), r
         assert r.p_change_pct == pytest.approx(100 * (want - clean) / clean, abs=1e-2), r
         moved = max(moved, abs(r.p_change_pct))
     assert moved > 1.0, "no knockout moved p(answer): the check could not fail"

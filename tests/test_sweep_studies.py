@@ -116,11 +116,11 @@ def test_ablation_sweep_stores_every_cell_once_equal_to_the_engine(ablation, tin
                               answer=r["answer"], max_new_tokens=4)
         (want,) = engine.run([run])
         assert list(r["generated_token_ids"]) == want.generated_token_ids
-        assert list(r["clean_generated_token_ids"]) == want.clean_generated_token_ids
+        assert list(r["baseline_generated_token_ids"]) == want.clean_generated_token_ids
         assert r["answer_logprob"] == pytest.approx(want.answer_logprob, abs=1e-4)
         assert r["delta_logprob"] == pytest.approx(want.answer_logprob - want.clean_answer_logprob, abs=1e-4)
         assert r["ref_topic"] == next(f["topic"] for f in FACTS if f["prompt"] == r["prompt"])
-    assert df.groupby("prompt")["clean_answer_logprob"].nunique().max() == 1  # one clean baseline per prompt
+    assert df.groupby("prompt")["baseline_answer_logprob"].nunique().max() == 1  # one clean baseline per prompt
 
 
 def test_ablation_report_and_wandb(ablation):

@@ -140,9 +140,11 @@ def patchscope_records(engine, payload: dict[str, Any], batch_size: int) -> list
 
 
 def intervention_records(engine, payload: dict[str, Any], batch_size: int) -> list[dict[str, Any]]:
-    """Intervention runs (each with its clean baseline), in order."""
+    """Intervention runs (each with its clean baseline), in order; a steering run (`add`) also
+    records its vector's norm against the site's (`engine.steering_norms`)."""
     runs = [run_from_dict(r) for r in payload["runs"]]
-    return [r.to_record() for r in engine.run_interventions(runs, batch_size)]
+    return [{**r.to_record(), **(engine.steering_norms(run) or {})}
+            for run, r in zip(runs, engine.run_interventions(runs, batch_size), strict=True)]
 
 
 # The engine operation that runs each payload kind (a sweep kind's `operation`): (engine, payload,

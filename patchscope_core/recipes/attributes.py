@@ -17,7 +17,6 @@ high for few-class relations (substance_phase, word_sentiment) whatever the Patc
 from __future__ import annotations
 
 import ast
-import csv
 import random
 import re
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
 from ..errors import PatchscopeError
+from ..textfiles import read_csv
 from ..spec import Source, Target
 from .metrics import shuffled_labels
 from .probes import Probe, Recipe
@@ -43,6 +43,22 @@ def _relation_file(root: Path, relation: str, field_name: str) -> Path:
     return found[0]
 
 
+LRE_COLUMNS = ("prompt_target", "subject", "object", "source_cropped_toks")
+
+
+def _source(text: str, where: str) -> str:
+    """The source context: `source_cropped_toks` is a Python list of token strings, read as a
+    literal (never run as code)."""
+    try:
+        toks = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        toks = None
+    if not isinstance(toks, list) or not toks or not all(isinstance(t, str) for t in toks):
+        raise PatchscopeError(f"{where}: source_cropped_toks must be a non-empty list of strings such as "
+                              f"[' the', ' United', ' States'], got {text[:60]!r}")
+    return "".join(toks)
+
+
 def load_lre(root: str | Path, relations: Sequence[str], subjects: int | None = None, contexts: int = 1,
              seed: int = 0, field_name: str = "relations") -> list[dict[str, Any]]:
     """Rows of the LRE attribute-extraction data: per relation, `subjects` subjects (all when
@@ -54,10 +70,20 @@ def load_lre(root: str | Path, relations: Sequence[str], subjects: int | None = 
     rows: list[dict[str, Any]] = []
     for relation in relations:
         path = _relation_file(root, relation, field_name)
-        with open(path, encoding="utf-8", newline="") as fh:
-            table = list(csv.DictReader(fh, delimiter="\t"))
+        table = read_csv(path, field_name, delimiter="\t")
+        if not table:
+            raise PatchscopeError(f"{field_name}: {path} has no rows (a header line {', '.join(LRE_COLUMNS)}, tab-separated, "
+                                  "then one row per fact)")
+        missing = [c for c in LRE_COLUMNS if c not in table[0]]
+        if missing:
+            raise PatchscopeError(f"{field_name}: {path} has no column {', '.join(missing)} "
+                                  f"(columns: {', '.join(str(c) for c in table[0])}; needed: {', '.join(LRE_COLUMNS)})")
         by_subject: dict[str, list[dict]] = {}
-        for rec in table:
+        for i, rec in enumerate(table):
+            empty = [c for c in LRE_COLUMNS if not (rec.get(c) or "").strip()]
+            if empty:
+                raise PatchscopeError(f"{field_name}: {path} row {i + 1} has an empty or missing {', '.join(empty)}")
+            rec = {**rec, "source": _source(rec["source_cropped_toks"], f"{field_name}: {path} row {i + 1}")}
             by_subject.setdefault(rec["subject"], []).append(rec)
         chosen = list(by_subject)
         random.Random(seed).shuffle(chosen)
@@ -69,7 +95,7 @@ def load_lre(root: str | Path, relations: Sequence[str], subjects: int | None = 
                 if not target.endswith(" x"):
                     raise PatchscopeError(f"{field_name}: {path.name}: prompt_target {target!r} does not end in ' x'")
                 rows.append({"relation": relation, "subject": subject, "object": _unescape(rec["object"]),
-                             "source": "".join(ast.literal_eval(rec["source_cropped_toks"])), "target": target,
+                             "source": rec["source"], "target": target,
                              "question": target[:-1] + subject, "ask": k == 0})
         mine = rows[start:]
         for row, control in zip(mine, shuffled_labels([r["subject"] for r in mine], [r["object"] for r in mine], seed)):

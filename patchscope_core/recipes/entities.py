@@ -13,12 +13,13 @@ context per entity); `sweeps/examples/entity_descriptions.csv` is written for th
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 from ..errors import PatchscopeError
+from ..textfiles import read_csv
+from ..values import template_problem
 from ..spec import Source, Target
 from .metrics import shuffled_labels
 from .probes import Probe, Recipe
@@ -34,13 +35,15 @@ def load_entities(path: str | Path, source_template: str = "{entity}", seed: int
     path = Path(path).expanduser()
     if not path.is_file():
         raise PatchscopeError(f"{field_name}: no such file {str(path)!r}")
-    with open(path, encoding="utf-8", newline="") as fh:
-        table = list(csv.DictReader(fh))
+    table = read_csv(path, field_name)
+    if not table:
+        raise PatchscopeError(f"{field_name}: {path} has no rows (a header line entity,description, then one row per entity)")
     missing = {"entity", "description"} - set(table[0] if table else ())
     if missing:
         raise PatchscopeError(f"{field_name}: {path} needs columns entity and description (missing: {', '.join(sorted(missing))})")
-    if "{entity}" not in source_template:
-        raise PatchscopeError(f"{field_name}.source_template: {source_template!r} has no '{{entity}}'")
+    problem = template_problem(source_template, ("entity",), needs=("entity",))
+    if problem:
+        raise PatchscopeError(f"{field_name}.source_template: {problem} ({source_template!r})")
     rows = []
     for i, rec in enumerate(table):
         if not (rec.get("entity") or "").strip() or not (rec.get("description") or "").strip():

@@ -22,12 +22,12 @@ Chain files are CSV with columns first_hop, bridge, second_hop, answer
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 from ..errors import PatchscopeError
+from ..textfiles import read_csv
 from ..spec import Source, Target
 from .metrics import shuffled_labels
 from .probes import Probe, Recipe
@@ -41,8 +41,9 @@ def load_chains(path: str | Path, seed: int = 0, field_name: str = "chains") -> 
     path = Path(path).expanduser()
     if not path.is_file():
         raise PatchscopeError(f"{field_name}: no such file {str(path)!r}")
-    with open(path, encoding="utf-8", newline="") as fh:
-        table = list(csv.DictReader(fh))
+    table = read_csv(path, field_name)
+    if not table:
+        raise PatchscopeError(f"{field_name}: {path} has no rows (a header line {','.join(COLUMNS)}, then one row per chain)")
     missing = set(COLUMNS) - set(table[0] if table else ())
     if missing:
         raise PatchscopeError(f"{field_name}: {path} needs columns {', '.join(COLUMNS)} (missing: {', '.join(sorted(missing))})")

@@ -13,7 +13,7 @@
 from .errors import ConfigError
 from .fields import Layers, Positions, Strict, TargetLayers, TargetPositions, axis, expand_layers
 from .loader import read_text, read_yaml
-from .shared import ExecutionConfig, GenerationConfig, OutputConfig, WandbConfig
+from .shared import ExecutionConfig, GenerationConfig, OutputConfig, ReportConfig, WandbConfig
 
-__all__ = ["ConfigError", "ExecutionConfig", "GenerationConfig", "Layers", "OutputConfig", "Positions", "Strict",
+__all__ = ["ConfigError", "ExecutionConfig", "GenerationConfig", "Layers", "OutputConfig", "ReportConfig", "Positions", "Strict",
            "TargetLayers", "TargetPositions", "WandbConfig", "axis", "expand_layers", "read_text", "read_yaml"]

@@ -4,8 +4,6 @@ Every error is a `ConfigError` naming the field."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -14,24 +12,30 @@ from .errors import ConfigError
 from .loader import read_text
 
 
-def read_table(path: Path) -> list[dict[str, Any]]:
+def read_table(path: Path, field_name: str = "source.file") -> list[dict[str, Any]]:
+    """The rows of a CSV, TSV or JSONL file; every error names `field_name`, the file and the line."""
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
-        text = read_text(path, "source.file", encoding="utf-8-sig")  # a spreadsheet's byte-order mark is not a column name
-        return list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ","))
+        from patchscope_core import PatchscopeError
+        from patchscope_core.textfiles import read_csv
+
+        try:
+            return read_csv(path, field_name, delimiter="\t" if suffix == ".tsv" else ",")
+        except PatchscopeError as exc:
+            raise ConfigError(str(exc)) from None
     if suffix in (".jsonl", ".ndjson"):
         rows = []
-        for i, line in enumerate(read_text(path, "source.file").splitlines(), 1):
+        for i, line in enumerate(read_text(path, field_name).splitlines(), 1):
             if line.strip():
                 try:
                     obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ConfigError(f"source.file: {path} line {i} is not JSON ({exc})") from None
+                except (json.JSONDecodeError, RecursionError) as exc:
+                    raise ConfigError(f"{field_name}: {path} line {i} is not JSON ({exc})") from None
                 if not isinstance(obj, dict):
-                    raise ConfigError(f"source.file: {path} line {i} is not a JSON object")
+                    raise ConfigError(f"{field_name}: {path} line {i} is not a JSON object (one object a line)")
                 rows.append(obj)
         return rows
-    raise ConfigError(f"source.file: {path} must end in .csv, .tsv or .jsonl")
+    raise ConfigError(f"{field_name}: {path} must end in .csv, .tsv or .jsonl")
 
 
 def ref_value(v: Any) -> str | None:
@@ -69,8 +73,7 @@ def prompt_list(value: str | list[str] | None, base: Path | None, field_name: st
     if value is None:
         return None
     if isinstance(value, str):
-        lines = locate(value, base, field_name).read_text().splitlines()
-        value = [line for line in lines if line.strip()]
+        value = [line for line in read_text(locate(value, base, field_name), field_name).splitlines() if line.strip()]
     if not value:
         raise ConfigError(f"{field_name}: no prompts")
     return tuple(value)

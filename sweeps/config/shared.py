@@ -6,16 +6,18 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from patchscope_core.values import MAX_SEED
+
 from .errors import ConfigError
 from .fields import Strict
 
 class GenerationConfig(Strict):
-    max_new_tokens: int = Field(20, ge=1)
+    max_new_tokens: int = Field(20, ge=0, description="0: score only, no generation (intervention, knockout)")
     stop_at_eos: bool = True
     do_sample: bool = False
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, gt=0, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     top_logprobs: int = Field(10, ge=1, description="how many first-token log-probabilities to keep")
 
     @model_validator(mode="after")
@@ -89,12 +91,36 @@ class ExecutionConfig(Strict):
                                "and its work goes to the others; with no worker placed by then the sweep stops")
     max_cells: int = Field(10_000_000, ge=1, description="refuse a grid of more cells than this")
 
+    def check_cells(self, n_cells: int) -> None:
+        """A grid of more than max_cells cells is a ConfigError (counted before any cell is built)."""
+        if n_cells > self.max_cells:
+            raise ConfigError(f"execution.max_cells: the grid has {n_cells:,} cells, more than the limit of "
+                              f"{self.max_cells:,}; make the grid smaller (or split it into several sweeps), "
+                              "or raise execution.max_cells")
+
 
 class WandbConfig(Strict):
     project: str = "patchscope-sweeps"
     entity: str | None = None
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     tags: list[str] = []
+
+
+class ContrastConfig(Strict):
+    """A difference of two groups of rows: the mean over the rows whose reference column is
+    `plus` minus the mean over those where it is `minus` (e.g. answers ' great' vs ' terrible')."""
+
+    column: str = Field(description="a reference column of the prompts (results: ref_<column>)")
+    plus: str
+    minus: str
+
+
+class ReportConfig(Strict):
+    """What the summaries and pictures measure (kinds that take it: intervention). Not part of
+    the config hash: changing it redraws, never recomputes."""
+
+    metric: str | None = Field(None, description="a result column to average (default: the kind's own)")
+    contrast: ContrastConfig | None = None
 
 
 class OutputConfig(Strict):

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from ..kinds import KINDS
 from .errors import ConfigError, format_errors
-from .shared import ExecutionConfig, GenerationConfig, OutputConfig
+from .shared import ExecutionConfig, GenerationConfig, OutputConfig, ReportConfig
 from .loader import read_yaml
 from .models import beside_config
 
@@ -39,6 +39,12 @@ class _Sweep(BaseModel):
             if getattr(self, section) is not None:
                 raise ValueError(f"{section}: not used by a {self.kind} sweep (kind: {self.kind} takes {', '.join(needed)})")
         kind.check_config(self)
+        metrics = kind.report_metrics
+        if self.report.metric is not None and self.report.metric not in metrics:
+            raise ValueError(f"report.metric: {self.report.metric!r} is not a measure of {self.kind} sweeps"
+                             + (f" (allowed: {', '.join(metrics)})" if metrics else " (it takes no report section)"))
+        if self.report.contrast is not None and not metrics:
+            raise ValueError(f"report.contrast: a {self.kind} sweep takes no report section")
         twice = sorted({m for m in self.models if self.models.count(m) > 1})
         if twice:
             raise ValueError(f"models: {', '.join(twice)} listed twice")
@@ -73,7 +79,7 @@ def sweep_config_model() -> type:
         }
         fields.update({key: (model | None, None) for key, model in _all_sections().items()})
         fields.update(generation=(GenerationConfig, GenerationConfig()), execution=(ExecutionConfig, ExecutionConfig()),
-                      output=(OutputConfig, OutputConfig()))
+                      output=(OutputConfig, OutputConfig()), report=(ReportConfig, ReportConfig()))
         _MODELS[names] = create_model("SweepConfig", __base__=_Sweep, **fields)
     return _MODELS[names]
 

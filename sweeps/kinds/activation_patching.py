@@ -141,7 +141,7 @@ def load_pairs(config, base: Path | None) -> list[PairRow]:
     where, table = "prompts.rows", pc.rows
     if pc.file is not None:
         path = locate(pc.file, base, "prompts.file")
-        table, where = read_table(path), "prompts.file"
+        table, where = read_table(path, "prompts.file"), "prompts.file"
         if not table:
             raise ConfigError(f"prompts.file: {path} has no rows")
     names = ("clean_column", "corrupted_column", "answer_column", "wrong_answer_column")
@@ -322,7 +322,7 @@ class ActivationPatchingKind(KindDefaults):
                 f"{pt.positions} x heads {pt.heads} (head sites) x directions {axis(pt.direction)} x metrics {axis(pt.metric)}, "
                 f"window {pt.window}")
 
-    def report(self, out_dir: Path, df) -> dict[str, Path]:
+    def report(self, out_dir: Path, df, settings: dict | None = None) -> dict[str, Path]:
         return patching_report(out_dir, df)
 
     def summary(self, df, max_rows: int = 15) -> str:

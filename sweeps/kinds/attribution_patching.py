@@ -139,7 +139,7 @@ def pair_seed(seed: int, cell) -> int:
 def _per_pair(config, plan: ModelPlan, row: PairRow) -> int:
     at, info = config.attribution, plan.info
     m = plan.n_tokens[row.clean]
-    sites = [s for s in dict.fromkeys(check_attribution(info, at.sites, plan.source_layers, at.method, at.metric)[0])]
+    sites = check_attribution(info, at.sites, plan.source_layers, at.method, at.metric)[0]
     return len(at.method) * len(plan.source_layers) * (m + 1) * sum(units(s, info) for s in sites)
 
 
@@ -212,6 +212,7 @@ def attribution_report(out_dir: Path, df) -> dict[str, Path]:
         if summary is not None:
             path = out_dir / f"attribution_{stem}_summary.csv"
             summary[summary["model"] == model].to_csv(path, index=False)
+            out[f"attribution_{stem}_summary"] = path
         methods = list(dict.fromkeys(mdf["method"]))
         for site in dict.fromkeys(mdf["site"]):
             sdf = mdf[mdf["site"] == site]
@@ -365,7 +366,7 @@ class AttributionPatchingKind(KindDefaults):
         return (f"sites {list(sites)} x layers {plan.source_layers} x (every position + their sum) x heads/neurons "
                 f"x methods {at.method}, metric {at.metric}; {verify}")
 
-    def report(self, out_dir: Path, df) -> dict[str, Path]:
+    def report(self, out_dir: Path, df, settings: dict | None = None) -> dict[str, Path]:
         return attribution_report(out_dir, df)
 
     def summary(self, df, max_rows: int = 15) -> str:

@@ -15,9 +15,11 @@ config -> rows -> checks -> grid -> tasks -> workers -> records -> sinks it decl
   and `one_task` (a task group is one task, whatever batch_size);
 - tasks: `operation` (the worker operation, `workers.actor.OPERATIONS`, that runs its
   payloads) and `payload` (a task as plain data);
-- records: `schema` (its result columns) and `to_rows` (a worker's output -> one row per cell);
+- records: `schema` (its result columns), `to_rows` (a worker's output -> one row per cell) and
+  `renamed` (columns renamed since: old stores are read with the new names);
 - sinks: `marks` (columns that tell its stored rows apart), `order` (how results.csv is sorted),
-  `report` (its pictures and extra tables, for `patchscope report` and W&B) and `summary` (what
+  `report` (its pictures and extra tables, for `patchscope report` and W&B, measuring what the
+  config's `report` section names where the kind declares `report_metrics`) and `summary` (what
   the terminal shows first);
 - `describe`: one model's grid in words, for `--dry-run`.
 
@@ -49,6 +51,8 @@ class Schema:
     results: tuple[str, ...]  # what the engine produced
     table: tuple[str, ...]  # what a person reads, in this order (ref_ and match_ columns follow)
     tokens: tuple[str, ...]  # token-id lists, shown as text in tables
+    numbers: tuple[str, ...] = ()  # columns every stored row has, as numbers (`patchscope report` checks them)
+    needs: tuple[str, ...] = ()  # other columns the report and summary read (`patchscope report` checks them)
 
 
 def digest(obj: Any, n: int = 16) -> str:
@@ -59,6 +63,14 @@ def digest(obj: Any, n: int = 16) -> str:
 def generation_key(config) -> str:
     """The digest of the generation settings (part of a generating cell's id)."""
     return digest(config.generation.model_dump(mode="json"))
+
+
+def check_generates(config, kind: str) -> None:
+    """A kind whose result is generated text needs at least one new token (0, score only, is for
+    the kinds that score an answer without generating)."""
+    if config.generation.max_new_tokens < 1:
+        raise ValueError(f"generation.max_new_tokens: a {kind} sweep generates text; give 1 or more "
+                         "(0, score only, is for intervention sweeps)")
 
 
 def run_columns(output: dict[str, Any], rec: dict[str, Any]) -> dict[str, Any]:
@@ -79,6 +91,8 @@ class SweepKind(Protocol):
     marks: frozenset[str]
     order: tuple[str, ...]
     one_task: bool
+    report_metrics: tuple[str, ...]
+    renamed: dict[str, str]
 
     def check_config(self, config) -> None:
         """Checks across this kind's sections, after their types; raise ValueError('field: ...')."""
@@ -107,7 +121,9 @@ class SweepKind(Protocol):
 
     def describe(self, config, plan, context: Any) -> str: ...
 
-    def report(self, out_dir: Path, df) -> dict[str, Path]: ...
+    def report(self, out_dir: Path, df, settings: dict | None = None) -> dict[str, Path]:
+        """Pictures and tables; `settings`: the config's `report` section (kinds that declare
+        `report_metrics` honour it)."""
 
     def summary(self, df) -> str: ...
 
@@ -119,6 +135,8 @@ class KindDefaults:
     tagged: ClassVar[dict[str, dict[str, type]]] = {}
     one_task: ClassVar[bool] = False
     order: ClassVar[tuple[str, ...]] = STUDY_ORDER
+    report_metrics: ClassVar[tuple[str, ...]] = ()  # the measures `report.metric` may name (none: no report section)
+    renamed: ClassVar[dict[str, str]] = {}  # result columns renamed since: old name -> new, applied on reading
 
     def check_config(self, config) -> None:
         return None

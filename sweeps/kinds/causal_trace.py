@@ -19,6 +19,7 @@ from pydantic import Field
 
 from patchscope_core import PatchscopeError
 from patchscope_core.spec import resolve_position
+from patchscope_core.values import MAX_SEED
 
 from .. import pictures
 from ..config import ConfigError, Layers, Positions, Strict
@@ -31,13 +32,13 @@ from .prompts import PromptRow, PromptsConfig, count_tokens, fact_key, load_prom
 class TraceConfig(Strict):
     """Causal tracing (ROME): corrupt the subject's embeddings, restore one clean state per cell."""
 
-    sites: list[Literal["resid_post", "mlp_out", "attn_out"]] = ["resid_post", "mlp_out", "attn_out"]
+    sites: list[Literal["resid_post", "mlp_out", "attn_out"]] = Field(["resid_post", "mlp_out", "attn_out"], min_length=1)
     layers: Layers = "all"
     positions: Positions = Field("all", description="prompt positions to restore, or 'all'")
     window: int = Field(10, ge=1, description="mlp_out / attn_out: restore a window of layers centred on l")
-    noise: float = Field(3.0, ge=0, description="x the std of the token embeddings over the sweep's prompts")
+    noise: float = Field(3.0, ge=0, allow_inf_nan=False, description="x the std of the token embeddings over the sweep's prompts")
     samples: int = Field(10, ge=1, description="noise samples averaged per cell")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="sample s uses seed + s")
 
 
 TRACE_COLUMNS = ("cell_id", "model", "row", "prompt", "subject", "answer", "site", "layer", "position")
@@ -184,7 +185,9 @@ class CausalTraceKind(KindDefaults):
     name = "causal_trace"
     sections = {"prompts": PromptsConfig, "trace": TraceConfig}
     operation = "causal_trace"
-    schema = Schema(TRACE_COLUMNS, TRACE_RESULTS, TRACE_COLUMNS + TRACE_RESULTS, ())
+    schema = Schema(TRACE_COLUMNS, TRACE_RESULTS, TRACE_COLUMNS + TRACE_RESULTS, (),
+                    ("row", "layer", "position", "p_clean", "p_corrupt", "p_restored", "indirect_effect"),
+                    ("prompt", "answer", "site", "token", "is_subject"))
     marks = frozenset({"indirect_effect"})
     one_task = True  # a fact's cells share its clean and corrupted runs
 
@@ -198,9 +201,28 @@ class CausalTraceKind(KindDefaults):
 
     def check(self, config, rows: list[PromptRow], base: Path | None) -> dict[str, ModelPlan]:
         plans = {}
+        tr = config.trace
+        facts = sum(len(g) for m, g in study_groups(config, rows, by_fact=True) if m == config.models[0])
+        at_least = 0
         for name, plan in model_plans(config, rows, "trace"):
+            # count first where the grid does not depend on token counts (each prompt has >= 1 position)
+            at_least += facts * len(tr.sites) * len(plan.source_layers) * (1 if tr.positions == "all" else len(tr.positions))
+            config.execution.check_cells(at_least)
+            plans[name] = plan
+        counted = 0  # positions 'all': the grid grows as the prompts are tokenised; refused as soon as it is too large
+        for name, plan in plans.items():
             try:
-                count_tokens(plan, rows)
+                if tr.positions == "all":
+                    distinct: set = set()  # the rows study_groups keeps
+                    for row in rows:
+                        count_tokens(plan, [row])
+                        key = (fact_key(row.prompt, row.subject, row.answer), row.answer, row.subject, row.refs)
+                        if key not in distinct:
+                            distinct.add(key)
+                            counted += len(tr.sites) * len(plan.source_layers) * plan.n_tokens[row.prompt]
+                            config.execution.check_cells(counted)
+                else:
+                    count_tokens(plan, rows)
                 _check_facts(config, plan, rows)
             except PatchscopeError as exc:
                 raise ConfigError(f"{exc} (on {name})") from None
@@ -256,7 +278,7 @@ class CausalTraceKind(KindDefaults):
         return (f"layers {plan.source_layers} x sites {tr.sites} x positions {tr.positions}; {tr.samples} noise samples "
                 f"of {tr.noise:g} x the embeddings' std, window {tr.window}")
 
-    def report(self, out_dir: Path, df) -> dict[str, Path]:
+    def report(self, out_dir: Path, df, settings: dict | None = None) -> dict[str, Path]:
         return trace_report(out_dir, df)
 
     def summary(self, df, max_rows: int = 15) -> str:

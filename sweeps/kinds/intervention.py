@@ -5,8 +5,9 @@ An `InterventionCell` is one point of model x prompt row x site x layer x head o
 x strength; a task holds cells of one prompt, at most batch_size of them (one batch, one clean
 baseline). The context is the grid's table of kinds (by the digest of their values; vectors and
 prompt files read before any weights load). The report draws layer x head (or layer x site)
-heatmaps of the mean change in the answer's log-probability, the top heads, and for `add` the
-steered generations by alpha.
+heatmaps, per kind and strength, of the config's `report` measure (default: the mean change in
+the answer's log-probability; `report.contrast`: a difference of two groups of prompts), the top
+heads, and for `add` the steered generations by alpha.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pydantic import Field, field_validator, model_validator
 
 from patchscope_core import KINDS as INTERVENTION_KINDS
 from patchscope_core import PatchscopeError
+from patchscope_core.values import number_problem, seed_problem, template_problem
 
 from .. import pictures
 from ..config import ConfigError, Layers, Strict, axis
@@ -54,6 +56,24 @@ class InterventionConfig(Strict):
                                       "all_previous, a position, or a list of these blocked together")
     window: int | list[int] = Field(1, description="knockout: the layers of a window centred on the site's layer")
 
+    @field_validator("site", "kind", "alpha", "factor", "noise_scale", "seed", "window", "to", mode="after")
+    @classmethod
+    def _axis(cls, v: Any, info) -> Any:
+        values = axis(v)
+        if not values:
+            raise ValueError("empty list: an axis of the grid needs at least one value (or leave the key out)")
+        for x in values:
+            if info.field_name in ("alpha", "factor", "noise_scale"):
+                problem = number_problem(x) or (f"must be >= 0, got {x!r}" if info.field_name == "noise_scale" and x < 0
+                                                else None)
+            elif info.field_name == "seed":
+                problem = seed_problem(x)
+            else:
+                problem = None
+            if problem:
+                raise ValueError(problem)
+        return v
+
     @field_validator("heads", "neurons", mode="after")
     @classmethod
     def _units(cls, v: Any) -> Any:
@@ -78,6 +98,9 @@ class InterventionConfig(Strict):
         for site in axis(self.site):
             if not isinstance(site, str) or not site.strip():
                 raise ValueError(f"intervention.site: expected TransformerLens hook names, got {site!r}")
+            problem = template_problem(site, ("layer",))
+            if problem:
+                raise ValueError(f"intervention.site: {site!r}: {problem}")
         return self
 
 
@@ -85,15 +108,22 @@ INTERVENTION_COLUMNS = (
     "cell_id", "model", "row", "prompt", "answer", "site", "layer", "head", "neuron", "kind", "alpha", "factor",
     "noise_scale", "seed", "positions",
 )
+# A steering row's strength against the site's own scale (`engine.steering_norms`; null otherwise).
+STEERING_NORMS = ("vector_norm", "site_norm", "relative_strength")
+# The engine's "clean" run is this prompt without the intervention: in the results it is the
+# baseline (in patching "clean" means the other prompt). Stores written before keep the old
+# names; `renamed` maps them when they are read.
+BASELINE = {"clean_answer_logprob": "baseline_answer_logprob", "p_answer_clean": "baseline_p_answer",
+            "clean_generated_text": "baseline_generated_text", "clean_generated_token_ids": "baseline_generated_token_ids"}
 INTERVENTION_RESULTS = (
-    "delta_logprob", "answer_logprob", "clean_answer_logprob", "p_answer", "p_answer_clean", "generated_text",
-    "clean_generated_text", "generated_token_ids", "clean_generated_token_ids", "answer_token_ids",
+    "delta_logprob", "answer_logprob", "baseline_answer_logprob", "p_answer", "baseline_p_answer", "generated_text",
+    "baseline_generated_text", "generated_token_ids", "baseline_generated_token_ids", "answer_token_ids",
     "answer_logprobs", "prompt_token_ids", "top_token_ids", "top_logprobs", "max_new_tokens",
-)
+) + STEERING_NORMS
 INTERVENTION_TABLE = (
     "cell_id", "model", "row", "prompt", "answer", "site", "layer", "head", "neuron", "kind", "knockout", "alpha",
-    "factor", "noise_scale", "seed", "positions", "p_change_pct", "delta_logprob", "answer_logprob", "clean_answer_logprob", "p_answer",
-    "p_answer_clean", "generated_text", "clean_generated_text", "generated_token_ids",
+    "factor", "noise_scale", "seed", "positions", "p_change_pct", "delta_logprob", "answer_logprob", "baseline_answer_logprob", "p_answer",
+    "baseline_p_answer", "generated_text", "baseline_generated_text", "generated_token_ids",
 )
 
 
@@ -189,6 +219,19 @@ def intervention_kinds(config, rows: list[PromptRow], base: Path | None) -> list
     return out
 
 
+def count_kinds(config) -> int:
+    """How many (kind, strength) entries `intervention_kinds` gives, by arithmetic (nothing read)."""
+    iv, n = config.intervention, 0
+    for kind in axis(iv.kind):
+        n += {"add": len(axis(iv.alpha)), "scale": len(axis(iv.factor)),
+              "noise": len(axis(iv.noise_scale)) * len(axis(iv.seed)),
+              "knockout": len(axis(iv.to)) * len(axis(iv.window))}.get(kind, 1)
+    return n
+
+
+STRENGTH_KINDS = ("add", "scale", "noise")  # kinds whose entries differ in strength only: one check per kind suffices
+
+
 KNOCKOUT_FIELDS = ("from_", "to", "window")  # in the config hash only where a knockout uses them (older hashes stay)
 
 
@@ -219,18 +262,44 @@ def _check_model(config, plan: ModelPlan, rows: list[PromptRow], kinds) -> None:
     from patchscope_core.sites import resolve_site
 
     iv, info = config.intervention, plan.info
-    sites = [Site(h, head=tuple(h_ for h_ in [hd] if h_ is not None), neuron=tuple(n for n in [nr] if n is not None))
-             for h in site_hooks(config, plan.source_layers) for hd in units(iv.heads, info.n_heads)
-             for nr in units(iv.neurons, info.d_mlp)]
+    grid = _hooks_and_units(config, plan)  # heads where a site has them (attn.hook_z), neurons likewise (mlp.hook_post)
+    sites = [Site(h, head=() if hd is None else (hd,), neuron=() if nr is None else (nr,)) for h, hd, nr in grid]
+    hooks = site_hooks(config, plan.source_layers)
+    for key, unit in (("heads", "head"), ("neurons", "neuron")):  # given, but no site takes them: the core says why
+        values = getattr(iv, key)
+        if values is not None and all(getattr(s_, unit) == () for s_ in sites):
+            first = 0 if values == "all" else values[0]
+            sites.append(Site(hooks[0], **{unit: (first,)}))
     for site in sites:
         resolve_site(site, info, "intervention.site")
     positions = Positions.parse(iv.positions, "intervention.positions")
+    checked = set()
     for kind, values in kinds:
+        # add, scale and noise entries differ only in strength (alpha, factor, scale, seed: checked by the types)
+        same = kind if kind in STRENGTH_KINDS else digest([kind, values])
+        if same in checked:
+            continue
+        checked.add(same)
         k = make_kind(kind, values, "intervention.kind")
         for row in rows:
             run = InterventionRun(row.prompt, (Intervention(sites[0], with_subject(k, row.subject), positions),), row.answer,
                                   config.generation.max_new_tokens)
             resolve_run(run, info, f"intervention ({row.where})")
+
+
+def _check_contrast(config, rows: list[PromptRow]) -> None:
+    """report.contrast names a reference column of the prompts and values it holds."""
+    c = config.report.contrast
+    if c is None:
+        return
+    values = {str(dict(r.refs).get(c.column)) for r in rows if c.column in dict(r.refs)}
+    if not values:
+        raise ConfigError(f"report.contrast.column: {c.column!r} is not a reference column of the prompts "
+                          f"(prompts.reference_columns)")
+    for side in ("plus", "minus"):
+        if str(getattr(c, side)) not in values:
+            raise ConfigError(f"report.contrast.{side}: no prompt has {c.column} = {getattr(c, side)!r} "
+                              f"(it holds {', '.join(sorted(values))})")
 
 
 def _hooks_and_units(config, plan: ModelPlan) -> list[tuple[str, int | None, int | None]]:
@@ -262,8 +331,8 @@ def _variant(df) -> list[str]:
 
 
 def _delta_heatmap(plt, pivot, path: Path, title: str, xticks: list[str], size: tuple[float, float], xlabel=None,
-                   rotate: bool = False) -> Path:
-    """A layer x (head or site) picture of the mean delta log p(answer), centred on 0."""
+                   rotate: bool = False, cbar: str = "mean delta_logprob") -> Path:
+    """A layer x (head or site) picture of the report's measure, centred on 0."""
     fig, ax = plt.subplots(figsize=size)
     lim = float(np.nanmax(np.abs(pivot.to_numpy()))) or 1.0
     im = ax.imshow(pivot.to_numpy(dtype=float), aspect="auto", cmap="RdBu", vmin=-lim, vmax=lim, origin="lower")
@@ -273,27 +342,50 @@ def _delta_heatmap(plt, pivot, path: Path, title: str, xticks: list[str], size: 
         ax.set_xlabel(xlabel)
     ax.set_ylabel("layer")
     ax.set_title(pictures.literal(title), fontsize=9, **({} if rotate else {"wrap": True}))
-    fig.colorbar(im, ax=ax, label="delta log p(answer)", fraction=0.05)
+    fig.colorbar(im, ax=ax, label=pictures.literal(pictures.short(cbar, 40)), fraction=0.05)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def _head_pictures(plt, out_dir: Path, heads, out: dict[str, Path]) -> list:
+REPORT_METRICS = ("delta_logprob", "answer_logprob", "p_answer", "p_change_pct")
+_GROUP = ("model", "site", "layer", "head", "neuron", "variant")
+
+
+def measured(df, settings: dict | None):
+    """(frame, label): per (model, site, layer, head or neuron, variant) the `value` the report
+    shows and the `prompts` behind it, and what it is, in words: the mean of `report.metric`
+    (default delta_logprob) over prompts, or with `report.contrast` the mean over the `plus`
+    rows minus the mean over the `minus` rows."""
+    settings = settings or {}
+    metric = settings.get("metric") or "delta_logprob"
+    keys = [c for c in _GROUP if c in df]
+    df = df[df[metric].notna()]
+    contrast = settings.get("contrast")
+    if not contrast:
+        g = df.groupby(keys, dropna=False)[metric].agg(value="mean", prompts="count").reset_index()
+        return g, f"mean {metric}"
+    col = f"ref_{contrast['column']}"
+    sides = [df[df[col].astype(str) == str(contrast[side])].groupby(keys, dropna=False)[metric].agg(["mean", "count"])
+             for side in ("plus", "minus")]
+    g = sides[0].join(sides[1], lsuffix="_plus", rsuffix="_minus", how="inner")
+    g = g.assign(value=g["mean_plus"] - g["mean_minus"], prompts=g["count_plus"] + g["count_minus"]).reset_index()
+    return g, (f"mean {metric} where {contrast['column']}={contrast['plus']} minus where "
+               f"{contrast['column']}={contrast['minus']}")
+
+
+def _head_pictures(plt, out_dir: Path, heads, label: str, out: dict[str, Path]) -> list:
     top = []
     for (model, variant), g in heads.groupby(["model", "variant"], sort=False):
-        pivot = g.pivot_table(index="layer", columns="head", values="delta_logprob", aggfunc="mean")
+        pivot = g.pivot_table(index="layer", columns="head", values="value", aggfunc="mean")
         key = f"{pictures.safe_name(model)}_layer_x_head" + ("" if heads["variant"].nunique() == 1
                                                              else f"_{pictures.safe_name(variant)}")
         out[key] = _delta_heatmap(plt, pivot, out_dir / f"heatmap_{key}.png",
-                                  f"{model}: {variant} of each head, mean change in the answer's log-probability "
-                                  f"over {g['prompt'].nunique()} prompts", [str(int(h)) for h in pivot.columns],
-                                  (2.5 + 0.5 * pivot.shape[1], 1.5 + 0.25 * pivot.shape[0]), xlabel="head")
-        means = g.groupby(["layer", "head"])["delta_logprob"].agg(["mean", "std", "count"]).reset_index()
-        means.insert(0, "variant", variant)
-        means.insert(0, "model", model)
-        top.append(means)
+                                  f"{model}: {variant} of each head; {label} over {int(g['prompts'].max())} prompts",
+                                  [str(int(h)) for h in pivot.columns],
+                                  (2.5 + 0.5 * pivot.shape[1], 1.5 + 0.25 * pivot.shape[0]), xlabel="head", cbar=label)
+        top.append(g[["model", "variant", "layer", "head", "value", "prompts"]])
     return top
 
 
@@ -337,7 +429,9 @@ def _knockout_pictures(plt, out_dir: Path, df, out: dict[str, Path]) -> None:
         plt.close(fig)
 
 
-def intervention_report(out_dir: Path, df) -> dict[str, Path]:
+def intervention_report(out_dir: Path, df, settings: dict | None = None) -> dict[str, Path]:
+    """Knockout curves; layer x head heatmaps (per kind and strength) and the top heads, or a
+    layer x site heatmap, of the report's measure (`measured`); the steered generations by alpha."""
     import pandas as pd
 
     plt = pictures.plt()
@@ -348,26 +442,28 @@ def intervention_report(out_dir: Path, df) -> dict[str, Path]:
     _knockout_pictures(plt, out_dir, scored, out)
     if "knockout" in scored:  # drawn as curves above, not as a layer x site heatmap
         scored = scored[scored["kind"] != "knockout"]
-    top = _head_pictures(plt, out_dir, scored[scored["head"].notna()], out)
+    values, label = measured(scored, settings)
+    top = _head_pictures(plt, out_dir, values[values["head"].notna()], label, out) if "head" in values else []
     if top:
-        table = pd.concat(top, ignore_index=True).sort_values("mean", key=abs, ascending=False).head(30)
-        table = table.rename(columns={"mean": "mean_delta_logprob", "std": "std_delta_logprob", "count": "prompts"})
+        table = pd.concat(top, ignore_index=True).sort_values("value", key=abs, ascending=False).head(30)
+        table = table.rename(columns={"value": "contrast" if " minus " in label else label.replace(" ", "_")})
         out["top_heads"] = out_dir / "top_heads.csv"
         table.to_csv(out["top_heads"], index=False)
-    for model, g in scored[scored["head"].isna()].groupby("model", sort=False):
+    rest = values[values["head"].isna()] if "head" in values else values
+    for model, g in rest.groupby("model", sort=False):
         if g.empty or g["layer"].isna().all():
             continue
         g = g.assign(what=[f"{s.split('.')[-1]} {v}" for s, v in zip(g["site"], g["variant"])])
-        pivot = g.pivot_table(index="layer", columns="what", values="delta_logprob", aggfunc="mean")
+        pivot = g.pivot_table(index="layer", columns="what", values="value", aggfunc="mean")
         key = f"{pictures.safe_name(model)}_layer_x_site"
         out[key] = _delta_heatmap(plt, pivot, out_dir / f"heatmap_{key}.png",
-                                  f"{model}: mean change in the answer's log-probability",
+                                  f"{model}: {label} over {int(g['prompts'].max())} prompts, per site, kind and strength",
                                   [pictures.literal(c) for c in pivot.columns],
-                                  (3 + 1.2 * pivot.shape[1], 1.5 + 0.25 * pivot.shape[0]), rotate=True)
+                                  (3 + 1.2 * pivot.shape[1], 1.5 + 0.25 * pivot.shape[0]), rotate=True, cbar=label)
     for model, g in df[df["kind"] == "add"].groupby("model", sort=False):
         table = g.pivot_table(index=["prompt", "layer"], columns="alpha", values="generated_text", aggfunc="first")
-        table.insert(0, "clean", g.groupby(["prompt", "layer"])["clean_generated_text"].first())
-        table.columns = [c if c == "clean" else f"alpha={c:g}" for c in table.columns]
+        table.insert(0, "baseline", g.groupby(["prompt", "layer"])["baseline_generated_text"].first())
+        table.columns = [c if c == "baseline" else f"alpha={c:g}" for c in table.columns]
         out[f"steering_{pictures.safe_name(model)}"] = out_dir / f"steering_{pictures.safe_name(model)}.csv"
         table.to_csv(out[f"steering_{pictures.safe_name(model)}"])
     return out
@@ -377,19 +473,30 @@ class InterventionKind(KindDefaults):
     name = "intervention"
     sections = {"prompts": PromptsConfig, "intervention": InterventionConfig}
     operation = "intervention"
-    schema = Schema(INTERVENTION_COLUMNS, INTERVENTION_RESULTS, INTERVENTION_TABLE, ("generated_token_ids",))
+    schema = Schema(INTERVENTION_COLUMNS, INTERVENTION_RESULTS, INTERVENTION_TABLE, ("generated_token_ids",),
+                    ("row", "layer", "head", "neuron", "alpha", "factor", "noise_scale", "seed", "delta_logprob",
+                     "answer_logprob", "baseline_answer_logprob"), ("prompt", "site", "kind"))
     marks = frozenset({"delta_logprob"})
+    report_metrics = REPORT_METRICS  # what `report.metric` may name
+    renamed = BASELINE  # old column names -> new, for stores written before
 
     def load_rows(self, config, base: Path | None) -> list[PromptRow]:
         return load_prompt_rows(config, base)
 
     def check(self, config, rows: list[PromptRow], base: Path | None) -> dict[str, ModelPlan]:
         """Layers, sites, heads and neurons, kinds, positions, answers and context on each model."""
+        n_kinds = count_kinds(config)
+        n_rows = sum(len(g) for m, g in study_groups(config, rows, by_fact=False) if m == config.models[0])
+        plans, n_cells = {}, 0
+        for name, plan in model_plans(config, rows, "intervention"):  # count first: nothing per cell is built yet
+            n_cells += n_rows * len(_hooks_and_units(config, plan)) * n_kinds
+            config.execution.check_cells(n_cells)
+            plans[name] = plan
         kinds = intervention_kinds(config, rows, base)
-        plans = {}
-        for name, plan in model_plans(config, rows, "intervention"):
+        _check_contrast(config, rows)
+        for name, plan in plans.items():
             try:
-                count_tokens(plan, rows)
+                count_tokens(plan, rows, config.generation.max_new_tokens)
                 _check_model(config, plan, rows, kinds)
             except PatchscopeError as exc:
                 raise ConfigError(f"{exc} (on {name})") from None
@@ -440,7 +547,8 @@ class InterventionKind(KindDefaults):
         rows = []
         for cell, rec in zip(task.cells, output["records"], strict=True):
             row = cell.params()
-            row.update({c: rec.get(c) for c in INTERVENTION_RESULTS if c in rec})
+            row.update({BASELINE.get(k, k): v for k, v in rec.items() if BASELINE.get(k, k) in INTERVENTION_RESULTS})
+            row.update({c: rec.get(c) for c in STEERING_NORMS})  # every row: one schema per file
             row["max_new_tokens"] = cell.max_new_tokens
             a, c = rec["answer_logprob"], rec["clean_answer_logprob"]
             row["delta_logprob"] = None if a is None or c is None else a - c
@@ -456,15 +564,20 @@ class InterventionKind(KindDefaults):
         return (f"layers {plan.source_layers} x site {iv.site} x heads {iv.heads or '-'} x neurons {iv.neurons or '-'} x "
                 f"{len(context)} kind(s) and strength(s) ({', '.join(kinds)}), positions {iv.positions}")
 
-    def report(self, out_dir: Path, df) -> dict[str, Path]:
-        return intervention_report(out_dir, df)
+    def report(self, out_dir: Path, df, settings: dict | None = None) -> dict[str, Path]:
+        return intervention_report(out_dir, df, settings)
 
     def summary(self, df, max_rows: int = 15) -> str:
-        g = df.groupby(["model", "site", "head", "kind"], dropna=False)["delta_logprob"].mean().reset_index()
-        g = g.sort_values("delta_logprob", key=abs, ascending=False).head(max_rows)
-        lines = ["== the interventions that change the answer's log-probability most (mean over prompts)"]
-        lines += [f"  {r.model} {r.site}{'' if r.head != r.head else f' head {int(r.head)}'} {r.kind}: "
-                  f"{r.delta_logprob:+.3f}" for r in g.itertuples()]
+        # every axis the sweep varied is a group (kind and strength: the variant), never averaged over
+        df = df.assign(variant=_variant(df))
+        keys = [c for c in ("model", "site", "head", "neuron", "variant") if c in df]
+        g = df.groupby(keys, dropna=False)["delta_logprob"].agg(["mean", "count"]).reset_index()
+        g = g.sort_values("mean", key=abs, ascending=False).head(max_rows)
+        lines = ["== the interventions that change the answer's log-probability most (mean over prompts, "
+                 "per site, head or neuron, kind and strength)"]
+        lines += [f"  {r.model} {r.site}{'' if r.head != r.head else f' head {int(r.head)}'}"
+                  f"{'' if getattr(r, 'neuron', None) is None or r.neuron != r.neuron else f' neuron {int(r.neuron)}'} "
+                  f"{r.variant}: {r.mean:+.3f} ({r.count} prompts)" for r in g.itertuples()]
         return "\n".join(lines)
 
 

@@ -28,7 +28,7 @@ from .. import pictures
 from ..config import ConfigError, Layers, Positions, Strict, TargetLayers, TargetPositions
 from ..config.files import checked_columns, locate, read_table, ref_value
 from ..config.models import ModelPlan, checked_layers, model_info_for
-from .base import KindDefaults, Schema, generation_key, run_columns
+from .base import KindDefaults, Schema, check_generates, generation_key, run_columns
 
 
 class SourceConfig(Strict):
@@ -337,6 +337,7 @@ class PatchscopeKind(KindDefaults):
     order = ("model", "row", "source_prompt", "source_layer", "source_position", "target_layer", "target_position")
 
     def check_config(self, config) -> None:
+        check_generates(config, self.name)
         if config.target.prompt_column is not None and config.source.file is None:
             raise ValueError("target.prompt_column: needs source.file (its rows pair each source with its target)")
         if config.source.reference_columns is not None and config.source.file is None:
@@ -393,7 +394,7 @@ class PatchscopeKind(KindDefaults):
         return (f"source layers {plan.source_layers} x source positions {config.source.positions} x target layers {tl} "
                 f"x target positions {config.target.positions}")
 
-    def report(self, out_dir: Path, df) -> dict[str, Path]:
+    def report(self, out_dir: Path, df, settings: dict | None = None) -> dict[str, Path]:
         metric, label = metric_of(df)
         out: dict[str, Path] = {}
         for model, mdf in df.groupby("model", sort=False):

@@ -13,6 +13,7 @@ from typing import Any, Iterator
 from pydantic import Field, model_validator
 
 from patchscope_core import tokenize
+from patchscope_core.spec import context_problem
 
 from ..config import ConfigError, Strict
 from ..config.files import checked_columns, locate, read_table, ref_value
@@ -63,7 +64,7 @@ def load_prompt_rows(config, base: Path | None = None) -> list[PromptRow]:
     table = pc.rows
     if pc.file is not None:
         path = locate(pc.file, base, "prompts.file")
-        table, where = read_table(path), "prompts.file"
+        table, where = read_table(path, "prompts.file"), "prompts.file"
         if not table:
             raise ConfigError(f"prompts.file: {path} has no rows")
     names = ("prompt_column", "answer_column", "subject_column")
@@ -104,9 +105,20 @@ def model_plans(config, rows: list[PromptRow], section: str) -> Iterator[tuple[s
         yield name, plan
 
 
-def count_tokens(plan: ModelPlan, rows: list[PromptRow]) -> None:
+def count_tokens(plan: ModelPlan, rows: list[PromptRow], new_tokens: int = 0) -> None:
+    """Every prompt's token count; a prompt longer than the model's context is an error naming
+    the row, and one that leaves no room for `new_tokens` names generation.max_new_tokens."""
+    info = plan.info
     for row in rows:
-        plan.n_tokens[row.prompt] = len(tokenize(plan.info, row.prompt, f"prompts ({row.where})"))
+        n = len(tokenize(info, row.prompt, f"prompts.prompt_column ({row.where})"))
+        plan.n_tokens[row.prompt] = n
+        problem = context_problem(n, 0, info)
+        if problem:
+            raise ConfigError(f"prompts.prompt_column: {row.where}: {problem} (prompt {row.prompt[:40]!r})")
+        problem = context_problem(n, new_tokens, info)
+        if problem:
+            raise ConfigError(f"generation.max_new_tokens: {problem} ({row.where}); give a smaller max_new_tokens "
+                              "or shorter prompts")
 
 
 def fact_key(prompt: str, subject: str | None, answer: str | None) -> str:

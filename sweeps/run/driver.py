@@ -6,8 +6,9 @@
    output.dir that cannot be written or holds another config's results, GPUs this machine
    lacks, an --address where no Ray cluster answers. `--dry-run` stops here, saying what the
    run would do.
-3. Lock output.dir (one sweep at a time), skip the cells the store already holds (resume)
-   unless --restart, and expand the rest lazily into tasks.
+3. Lock output.dir (one sweep at a time), skip the cells the store already holds for these
+   models' weights (resume; a grown or changed config reuses its cells that any earlier config
+   computed) unless --restart, and expand the rest lazily into tasks.
 4. Per model: `scheduler.run_model` runs the tasks on `execution.workers` Ray actors that each
    load the model once, or with `execution.backend: local` (the default for a local sweep of one
    worker) `local.run_model` runs them in this process through the same worker code, without
@@ -29,9 +30,9 @@ from typing import Any
 
 from ..config import ConfigError
 from ..config.sweep import load_config
-from ..grid import count_cells, count_todo, iter_cells, iter_tasks, worker_settings
+from ..grid import cell_ids, count_cells, count_todo, iter_cells, iter_tasks, worker_settings
 from ..kinds import KINDS
-from ..plan import check_against_models, config_hash, load_rows, study_context
+from ..plan import check_against_models, config_hash, load_rows, model_keys, study_context
 from ..records import records as result_rows
 from ..sinks.base import End, Peers
 from ..sinks.report import made_lines
@@ -45,15 +46,18 @@ def plan(config_path: str):
     context); raises ConfigError before any weights load, and before expanding a grid past
     execution.max_cells."""
     config = load_config(config_path)
+    holder = ResultStore(config.out_dir).holder()  # a busy output.dir is refused first, in a moment
+    if holder is not None:
+        raise ConfigError(ResultStore(config.out_dir).busy_message(holder))
     base = Path(config_path).parent
     rows = load_rows(config, base=base)
     plans = check_against_models(config, rows, base)
     context = study_context(config, rows, base)
     n_cells = count_cells(config, rows, plans, context)
-    limit = config.execution.max_cells
-    if n_cells > limit:
-        raise ConfigError(f"execution.max_cells: the grid has {n_cells:,} cells, more than the limit of {limit:,}; "
-                          "make the grid smaller (or split it into several sweeps), or raise execution.max_cells")
+    if n_cells == 0:
+        raise ConfigError(f"kind: this {config.kind} grid has no cells (an empty list or file?); every axis needs at "
+                          "least one value")
+    config.execution.check_cells(n_cells)  # the kinds' checks count their grids first too, before building anything
     return config, rows, plans, n_cells, context
 
 
@@ -84,7 +88,7 @@ def _describe(config, rows, plans, n_cells: int, context=None) -> None:
     print(f"sweep {config.name} ({config.kind}): {n_cells} cells in {sum(t for _, t in grid.values())} tasks "
           f"(batch size {ex.batch_size})")
     for name, p in plans.items():
-        n, t = grid[name]
+        n, t = grid.get(name, (0, 0))
         print(f"  {name}: {p.info.n_layers} layers; {len(rows)} prompt row(s) x {KINDS[config.kind].describe(config, p, context)} "
               f"= {n} cells, {t} tasks")
     if ex.backend == "local":
@@ -99,12 +103,16 @@ def _dry_run(config, rows, plans, n_cells: int, store: ResultStore, restart: boo
     holder = store.holder()
     if holder is not None:
         raise ConfigError(store.busy_message(holder))  # what the real run would say
-    stored = ResultStore(store.dir, read_only=True).stored_cell_ids()
-    if restart and stored:
-        print(f"--restart: the {len(stored)} cells stored in {store.results_dir} would be deleted first")
+    reader = ResultStore(store.dir, read_only=True, keys=store.keys, config_hash=store.config_hash)
+    stored, n_stored = reader.stored_cell_ids(), reader.stored_count()
+    if restart and n_stored:
+        print(f"--restart: the {n_stored} cells stored in {store.results_dir} would be deleted first")
     todo = count_todo(config, rows, plans, set() if restart else stored, context)
     cells, tasks = sum(c for c, _ in todo.values()), sum(t for _, t in todo.values())
     print(f"output: {config.out_dir}: {n_cells - cells} of these cells already stored, {cells} to run in {tasks} tasks")
+    if n_stored and not restart:
+        print(f"stored: {n_stored} cells in {store.results_dir}: {n_cells - cells} reused by this config, "
+              f"{n_stored - (n_cells - cells)} of other configs or weights kept aside, {cells} to run")
     print("dry run: nothing computed")
     return 0
 
@@ -116,7 +124,7 @@ def main(args) -> int:
     if args.dry_run:
         _describe(config, rows, plans, n_cells, context)
     chash = config_hash(config, rows, context)
-    store = ResultStore(config.out_dir)
+    store = ResultStore(config.out_dir, keys=model_keys(config), config_hash=chash)
     # Everything the run would refuse (a dry run too: it says what the run would do), before
     # anything starts or is written.
     store.check(chash, restart=args.restart)
@@ -155,7 +163,8 @@ def _compute(args, config, rows, plans, n_cells: int, chash: str, store: ResultS
         elif n_todo:
             started = connect(address, config)
             check_resources(config, local=not address)
-        store.open(config.model_dump(mode="json"), chash, n_cells, restart=args.restart)
+        store.open(config.model_dump(mode="json"), chash, n_cells, restart=args.restart,
+                   cells=cell_ids(config, rows, plans, context))
         already = n_cells - n_todo
         print(f"sweep {config.name}: {n_cells} cells; "
               + (f"{already} already stored in {store.results_dir}, skipping them; " if already else "")

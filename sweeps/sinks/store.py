@@ -3,17 +3,22 @@
 - One file per finished task (`task-<task_id>.parquet`), written under a temporary name,
   flushed to disk (fsync) and renamed into place, so a file is either complete or absent (a
   crash leaves at most a `.tmp-*` file, removed at the next start).
-- `manifest.json`: the config, its hash and the grid size. Resuming with a config whose
-  hash differs is refused (the stored cells would not be this config's cells).
+- `manifest.json`: the current config, its hash, the grid size, each model's weights key and
+  the history of the configs run into this directory. `results/` is a cache: a changed config
+  computes only the cells it does not find (a cell's id hashes every setting that decides its
+  result; the model's weights key, `patchscope_core.models.model_fingerprint`, is stored beside
+  it as `model_key`, so a changed model reuses nothing). `cells.parquet` lists the current
+  config's cell ids: what `read` returns (older cells stay on disk for a later config).
 - Resume reads the stored `cell_id`s. `write` drops every cell already stored, so a cell is
   stored exactly once even if Ray ran its task twice; reading counts each `cell_id` once
-  whatever the files hold.
+  whatever the files hold. Rows written before weights keys existed count as the models of the
+  config they were written under, and only while that config is the one run.
 - A file that cannot be read (zero length, truncated, not Parquet) is moved aside to
   `results/damaged/` with a warning; its cells are then missing, so the next run computes them.
 - `lock()`: one sweep at a time per output.dir (an flock on `sweep.lock`, which names the
   holder; the kernel drops it when the process dies, so a crashed driver leaves nothing stuck).
-- `check()`: what a run would refuse (a directory that cannot be written, results of another
-  config), found without writing anything.
+- `check()`: what a run would refuse (a directory that cannot be written, a damaged manifest),
+  found without writing anything.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from ..config import ConfigError
 RESULTS = "results"
 DAMAGED = "damaged"
 MANIFEST = "manifest.json"
+CELLS = "cells.parquet"
 LOCK = "sweep.lock"
 _VIRTUAL = ("/proc", "/sys", "/dev")  # kernel file systems: nothing can be stored there
 
@@ -90,13 +96,31 @@ def _holder_text(info: dict[str, Any]) -> str:
             f"{info.get('command', '')}").rstrip(": ")
 
 
+def _renamed(df):
+    """A file's rows with the column names of today (`SweepKind.renamed`: a file written before a
+    rename keeps the old names on disk)."""
+    from ..kinds import KINDS
+
+    for kind in KINDS.values():
+        old = {a: b for a, b in kind.renamed.items() if a in df.columns and b not in df.columns}
+        if old:
+            df = df.rename(columns=old)
+    return df
+
+
 class ResultStore:
-    def __init__(self, out_dir: str | Path, read_only: bool = False) -> None:
+    def __init__(self, out_dir: str | Path, read_only: bool = False, keys: dict[str, str] | None = None,
+                 config_hash: str | None = None) -> None:
         self.dir = Path(out_dir)
         self.read_only = read_only  # a damaged file is then skipped, not moved (--dry-run)
         self.results_dir = self.dir / RESULTS
         self.manifest_path = self.dir / MANIFEST
+        self.cells_path = self.dir / CELLS
         self.lock_path = self.dir / LOCK
+        # {model: weights key} of the run; None: every stored row counts (a reader of the
+        # manifest's own keys, or a test's bare store)
+        self.keys = keys
+        self.config_hash = config_hash
         self._stored: set[str] | None = None
 
     # ------------------------------------------------------------ checks (write nothing)
@@ -104,12 +128,29 @@ class ResultStore:
     def check(self, config_hash: str, restart: bool = False) -> None:
         """Raise ConfigError for what a run of this config would refuse; writes nothing."""
         check_writable(self.dir)
-        old = self.manifest()
-        if not restart and old and old.get("config_hash") != config_hash and self.files():
-            raise ConfigError(
-                f"output.dir: {self.dir} holds results of another config (hash {old.get('config_hash')}, "
-                f"this config {config_hash}); run with --restart to start over, or choose another output.dir"
-            )
+        self.manifest()
+
+    def _untagged(self) -> dict[str, str]:
+        """The weights keys that rows without a model_key column stand for: those of the config
+        they were written under, while it is the config run (see the module docstring)."""
+        old = self.manifest() or {}
+        if "untagged_keys" in old:
+            return old["untagged_keys"]
+        if "model_keys" not in old and old.get("config_hash") == self.config_hash and self.keys:
+            return dict(self.keys)  # a store of an earlier version, resumed with its own config
+        return {}
+
+    def _matches(self, table) -> list[bool] | None:
+        """Which rows of a table hold this run's weights (None: all of them)."""
+        if self.keys is None:
+            return None
+        models = table.column("model").to_pylist() if "model" in table.column_names else [None] * table.num_rows
+        if "model_key" in table.column_names:
+            have = table.column("model_key").to_pylist()
+        else:
+            untagged = self._untagged()
+            have = [untagged.get(m) for m in models]
+        return [h is not None and h == self.keys.get(m) for m, h in zip(models, have)]
 
     def holder(self) -> dict[str, Any] | None:
         """Who is running a sweep into this directory now (None: nobody); the lock is only
@@ -178,23 +219,41 @@ class ResultStore:
 
     # ------------------------------------------------------------ opening
 
-    def open(self, config_dump: dict[str, Any], config_hash: str, cells_total: int, restart: bool = False) -> int:
-        """Prepare the directory for a run of this config; returns how many cells are already stored."""
+    def open(self, config_dump: dict[str, Any], config_hash: str, cells_total: int, restart: bool = False,
+             cells: Iterable[str] | None = None) -> int:
+        """Prepare the directory for a run of this config (`cells`: its cell ids, what `read`
+        returns from now on); returns how many of the stored cells it reuses."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         if restart:
             self.clear()
         self.check(config_hash)
-        old = self.manifest()
+        self.config_hash = config_hash
+        old = self.manifest() or {}
+        untagged = self._untagged()
         self.results_dir.mkdir(parents=True, exist_ok=True)
         for tmp in self.results_dir.glob(".tmp-*"):
             tmp.unlink()  # a write interrupted before its rename
+        history = list(old.get("history", []))
+        if old.get("config_hash") and old.get("config_hash") != config_hash:
+            history.append({k: old.get(k) for k in ("config_hash", "config", "cells_total", "model_keys", "updated")})
         manifest = {
             "name": config_dump.get("name"),
             "config_hash": config_hash,
             "config": config_dump,
             "cells_total": cells_total,
-            "created": (old or {}).get("created", _now()),
+            "model_keys": self.keys,
+            "untagged_keys": untagged,
+            "history": history,
+            "created": old.get("created", _now()),
             "updated": _now(),
         }
+        if cells is not None:
+            ids = pa.table({"cell_id": pa.array(list(cells), pa.string())})
+            _atomic_write(self.cells_path, lambda fh: pq.write_table(ids, fh))
+        elif self.cells_path.exists():
+            self.cells_path.unlink()
         text = json.dumps(manifest, indent=2, default=str).encode()
         _atomic_write(self.manifest_path, lambda fh: fh.write(text))
         self._stored = None
@@ -204,18 +263,23 @@ class ResultStore:
         """Forget every stored result (--restart)."""
         if self.results_dir.exists():
             shutil.rmtree(self.results_dir)
-        if self.manifest_path.exists():
-            self.manifest_path.unlink()
+        for path in (self.manifest_path, self.cells_path):
+            if path.exists():
+                path.unlink()
         self._stored = set()
 
     def manifest(self) -> dict[str, Any] | None:
         if not self.manifest_path.is_file():
             return None
         try:
-            return json.loads(self.manifest_path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
+            data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise ConfigError(f"output.dir: {self.manifest_path} is damaged ({type(exc).__name__}); "
                               "move it away to resume, or run with --restart") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"output.dir: {self.manifest_path} is damaged (a JSON {type(data).__name__}, not an "
+                              "object); move it away to resume, or run with --restart")
+        return data
 
     # ------------------------------------------------------------ reading
 
@@ -254,26 +318,64 @@ class ResultStore:
             done = f"left in place ({move_exc.strerror}) and skipped"
         print(f"warning: {path} is damaged ({why}): {done}", file=sys.stderr)
 
+    def _key_columns(self, path: Path) -> list[str]:
+        import pyarrow.parquet as pq
+
+        try:
+            names = set(pq.read_schema(path).names)
+        except Exception:  # noqa: BLE001 - _table moves a damaged file aside
+            names = set()
+        return ["cell_id"] + [c for c in ("model", "model_key") if c in names]
+
     def stored_cell_ids(self) -> set[str]:
+        """The ids of the stored cells this run may reuse (its models' weights)."""
         if self._stored is None:
             stored: set[str] = set()
             for f in self.files():
-                table = self._table(f, ["cell_id"])
+                table = self._table(f, self._key_columns(f))
                 if table is not None:
-                    stored.update(table.column("cell_id").to_pylist())
+                    ids, keep = table.column("cell_id").to_pylist(), self._matches(table)
+                    stored.update(ids if keep is None else (i for i, k in zip(ids, keep) if k))
             self._stored = stored
         return self._stored
 
-    def read(self):
-        """Every stored cell as one pandas DataFrame, each cell_id once (empty when nothing is
-        stored)."""
+    def stored_count(self) -> int:
+        """Every cell stored in the directory, whatever config or weights it was computed for."""
+        return len({i for f in self.files() if (t := self._table(f, ["cell_id"])) is not None
+                    for i in t.column("cell_id").to_pylist()})
+
+    def current_cells(self) -> set[str] | None:
+        """The cell ids of the config run last (None: not recorded, every stored cell counts)."""
+        import pyarrow.parquet as pq
+
+        if not self.cells_path.is_file():
+            return None
+        return set(pq.read_table(self.cells_path).column("cell_id").to_pylist())
+
+    def read(self, current: bool = True):
+        """The stored cells as one pandas DataFrame, each cell_id once (empty when nothing is
+        stored): with `current`, only the cells of the config run last computed with its
+        models' weights; else every stored cell."""
         import pandas as pd
 
-        frames = [t.to_pandas() for t in (self._table(f) for f in self.files()) if t is not None]
+        if current and self.keys is None:
+            self.keys = (self.manifest() or {}).get("model_keys")
+            self.config_hash = self.config_hash or (self.manifest() or {}).get("config_hash")
+            self._stored = None
+        frames = []
+        for t in (self._table(f) for f in self.files()):
+            if t is None:
+                continue
+            keep = self._matches(t) if current else None
+            frames.append(_renamed(t.to_pandas() if keep is None else t.to_pandas()[keep]))
+        frames = [f for f in frames if len(f)]
         if not frames:
             return pd.DataFrame()
-        df = pd.concat(frames, ignore_index=True)
-        return df.drop_duplicates("cell_id", keep="first").reset_index(drop=True)
+        df = pd.concat(frames, ignore_index=True).drop_duplicates("cell_id", keep="first")
+        cells = self.current_cells() if current else None
+        if cells is not None:
+            df = df[df["cell_id"].isin(cells)]
+        return df.reset_index(drop=True)
 
     # ------------------------------------------------------------ writing
 
@@ -287,7 +389,7 @@ class ResultStore:
         for r in records:
             if r["cell_id"] not in stored and r["cell_id"] not in seen:
                 seen.add(r["cell_id"])
-                new.append(r)
+                new.append(r if self.keys is None else {**r, "model_key": self.keys.get(r.get("model"))})
         if not new:
             return []
         self.results_dir.mkdir(parents=True, exist_ok=True)

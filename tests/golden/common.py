@@ -20,6 +20,9 @@ EXAMPLES = ROOT / "sweeps" / "examples"
 FIRST_IDS = 20
 FIRST_TASKS = 3
 # Run columns: where and when a cell ran, different at every run.
+# Result columns added after the golden stores were written (issue 19's steering norms): a fresh
+# run has them, the stored rows do not.
+ADDED_COLUMNS = {"vector_norm", "site_norm", "relative_strength"}
 VOLATILE = ("task_id", "worker_node", "worker_pid", "worker_device", "worker_peak_mb", "time_task_s")
 
 

@@ -25,7 +25,7 @@ from patchscope_core.spec import context_problem
 
 from ...config import ConfigError
 from ...config.models import ModelPlan, model_info_for
-from ..base import KindDefaults, Schema, digest, generation_key, run_columns
+from ..base import KindDefaults, Schema, check_generates, digest, generation_key, run_columns
 from . import attribute_extraction, cross_model, entity_description, multi_hop, token_identity
 
 # Every recipe's sweep side, by recipe name (the names of patchscope_core.recipes.RECIPES).
@@ -120,6 +120,10 @@ def _recipe(context: dict[str, Any], model: str):
     return RECIPES[context["recipe"]].from_settings(context["settings"][model])
 
 
+def _no_tokens(prompt: str) -> int:
+    raise AssertionError("a recipe's count needs no token counts")
+
+
 def _tokens(plan: ModelPlan):
     return lambda prompt: plan.n_tokens[prompt]
 
@@ -129,8 +133,12 @@ class RecipeKind(KindDefaults):
     sections = {"recipe": RecipeSection}
     tagged = {"recipe": RECIPE_SECTIONS}
     operation = "recipe"
-    schema = Schema(RECIPE_COLUMNS, RECIPE_RESULTS, RECIPE_TABLE, ("generated_token_ids",))
+    schema = Schema(RECIPE_COLUMNS, RECIPE_RESULTS, RECIPE_TABLE, ("generated_token_ids",),
+                    ("row", "source_layer", "target_layer", "score", "control_score"), ("recipe", "role", "method"))
     marks = frozenset({"role", "score"})
+
+    def check_config(self, config) -> None:
+        check_generates(config, self.name)
 
     def load_rows(self, config, base: Path | None) -> list[dict[str, Any]]:
         """The recipe's rows as plain data, through the loaders of `patchscope_core.recipes`."""
@@ -143,6 +151,11 @@ class RecipeKind(KindDefaults):
         """Layers, every prompt against the context, positions, a shared tokenizer and enough fit
         vectors, on each model, reading configs and tokenizers only."""
         part = PARTS[config.recipe.name]
+        n_cells = 0
+        for i, name in enumerate(config.models):  # count first (a recipe's count needs no tokens), then check
+            recipe = part.build(config, model_info_for(name, f"models[{i}]"))
+            n_cells += sum(recipe.count(item, _no_tokens) for item in rows)
+            config.execution.check_cells(n_cells)
         fit = part.fit_windows(config, base)
         plans = {}
         for i, name in enumerate(config.models):
@@ -217,7 +230,7 @@ class RecipeKind(KindDefaults):
         return (f"{config.recipe.name}: " + " x ".join(f"{k} {v}" for k, v in layers.items())
                 + f" ({len(context['fit_texts'])} fit windows)")
 
-    def report(self, out_dir: Path, df) -> dict[str, Path]:
+    def report(self, out_dir: Path, df, settings: dict | None = None) -> dict[str, Path]:
         """Every recipe's picture and table, per model."""
         import matplotlib
 

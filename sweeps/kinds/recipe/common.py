@@ -21,6 +21,7 @@ from pydantic import Field
 
 from patchscope_core import ModelInfo, PatchscopeError
 from patchscope_core.recipes import Recipe, corpus_windows, pydoc_text
+from patchscope_core.values import MAX_SEED
 
 from ...config import ConfigError, Strict, read_text
 from ...config.files import locate
@@ -29,7 +30,7 @@ from ...config.files import locate
 class RecipeSection(Strict):
     """What every recipe section takes (`recipe.name` picks the recipe; patchscope_core.recipes)."""
 
-    seed: int = Field(0, description="orders windows and subjects, and pairs rows for the shuffled-label control")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="orders windows and subjects, and pairs rows for the shuffled-label control")
 
 
 class CorpusSection(RecipeSection):

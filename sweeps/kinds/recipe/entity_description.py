@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from patchscope_core.recipes import EntityDescription, description_of, load_entities
+from patchscope_core.values import template_problem
 
 from ... import pictures
 from ...config import Layers, TargetLayers
@@ -27,6 +28,14 @@ class EntityDescriptionRecipe(RecipeSection):
     target_layers: TargetLayers = "same"
     target_prompt: str = ("Syria: Country in the Middle East, Leonardo DiCaprio: American actor, Samsung: South Korean "
                           "multinational major appliance and consumer electronics corporation, x")
+
+    @field_validator("source_template", mode="after")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        problem = template_problem(v, ("entity",), needs=("entity",))
+        if problem:
+            raise ValueError(problem)
+        return v
 
 
 def _by_layer(df: pd.DataFrame, table: pd.DataFrame, model: str, key: str, out: Path) -> Path:

@@ -10,6 +10,8 @@ import pandas as pd
 from pydantic import Field, field_validator
 
 from patchscope_core.recipes import MultiHop, load_chains
+from patchscope_core.recipes.multihop import COLUMNS
+from patchscope_core.values import template_problem
 
 from ... import pictures
 from ...config import Layers
@@ -30,10 +32,9 @@ class MultiHopRecipe(RecipeSection):
     @field_validator("source_template", "target_template", "hop1_template", "hop2_template", mode="after")
     @classmethod
     def _template(cls, v: str) -> str:
-        try:
-            v.format(first_hop="", bridge="", second_hop="", answer="")
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(f"a template may use {{first_hop}}, {{bridge}}, {{second_hop}} and {{answer}} only ({exc!r})")
+        problem = template_problem(v, COLUMNS)
+        if problem:
+            raise ValueError(problem)
         return v
 
 
