@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
@@ -28,7 +29,7 @@ from typing import Any, Sequence
 import torch
 
 from .errors import PatchscopeError
-from .hooks import HookFn, cached_length, hooked, left_pad, position_ids_from_mask
+from .hooks import HookFn, attached_hooks, cached_length, hooked, left_pad, position_ids_from_mask
 from .clean_start import CleanStates, first_layer
 from .dispatch import dispatch
 from .knockout import group_by_layer, knockout_hooks
@@ -129,10 +130,23 @@ class _Recorder:
         return 0.0
 
 
+def warn_attached_hooks(bridge, field_name: str) -> None:
+    """Hooks added to the bridge itself do not act inside the engine's runs (README): a bridge
+    handed over with some attached gets a warning naming them."""
+    names = attached_hooks(bridge)
+    if names:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        warnings.warn(f"{field_name}: the bridge has hooks attached ({shown}); hooks added to the bridge "
+                      "(bridge.add_hook, bridge.hooks(...)) do not act inside the engine's runs: give them to "
+                      "Engine.generate_with_hooks or Engine.run_with_hooks instead (bridge.reset_hooks() removes "
+                      "them)", UserWarning, stacklevel=3)
+
+
 class Engine:
     """Runs prompts with interventions on one loaded model (a TransformerBridge), in batches."""
 
     def __init__(self, model, *, name: str | None = None, decoding: Decoding = Decoding(), top_k: int = 10) -> None:
+        warn_attached_hooks(model, "model")
         self.model = model
         self.modules = plain_modules(model)
         self.info: ModelInfo = info_of(model, name)
@@ -147,6 +161,22 @@ class Engine:
         self.start_at_first_layer = True  # scoring rows start at their first touched layer (clean_start.py)
         self.start_spread = 2  # ... in batches whose first layers spread by at most this many layers
         self.states = CleanStates(self)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._describe()}>"
+
+    def _describe(self) -> str:
+        """The model, where it runs, how it decodes: what tells one engine from another."""
+        i, d = self.info, self.decoding
+        try:
+            p = next(self.model.parameters())
+            where = f"{p.device.type if p.device.index is None else p.device}, {str(p.dtype).removeprefix('torch.')}"
+        except (StopIteration, AttributeError, TypeError):
+            where = "no parameters"
+        how = (f"sampling (temperature {d.temperature:g}" + (f", top_p {d.top_p:g}" if d.top_p is not None else "")
+               + f", seed {d.seed})") if d.do_sample else "greedy"
+        return (f"{i.name}: {i.n_layers} layers, d_model {i.d_model}, on {where}; {how}, top_k {self.top_k}"
+                + ("" if d.stop_at_eos else ", no stop at EOS"))
 
     # ------------------------------------------------------------------ interventions
 
@@ -519,8 +549,14 @@ class PatchscopeEngine(Engine):
         if source_model is None:
             self.source_info, self.source_reader = info_of(model, source_name or name), self.reader
         else:
+            warn_attached_hooks(source_model, "source_model")
             self.source_info = info_of(source_model, source_name)
             self.source_reader = SiteReader(source_model, plain_modules(source_model), self.source_info)
+
+    def _describe(self) -> str:
+        if self.source_model is self.target_model:
+            return super()._describe()
+        return f"{super()._describe()}; source {self.source_info.name} ({self.source_info.n_layers} layers)"
 
     def resolve(self, patchscopes: Sequence[Patchscope]) -> list[ResolvedPatchscope]:  # type: ignore[override]
         return resolve_all(patchscopes, self.source_info, self.target_info)

@@ -27,6 +27,19 @@ from torch import nn
 from .sites import ResolvedSite, boundary_module
 
 
+def attached_hooks(bridge) -> list[str]:
+    """The bridge's hook points that hooks were added to (`bridge.add_hook`, `bridge.hooks(...)`):
+    those do not act inside the engine's runs, which run on the plain modules (`sites.py`)."""
+    from transformer_lens.hook_points import HookPoint
+
+    points = getattr(bridge, "hook_dict", None) or dict(bridge.named_modules())
+    named: dict[int, str] = {}  # one name per hook point: the last, TransformerLens' alias where it has one
+    for name, m in points.items():
+        if isinstance(m, HookPoint) and (getattr(m, "fwd_hooks", None) or getattr(m, "bwd_hooks", None)):
+            named[id(m)] = name
+    return list(named.values())
+
+
 @dataclass
 class HookContext:
     """Where the chunk a hook sees lies, per row.

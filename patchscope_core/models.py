@@ -81,6 +81,15 @@ class ModelInfo:
         """Width of `attn.hook_z` flattened: n_heads x d_head."""
         return self.n_heads * self.d_head
 
+    def __repr__(self) -> str:
+        """One line: the shapes, and the tokenizer by its class (not the tokenizer's own repr, its
+        whole vocabulary's configuration, nor the component mapping)."""
+        heads = f"{self.n_heads} heads" + (f" ({self.n_kv_heads} kv)" if self.n_kv_heads and self.n_kv_heads != self.n_heads
+                                           else "")
+        return (f"ModelInfo({self.name!r}: {self.n_layers} layers, d_model {self.d_model}, {heads} x d_head "
+                f"{self.d_head}, d_mlp {self.d_mlp}, n_ctx {self.n_ctx}, {type(self.tokenizer).__name__}"
+                f"{', BOS prepended' if self.prepend_bos else ''})")
+
 
 def mlp_width(cfg: Any, hf_config: Any = None) -> int:
     """Width of `mlp.hook_post`. TransformerLens reads the MLP width from `intermediate_size`-like

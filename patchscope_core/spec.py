@@ -5,8 +5,9 @@ position i), maps it (f), writes f(h) into (target model M*, prompt T, layer l*,
 positions i*) and lets M* generate.
 
 Conventions:
-- layer l is the residual stream *after* block l (`blocks.{l}.hook_resid_post`, HF
-  `hidden_states[l + 1]`); valid layers are 0 .. n_layers-1.
+- layer l is the residual stream *after* block l (`blocks.{l}.hook_resid_post`); valid layers
+  are 0 .. n_layers-1. That is HF `hidden_states[l + 1]` except for the last layer: Hugging Face
+  applies the final norm to its last hidden state, this residual stream is before it.
 - a position indexes the prompt's tokens as the model sees them (BOS included when the
   model prepends one); negative positions count from the end.
 """
@@ -77,14 +78,21 @@ class ResolvedPatchscope:
 def tokenize(info: ModelInfo, prompt: str, field_name: str = "prompt") -> tuple[int, ...]:
     """Token ids as the model sees the prompt: BOS first when the model prepends one.
 
-    The same ids as `TransformerBridge.to_tokens(prompt)` (a test checks it), computed from the
-    tokenizer alone so that validation needs no weights.
+    `info`: a `ModelInfo` (`model_info(name)`, no weights) or a loaded model (`load_model`'s
+    TransformerBridge). The same ids as `TransformerBridge.to_tokens(prompt)` (a test checks it),
+    computed from the tokenizer alone so that validation needs no weights.
     """
+    if isinstance(info, ModelInfo):
+        tok, prepend_bos = info.tokenizer, info.prepend_bos
+    elif getattr(info, "tokenizer", None) is not None and hasattr(getattr(info, "cfg", None), "n_layers"):
+        tok, prepend_bos = info.tokenizer, bool(getattr(info.cfg, "default_prepend_bos", True))  # a bridge
+    else:
+        raise PatchscopeError(f"info: tokenize takes a ModelInfo (model_info(name)) or a loaded model "
+                              f"(load_model(name)), got {type(info).__name__}")
     if not isinstance(prompt, str) or not prompt.strip():
         raise PatchscopeError(f"{field_name}: empty prompt")
-    tok = info.tokenizer
     ids = list(tok(prompt, add_special_tokens=False)["input_ids"])
-    if info.prepend_bos and tok.bos_token_id is not None:
+    if prepend_bos and tok.bos_token_id is not None:
         ids = [tok.bos_token_id] + ids
     return tuple(ids)
 

@@ -21,7 +21,13 @@ def plt():
 
 
 def safe_name(name: Any, empty: str = "x") -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("_") or empty
+    """`name` as a file name's part. A model given as a local directory (a path: /..., ./...,
+    ../..., ~/..., or more than one `/`, which no hub name has) is named by the directory itself
+    (`./models/tiny-qwen2` -> `tiny-qwen2`); a hub name keeps its owner (`owner_model`)."""
+    text = str(name)
+    if text.startswith(("/", "./", "../", "~")) or text.count("/") > 1:
+        text = Path(text.rstrip("/")).name or text
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or empty
 
 
 def literal(text: Any) -> str:

@@ -300,7 +300,7 @@ def test_a_wandb_failure_warns_and_loses_nothing(ray_cluster, tmp_path, monkeypa
 
     monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", broken)
     config = write_config(tmp_path, "tiny-wandb-down", models=["tiny-gpt2"], source__layers=[2],
-                          execution__workers=1)
+                          execution__workers=1, execution__backend="ray")
     assert cli.main(["sweep", str(config)]) == 0
     captured = capsys.readouterr()
     assert "warning: W&B log failed (ConnectionError: W&B is down)" in captured.err
@@ -334,7 +334,7 @@ def test_a_worker_crash_is_restarted_and_retried_by_ray_and_each_cell_stored_onc
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
     monkeypatch.setattr(workers.actor, "PatchscopeWorker", CrashOnce)
     config = write_config(tmp_path, "tiny-crash", models=["tiny-gpt2"], source__layers=[2],
-                          execution__workers=1, execution__batch_size=2)
+                          execution__workers=1, execution__batch_size=2, execution__backend="ray")
     try:
         assert cli.main(["sweep", str(config)]) == 0
     finally:

@@ -1,6 +1,7 @@
 """Ray actors that hold one model for their lifetime and turn tasks into result records.
 
-`PatchscopeWorker` is a plain class (usable and testable without Ray); `start_workers` wraps it
+`PatchscopeWorker` is a plain class (usable and testable without Ray, and what the local backend,
+`sweeps.run.local`, runs in the driver's process); `start_workers` wraps it
 with `ray.remote` and Ray's own fault tolerance: `max_restarts` restarts a crashed actor (which
 reloads its model) and `max_task_retries` re-runs the tasks it was running. There is no
 hand-written retry loop.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from typing import Any
 
@@ -31,6 +33,8 @@ from .recipes import recipe_records
 
 
 def _node_id() -> str:
+    if "ray" not in sys.modules:  # the local backend: no Ray, and none imported for this
+        return socket.gethostname()
     try:
         import ray
 

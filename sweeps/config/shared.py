@@ -40,6 +40,9 @@ class GenerationConfig(Strict):
 
 class ExecutionConfig(Strict):
     workers: int = Field(2, ge=1, description="Ray actors per model, each holding the model for its lifetime")
+    backend: Literal["auto", "local", "ray"] = Field(
+        "auto", description="local: every task in this process, one worker per model, no Ray; ray: Ray actors; "
+                            "auto: local for a local sweep of one worker, ray for more workers or --address")
     batch_size: int = Field(16, ge=1, description="cells per task (and per generate batch)")
     batch_tokens: int | None = Field(None, ge=1, description="a generate batch holds at most this many tokens "
                                                              "(rows x longest prompt + new tokens); default: no limit")
@@ -55,15 +58,29 @@ class ExecutionConfig(Strict):
             raise ValueError(f"expected 'auto' or a number > 0, got {v!r}")
         return v
 
-    def resolved(self, local: bool) -> "ExecutionConfig":
-        """These settings with cpus_per_worker a number: auto gives each of a local sweep's
-        workers its share of this machine's cores (at least 1), and 1 on a cluster joined."""
-        if self.cpus_per_worker != "auto":
-            return self
-        import os
+    @model_validator(mode="after")
+    def _local_backend(self) -> "ExecutionConfig":
+        if self.backend == "local" and self.workers > 1:
+            raise ValueError(f"execution.backend: local runs one worker in this process, but execution.workers is "
+                             f"{self.workers}; use backend: ray (or auto) for more workers, or workers: 1")
+        return self
 
-        cpus = float(max(1, (os.cpu_count() or 1) // self.workers) if local else 1)
-        return self.model_copy(update={"cpus_per_worker": cpus})
+    def resolved(self, local: bool) -> "ExecutionConfig":
+        """These settings with cpus_per_worker a number and the backend chosen: auto gives each
+        of a local sweep's workers its share of this machine's cores (at least 1), and 1 on a
+        cluster joined; backend auto is local for a local sweep of one worker, else ray. A local
+        backend asked to join a cluster (`local` False: --address) is a ConfigError."""
+        if self.backend == "local" and not local:
+            raise ConfigError("execution.backend: local runs in this process, but --address (or RAY_ADDRESS) joins a "
+                              "Ray cluster; use backend: ray (or auto) to join it, or run without --address")
+        update: dict[str, Any] = {}
+        if self.backend == "auto":
+            update["backend"] = "local" if local and self.workers == 1 else "ray"
+        if self.cpus_per_worker == "auto":
+            import os
+
+            update["cpus_per_worker"] = float(max(1, (os.cpu_count() or 1) // self.workers) if local else 1)
+        return self.model_copy(update=update) if update else self
     max_in_flight_per_worker: int = Field(2, ge=1, description="tasks queued on one actor at once (back-pressure)")
     device_map: str | None = Field(None, description="accelerate device map; default 'auto' when gpus_per_worker > 1")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"

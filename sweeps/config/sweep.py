@@ -20,6 +20,7 @@ from ..kinds import KINDS
 from .errors import ConfigError, format_errors
 from .shared import ExecutionConfig, GenerationConfig, OutputConfig, ReportConfig
 from .loader import read_yaml
+from .models import beside_config
 
 
 class _Sweep(BaseModel):
@@ -98,4 +99,8 @@ def parse_config(data: Any, where: str = "config"):
 
 
 def load_config(path: str | Path):
-    return parse_config(read_yaml(path), str(Path(path)))
+    """The config in the file at `path`; a model named by a relative path is found as the files
+    it names are, from the current directory or else beside the config (`beside_config`)."""
+    config = parse_config(read_yaml(path), str(Path(path)))
+    models = [beside_config(m, Path(path).parent) for m in config.models]
+    return config if models == config.models else config.model_copy(update={"models": models})

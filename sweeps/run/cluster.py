@@ -61,6 +61,12 @@ def connect(address: str | None, config) -> bool:
         # does on macOS and Windows) rather than on the machine's network address. Ray reads
         # this when it is imported.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # A new local cluster turns Ray's token authentication on by default and warns at every
+        # start that it did ("Set RAY_AUTH_MODE=disabled to opt out"); asking for it explicitly
+        # keeps it on without the warning (ray._private.authentication.authentication_token_setup:
+        # "Mode set explicitly; respect it without warning"). Ray reads this when it is imported,
+        # so a choice of the user's (RAY_AUTH_MODE set) stands.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
     if ray.is_initialized():  # e.g. a test or a notebook that already connected

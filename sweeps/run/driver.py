@@ -1,4 +1,4 @@
-"""The sweep driver (`patchscope sweep CONFIG`): config -> grid -> tasks -> Ray actors -> store, W&B.
+"""The sweep driver (`patchscope sweep CONFIG`): config -> grid -> tasks -> workers -> store, W&B.
 
 1. Load and validate the config against every model's config and tokenizer (no weights);
    count the grid arithmetically and refuse one larger than execution.max_cells.
@@ -9,8 +9,10 @@
 3. Lock output.dir (one sweep at a time), skip the cells the store already holds for these
    models' weights (resume; a grown or changed config reuses its cells that any earlier config
    computed) unless --restart, and expand the rest lazily into tasks.
-4. Per model: `scheduler.run_model` runs the tasks on `execution.workers` actors that each load
-   the model once; each finished task's records go to the store first, then to W&B.
+4. Per model: `scheduler.run_model` runs the tasks on `execution.workers` Ray actors that each
+   load the model once, or with `execution.backend: local` (the default for a local sweep of one
+   worker) `local.run_model` runs them in this process through the same worker code, without
+   Ray; each finished task's records go to the store first, then to W&B.
 5. At the end: results.csv and heatmaps in output.dir, the final W&B table and images.
 Actor restarts and task retries on the same actor are Ray's (`max_restarts`,
 `max_task_retries`); the scheduler moves the tasks of a lost actor to live ones and gives up
@@ -33,9 +35,10 @@ from ..kinds import KINDS
 from ..plan import check_against_models, config_hash, load_rows, model_keys, study_context
 from ..records import records as result_rows
 from ..sinks.base import End, Peers
+from ..sinks.report import made_lines
 from ..sinks.store import ResultStore
+from . import local, scheduler
 from .cluster import check_local_gpus, check_reachable, check_resources, connect
-from .scheduler import run_model
 
 
 def plan(config_path: str):
@@ -71,6 +74,7 @@ def run_tasks(tasks, todo: dict[str, tuple[int, int]], config, store: ResultStor
         elapsed = time.perf_counter() - totals["t0"]
         sinks.write(new, progress.n, progress.total, totals["computed"] / max(elapsed, 1e-9))
 
+    run_model = local.run_model if ex.backend == "local" else scheduler.run_model
     given_up = []
     for model, mtasks in itertools.groupby(tasks, key=lambda t: t.model):
         n_workers = min(ex.workers, todo[model][1])
@@ -87,8 +91,12 @@ def _describe(config, rows, plans, n_cells: int, context=None) -> None:
         n, t = grid.get(name, (0, 0))
         print(f"  {name}: {p.info.n_layers} layers; {len(rows)} prompt row(s) x {KINDS[config.kind].describe(config, p, context)} "
               f"= {n} cells, {t} tasks")
-    print(f"workers: {ex.workers} per model, {ex.cpus_per_worker:g} CPU and {ex.gpus_per_worker:g} GPU each, "
-          f"at most {ex.max_in_flight_per_worker} tasks in flight per worker")
+    if ex.backend == "local":
+        print(f"backend: local (in this process, no Ray): 1 worker per model, {ex.cpus_per_worker:g} CPU and "
+              f"{ex.gpus_per_worker:g} GPU")
+    else:
+        print(f"workers: {ex.workers} per model, {ex.cpus_per_worker:g} CPU and {ex.gpus_per_worker:g} GPU each, "
+              f"at most {ex.max_in_flight_per_worker} tasks in flight per worker")
 
 
 def _dry_run(config, rows, plans, n_cells: int, store: ResultStore, restart: bool, context=None) -> int:
@@ -141,14 +149,18 @@ def _sinks(config, chash: str) -> Peers:
 
 def _compute(args, config, rows, plans, n_cells: int, chash: str, store: ResultStore, address, context, sinks,
              totals) -> tuple[list, bool]:
-    """Start Ray if there is work, open the store, run what it lacks; (tasks given up, interrupted)."""
+    """Start Ray if there is work for it, open the store, run what it lacks; (tasks given up, interrupted)."""
     from tqdm import tqdm
 
     todo = count_todo(config, rows, plans, set() if args.restart else store.stored_cell_ids(), context)
     n_todo, n_tasks = sum(c for c, _ in todo.values()), sum(t for _, t in todo.values())
     started = False
     try:
-        if n_todo:
+        if n_todo and config.execution.backend == "local":
+            ex = config.execution
+            print(f"backend: local: this process runs every task (no Ray), {ex.cpus_per_worker:g} CPU threads"
+                  + (f", {ex.gpus_per_worker:g} GPU" if ex.gpus_per_worker else ""))
+        elif n_todo:
             started = connect(address, config)
             check_resources(config, local=not address)
         store.open(config.model_dump(mode="json"), chash, n_cells, restart=args.restart,
@@ -194,11 +206,8 @@ def _run(args, config, rows, plans, n_cells: int, chash: str, store: ResultStore
                                 "elapsed_s": elapsed}))
     print(f"\n{done} of {n_cells} cells stored ({totals['computed']} computed now, in {elapsed:.1f} s): "
           f"{store.results_dir}")
-    if "table" in end.made:
-        print(f"table:    {end.made['table']}")
-        for key, path in end.made.items():
-            if key != "table":
-                print(f"{'picture' if path.suffix == '.png' else 'table'}:  {'' if path.suffix == '.png' else '  '}{path}")
+    for line in made_lines(end.made):
+        print(line)
     for line in end.notes:
         print(line)
     if given_up or done < n_cells:

@@ -59,6 +59,15 @@ class ReportSink:
         return None
 
 
+def made_lines(made: dict[str, Path]) -> list[str]:
+    """What a report wrote, one line a file, as the sweep and `patchscope report` both print it:
+    results.csv first, then each picture (`picture:`) and each table (`table:`, e.g. steering_<model>.csv)."""
+    if "table" not in made:
+        return []
+    return [f"table:    {made['table']}"] + [f"{'picture:  ' if Path(path).suffix == '.png' else 'table:    '}{path}"
+                                             for key, path in made.items() if key != "table"]
+
+
 def text_table(df) -> str:
     """What to read first in the terminal (the kind's summary)."""
     return KINDS[kind_of(df.columns)].summary(enrich(df))
@@ -137,8 +146,6 @@ def main(args) -> int:
     paths = write_report(out_dir, df)
     done = df["cell_id"].nunique()
     print(f"\n{done} cells stored" + (f" of {total}" if total else "") + f" ({len(store.files())} files in {store.results_dir})")
-    print(f"table:    {paths['table']}")
-    for key, path in paths.items():
-        if key != "table":
-            print(f"picture:  {path}")
+    for line in made_lines(paths):
+        print(line)
     return 0

@@ -130,8 +130,11 @@ def with_out_dir(config: Path, out_dir: Path) -> Path:
 
 
 def run_in_process(config: Path, engine, out_dir: Path, skip_stored: bool = True) -> int:
-    """The sweep's own path without Ray into the store at out_dir; returns the cells computed."""
+    """The sweep's own path without Ray into the store at out_dir, on an engine already built:
+    the local backend's loop (`sweeps.run.local.run_here`) with `run_task` on `engine`; returns
+    the cells computed. A task that fails fails the test."""
     plan, config_hash, iter_cells, iter_tasks, records, ResultStore = _api()
+    from sweeps.run.local import run_here
     from workers.actor import run_task
 
     cfg, rows, plans, n_cells, context = plan(str(with_out_dir(config, out_dir)))
@@ -141,10 +144,16 @@ def run_in_process(config: Path, engine, out_dir: Path, skip_stored: bool = True
     store.open(cfg.model_dump(mode="json"), chash, n_cells)
     stored = store.stored_cell_ids() if skip_stored else frozenset()
     computed = 0
-    for task in iter_tasks(iter_cells(cfg, rows, plans, skip=stored, context=context), cfg.execution.batch_size,
-                           context):
-        computed += len(store.write(task.task_id, records(task, run_task(engine, task.payload(),
-                                                                         cfg.execution.batch_size))))
+
+    def done(task, output) -> None:
+        nonlocal computed
+        computed += len(store.write(task.task_id, records(task, output)))
+
+    def fail(line: str) -> None:
+        raise AssertionError(line)  # raised while the task's own exception is handled: both are shown
+
+    tasks = iter_tasks(iter_cells(cfg, rows, plans, skip=stored, context=context), cfg.execution.batch_size, context)
+    run_here(tasks, lambda payload: run_task(engine, payload, cfg.execution.batch_size), done, fail)
     return computed
 
 

@@ -1,0 +1,64 @@
+"""The local backend (`execution.backend: local`): one model's tasks run one after another in the
+driver's own process, through the same worker code as a Ray actor (`workers.actor`:
+`PatchscopeWorker` loads the model and builds the engine, `run_task` runs each payload), with no
+Ray imported or started.
+
+`run_model` has the scheduler's signature and contract (`sweeps.run.scheduler.run_model`): it
+calls done(task, output) for each finished task, in grid order, and returns the tasks given up,
+so the driver's store, resume, records, sinks and progress output are the same for both
+backends. A task that raises is given up with one line, as a task failing on a Ray actor is; a
+model that cannot be loaded gives up all its tasks, as a worker that never starts does.
+
+`run_here` is the one loop that runs tasks in process; tests that bring their own engine
+(`tests/golden/common.run_in_process`) go through it too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Iterator
+
+from ..grid import Task
+
+Done = Callable[[Task, dict[str, Any]], None]
+
+
+def _why(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}".rstrip(": ")
+
+
+def run_here(tasks: Iterable[Task], run: Callable[[dict[str, Any]], dict[str, Any]], done: Done,
+             say: Callable[[str], None]) -> list[Task]:
+    """Run each task's payload with `run` (a worker's `run`, or `run_task` on an engine) in this
+    process and hand its output to done(task, output); returns the tasks that failed."""
+    given_up = []
+    for task in tasks:
+        try:
+            output = run(task.payload())
+        except Exception as exc:  # noqa: BLE001 - a failing task is given up, as on a Ray actor
+            say(f"task {task.task_id} ({len(task.cells)} cells of {task.model}) failed: {_why(exc)}")
+            given_up.append(task)
+            continue
+        done(task, output)
+    return given_up
+
+
+def run_model(model: str, tasks: Iterator[Task], n_workers: int, ex, settings: dict[str, Any], done: Done,
+              say: Callable[[str], None]) -> list[Task]:
+    """Run `tasks` (all of `model`) in this process on one worker (`n_workers` is 1: the config
+    refuses more for this backend); the scheduler's contract. Torch's thread count is this
+    process's again afterwards."""
+    import torch
+
+    from workers.actor import PatchscopeWorker
+
+    threads = torch.get_num_threads()
+    try:
+        try:
+            worker = PatchscopeWorker(model, settings)
+        except Exception as exc:  # noqa: BLE001 - as a Ray worker that never starts: its tasks are given up
+            say(f"worker 1 of {model} could not start ({_why(exc)}): stopping")
+            return list(tasks)
+        return run_here(tasks, worker.run, done, say)
+    finally:
+        torch.set_num_threads(threads)
