@@ -369,7 +369,7 @@ def measured(df, settings: dict | None):
     col = f"ref_{contrast['column']}"
     sides = [df[df[col].astype(str) == str(contrast[side])].groupby(keys, dropna=False)[metric].agg(["mean", "count"])
              for side in ("plus", "minus")]
-    g = sides[0].join(sides[1], lsuffix="_plus", rsuffix="_minus", how="inner")
+    g = sides[0].merge(sides[1], left_index=True, right_index=True, suffixes=("_plus", "_minus"))
     g = g.assign(value=g["mean_plus"] - g["mean_minus"], prompts=g["count_plus"] + g["count_minus"]).reset_index()
     return g, (f"mean {metric} where {contrast['column']}={contrast['plus']} minus where "
                f"{contrast['column']}={contrast['minus']}")
