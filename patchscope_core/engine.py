@@ -252,6 +252,8 @@ class Engine:
         site's mean activation norm over the prompt's tokens but BOS, without interventions) and
         `relative_strength` = |alpha| x |v| / site_norm, so strengths compare across layers and
         models. None for other runs."""
+        if not any(isinstance(iv.kind, Add) for iv in run.interventions):
+            return None  # most runs: nothing to resolve or read
         resolved = resolve_run(run, self.info)
         adds = [iv for iv in resolved.interventions if isinstance(iv.intervention.kind, Add)]
         if len(adds) != 1:

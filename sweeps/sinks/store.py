@@ -122,6 +122,7 @@ class ResultStore:
         self.keys = keys
         self.config_hash = config_hash
         self._stored: set[str] | None = None
+        self._every: set[str] = set()  # every stored id, any config or weights (stored_cell_ids)
 
     # ------------------------------------------------------------ checks (write nothing)
 
@@ -140,15 +141,15 @@ class ResultStore:
             return dict(self.keys)  # a store of an earlier version, resumed with its own config
         return {}
 
-    def _matches(self, table) -> list[bool] | None:
-        """Which rows of a table hold this run's weights (None: all of them)."""
+    def _matches(self, table, untagged: dict[str, str]) -> list[bool] | None:
+        """Which rows of a table hold this run's weights (None: all of them); `untagged`: what
+        `_untagged` says, read once per pass over the files."""
         if self.keys is None:
             return None
         models = table.column("model").to_pylist() if "model" in table.column_names else [None] * table.num_rows
         if "model_key" in table.column_names:
             have = table.column("model_key").to_pylist()
         else:
-            untagged = self._untagged()
             have = [untagged.get(m) for m in models]
         return [h is not None and h == self.keys.get(m) for m, h in zip(models, have)]
 
@@ -266,7 +267,7 @@ class ResultStore:
         for path in (self.manifest_path, self.cells_path):
             if path.exists():
                 path.unlink()
-        self._stored = set()
+        self._stored, self._every = set(), set()
 
     def manifest(self) -> dict[str, Any] | None:
         if not self.manifest_path.is_file():
@@ -331,18 +332,22 @@ class ResultStore:
         """The ids of the stored cells this run may reuse (its models' weights)."""
         if self._stored is None:
             stored: set[str] = set()
+            every: set[str] = set()
+            untagged = self._untagged() if self.keys is not None else {}
             for f in self.files():
                 table = self._table(f, self._key_columns(f))
                 if table is not None:
-                    ids, keep = table.column("cell_id").to_pylist(), self._matches(table)
+                    ids, keep = table.column("cell_id").to_pylist(), self._matches(table, untagged)
+                    every.update(ids)
                     stored.update(ids if keep is None else (i for i, k in zip(ids, keep) if k))
-            self._stored = stored
+            self._stored, self._every = stored, every
         return self._stored
 
     def stored_count(self) -> int:
-        """Every cell stored in the directory, whatever config or weights it was computed for."""
-        return len({i for f in self.files() if (t := self._table(f, ["cell_id"])) is not None
-                    for i in t.column("cell_id").to_pylist()})
+        """Every cell stored in the directory, whatever config or weights it was computed for
+        (read in the same pass as `stored_cell_ids`)."""
+        self.stored_cell_ids()
+        return len(self._every)
 
     def current_cells(self) -> set[str] | None:
         """The cell ids of the config run last (None: not recorded, every stored cell counts)."""
@@ -363,10 +368,11 @@ class ResultStore:
             self.config_hash = self.config_hash or (self.manifest() or {}).get("config_hash")
             self._stored = None
         frames = []
+        untagged = self._untagged() if current and self.keys is not None else {}
         for t in (self._table(f) for f in self.files()):
             if t is None:
                 continue
-            keep = self._matches(t) if current else None
+            keep = self._matches(t, untagged) if current else None
             frames.append(_renamed(t.to_pandas() if keep is None else t.to_pandas()[keep]))
         frames = [f for f in frames if len(f)]
         if not frames:
@@ -399,4 +405,5 @@ class ResultStore:
         table = pa.Table.from_pylist(new)
         _atomic_write(final, lambda fh: pq.write_table(table, fh))
         stored.update(seen)
+        self._every.update(seen)
         return new
