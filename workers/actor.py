@@ -183,12 +183,13 @@ def attribution_records(engine, payload: dict[str, Any], batch_size: int) -> lis
                                                                  payload["methods"], payload["metric"])
     share = (time.perf_counter() - t0) / len(pairs)
     tok, spec = engine.info.tokenizer, payload["verify"]
+    patcher = Patcher(engine, batch_size=batch_size)
     out = []
     for p, pair, res in zip(payload["pairs"], pairs, results):
         t1 = time.perf_counter()
         exact = {}
         if spec is not None:
-            for v in verify(Patcher(engine, batch_size=batch_size), [pair], [res], spec["top_k"], spec["random"],
+            for v in verify(patcher, [pair], [res], spec["top_k"], spec["random"],
                             spec["positions"], seed=p["seed"]):
                 exact[v.site] = {"positions": spec["positions"], "full": v.full, "index": {n: i for i, n in enumerate(v.nodes)},
                                  "exact": v.exact.tolist(), "sampled": set(v.sampled)}

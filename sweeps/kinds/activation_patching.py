@@ -186,6 +186,14 @@ def check_pair_row(plan: ModelPlan, row: PairRow, metrics: list[str]) -> None:
     plan.n_tokens[row.clean] = len(checked.clean_ids)
 
 
+def pair_science(science: dict[str, Any], rows: list[PairRow]) -> dict[str, Any]:
+    """What a pair kind's config hash covers of its prompts: the pairs themselves, not the file
+    that held them."""
+    science["prompts"].pop("file", None)
+    science["rows"] = [[r.clean, r.corrupted, r.answer, r.wrong_answer] for r in rows]
+    return science
+
+
 def check_pair_columns(config, kind: str) -> None:
     """The `prompts` columns a pair needs."""
     for col in ("clean_column", "corrupted_column", "answer_column"):
@@ -274,9 +282,7 @@ class ActivationPatchingKind(KindDefaults):
         return plans
 
     def science(self, science, config, rows, context):
-        science["prompts"].pop("file", None)
-        science["rows"] = [[r.clean, r.corrupted, r.answer, r.wrong_answer] for r in rows]
-        return science
+        return pair_science(science, rows)
 
     def _pair_cells(self, config, plan, model: str, row: PairRow) -> Iterator[PatchCell]:
         pt = config.patching

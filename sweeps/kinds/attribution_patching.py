@@ -30,7 +30,7 @@ from patchscope_core.patching import METRICS, PATCH_SITES
 
 from ..config import ConfigError, Layers, Strict
 from ..config.models import ModelPlan, checked_layers, model_info_for
-from .activation_patching import PairRow, check_pair_columns, check_pair_row, load_pairs
+from .activation_patching import PairRow, check_pair_columns, check_pair_row, load_pairs, pair_science
 from .base import KindDefaults, Schema, digest, run_columns
 from .prompts import PromptsConfig
 
@@ -272,10 +272,8 @@ class AttributionPatchingKind(KindDefaults):
         return plans
 
     def science(self, science, config, rows, context):
-        science["prompts"].pop("file", None)
         science["attribution"].pop("batch_pairs", None)  # how pairs are batched: not what the rows hold
-        science["rows"] = [[r.clean, r.corrupted, r.answer, r.wrong_answer] for r in rows]
-        return science
+        return pair_science(science, rows)
 
     def _batch_cells(self, config, plan: ModelPlan, model: str, batch: list[PairRow]) -> Iterator[AttributionCell]:
         at, info = config.attribution, plan.info
