@@ -29,8 +29,16 @@ from patchscope_core.attribution import Attributor
 from patchscope_core.patcher import Patcher
 from patchscope_core.patching import Pair, check_pair, make_cells
 
-SITES = ["attn.hook_z", "attn.hook_q", "attn.hook_k", "attn.hook_v", "hook_attn_out", "hook_mlp_out", "mlp.hook_post",
-         "hook_resid_pre"]
+SITES = [
+    "attn.hook_z",
+    "attn.hook_q",
+    "attn.hook_k",
+    "attn.hook_v",
+    "hook_attn_out",
+    "hook_mlp_out",
+    "mlp.hook_post",
+    "hook_resid_pre",
+]
 PAIRS = Path(__file__).resolve().parents[1] / "sweeps" / "examples" / "ioi_pairs.csv"
 
 
@@ -76,30 +84,43 @@ def main() -> None:
     atp = timed(lambda: att.attribute(ps, SITES), args.repeats)
     star = timed(lambda: att.attribute(ps, SITES, method="atp_star"), args.repeats)
     exact = []
-    for p, c in zip(ps[:args.exact], checked):
+    for p, c in zip(ps[: args.exact], checked):
         cells = make_cells(engine.info, len(c.clean_ids), ["attn.hook_z"], positions="each")
         exact.append(timed(lambda: Patcher(engine, batch_size=64).patch(p, cells), 1))
     tl = []
-    for c in checked[:args.tl]:
+    for c in checked[: args.tl]:
+
         def metric(logits, c=c):
             return logits[0, -1, c.answer_ids[0]] - logits[0, -1, c.wrong_id]
 
-        tl.append(timed(lambda: attribution_patch(bridge, torch.tensor([c.clean_ids]), torch.tensor([c.corrupted_ids]),
-                                                  metric), 1))
+        tl.append(
+            timed(
+                lambda: attribution_patch(bridge, torch.tensor([c.clean_ids]), torch.tensor([c.corrupted_ids]), metric),
+                1,
+            )
+        )
     per = lambda t: t / n  # noqa: E731
-    print(f"SmolLM2-135M, cpu, {args.threads} thread(s), torch {torch.__version__}; {n} IOI pairs "
-          f"({len(by_len)} token lengths); medians of {args.repeats}")
+    print(
+        f"SmolLM2-135M, cpu, {args.threads} thread(s), torch {torch.__version__}; {n} IOI pairs "
+        f"({len(by_len)} token lengths); medians of {args.repeats}"
+    )
     print("| what | s per pair | forward-pass equivalents | ratio |")
     print("|---|---|---|---|")
     print(f"| forward (batched, no grad) | {per(fwd):.4f} | 1 | |")
     print(f"| AtP, every node of {len(SITES)} sites | {per(atp):.4f} | {atp / fwd:.1f} | |")
-    print(f"| AtP* (QK fix + GradDrop), same nodes | {per(star):.4f} | {star / fwd:.1f} | (layers + 4 = {engine.info.n_layers + 4}) |")
+    print(
+        f"| AtP* (QK fix + GradDrop), same nodes | {per(star):.4f} | {star / fwd:.1f} | (layers + 4 = {engine.info.n_layers + 4}) |"
+    )
     ex = statistics.median(exact)
-    print(f"| exact patching, attn.hook_z x position grid ({args.exact} pairs) | {ex:.3f} | {ex / per(fwd):.0f} | "
-          f"AtP {ex / per(atp):.0f}x less time, AtP* {ex / per(star):.1f}x |")
+    print(
+        f"| exact patching, attn.hook_z x position grid ({args.exact} pairs) | {ex:.3f} | {ex / per(fwd):.0f} | "
+        f"AtP {ex / per(atp):.0f}x less time, AtP* {ex / per(star):.1f}x |"
+    )
     t = statistics.median(tl)
-    print(f"| TransformerLens attribution_patch, one pair at a time ({args.tl} pairs) | {t:.3f} | {t / per(fwd):.1f} | "
-          f"AtP {t / per(atp):.1f}x less time |")
+    print(
+        f"| TransformerLens attribution_patch, one pair at a time ({args.tl} pairs) | {t:.3f} | {t / per(fwd):.1f} | "
+        f"AtP {t / per(atp):.1f}x less time |"
+    )
 
 
 if __name__ == "__main__":

@@ -19,8 +19,10 @@ from common import side_by_side, smollm2_and_plain_hf
 from patchscope_core import Decoding, Patchscope, PatchscopeEngine, Source, Target
 from patchscope_core.hooks import left_pad
 
-ENTITY = ("Syria: Country in the Middle East, Leonardo DiCaprio: American actor, Samsung: South Korean "
-          "multinational major appliance and consumer electronics corporation, x")
+ENTITY = (
+    "Syria: Country in the Middle East, Leonardo DiCaprio: American actor, Samsung: South Korean "
+    "multinational major appliance and consumer electronics corporation, x"
+)
 SOURCES = ["Leonardo DiCaprio", "Samsung", "Paris", "Python", "The Eiffel Tower", "Amazon", "Water", "Tokyo"]
 TARGETS = [ENTITY, "The capital city of x is", "x x x", "Tell me about x:"]
 
@@ -32,10 +34,17 @@ def specs(n: int, n_new: int, heterogeneous: bool) -> list[Patchscope]:
             layer = (3 * k) % 30
             target = TARGETS[k % len(TARGETS)]
             positions = (-1,) if k % 3 else (-1, -2)
-            out.append(Patchscope(Source(SOURCES[k % len(SOURCES)], layer, -1), Target(target, (layer + 2) % 30, positions),
-                                  max_new_tokens=n_new))
+            out.append(
+                Patchscope(
+                    Source(SOURCES[k % len(SOURCES)], layer, -1),
+                    Target(target, (layer + 2) % 30, positions),
+                    max_new_tokens=n_new,
+                )
+            )
         else:
-            out.append(Patchscope(Source(SOURCES[k % len(SOURCES)], 6, -1), Target(ENTITY, 6, (-1,)), max_new_tokens=n_new))
+            out.append(
+                Patchscope(Source(SOURCES[k % len(SOURCES)], 6, -1), Target(ENTITY, 6, (-1,)), max_new_tokens=n_new)
+            )
     return out
 
 
@@ -54,33 +63,55 @@ def main() -> None:
 
         def hf(model):
             with torch.no_grad():
-                out = model.generate(ids, attention_mask=mask, max_new_tokens=n_new, do_sample=False,
-                                     eos_token_id=None, pad_token_id=bridge.tokenizer.pad_token_id)
+                out = model.generate(
+                    ids,
+                    attention_mask=mask,
+                    max_new_tokens=n_new,
+                    do_sample=False,
+                    eos_token_id=None,
+                    pad_token_id=bridge.tokenizer.pad_token_id,
+                )
             assert out.shape[1] == ids.shape[1] + n_new
 
-        t = side_by_side({
-            "hf": lambda: hf(plain),
-            "bridge": lambda: hf(bridge.original_model),
-            "patched": lambda: cached.generate(resolved, vectors, batch_size=batch),
-            "patched+extract": lambda: cached.run(specs(batch, n_new, heterogeneous=False), batch_size=batch),
-        }, args.repeats)
-        print(f"  batch {batch:2d}: plain HF {t['hf']:.3f} s, patched {t['patched']:.3f} s -> ratio {t['patched'] / t['hf']:.2f}"
-              f"  (with source extraction: {t['patched+extract']:.3f} s -> {t['patched+extract'] / t['hf']:.2f}; "
-              f"bridge without hooks: {t['bridge']:.3f} s -> {t['bridge'] / t['hf']:.2f})")
+        t = side_by_side(
+            {
+                "hf": lambda: hf(plain),
+                "bridge": lambda: hf(bridge.original_model),
+                "patched": lambda: cached.generate(resolved, vectors, batch_size=batch),
+                "patched+extract": lambda: cached.run(specs(batch, n_new, heterogeneous=False), batch_size=batch),
+            },
+            args.repeats,
+        )
+        print(
+            f"  batch {batch:2d}: plain HF {t['hf']:.3f} s, patched {t['patched']:.3f} s -> ratio {t['patched'] / t['hf']:.2f}"
+            f"  (with source extraction: {t['patched+extract']:.3f} s -> {t['patched+extract'] / t['hf']:.2f}; "
+            f"bridge without hooks: {t['bridge']:.3f} s -> {t['bridge'] / t['hf']:.2f})"
+        )
 
     print("\n(b) patched uncached (re-run every step) / patched cached")
     for batch in (1, 32):
         s = specs(batch, n_new, heterogeneous=False)
-        t = side_by_side({"cached": lambda: cached.run(s, batch_size=batch),
-                          "uncached": lambda: uncached.run(s, batch_size=batch)}, max(1, args.repeats // 2))
-        print(f"  batch {batch:2d}: cached {t['cached']:.3f} s, uncached {t['uncached']:.3f} s -> cache speed-up {t['uncached'] / t['cached']:.2f}x")
+        t = side_by_side(
+            {"cached": lambda: cached.run(s, batch_size=batch), "uncached": lambda: uncached.run(s, batch_size=batch)},
+            max(1, args.repeats // 2),
+        )
+        print(
+            f"  batch {batch:2d}: cached {t['cached']:.3f} s, uncached {t['uncached']:.3f} s -> cache speed-up {t['uncached'] / t['cached']:.2f}x"
+        )
 
     print("\n(c) 64 heterogeneous Patchscopes: one at a time / one batch of 64 (target >= 4x)")
     s = specs(64, n_new, heterogeneous=True)
-    t = side_by_side({"batched": lambda: cached.run(s, batch_size=64),
-                      "one_at_a_time": lambda: [cached.run([p], batch_size=1) for p in s]}, max(1, args.repeats // 2))
-    print(f"  one batch {t['batched']:.2f} s, one at a time {t['one_at_a_time']:.2f} s -> batching speed-up "
-          f"{t['one_at_a_time'] / t['batched']:.2f}x")
+    t = side_by_side(
+        {
+            "batched": lambda: cached.run(s, batch_size=64),
+            "one_at_a_time": lambda: [cached.run([p], batch_size=1) for p in s],
+        },
+        max(1, args.repeats // 2),
+    )
+    print(
+        f"  one batch {t['batched']:.2f} s, one at a time {t['one_at_a_time']:.2f} s -> batching speed-up "
+        f"{t['one_at_a_time'] / t['batched']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

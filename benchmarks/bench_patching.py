@@ -31,10 +31,16 @@ from patchscope_core import Engine, load_model
 from patchscope_core.patcher import Patcher
 from patchscope_core.patching import Pair, check_pair, make_cells
 
-PAIR = Pair("When Mary and John went to the store, John gave a drink to",
-            "When Mary and John went to the store, Mary gave a drink to", " Mary", " John")
-GRIDS = {"attn.hook_z by position": ("attn.hook_z", tlp.get_act_patch_attn_head_out_by_pos, ["layer", "pos", "head"]),
-         "hook_resid_pre": ("hook_resid_pre", tlp.get_act_patch_resid_pre, ["layer", "pos"])}
+PAIR = Pair(
+    "When Mary and John went to the store, John gave a drink to",
+    "When Mary and John went to the store, Mary gave a drink to",
+    " Mary",
+    " John",
+)
+GRIDS = {
+    "attn.hook_z by position": ("attn.hook_z", tlp.get_act_patch_attn_head_out_by_pos, ["layer", "pos", "head"]),
+    "hook_resid_pre": ("hook_resid_pre", tlp.get_act_patch_resid_pre, ["layer", "pos"]),
+}
 
 
 def main() -> None:
@@ -57,10 +63,12 @@ def main() -> None:
 
     with torch.no_grad():
         _, clean_cache = bridge.run_with_cache(clean)
-    print(f"SmolLM2-135M on {args.device} ({platform.processor() or platform.machine()}, {args.threads} threads), "
-          f"torch {torch.__version__}; IOI pair of {m} tokens; ours: median of {args.repeats}; "
-          f"TransformerLens: {args.sample} sampled cells per grid")
-    print(f"| grid | cells | ours s | ours cells/s | TL cells/s (sample) | ratio | rows run / unchanged | max diff |")
+    print(
+        f"SmolLM2-135M on {args.device} ({platform.processor() or platform.machine()}, {args.threads} threads), "
+        f"torch {torch.__version__}; IOI pair of {m} tokens; ours: median of {args.repeats}; "
+        f"TransformerLens: {args.sample} sampled cells per grid"
+    )
+    print("| grid | cells | ours s | ours cells/s | TL cells/s (sample) | ratio | rows run / unchanged | max diff |")
     print("|---|---|---|---|---|---|---|---|")
     rng = random.Random(0)
     for title, (site, fn, axes) in GRIDS.items():
@@ -85,8 +93,10 @@ def main() -> None:
             tl = time.perf_counter() - t0
         diff = max(abs(result.cells[i].patched - float(w)) for i, w in zip(pick, want))
         ours_rate, tl_rate = len(cells) / ours, args.sample / tl
-        print(f"| {title} | {len(cells)} | {ours:.2f} | {ours_rate:.0f} | {tl_rate:.1f} | {ours_rate / tl_rate:.1f}x | "
-              f"{rows} / {unchanged} | {diff:.1e} |")
+        print(
+            f"| {title} | {len(cells)} | {ours:.2f} | {ours_rate:.0f} | {tl_rate:.1f} | {ours_rate / tl_rate:.1f}x | "
+            f"{rows} / {unchanged} | {diff:.1e} |"
+        )
 
 
 if __name__ == "__main__":

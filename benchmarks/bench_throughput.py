@@ -38,15 +38,19 @@ from common import side_by_side
 from patchscope_core import Decoding, Patchscope, PatchscopeEngine, Source, Target, load_model, tokenize
 from patchscope_core.readings import input_device
 
-ENTITY = ("Syria: Country in the Middle East, Leonardo DiCaprio: American actor, Samsung: South Korean "
-          "multinational major appliance and consumer electronics corporation, x")
+ENTITY = (
+    "Syria: Country in the Middle East, Leonardo DiCaprio: American actor, Samsung: South Korean "
+    "multinational major appliance and consumer electronics corporation, x"
+)
 SOURCES = ["Leonardo DiCaprio", "Samsung", "Paris", "Python", "The Eiffel Tower", "Amazon", "Water", "Tokyo"]
 N_NEW, BATCH = 16, 16
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def cells(layers: range) -> list[Patchscope]:
-    return [Patchscope(Source(s, l, -1), Target(ENTITY, l, (-1,)), max_new_tokens=N_NEW) for s in SOURCES for l in layers]
+    return [
+        Patchscope(Source(s, l, -1), Target(ENTITY, l, (-1,)), max_new_tokens=N_NEW) for s in SOURCES for l in layers
+    ]
 
 
 def plain_loop(hf, info, specs, device) -> None:
@@ -56,9 +60,15 @@ def plain_loop(hf, info, specs, device) -> None:
             hf(input_ids=torch.tensor([tokenize(info, s)], device=device), output_hidden_states=True)
         target = tokenize(info, ENTITY)
         for start in range(0, len(specs), BATCH):
-            ids = torch.tensor([target] * len(specs[start:start + BATCH]), device=device)
-            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N_NEW, do_sample=False,
-                        eos_token_id=None, pad_token_id=2)
+            ids = torch.tensor([target] * len(specs[start : start + BATCH]), device=device)
+            hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=N_NEW,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=2,
+            )
 
 
 def paper_method(hf, info, spec, device) -> list[int]:
@@ -79,11 +89,17 @@ def paper_method(hf, info, spec, device) -> list[int]:
         handle = hf.model.layers[spec.target.layer].register_forward_hook(hook)
         try:
             ids = torch.tensor([tokenize(info, ENTITY)], device=device)
-            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N_NEW, do_sample=False,
-                              eos_token_id=None, pad_token_id=2)
+            out = hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=N_NEW,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=2,
+            )
         finally:
             handle.remove()
-    return out[0, ids.shape[1]:].tolist()
+    return out[0, ids.shape[1] :].tolist()
 
 
 def nnsight_sources(lm, info, specs) -> dict:
@@ -107,7 +123,7 @@ def nnsight_batches(lm, info, specs) -> list[list[int]]:
     target = torch.tensor([tokenize(info, ENTITY)])
     out = []
     for start in range(0, len(specs), BATCH):
-        batch = specs[start:start + BATCH]
+        batch = specs[start : start + BATCH]
         with lm.generate(max_new_tokens=N_NEW, do_sample=False, pad_token_id=2, eos_token_id=None) as tracer:
             for spec in batch:
                 with tracer.invoke(target):
@@ -115,24 +131,32 @@ def nnsight_batches(lm, info, specs) -> list[list[int]]:
                         lm.model.layers[spec.target.layer].output[:, -1, :] = sources[spec]
             with tracer.invoke():
                 ids = tracer.result.save()
-        out += ids[:, target.shape[1]:].tolist()
+        out += ids[:, target.shape[1] :].tolist()
     return out
 
 
 def sweep_seconds(n_layers: int, workers: int, tmp: Path) -> float:
     """Wall time of `patchscope sweep` on SOURCES x layers 0..n_layers-1 (local Ray, W&B off)."""
-    cfg = {"name": f"bench-{workers}-{n_layers}", "models": ["smollm2-135m"],
-           "source": {"prompts": SOURCES, "layers": f"0:{n_layers}", "positions": [-1]},
-           "target": {"prompt": ENTITY, "layers": "same", "positions": [-1]},
-           "generation": {"max_new_tokens": N_NEW, "stop_at_eos": False},
-           "execution": {"workers": workers, "batch_size": BATCH},
-           "output": {"dir": str(tmp / f"out-{workers}-{n_layers}"), "wandb": {"mode": "disabled"}}}
+    cfg = {
+        "name": f"bench-{workers}-{n_layers}",
+        "models": ["smollm2-135m"],
+        "source": {"prompts": SOURCES, "layers": f"0:{n_layers}", "positions": [-1]},
+        "target": {"prompt": ENTITY, "layers": "same", "positions": [-1]},
+        "generation": {"max_new_tokens": N_NEW, "stop_at_eos": False},
+        "execution": {"workers": workers, "batch_size": BATCH},
+        "output": {"dir": str(tmp / f"out-{workers}-{n_layers}"), "wandb": {"mode": "disabled"}},
+    }
     path = tmp / f"sweep-{workers}-{n_layers}.json"
     path.write_text(json.dumps(cfg))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     t0 = time.perf_counter()
-    subprocess.run([str(ROOT / ".venv/bin/patchscope"), "sweep", str(path)], check=True, env=env,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [str(ROOT / ".venv/bin/patchscope"), "sweep", str(path)],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     return time.perf_counter() - t0
 
 
@@ -172,9 +196,11 @@ def main() -> None:
     full = PatchscopeEngine(bridge, name="smollm2-135m", decoding=Decoding(stop_at_eos=False))
     full.share_prefixes = False
     n = len(specs)
-    print(f"SmolLM2-135M on {device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
-          f"torch {torch.__version__}; entity-description grid: {n} cells, {N_NEW} new tokens, batches of {BATCH}; "
-          f"median of {args.repeats}")
+    print(
+        f"SmolLM2-135M on {device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
+        f"torch {torch.__version__}; entity-description grid: {n} cells, {N_NEW} new tokens, batches of {BATCH}; "
+        f"median of {args.repeats}"
+    )
 
     ours = [r.generated_token_ids for r in shared.run(specs, batch_size=BATCH)]
     assert ours == [r.generated_token_ids for r in full.run(specs, batch_size=BATCH)], "shared prefixes changed tokens"
@@ -207,8 +233,10 @@ def main() -> None:
     for spec in sample:
         paper_method(hf, info, spec, device)
     paper = (time.perf_counter() - t0) / len(sample)
-    print(f"\n(b) the paper's method, one hooked generate per cell: {1 / paper:.2f} cells/s (timed on {len(sample)} "
-          f"cells, tokens equal ours); ours with shared prefixes is {paper * n / t['ours, shared prefixes']:.1f}x faster")
+    print(
+        f"\n(b) the paper's method, one hooked generate per cell: {1 / paper:.2f} cells/s (timed on {len(sample)} "
+        f"cells, tokens equal ours); ours with shared prefixes is {paper * n / t['ours, shared prefixes']:.1f}x faster"
+    )
 
     if not args.skip_sweep:
         with tempfile.TemporaryDirectory() as tmp:
@@ -216,18 +244,28 @@ def main() -> None:
                 small = sweep_seconds(15, workers, Path(tmp))
                 large = sweep_seconds(30, workers, Path(tmp))
                 rate = 8 * 15 / (large - small)
-                print(f"\n(c) patchscope sweep, {workers} worker(s): {small:.1f} s for 120 cells, {large:.1f} s for 240 "
-                      f"-> {rate:.2f} cells/s marginal; {rate / base:.2f}x the plain loop, "
-                      f"{rate * t['ours, shared prefixes'] / n:.2f}x ours in-process")
+                print(
+                    f"\n(c) patchscope sweep, {workers} worker(s): {small:.1f} s for 120 cells, {large:.1f} s for 240 "
+                    f"-> {rate:.2f} cells/s marginal; {rate / base:.2f}x the plain loop, "
+                    f"{rate * t['ours, shared prefixes'] / n:.2f}x ours in-process"
+                )
 
     if not args.skip_memory:
-        print("\n(d) peak resident memory of one process running the engine, after the model is loaded "
-              "(fresh process per batch size; Linux)")
+        print(
+            "\n(d) peak resident memory of one process running the engine, after the model is loaded "
+            "(fresh process per batch size; Linux)"
+        )
         for b in (1, 8, 32, 64, 128):
-            out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(b), str(Path(__file__).parent)], check=True,
-                                 capture_output=True, text=True).stdout.split()
+            out = subprocess.run(
+                [sys.executable, "-c", MEMORY_PROBE, str(b), str(Path(__file__).parent)],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout.split()
             base_kb, peak_kb = int(out[-2]), int(out[-1])
-            print(f"  batch {b:3d}: {peak_kb / 1024:7.0f} MiB peak ({(peak_kb - base_kb) / 1024:6.0f} MiB above the loaded model)")
+            print(
+                f"  batch {b:3d}: {peak_kb / 1024:7.0f} MiB peak ({(peak_kb - base_kb) / 1024:6.0f} MiB above the loaded model)"
+            )
 
 
 if __name__ == "__main__":

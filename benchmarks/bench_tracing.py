@@ -48,8 +48,10 @@ def main() -> None:
     settings = TraceSettings()
     reference = [f.prompt for f in FACTS]
     tracer.trace(FACTS[0], TraceSettings(samples=1), reference, cells=[("resid_post", 3, 5)])  # warm-up, self-check
-    print(f"SmolLM2-135M on cpu ({platform.processor() or platform.machine()}), {args.threads} threads, "
-          f"torch {torch.__version__}; 3 sites x 30 layers x every position x {settings.samples} samples, batch {args.batch_size}")
+    print(
+        f"SmolLM2-135M on cpu ({platform.processor() or platform.machine()}), {args.threads} threads, "
+        f"torch {torch.__version__}; 3 sites x 30 layers x every position x {settings.samples} samples, batch {args.batch_size}"
+    )
     for fact in FACTS:
         t0 = time.perf_counter()
         fast = tracer.trace(fact, settings, reference)
@@ -73,11 +75,15 @@ def main() -> None:
         tracer.batch_size = keep
         worst_one = max(abs(one.p_restored[k] - fast.p_restored[k]) for k in sample)
         print(f"\n{fact.prompt!r} ({len(fast.token_ids)} tokens, subject at {fast.subject}): {n_rows} rows")
-        print(f"  shortcuts {t_fast:6.1f} s | batched ~{t_plain:6.1f} s ({t_plain / t_fast:.1f}x, scaled from "
-              f"{len(share) * settings.samples} rows) | one forward per row ~{t_one:6.0f} s ({t_one / t_fast:.0f}x, "
-              f"scaled from {len(sample) * settings.samples} rows)")
-        print(f"  largest difference from the shortcuts: batched {worst:.1e}, one per row {worst_one:.1e}; "
-              f"p clean {fast.p_clean:.3f}, corrupted {fast.p_corrupt:.3f}")
+        print(
+            f"  shortcuts {t_fast:6.1f} s | batched ~{t_plain:6.1f} s ({t_plain / t_fast:.1f}x, scaled from "
+            f"{len(share) * settings.samples} rows) | one forward per row ~{t_one:6.0f} s ({t_one / t_fast:.0f}x, "
+            f"scaled from {len(sample) * settings.samples} rows)"
+        )
+        print(
+            f"  largest difference from the shortcuts: batched {worst:.1e}, one per row {worst_one:.1e}; "
+            f"p clean {fast.p_clean:.3f}, corrupted {fast.p_corrupt:.3f}"
+        )
 
 
 if __name__ == "__main__":

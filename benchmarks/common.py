@@ -51,6 +51,8 @@ def smollm2_and_plain_hf(doc: str, add_args=None):
     bridge = load_model("smollm2-135m", device=args.device)
     device = input_device(bridge)
     plain = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32).to(device).eval()
-    print(f"SmolLM2-135M on {device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
-          f"torch {torch.__version__}, {args.new_tokens} new tokens, median of {args.repeats}")
+    print(
+        f"SmolLM2-135M on {device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
+        f"torch {torch.__version__}, {args.new_tokens} new tokens, median of {args.repeats}"
+    )
     return args, bridge, plain, device

@@ -37,7 +37,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--out", default="/tmp/ioi-probe")
-    ap.add_argument("--roles", choices=("also", "only"), default="also", help="means by IOI role; only: from --out's records")
+    ap.add_argument(
+        "--roles", choices=("also", "only"), default="also", help="means by IOI role; only: from --out's records"
+    )
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -71,7 +73,10 @@ def by_role(df: pd.DataFrame, table: pd.DataFrame) -> None:
         print(f"\n{site}: mean recovered by layer and role (every 2nd layer)\n", m.iloc[::2].round(2).to_string())
     z = df[df.site == "attn.hook_z"].groupby(["role", "layer", "head"]).recovered.agg(["mean", "std", "count"])
     top = z.reindex(z["mean"].abs().sort_values(ascending=False).index).head(16)
-    print("\nattn.hook_z by role: top 16 (role, layer, head) by |mean recovered| (std over pairs)\n", top.round(3).to_string())
+    print(
+        "\nattn.hook_z by role: top 16 (role, layer, head) by |mean recovered| (std over pairs)\n",
+        top.round(3).to_string(),
+    )
 
 
 def run(table: pd.DataFrame, out: Path) -> None:
@@ -84,14 +89,22 @@ def run(table: pd.DataFrame, out: Path) -> None:
         pair = Pair(p.clean, p.corrupted, p.answer, p.wrong_answer)
         checked = check_pair(pair, info, ("logit_diff",), f"pairs[{row}]")
         n = len(checked.clean_ids)
-        cells = make_cells(info, n, SITES, "all", "each", "all") + make_cells(info, n, ["attn.hook_z"], "all", "all", "all")
+        cells = make_cells(info, n, SITES, "all", "each", "all") + make_cells(
+            info, n, ["attn.hook_z"], "all", "all", "all"
+        )
         result = patcher.patch(pair, cells, ("denoising",), ("logit_diff",))
         for c in result.cells:
             rec = c.to_record()
-            rec.update(row=int(row), token=None if c.cell.position is None else tok.decode([checked.clean_ids[c.cell.position]]))
+            rec.update(
+                row=int(row),
+                token=None if c.cell.position is None else tok.decode([checked.clean_ids[c.cell.position]]),
+            )
             records.append(rec)
-        print(f"pair {row}: clean {result.clean_values['logit_diff']:.2f}, corrupted "
-              f"{result.corrupted_values['logit_diff']:.2f}, {len(cells)} cells, {time.perf_counter() - t0:.0f} s", flush=True)
+        print(
+            f"pair {row}: clean {result.clean_values['logit_diff']:.2f}, corrupted "
+            f"{result.corrupted_values['logit_diff']:.2f}, {len(cells)} cells, {time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
     df = pd.DataFrame(records)
     df.to_parquet(out / "records.parquet")
     summary = summarize(df)
@@ -99,18 +112,28 @@ def run(table: pd.DataFrame, out: Path) -> None:
     for site in SITES:
         draw_layer_position(df, site).savefig(out / f"{site}_layer_position.png", dpi=120)
     draw_layer_head(df, "attn.hook_z").savefig(out / "attn.hook_z_layer_head_all.png", dpi=120)
-    draw_layer_head(df, "attn.hook_z", position=int(df.position.max())).savefig(out / "attn.hook_z_layer_head_last.png", dpi=120)
+    draw_layer_head(df, "attn.hook_z", position=int(df.position.max())).savefig(
+        out / "attn.hook_z_layer_head_last.png", dpi=120
+    )
     pd.set_option("display.width", 200)
     cols = ["site", "layer", "position", "head", "mean", "ci_low", "ci_high"]
     for site in SITES[:3]:
         s = summary[(summary.site == site) & summary.position.notna()]
-        print(f"\n{site}: top 8 cells by mean recovered\n", s.sort_values("mean", ascending=False)[cols].head(8).to_string())
+        print(
+            f"\n{site}: top 8 cells by mean recovered\n",
+            s.sort_values("mean", ascending=False)[cols].head(8).to_string(),
+        )
     last = int(df.position.max())
     print("\nattn.hook_z, every position at once: top 12 heads by |mean|\n", top_heads(summary, 12)[cols].to_string())
-    print(f"\nattn.hook_z at the last position {last}: top 12 heads\n", top_heads(summary, 12, position=last)[cols].to_string())
+    print(
+        f"\nattn.hook_z at the last position {last}: top 12 heads\n",
+        top_heads(summary, 12, position=last)[cols].to_string(),
+    )
     z = summary[(summary.site == "attn.hook_z") & summary.position.notna()]
-    print("\nattn.hook_z by position: top 12 (layer, position, head)\n",
-          z.reindex(z["mean"].abs().sort_values(ascending=False).index)[cols].head(12).to_string())
+    print(
+        "\nattn.hook_z by position: top 12 (layer, position, head)\n",
+        z.reindex(z["mean"].abs().sort_values(ascending=False).index)[cols].head(12).to_string(),
+    )
     print(f"\nwall {time.perf_counter() - t0:.0f} s for {len(table)} pairs, {len(df)} cells")
 
 

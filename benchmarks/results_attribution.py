@@ -40,12 +40,16 @@ def grid(engine, ps, site, positions, nodes):
     rows = summarise(atp, verified, positions=positions, top_k=20, ks=(10, 20))
     print(f"\n### {site}, positions {positions}: {len(ps)} pairs, {nodes} nodes per pair, all patched exactly")
     print(f"wall time: AtP {t_atp:.2f} s, AtP* {t_star:.2f} s, exact {t_exact:.1f} s")
-    print("| method | Pearson | Spearman | sign agreement | recall@10 | recall@20 | false negatives @20 (mean per pair) |")
+    print(
+        "| method | Pearson | Spearman | sign agreement | recall@10 | recall@20 | false negatives @20 (mean per pair) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         fn20 = 20 * (1 - r["recall@20"])
-        print(f"| {r['method']} | {r['pearson']:.3f} | {r['spearman']:.3f} | {r['sign_agreement']:.3f} | "
-              f"{r['recall@10']:.3f} | {r['recall@20']:.3f} | {fn20:.1f} |")
+        print(
+            f"| {r['method']} | {r['pearson']:.3f} | {r['spearman']:.3f} | {r['sign_agreement']:.3f} | "
+            f"{r['recall@10']:.3f} | {r['recall@20']:.3f} | {fn20:.1f} |"
+        )
 
 
 def main() -> None:
@@ -58,10 +62,10 @@ def main() -> None:
     engine = Engine(load_model("smollm2-135m", device="cpu"), name="smollm2-135m")
     ps = pairs()
     info = engine.info
-    grid(engine, ps[:args.pairs], "attn.hook_z", "all", info.n_layers * info.n_heads)
+    grid(engine, ps[: args.pairs], "attn.hook_z", "all", info.n_layers * info.n_heads)
     m = max(len(engine.info.tokenizer(p.clean)["input_ids"]) for p in ps) + 1
-    grid(engine, ps[:args.mlp_pairs], "hook_mlp_out", "each", info.n_layers * m)
-    grid(engine, ps[:args.each_pairs], "attn.hook_z", "each", info.n_layers * info.n_heads * m)
+    grid(engine, ps[: args.mlp_pairs], "hook_mlp_out", "each", info.n_layers * m)
+    grid(engine, ps[: args.each_pairs], "attn.hook_z", "each", info.n_layers * info.n_heads * m)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,9 @@ def roles(df: pd.DataFrame) -> pd.DataFrame:
     s2 = rp.loc[rp.groupby("row")["recovered"].idxmax(), ["row", "position"]].set_index("row")["position"]
     end = df.groupby("row")["position"].max()
     out = df.copy()
-    out["role"] = np.where(out["position"] == out["row"].map(end), "END",
-                           np.where(out["position"] == out["row"].map(s2), "S2", "other"))
+    out["role"] = np.where(
+        out["position"] == out["row"].map(end), "END", np.where(out["position"] == out["row"].map(s2), "S2", "other")
+    )
     return out
 
 

@@ -29,8 +29,9 @@ from __future__ import annotations
 import copy
 import sys
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -43,8 +44,10 @@ from .sites import Site, resolve_site
 
 METHODS = ("atp", "atp_star")
 QK_SITES = ("attn.hook_q", "attn.hook_k")
-SITE_NOTES = {"hook_resid_pre": "AtP is poor on the residual stream (a large, non-local change: Kramar et al. 2024); "
-                                "verify these estimates by exact patching"}
+SITE_NOTES = {
+    "hook_resid_pre": "AtP is poor on the residual stream (a large, non-local change: Kramar et al. 2024); "
+    "verify these estimates by exact patching"
+}
 NAME = "patchscope_attribution"  # the attention function's name in transformers' AttentionInterface
 
 
@@ -64,8 +67,14 @@ class PairAttribution:
     notes: dict[str, str] = field(default_factory=dict)
 
 
-def check_attribution(info: ModelInfo, sites: Sequence[str], layers: Any = "all", method: Any = "atp",
-                      metric: str = "logit_diff", field_name: str = "attribution") -> tuple:
+def check_attribution(
+    info: ModelInfo,
+    sites: Sequence[str],
+    layers: Any = "all",
+    method: Any = "atp",
+    metric: str = "logit_diff",
+    field_name: str = "attribution",
+) -> tuple:
     """(site names, layers, methods, metric), refused before any weights load, field first."""
     if isinstance(sites, str):
         sites = [sites]
@@ -75,8 +84,10 @@ def check_attribution(info: ModelInfo, sites: Sequence[str], layers: Any = "all"
     for i, s in enumerate(sites):
         name = site_name(s, f"{field_name}.sites[{i}]")
         if name == "hook_resid_post":
-            raise PatchscopeError(f"{field_name}.sites[{i}]: hook_resid_post is hook_resid_pre of the next layer; "
-                                  "attribute blocks.{layer}.hook_resid_pre")
+            raise PatchscopeError(
+                f"{field_name}.sites[{i}]: hook_resid_post is hook_resid_pre of the next layer; "
+                "attribute blocks.{layer}.hook_resid_pre"
+            )
         resolve_site(Site(f"blocks.0.{name}"), info, f"{field_name}.sites[{i}]", qkv=True)
         names.append(name)
     layers = list(range(info.n_layers)) if layers == "all" else ([layers] if isinstance(layers, int) else list(layers))
@@ -113,7 +124,10 @@ def contract(site: str, delta: torch.Tensor, grad: torch.Tensor, info: ModelInfo
 def _additive(mask, query: torch.Tensor, k_len: int) -> torch.Tensor:
     low = torch.finfo(query.dtype).min
     if mask is None:  # sdpa's causal shortcut: no cache in these runs
-        allowed = torch.arange(k_len, device=query.device)[None, :] <= torch.arange(query.shape[2], device=query.device)[:, None]
+        allowed = (
+            torch.arange(k_len, device=query.device)[None, :]
+            <= torch.arange(query.shape[2], device=query.device)[:, None]
+        )
         return torch.where(allowed, 0.0, low).to(query.dtype)[None, None]
     mask = mask[..., :k_len]
     return torch.where(mask, 0.0, low).to(query.dtype) if mask.dtype == torch.bool else mask.to(query.dtype)
@@ -132,8 +146,17 @@ def attribution_attention(module, query, key, value, attention_mask, **kwargs):
     rep = query.shape[1] // value.shape[1]
     v = value.repeat_interleave(rep, dim=1) if rep > 1 else value
     out = torch.matmul(weights, v).transpose(1, 2).contiguous()
-    store.append({"module": module, "query": query.detach(), "key": key.detach(), "value": value.detach(),
-                  "mask": mask.detach(), "kwargs": kwargs, "pattern": weights})
+    store.append(
+        {
+            "module": module,
+            "query": query.detach(),
+            "key": key.detach(),
+            "value": value.detach(),
+            "mask": mask.detach(),
+            "kwargs": kwargs,
+            "pattern": weights,
+        }
+    )
     return out, weights
 
 
@@ -178,8 +201,9 @@ def pattern_with(rec: dict, query: torch.Tensor, key: torch.Tensor) -> torch.Ten
     n = query.shape[0] // rec["query"].shape[0]
     mask = rec["mask"].repeat(n, 1, 1, 1) if rec["mask"].shape[0] > 1 else rec["mask"]
     with torch.no_grad():
-        return _eager(rec["module"])(rec["module"], query, key, rec["value"].repeat(n, 1, 1, 1), mask,
-                                     **rec["kwargs"])[1].float()
+        return _eager(rec["module"])(rec["module"], query, key, rec["value"].repeat(n, 1, 1, 1), mask, **rec["kwargs"])[
+            1
+        ].float()
 
 
 def qk_deltas(rec: dict, clean: dict, m: int, all_positions: bool = True) -> dict[str, torch.Tensor]:
@@ -192,8 +216,9 @@ def qk_deltas(rec: dict, clean: dict, m: int, all_positions: bool = True) -> dic
     keys = k.repeat(m, 1, 1, 1).reshape(m, *k.shape).clone()
     for j in range(m):
         keys[j, :, :, j] = k_c[:, :, j]
-    out["k"] = (pattern_with(rec, q.repeat(m, 1, 1, 1), keys.reshape(-1, *k.shape[1:])) - A.repeat(m, 1, 1, 1)
-                ).reshape(m, *A.shape)
+    out["k"] = (pattern_with(rec, q.repeat(m, 1, 1, 1), keys.reshape(-1, *k.shape[1:])) - A.repeat(m, 1, 1, 1)).reshape(
+        m, *A.shape
+    )
     if all_positions:
         k_all = k.clone()
         k_all[:, :, :m] = k_c[:, :, :m]
@@ -221,8 +246,15 @@ class Attributor:
     def __init__(self, engine, batch_size: int = 32) -> None:
         self.engine, self.info, self.batch_size = engine, engine.info, batch_size
 
-    def attribute(self, pairs: Sequence[Pair], sites: Sequence[str], layers: Any = "all", method: Any = "atp",
-                  metric: str = "logit_diff", field_name: str = "pairs") -> list[PairAttribution]:
+    def attribute(
+        self,
+        pairs: Sequence[Pair],
+        sites: Sequence[str],
+        layers: Any = "all",
+        method: Any = "atp",
+        metric: str = "logit_diff",
+        field_name: str = "pairs",
+    ) -> list[PairAttribution]:
         """Every pair's estimates (in the order of `pairs`), pairs of one length batched."""
         sites, layers, methods, metric = check_attribution(self.info, sites, layers, method, metric)
         checked = [check_pair(p, self.info, (metric,), f"{field_name}[{i}]") for i, p in enumerate(pairs)]
@@ -233,7 +265,7 @@ class Attributor:
         out: dict[int, PairAttribution] = {}
         for idx in groups.values():
             for s in range(0, len(idx), self.batch_size):
-                chunk = idx[s:s + self.batch_size]
+                chunk = idx[s : s + self.batch_size]
                 for i, r in zip(chunk, self._batch([checked[i] for i in chunk], sites, layers, methods, metric)):
                     out[i] = r
         return [out[i] for i in range(len(pairs))]
@@ -256,13 +288,21 @@ class Attributor:
         handle = None
         if grad:  # the graph starts at the embeddings: no weight gradients, every site reachable
             handle = self.engine.modules.get_input_embeddings().register_forward_hook(
-                lambda mod, args, out: out.detach().requires_grad_(True))
+                lambda mod, args, out: out.detach().requires_grad_(True)
+            )
         try:
-            with torch.set_grad_enabled(grad), _Patterns(self.engine.modules, self.info, pattern_layers) as pats, \
-                    hooked(self.engine.modules, self.engine.model, reads, [0] * len(rows), [len(r) for r in rows]):
-                logits = self.engine.modules(input_ids=t, attention_mask=mask, use_cache=False,
-                                             position_ids=torch.arange(t.shape[1], device=t.device)[None].expand(len(rows), -1),
-                                             logits_to_keep=keep).logits
+            with (
+                torch.set_grad_enabled(grad),
+                _Patterns(self.engine.modules, self.info, pattern_layers) as pats,
+                hooked(self.engine.modules, self.engine.model, reads, [0] * len(rows), [len(r) for r in rows]),
+            ):
+                logits = self.engine.modules(
+                    input_ids=t,
+                    attention_mask=mask,
+                    use_cache=False,
+                    position_ids=torch.arange(t.shape[1], device=t.device)[None].expand(len(rows), -1),
+                    logits_to_keep=keep,
+                ).logits
         finally:
             if handle is not None:
                 handle.remove()
@@ -270,8 +310,12 @@ class Attributor:
         return values, {l: recs[-1] for l, recs in pats.records.items()}, logits
 
     def _metrics(self, logits, checked: list[CheckedPair], metric: str, clean_lp) -> torch.Tensor:
-        return torch.cat([metric_values(logits[r:r + 1], c, (metric,), None if clean_lp is None else clean_lp[r])[metric]
-                          for r, c in enumerate(checked)])
+        return torch.cat(
+            [
+                metric_values(logits[r : r + 1], c, (metric,), None if clean_lp is None else clean_lp[r])[metric]
+                for r, c in enumerate(checked)
+            ]
+        )
 
     def _batch(self, checked: list[CheckedPair], sites, layers, methods, metric) -> list[PairAttribution]:
         info, n_layers = self.info, self.info.n_layers
@@ -283,17 +327,23 @@ class Attributor:
         blocks = [f"blocks.{l}.hook_{w}" for l in range(n_layers) for w in ("resid_pre", "resid_post")] if star else []
         hooks = list(dict.fromkeys(site_hooks + blocks))
         qk_layers = sorted({l for l in layers if star and any(s in QK_SITES for s in sites)})
-        clean_vals, clean_recs, clean_logits = self._forward([list(c.clean_ids) + list(t) for c, t in zip(checked, tails)],
-                                                             site_hooks, keep, qk_layers, grad=False)
+        clean_vals, clean_recs, clean_logits = self._forward(
+            [list(c.clean_ids) + list(t) for c, t in zip(checked, tails)], site_hooks, keep, qk_layers, grad=False
+        )
         clean_lp = torch.log_softmax(clean_logits[:, 0].float(), -1)
         clean_m = self._metrics(clean_logits.detach().float(), checked, metric, clean_lp)
-        vals, recs, logits = self._forward([list(c.corrupted_ids) + list(t) for c, t in zip(checked, tails)],
-                                           hooks, keep, qk_layers, grad=True)
+        vals, recs, logits = self._forward(
+            [list(c.corrupted_ids) + list(t) for c, t in zip(checked, tails)], hooks, keep, qk_layers, grad=True
+        )
         corr_m = self._metrics(logits.float(), checked, metric, clean_lp)
         inputs = hooks + [f"pattern.{l}" for l in qk_layers]
         tensors = {**vals, **{f"pattern.{l}": recs[l]["pattern"] for l in qk_layers}}
-        grads = dict(zip(inputs, torch.autograd.grad(corr_m.sum(), [tensors[k] for k in inputs], retain_graph=star,
-                                                     allow_unused=True)))
+        grads = dict(
+            zip(
+                inputs,
+                torch.autograd.grad(corr_m.sum(), [tensors[k] for k in inputs], retain_graph=star, allow_unused=True),
+            )
+        )
         deltas = {h: clean_vals[h] - vals[h].detach() for h in site_hooks}
 
         def estimate(site, l, g):  # by position [b, m, u], all positions [b, u]
@@ -318,18 +368,30 @@ class Attributor:
         results = {}
         for method in methods:
             for site in sites:
-                per = [fixed(site, l, grads.get) if method == "atp_star" else estimate(site, l, grads.get(f"blocks.{l}.{site}"))
-                       for l in layers]
+                per = [
+                    fixed(site, l, grads.get)
+                    if method == "atp_star"
+                    else estimate(site, l, grads.get(f"blocks.{l}.{site}"))
+                    for l in layers
+                ]
                 results[(method, site)] = (torch.stack([p[0] for p in per], 1), torch.stack([p[1] for p in per], 1))
         scores = {k: (v[0].abs(), v[1].abs()) for k, v in results.items() if k[0] == "atp"}
         if star:
             scores.update(self._graddrop(sites, layers, tensors, grads, fixed, m, len(checked)))
         out = []
         for r, c in enumerate(checked):
-            out.append(PairAttribution(c, metric, tuple(layers), float(clean_m[r]), float(corr_m[r].detach()),
-                                       {k: (v[0][r], v[1][r]) for k, v in results.items()},
-                                       {k: (v[0][r], v[1][r]) for k, v in scores.items()},
-                                       {s: SITE_NOTES[s] for s in sites if s in SITE_NOTES}))
+            out.append(
+                PairAttribution(
+                    c,
+                    metric,
+                    tuple(layers),
+                    float(clean_m[r]),
+                    float(corr_m[r].detach()),
+                    {k: (v[0][r], v[1][r]) for k, v in results.items()},
+                    {k: (v[0][r], v[1][r]) for k, v in scores.items()},
+                    {s: SITE_NOTES[s] for s in sites if s in SITE_NOTES},
+                )
+            )
         return out
 
     def _graddrop(self, sites, layers, tensors, grads, fixed, m, b) -> dict:
@@ -341,12 +403,24 @@ class Attributor:
         L = len(layers)
         total = {s: [torch.zeros(b, L, m, units(s, self.info)), torch.zeros(b, L, units(s, self.info))] for s in sites}
         for drop in range(n_layers):
-            below = [h for h in tensors if _layer(h) < drop and (h.startswith("pattern.") or h.split(".", 2)[2] in sites)]
+            below = [
+                h for h in tensors if _layer(h) < drop and (h.startswith("pattern.") or h.split(".", 2)[2] in sites)
+            ]
             seed = grads[f"blocks.{drop}.hook_resid_post"]
             got = {}
             if below:
-                got = dict(zip(below, torch.autograd.grad(tensors[f"blocks.{drop}.hook_resid_pre"], [tensors[h] for h in below],
-                                                          grad_outputs=seed, retain_graph=True, allow_unused=True)))
+                got = dict(
+                    zip(
+                        below,
+                        torch.autograd.grad(
+                            tensors[f"blocks.{drop}.hook_resid_pre"],
+                            [tensors[h] for h in below],
+                            grad_outputs=seed,
+                            retain_graph=True,
+                            allow_unused=True,
+                        ),
+                    )
+                )
             got[f"blocks.{drop}.hook_resid_pre"] = seed
             self.engine.counts["attribution_graddrop"] += 1
 

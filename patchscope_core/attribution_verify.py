@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import math
 import random as _random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -46,8 +46,13 @@ class Verified:
 
 def _cell(site: str, layer: int, position: int | None, unit: int) -> Cell:
     kind = PATCH_SITES[site]
-    return Cell(site, layer, position, head=unit if kind in ("query", "key/value") else None,
-                neuron=unit if kind == "neuron" else None)
+    return Cell(
+        site,
+        layer,
+        position,
+        head=unit if kind in ("query", "key/value") else None,
+        neuron=unit if kind == "neuron" else None,
+    )
 
 
 def _grid(res: PairAttribution, site: str, method: str, positions: str, kind: str) -> torch.Tensor:
@@ -55,8 +60,15 @@ def _grid(res: PairAttribution, site: str, method: str, positions: str, kind: st
     return (by_pos if positions == "each" else all_pos).flatten()
 
 
-def verify(patcher, pairs, results: Sequence[PairAttribution], top_k: int = 20, random: int = 20,
-           positions: str = "each", seed: int = 0) -> list[Verified]:
+def verify(
+    patcher,
+    pairs,
+    results: Sequence[PairAttribution],
+    top_k: int = 20,
+    random: int = 20,
+    positions: str = "each",
+    seed: int = 0,
+) -> list[Verified]:
     """Exact denoising effects of each pair's top-k and random nodes per site (see the docstring)."""
     for name, v in (("verify.top_k", top_k), ("verify.random", random)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -74,7 +86,9 @@ def verify(patcher, pairs, results: Sequence[PairAttribution], top_k: int = 20, 
             total = math.prod(shape)
             top = set()
             for m in methods:
-                top |= set(torch.argsort(_grid(res, site, m, positions, "score").abs(), descending=True)[:top_k].tolist())
+                top |= set(
+                    torch.argsort(_grid(res, site, m, positions, "score").abs(), descending=True)[:top_k].tolist()
+                )
             rest = [n for n in range(total) if n not in top]
             sampled = set(rng.sample(rest, min(random, len(rest))))
             nodes = sorted(top | sampled)
@@ -119,7 +133,7 @@ def upper_rate(k: int, n: int, confidence: float = 0.95) -> float:
         return 1.0
 
     def cdf(p):  # P(X <= k) under Binomial(n, p)
-        return sum(math.comb(n, j) * p ** j * (1 - p) ** (n - j) for j in range(k + 1))
+        return sum(math.comb(n, j) * p**j * (1 - p) ** (n - j) for j in range(k + 1))
 
     lo, hi = k / n, 1.0
     for _ in range(60):
@@ -145,10 +159,20 @@ def node_table(results: Sequence[PairAttribution], verified: Sequence[Verified],
             if not v.full:
                 for n in v.nodes:
                     label[n] = "random" if n in v.sampled else "top"
-            frames.append(pd.DataFrame({"pair": v.pair, "site": v.site, "method": method, "node": range(len(est)),
-                                        "estimate": est.double().numpy(),
-                                        "score": _grid(res, v.site, method, positions, "score").double().numpy(),
-                                        "exact": exact.numpy(), "verified": label}))
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "pair": v.pair,
+                        "site": v.site,
+                        "method": method,
+                        "node": range(len(est)),
+                        "estimate": est.double().numpy(),
+                        "score": _grid(res, v.site, method, positions, "score").double().numpy(),
+                        "exact": exact.numpy(),
+                        "verified": label,
+                    }
+                )
+            )
     return pd.concat(frames, ignore_index=True)
 
 
@@ -183,17 +207,28 @@ def summary_table(df, top_k: int = 20, ks: Sequence[int] = (), group: Sequence[s
             n_sample += len(sample)
             fn += int(sum(exact[i] >= theta for i in sample))
             unverified += int((~done).sum())
-        row = {**dict(zip(group, key)), "nodes": len(v), "pearson": pearson(est_t, ex_t), "spearman": spearman(est_t, ex_t),
-               "sign_agreement": float((torch.sign(est_t) == torch.sign(ex_t)).double().mean()) if len(v) else math.nan,
-               "false_negatives": fn if n_sample else None, "sampled": n_sample,
-               "false_negative_bound": upper_rate(fn, n_sample) * unverified if n_sample else None}
+        row = {
+            **dict(zip(group, key)),
+            "nodes": len(v),
+            "pearson": pearson(est_t, ex_t),
+            "spearman": spearman(est_t, ex_t),
+            "sign_agreement": float((torch.sign(est_t) == torch.sign(ex_t)).double().mean()) if len(v) else math.nan,
+            "false_negatives": fn if n_sample else None,
+            "sampled": n_sample,
+            "false_negative_bound": upper_rate(fn, n_sample) * unverified if n_sample else None,
+        }
         for k, vals in recall.items():
             row[f"recall@{k}"] = sum(vals) / len(vals) if vals else None
         rows.append(row)
     return rows
 
 
-def summarise(results: Sequence[PairAttribution], verified: Sequence[Verified], positions: str = "each",
-              top_k: int = 20, ks: Sequence[int] = ()) -> list[dict]:
+def summarise(
+    results: Sequence[PairAttribution],
+    verified: Sequence[Verified],
+    positions: str = "each",
+    top_k: int = 20,
+    ks: Sequence[int] = (),
+) -> list[dict]:
     """One row per (site, method): the statistics of the module docstring."""
     return summary_table(node_table(results, verified, positions), top_k, ks)

@@ -23,7 +23,7 @@ and the decoded tokens pass through every layer anyway; a generating row's answe
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -33,7 +33,7 @@ from .readings import input_device
 from .sites import Site, resolve_site
 from .tracing import starting_at
 
-MAX_ELEMENTS = 2 ** 26  # floats kept over all stored sequences (256 MB in float32)
+MAX_ELEMENTS = 2**26  # floats kept over all stored sequences (256 MB in float32)
 
 
 def first_layer(run: ResolvedRun) -> int:
@@ -77,8 +77,13 @@ class CleanStates:
         t = torch.tensor([list(ids)], device=input_device(engine.model))
         mask = torch.ones_like(t)
         with hooked(engine.modules, engine.model, hooks, [0], [len(ids)]):
-            out = engine.modules(input_ids=t, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                                 use_cache=False, logits_to_keep=1)
+            out = engine.modules(
+                input_ids=t,
+                attention_mask=mask,
+                position_ids=position_ids_from_mask(mask),
+                use_cache=False,
+                logits_to_keep=1,
+            )
         engine.counts["clean_states"] += 1
         state = torch.stack([inputs[l] for l in range(n)])
         self._states[ids] = state
@@ -98,18 +103,26 @@ class CleanStates:
             out[b, pad:] = s
         return out
 
-    def forward(self, rows: Sequence[tuple[int, ...]], prompt_lengths: Sequence[int], hooks, keep: int,
-                layer: int) -> tuple[torch.Tensor, list[int]]:
+    def forward(
+        self, rows: Sequence[tuple[int, ...]], prompt_lengths: Sequence[int], hooks, keep: int, layer: int
+    ) -> tuple[torch.Tensor, list[int]]:
         """Logits of the last `keep` columns of the left-padded rows, blocks `layer`.. only, with
         `hooks`, and each row's padding (as `Engine._forward`)."""
         engine = self.engine
         ids, mask, pads = left_pad(rows, engine.model.tokenizer.pad_token_id, input_device(engine.model))
         hidden = self.hidden(rows, pads, layer)
         # hooks first: they find their modules by path, which the shortened block list would shift
-        with hooked(engine.modules, engine.model, hooks, pads, list(prompt_lengths)), \
-                starting_at(engine.modules, engine.info, layer, hidden):
-            logits = engine.modules(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                                    use_cache=False, logits_to_keep=keep).logits
+        with (
+            hooked(engine.modules, engine.model, hooks, pads, list(prompt_lengths)),
+            starting_at(engine.modules, engine.info, layer, hidden),
+        ):
+            logits = engine.modules(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=position_ids_from_mask(mask),
+                use_cache=False,
+                logits_to_keep=keep,
+            ).logits
         return logits.float(), pads
 
     def score_logits(self, batch: Sequence[ResolvedRun], hooks, keep: int) -> torch.Tensor | None:
@@ -118,8 +131,9 @@ class CleanStates:
         start = min(first_layer(r) for r in batch)
         if not start or not self.usable(batch[0].prompt_ids + batch[0].answer_ids):
             return None
-        return self.forward([r.prompt_ids + r.answer_ids for r in batch], [len(r.prompt_ids) for r in batch],
-                            hooks, keep, start)[0]
+        return self.forward(
+            [r.prompt_ids + r.answer_ids for r in batch], [len(r.prompt_ids) for r in batch], hooks, keep, start
+        )[0]
 
     def usable(self, ids: tuple[int, ...]) -> bool:
         """Once per engine: does starting mid-stack from the stored input reproduce the clean

@@ -13,7 +13,7 @@ to the selected positions and features of real tokens in a few tensor operations
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -27,7 +27,9 @@ class _Round:
     def __init__(self, entries: list[tuple[int, ResolvedIntervention, Action]], width: int) -> None:
         self.rows = torch.tensor([r for r, _, _ in entries])
         self.scale = torch.tensor([a.scale for _, _, a in entries], dtype=torch.float32)
-        self.shift = torch.stack([a.shift.float() if a.shift is not None else torch.zeros(width) for _, _, a in entries])
+        self.shift = torch.stack(
+            [a.shift.float() if a.shift is not None else torch.zeros(width) for _, _, a in entries]
+        )
         self.features = torch.stack([iv.site.feature_mask() for _, iv, _ in entries])
         self.on_prompt = torch.tensor([iv.positions.prompt for _, iv, _ in entries])
         self.on_generated = torch.tensor([iv.positions.generated for _, iv, _ in entries])
@@ -53,10 +55,17 @@ class _Round:
         key = (device, dtype)
         if key not in self._placed:
             move = lambda t: t.to(device)  # noqa: E731
-            self._placed[key] = (move(self.rows), self.scale.to(device, dtype), self.shift.to(device, dtype),
-                                 move(self.features), move(self.on_prompt), move(self.on_generated), move(self.explicit),
-                                 [(move(k), t.to(device, dtype)) for k, t in self.tables],
-                                 [(seed, move(k), s.to(device, dtype)) for seed, k, s in self.noises])
+            self._placed[key] = (
+                move(self.rows),
+                self.scale.to(device, dtype),
+                self.shift.to(device, dtype),
+                move(self.features),
+                move(self.on_prompt),
+                move(self.on_generated),
+                move(self.explicit),
+                [(move(k), t.to(device, dtype)) for k, t in self.tables],
+                [(seed, move(k), s.to(device, dtype)) for seed, k, s in self.noises],
+            )
         return self._placed[key]
 
     def __call__(self, flat: torch.Tensor, ctx: HookContext) -> torch.Tensor | None:

@@ -23,26 +23,44 @@ import math
 import time
 import warnings
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from .errors import PatchscopeError
-from .hooks import HookFn, attached_hooks, cached_length, hooked, left_pad, position_ids_from_mask
 from .clean_start import CleanStates, first_layer
 from .dispatch import dispatch
+from .errors import PatchscopeError
+from .hooks import HookFn, attached_hooks, cached_length, hooked, left_pad, position_ids_from_mask
+from .interventions import (
+    Action,
+    Add,
+    Intervention,
+    InterventionRun,
+    Positions,
+    Replace,
+    ResolvedIntervention,
+    ResolvedRun,
+    resolve_run,
+)
 from .knockout import group_by_layer, knockout_hooks
-from .interventions import (Action, Add, Intervention, InterventionRun, Positions, Replace, ResolvedIntervention,
-                            ResolvedRun, resolve_run)
 from .models import ModelInfo, info_of
 from .readings import SiteReader, input_device
 from .sites import ResolvedSite, Site, plain_modules, resid_post, resolve_site
 from .spec import Patchscope, ResolvedPatchscope, resolve_all, tokenize
 from .values import check_seed
 
-__all__ = ["Decoding", "Engine", "InterventionResult", "PatchscopeEngine", "PatchscopeResult", "info_of",
-           "resid_post", "run_patchscopes"]
+__all__ = [
+    "Decoding",
+    "Engine",
+    "InterventionResult",
+    "PatchscopeEngine",
+    "PatchscopeResult",
+    "info_of",
+    "resid_post",
+    "run_patchscopes",
+]
 
 
 @dataclass(frozen=True)
@@ -60,7 +78,9 @@ class Decoding:
     def __post_init__(self) -> None:
         if self.do_sample and self.seed is None:
             raise PatchscopeError("decoding.seed: sampling needs an explicit seed so results can be reproduced")
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
+        if not (
+            isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0
+        ):
             raise PatchscopeError(f"decoding.temperature: must be a finite number > 0, got {self.temperature}")
         if self.seed is not None:
             check_seed(self.seed, "decoding.seed")
@@ -102,8 +122,14 @@ class InterventionResult:
         record["prompt"] = self.run.prompt
         record["answer"] = self.run.answer
         record["interventions"] = [
-            {"site": iv.site.hook, "head": list(iv.site.head), "neuron": list(iv.site.neuron),
-             "kind": iv.kind.name, "positions": str(iv.positions)} for iv in self.run.interventions
+            {
+                "site": iv.site.hook,
+                "head": list(iv.site.head),
+                "neuron": list(iv.site.neuron),
+                "kind": iv.kind.name,
+                "positions": str(iv.positions),
+            }
+            for iv in self.run.interventions
         ]
         record.update({f"time_{k}": v for k, v in self.timings.items()})
         return record
@@ -136,10 +162,14 @@ def warn_attached_hooks(bridge, field_name: str) -> None:
     names = attached_hooks(bridge)
     if names:
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        warnings.warn(f"{field_name}: the bridge has hooks attached ({shown}); hooks added to the bridge "
-                      "(bridge.add_hook, bridge.hooks(...)) do not act inside the engine's runs: give them to "
-                      "Engine.generate_with_hooks or Engine.run_with_hooks instead (bridge.reset_hooks() removes "
-                      "them)", UserWarning, stacklevel=3)
+        warnings.warn(
+            f"{field_name}: the bridge has hooks attached ({shown}); hooks added to the bridge "
+            "(bridge.add_hook, bridge.hooks(...)) do not act inside the engine's runs: give them to "
+            "Engine.generate_with_hooks or Engine.run_with_hooks instead (bridge.reset_hooks() removes "
+            "them)",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 class Engine:
@@ -173,10 +203,18 @@ class Engine:
             where = f"{p.device.type if p.device.index is None else p.device}, {str(p.dtype).removeprefix('torch.')}"
         except (StopIteration, AttributeError, TypeError):
             where = "no parameters"
-        how = (f"sampling (temperature {d.temperature:g}" + (f", top_p {d.top_p:g}" if d.top_p is not None else "")
-               + f", seed {d.seed})") if d.do_sample else "greedy"
-        return (f"{i.name}: {i.n_layers} layers, d_model {i.d_model}, on {where}; {how}, top_k {self.top_k}"
-                + ("" if d.stop_at_eos else ", no stop at EOS"))
+        how = (
+            (
+                f"sampling (temperature {d.temperature:g}"
+                + (f", top_p {d.top_p:g}" if d.top_p is not None else "")
+                + f", seed {d.seed})"
+            )
+            if d.do_sample
+            else "greedy"
+        )
+        return f"{i.name}: {i.n_layers} layers, d_model {i.d_model}, on {where}; {how}, top_k {self.top_k}" + (
+            "" if d.stop_at_eos else ", no stop at EOS"
+        )
 
     # ------------------------------------------------------------------ interventions
 
@@ -187,12 +225,15 @@ class Engine:
     def resolve_runs(self, runs: Sequence[InterventionRun]) -> list[ResolvedRun]:
         return [resolve_run(r, self.info, f"runs[{i}]") for i, r in enumerate(runs)]
 
-    def run(self, runs: Sequence[InterventionRun], batch_size: int = 32, clean: bool = True) -> list[InterventionResult]:
+    def run(
+        self, runs: Sequence[InterventionRun], batch_size: int = 32, clean: bool = True
+    ) -> list[InterventionResult]:
         """One result per run, in input order (`run_interventions`)."""
         return self.run_interventions(runs, batch_size, clean)
 
-    def run_interventions(self, runs: Sequence[InterventionRun], batch_size: int = 32,
-                          clean: bool = True) -> list[InterventionResult]:
+    def run_interventions(
+        self, runs: Sequence[InterventionRun], batch_size: int = 32, clean: bool = True
+    ) -> list[InterventionResult]:
         """One result per run, in input order. Validates everything before any forward pass; with
         `clean`, each distinct prompt also runs without interventions, once per engine."""
         if batch_size < 1:
@@ -204,7 +245,9 @@ class Engine:
         outputs = self.execute(resolved, actions, batch_size)
         clean_out = self._clean
         if clean:
-            keys = [k for k in dict.fromkeys(_clean_key(r) for r in resolved if r.interventions) if k not in self._clean]
+            keys = [
+                k for k in dict.fromkeys(_clean_key(r) for r in resolved if r.interventions) if k not in self._clean
+            ]
             plain = [ResolvedRun(None, p, a, (), n) for p, a, n in keys]
             self.counts["clean"] += len(plain)
             if len(self._clean) + len(keys) > 4096:
@@ -217,10 +260,14 @@ class Engine:
         for r, out in zip(resolved, outputs):
             c = clean_out.get(_clean_key(r), out if not r.interventions else None) if clean else None
             res = InterventionResult(
-                run=r.run, prompt_token_ids=list(r.prompt_ids),
-                generated_token_ids=out.generated, generated_text=tok.decode(out.generated, skip_special_tokens=True),
-                top_token_ids=out.top_ids, top_logprobs=out.top_logprobs,
-                answer_token_ids=list(r.answer_ids), answer_logprobs=out.answer_logprobs,
+                run=r.run,
+                prompt_token_ids=list(r.prompt_ids),
+                generated_token_ids=out.generated,
+                generated_text=tok.decode(out.generated, skip_special_tokens=True),
+                top_token_ids=out.top_ids,
+                top_logprobs=out.top_logprobs,
+                answer_token_ids=list(r.answer_ids),
+                answer_logprobs=out.answer_logprobs,
                 answer_logprob=sum(out.answer_logprobs) if r.answer_ids else None,
                 p_answer=_p_first(out) if r.answer_ids else None,
                 timings={"prepare_s": prepare_s, **out.timings},
@@ -261,24 +308,35 @@ class Engine:
         (iv,) = adds
         kind = iv.intervention.kind
         v = replace(kind, alpha=1.0).prepare(iv.site, self.reader).shift.float()
-        h = self.reader.values(iv.site, resolved.prompt_ids)[1 if self.info.prepend_bos else 0:].float()
+        h = self.reader.values(iv.site, resolved.prompt_ids)[1 if self.info.prepend_bos else 0 :].float()
         site_norm = float(h.norm(dim=-1).mean())
         vector_norm = float(v.norm())
-        return {"vector_norm": vector_norm, "site_norm": site_norm,
-                "relative_strength": abs(float(kind.alpha)) * vector_norm / site_norm if site_norm else float("nan")}
+        return {
+            "vector_norm": vector_norm,
+            "site_norm": site_norm,
+            "relative_strength": abs(float(kind.alpha)) * vector_norm / site_norm if site_norm else float("nan"),
+        }
 
     # ------------------------------------------------------------------ your own hooks
 
     def _hooks(self, hooks: Sequence[tuple[str | Site, HookFn]]) -> list[tuple[ResolvedSite, HookFn]]:
-        return [(resolve_site(s if isinstance(s, Site) else Site(s), self.info, f"hooks[{i}]"), fn)
-                for i, (s, fn) in enumerate(hooks)]
+        return [
+            (resolve_site(s if isinstance(s, Site) else Site(s), self.info, f"hooks[{i}]"), fn)
+            for i, (s, fn) in enumerate(hooks)
+        ]
 
     def _ids(self, prompts: Sequence[str | Sequence[int]]) -> list[tuple[int, ...]]:
-        return [tokenize(self.info, p, f"prompts[{i}]") if isinstance(p, str) else tuple(p) for i, p in enumerate(prompts)]
+        return [
+            tokenize(self.info, p, f"prompts[{i}]") if isinstance(p, str) else tuple(p) for i, p in enumerate(prompts)
+        ]
 
     @torch.no_grad()
-    def generate_with_hooks(self, prompts: Sequence[str | Sequence[int]], hooks: Sequence[tuple[str | Site, HookFn]],
-                            max_new_tokens: int = 20) -> list[list[int]]:
+    def generate_with_hooks(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        hooks: Sequence[tuple[str | Site, HookFn]],
+        max_new_tokens: int = 20,
+    ) -> list[list[int]]:
         """Generate from a left-padded batch with your own hooks: (TransformerLens hook name or
         Site, fn(activation, ctx)); `ctx` (hooks.HookContext) tells each column's absolute
         position per row, which columns are real tokens, and the step (0 = prefill)."""
@@ -287,33 +345,40 @@ class Engine:
         return [o.generated for o in self._generate(batch, self._hooks(hooks), share_prefix=False)]
 
     @torch.no_grad()
-    def run_with_hooks(self, prompts: Sequence[str | Sequence[int]], hooks: Sequence[tuple[str | Site, HookFn]]) -> list[torch.Tensor]:
+    def run_with_hooks(
+        self, prompts: Sequence[str | Sequence[int]], hooks: Sequence[tuple[str | Site, HookFn]]
+    ) -> list[torch.Tensor]:
         """One forward pass with your own hooks; each row's logits [tokens, vocab] (no padding)."""
         rows = self._ids(prompts)
         ids, mask, pads = left_pad(rows, self.model.tokenizer.pad_token_id, input_device(self.model))
         with hooked(self.modules, self.model, self._hooks(hooks), pads, [len(r) for r in rows]):
-            logits = self.modules(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                                  use_cache=False).logits
-        return [logits[b, pads[b]:].float() for b in range(len(rows))]
+            logits = self.modules(
+                input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False
+            ).logits
+        return [logits[b, pads[b] :].float() for b in range(len(rows))]
 
     # ------------------------------------------------------------------ batches
 
-    def execute(self, resolved: Sequence[ResolvedRun], actions: Sequence[Sequence[Action]], batch_size: int) -> list[_Output]:
+    def execute(
+        self, resolved: Sequence[ResolvedRun], actions: Sequence[Sequence[Action]], batch_size: int
+    ) -> list[_Output]:
         """Outputs of resolved runs, batched by prompt length (at most batch_size rows, and at most
         `batch_tokens` tokens when set); results in input order. A batch that runs out of memory
         is halved and the halves run instead. Rows that only score go in batches of nearby first
         layers (`start_spread`), each starting at its lowest row's layer (clean_start.py)."""
         starts = [first_layer(r) if self.start_at_first_layer and not r.max_new_tokens else 0 for r in resolved]
-        order = sorted(range(len(resolved)), key=lambda i: (len(resolved[i].prompt_ids) + len(resolved[i].answer_ids),
-                                                            starts[i]))
+        order = sorted(
+            range(len(resolved)), key=lambda i: (len(resolved[i].prompt_ids) + len(resolved[i].answer_ids), starts[i])
+        )
         outputs: list[_Output | None] = [None] * len(resolved)
         for idx in self._cut(order, resolved, batch_size, starts):
             for i, out in zip(idx, self._halving([resolved[i] for i in idx], [actions[i] for i in idx])):
                 outputs[i] = out
         return outputs  # type: ignore[return-value]
 
-    def _cut(self, order: list[int], resolved: Sequence[ResolvedRun], batch_size: int,
-             starts: Sequence[int]) -> list[list[int]]:
+    def _cut(
+        self, order: list[int], resolved: Sequence[ResolvedRun], batch_size: int, starts: Sequence[int]
+    ) -> list[list[int]]:
         """Batches of rows in `order`: batch_size rows at most, rows x their longest sequence
         (prompt + answer or generated tokens) within batch_tokens, first layers `starts` spread by
         at most start_spread."""
@@ -345,15 +410,18 @@ class Engine:
         half = len(batch) // 2
         return self._halving(batch[:half], actions[:half]) + self._halving(batch[half:], actions[half:])
 
-    def _dispatch_hooks(self, batch: Sequence[ResolvedRun], actions: Sequence[Sequence[Action]]) -> list[tuple[ResolvedSite, HookFn]]:
+    def _dispatch_hooks(
+        self, batch: Sequence[ResolvedRun], actions: Sequence[Sequence[Action]]
+    ) -> list[tuple[ResolvedSite, HookFn]]:
         by_site: dict[str, list[tuple[int, ResolvedIntervention, Action]]] = defaultdict(list)
         for b, (r, acts) in enumerate(zip(batch, actions)):
             for iv, act in zip(r.interventions, acts):
                 if iv.edges is None:  # a knockout writes no value: its edges go to the attention (knockout.py)
                     by_site[iv.site.site.hook].append((b, iv, act))
         knockouts = group_by_layer([[iv.edges for iv in r.interventions if iv.edges is not None] for r in batch])
-        return [(entries[0][1].site, dispatch(entries)) for entries in by_site.values()] + \
-            knockout_hooks(knockouts, self.info)
+        return [(entries[0][1].site, dispatch(entries)) for entries in by_site.values()] + knockout_hooks(
+            knockouts, self.info
+        )
 
     @torch.no_grad()
     def _batch(self, batch: Sequence[ResolvedRun], actions: Sequence[Sequence[Action]]) -> list[_Output]:
@@ -374,8 +442,12 @@ class Engine:
         the whole batch (or None): rows of one target prompt patched late compute their common
         prefix once (a Patchscope grid's rows mostly share the target prompt)."""
         first = batch[0].prompt_ids
-        if not self.share_prefixes or not self.decoding.use_cache or len(batch) < 2 \
-                or any(r.prompt_ids != first for r in batch):
+        if (
+            not self.share_prefixes
+            or not self.decoding.use_cache
+            or len(batch) < 2
+            or any(r.prompt_ids != first for r in batch)
+        ):
             return None
         k = len(first) - 1  # the last prompt token stays in the prefill: it gives the first token's logits
         for r in batch:
@@ -401,11 +473,18 @@ class Engine:
         max_new = max(r.max_new_tokens for r in batch)
         sampling = dict(temperature=dec.temperature, top_k=dec.top_k, top_p=dec.top_p) if dec.do_sample else {}
         eos = tok.eos_token_id if dec.stop_at_eos else None
-        config = GenerationConfig(max_new_tokens=max_new, do_sample=dec.do_sample, use_cache=dec.use_cache,
-                                  pad_token_id=tok.pad_token_id, eos_token_id=eos, **sampling)
+        config = GenerationConfig(
+            max_new_tokens=max_new,
+            do_sample=dec.do_sample,
+            use_cache=dec.use_cache,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=eos,
+            **sampling,
+        )
         first: dict[str, torch.Tensor] = {}
         modules = self.modules
         with hooked(modules, self.model, hooks, pads, [len(r.prompt_ids) for r in batch]) as tracker:
+
             def keep_first(module, args, out) -> None:  # the first token's logits, from the prefill
                 if tracker.step == 0:
                     first["logits"] = out.logits[:, -1].float()
@@ -417,8 +496,12 @@ class Engine:
             try:
                 if dec.seed is not None:
                     torch.manual_seed(dec.seed)
-                sequences = modules.generate(ids, attention_mask=mask, generation_config=config,
-                                             **({"past_key_values": prefix} if prefix is not None else {}))
+                sequences = modules.generate(
+                    ids,
+                    attention_mask=mask,
+                    generation_config=config,
+                    **({"past_key_values": prefix} if prefix is not None else {}),
+                )
             finally:
                 handle.remove()
                 modules.generation_config = generation_config
@@ -426,7 +509,7 @@ class Engine:
         top = logprobs.topk(min(self.top_k, logprobs.shape[-1]), dim=-1)
         outputs = []
         for b, r in enumerate(batch):
-            gen = sequences[b, m:m + r.max_new_tokens].tolist()
+            gen = sequences[b, m : m + r.max_new_tokens].tolist()
             if dec.stop_at_eos and tok.eos_token_id in gen:
                 gen = gen[: gen.index(tok.eos_token_id) + 1]
             outputs.append(_Output(gen, top.indices[b].tolist(), top.values[b].tolist()))
@@ -438,8 +521,13 @@ class Engine:
         rows = [r.prompt_ids + r.answer_ids for r in batch]
         ids, mask, pads = left_pad(rows, self.model.tokenizer.pad_token_id, input_device(self.model))
         with hooked(self.modules, self.model, hooks, pads, [len(r.prompt_ids) for r in batch]):
-            logits = self.modules(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                                  use_cache=False, logits_to_keep=keep or 0).logits
+            logits = self.modules(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=position_ids_from_mask(mask),
+                use_cache=False,
+                logits_to_keep=keep or 0,
+            ).logits
         return logits.float(), pads
 
     def _score(self, batch: Sequence[ResolvedRun], hooks, outputs: list[_Output], top_k: bool) -> None:
@@ -453,8 +541,10 @@ class Engine:
         for b, (r, out) in enumerate(zip(batch, outputs)):
             k = len(r.answer_ids)
             if k:
-                predicted = logprobs[b, keep - k - 1: keep - 1]  # the positions that predict each answer token
-                out.answer_logprobs = predicted.gather(1, torch.tensor(r.answer_ids, device=logprobs.device)[:, None])[:, 0].tolist()
+                predicted = logprobs[b, keep - k - 1 : keep - 1]  # the positions that predict each answer token
+                out.answer_logprobs = predicted.gather(1, torch.tensor(r.answer_ids, device=logprobs.device)[:, None])[
+                    :, 0
+                ].tolist()
             if top_k:
                 top = logprobs[b, keep - k - 1].topk(min(self.top_k, logprobs.shape[-1]))
                 out.top_ids, out.top_logprobs = top.indices.tolist(), top.values.tolist()
@@ -471,7 +561,7 @@ class Engine:
             batch = [resolved[i] for i in idx]
             logits, pads = self._forward(batch, self._dispatch_hooks(batch, [actions[i] for i in idx]))
             for b, i in enumerate(idx):
-                out[i] = logits[b, pads[b]:]
+                out[i] = logits[b, pads[b] :]
         return out  # type: ignore[return-value]
 
 
@@ -531,7 +621,13 @@ class PatchscopeResult:
             "mapping": getattr(self.patchscope.mapping, "name", repr(self.patchscope.mapping)),
             "max_new_tokens": self.patchscope.max_new_tokens,
         }
-        record.update({k: v for k, v in asdict(self).items() if k not in ("patchscope", "source_position", "target_positions", "timings")})
+        record.update(
+            {
+                k: v
+                for k, v in asdict(self).items()
+                if k not in ("patchscope", "source_position", "target_positions", "timings")
+            }
+        )
         record.update({f"time_{k}": v for k, v in self.timings.items()})
         return record
 
@@ -543,8 +639,16 @@ class PatchscopeEngine(Engine):
     Patchscopes whose `source.model` / `target.model` is None are recorded with these names.
     """
 
-    def __init__(self, model, source_model=None, *, name: str | None = None, source_name: str | None = None,
-                 decoding: Decoding = Decoding(), top_k: int = 10) -> None:
+    def __init__(
+        self,
+        model,
+        source_model=None,
+        *,
+        name: str | None = None,
+        source_name: str | None = None,
+        decoding: Decoding = Decoding(),
+        top_k: int = 10,
+    ) -> None:
         super().__init__(model, name=name, decoding=decoding, top_k=top_k)
         self.target_model = model
         self.source_model = source_model if source_model is not None else model
@@ -579,39 +683,62 @@ class PatchscopeEngine(Engine):
             res.timings["extract_s"] = extract_s
         return results
 
-    def generate(self, resolved: Sequence[ResolvedPatchscope], vectors: Sequence[torch.Tensor],
-                 batch_size: int = 32) -> list[PatchscopeResult]:
+    def generate(
+        self, resolved: Sequence[ResolvedPatchscope], vectors: Sequence[torch.Tensor], batch_size: int = 32
+    ) -> list[PatchscopeResult]:
         """Patched generation given each Patchscope's source vector h: `Replace(f(h))` at
         `blocks.{l*}.hook_resid_post` and the target positions, as an intervention run."""
         runs, actions = [], []
         for r, h in zip(resolved, vectors):
             site = resolve_site(Site(resid_post(r.spec.target.layer)), self.target_info, "target.layer")
             write = Intervention(site.site, Replace(vector=r.spec.mapping(h)), Positions(indices=r.target_positions))
-            runs.append(ResolvedRun(r, r.target_token_ids, (), (ResolvedIntervention(write, site, write.positions),),
-                                    r.spec.max_new_tokens))
+            runs.append(
+                ResolvedRun(
+                    r,
+                    r.target_token_ids,
+                    (),
+                    (ResolvedIntervention(write, site, write.positions),),
+                    r.spec.max_new_tokens,
+                )
+            )
             actions.append([write.kind.prepare(site, self.reader)])
         results = []
         for r, out in zip(resolved, self.execute(runs, actions, batch_size)):
-            results.append(PatchscopeResult(
-                patchscope=self._named(r.spec), source_token_ids=list(r.source_token_ids),
-                target_token_ids=list(r.target_token_ids), source_position=r.source_position,
-                target_positions=list(r.target_positions), generated_token_ids=out.generated,
-                generated_text=self.model.tokenizer.decode(out.generated, skip_special_tokens=True),
-                top_token_ids=out.top_ids, top_logprobs=out.top_logprobs,
-                timings={k: v for k, v in out.timings.items() if k != "batch_score_s"},
-            ))
+            results.append(
+                PatchscopeResult(
+                    patchscope=self._named(r.spec),
+                    source_token_ids=list(r.source_token_ids),
+                    target_token_ids=list(r.target_token_ids),
+                    source_position=r.source_position,
+                    target_positions=list(r.target_positions),
+                    generated_token_ids=out.generated,
+                    generated_text=self.model.tokenizer.decode(out.generated, skip_special_tokens=True),
+                    top_token_ids=out.top_ids,
+                    top_logprobs=out.top_logprobs,
+                    timings={k: v for k, v in out.timings.items() if k != "batch_score_s"},
+                )
+            )
         return results
 
-    def extract_sources(self, resolved: Sequence[ResolvedPatchscope], batch_size: int = 32) -> dict[tuple, torch.Tensor]:
+    def extract_sources(
+        self, resolved: Sequence[ResolvedPatchscope], batch_size: int = 32
+    ) -> dict[tuple, torch.Tensor]:
         """h for every distinct (source prompt, layer, position): batched forward passes of the
         source model over the distinct source prompts, reading only the layers asked for."""
-        sites = {r.spec.source.layer: resolve_site(Site(resid_post(r.spec.source.layer)), self.source_info, "source.layer")
-                 for r in resolved}
+        sites = {
+            r.spec.source.layer: resolve_site(Site(resid_post(r.spec.source.layer)), self.source_info, "source.layer")
+            for r in resolved
+        }
         self.source_reader.batch_size = batch_size
-        values = self.source_reader.read(list(sites.values()), [r.source_token_ids for r in resolved],
-                                         purpose="sources", keep=False)
-        return {(r.source_token_ids, r.spec.source.layer, r.source_position):
-                values[(resid_post(r.spec.source.layer), r.source_token_ids)][r.source_position] for r in resolved}
+        values = self.source_reader.read(
+            list(sites.values()), [r.source_token_ids for r in resolved], purpose="sources", keep=False
+        )
+        return {
+            (r.source_token_ids, r.spec.source.layer, r.source_position): values[
+                (resid_post(r.spec.source.layer), r.source_token_ids)
+            ][r.source_position]
+            for r in resolved
+        }
 
     def _named(self, spec: Patchscope) -> Patchscope:
         """The spec with its model names filled in from the engine."""
@@ -622,6 +749,8 @@ class PatchscopeEngine(Engine):
         return spec
 
 
-def run_patchscopes(model, patchscopes: Sequence[Patchscope], batch_size: int = 32, **engine_kwargs) -> list[PatchscopeResult]:
+def run_patchscopes(
+    model, patchscopes: Sequence[Patchscope], batch_size: int = 32, **engine_kwargs
+) -> list[PatchscopeResult]:
     """Shortcut: PatchscopeEngine(model, **engine_kwargs).run(patchscopes, batch_size)."""
     return PatchscopeEngine(model, **engine_kwargs).run(patchscopes, batch_size)

@@ -17,9 +17,9 @@ the cache, and sees each position exactly once with it (docs/interventions.md).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -135,6 +135,7 @@ def _attach(module: nn.Module, side: str, site: ResolvedSite, fn: HookFn, tracke
         return (new / scale if scale != 1.0 else new).reshape(x.shape)
 
     if side == "output":
+
         def hook(mod, args, out):
             several = isinstance(out, (tuple, list))  # (hidden, ...): OpenAI GPT's attention returns a list
             new = call(out[0] if several else out)
@@ -155,8 +156,13 @@ def _attach(module: nn.Module, side: str, site: ResolvedSite, fn: HookFn, tracke
 
 
 @contextmanager
-def hooked(modules: nn.Module, bridge, hooks: Sequence[tuple[ResolvedSite, HookFn]],
-           pads: Sequence[int], prompt_lengths: Sequence[int]) -> Iterator[_Tracker]:
+def hooked(
+    modules: nn.Module,
+    bridge,
+    hooks: Sequence[tuple[ResolvedSite, HookFn]],
+    pads: Sequence[int],
+    prompt_lengths: Sequence[int],
+) -> Iterator[_Tracker]:
     """Run `modules` with `hooks` on a left-padded batch (pads, prompt_lengths per row). A hook on
     an attention site (blocks.{l}.attn) is a knockout's edge function, installed by knockout.py."""
     tracker = _Tracker(torch.tensor(list(pads)), torch.tensor(list(prompt_lengths)))
@@ -181,8 +187,8 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.
     pads = []
     for b, row in enumerate(rows):
         pads.append(m - len(row))
-        ids[b, m - len(row):] = torch.tensor(list(row), dtype=torch.long)
-        mask[b, m - len(row):] = 1
+        ids[b, m - len(row) :] = torch.tensor(list(row), dtype=torch.long)
+        mask[b, m - len(row) :] = 1
     return ids.to(device), mask.to(device), pads
 
 

@@ -21,8 +21,9 @@ A Patchscope is `Replace(vector=f(h))` at `blocks.{l*}.hook_resid_post` and the 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, Sequence
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -46,17 +47,23 @@ class Positions:
     generated: bool = False
 
     @classmethod
-    def parse(cls, value: Any, field_name: str = "positions") -> "Positions":
+    def parse(cls, value: Any, field_name: str = "positions") -> Positions:
         if isinstance(value, Positions):
             return value
         if value in ("all", "prompt", "generated"):
             return cls(prompt=value in ("all", "prompt"), generated=value in ("all", "generated"))
         values = [value] if isinstance(value, int) else value
-        if isinstance(values, (list, tuple)) and values and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        if (
+            isinstance(values, (list, tuple))
+            and values
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+        ):
             return cls(indices=tuple(values))
-        raise PatchscopeError(f"{field_name}: expected prompt positions (integers), 'prompt', 'generated' or 'all', got {value!r}")
+        raise PatchscopeError(
+            f"{field_name}: expected prompt positions (integers), 'prompt', 'generated' or 'all', got {value!r}"
+        )
 
-    def resolve(self, n_prompt: int, field_name: str = "positions") -> "Positions":
+    def resolve(self, n_prompt: int, field_name: str = "positions") -> Positions:
         """Absolute prompt positions for a prompt of n_prompt tokens (`prompt` lists them all, so
         a kind's check sees every prompt position it will write)."""
         if not (self.indices or self.prompt or self.generated):
@@ -129,7 +136,9 @@ def load_vector(path, field_name: str = "vector") -> torch.Tensor:
 
             tensors = load_file(str(path))
             if len(tensors) != 1 and "vector" not in tensors:
-                raise PatchscopeError(f"{field_name}: {path} holds {sorted(tensors)}; expected one tensor or one named 'vector'")
+                raise PatchscopeError(
+                    f"{field_name}: {path} holds {sorted(tensors)}; expected one tensor or one named 'vector'"
+                )
             value = tensors.get("vector", next(iter(tensors.values())))
         else:
             value = quiet_torch_load(path)
@@ -219,7 +228,9 @@ class Noise(Kind):
         if not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale) or self.scale < 0:
             raise PatchscopeError(f"{field_name}.scale: the noise scale must be a number >= 0, got {self.scale!r}")
         check_seed(self.seed, f"{field_name}.seed")
-        if self.std is not None and not (isinstance(self.std, (int, float)) and math.isfinite(self.std) and self.std >= 0):
+        if self.std is not None and not (
+            isinstance(self.std, (int, float)) and math.isfinite(self.std) and self.std >= 0
+        ):
             raise PatchscopeError(f"{field_name}.std: must be a number >= 0, got {self.std!r}")
         if self.std is None:
             _prompts(self.reference, info, f"{field_name}.reference")
@@ -239,9 +250,13 @@ class Resample(Kind):
     def check(self, site, info, positions, field_name):
         n = len(tokenize(info, self.source, f"{field_name}.source"))
         if positions.generated:
-            raise PatchscopeError(f"{field_name}: resample takes prompt positions only (the source prompt has no generated tokens)")
+            raise PatchscopeError(
+                f"{field_name}: resample takes prompt positions only (the source prompt has no generated tokens)"
+            )
         if positions.indices and max(positions.indices) >= n:
-            raise PatchscopeError(f"{field_name}.source: position {max(positions.indices)} is past the source prompt's {n} tokens")
+            raise PatchscopeError(
+                f"{field_name}.source: position {max(positions.indices)} is past the source prompt's {n} tokens"
+            )
 
     def prepare(self, site, reader):
         return Action(scale=0.0, table=reader.values(site, self.source))
@@ -342,15 +357,20 @@ class Knockout(Kind):
         for key, values, words in (("from", self.from_, QUERY_WORDS), ("to", self.to, KEY_WORDS)):
             for v in values:
                 if not (v in words or (isinstance(v, int) and not isinstance(v, bool))):
-                    raise PatchscopeError(f"{field_name}.{key}: expected prompt positions (integers) or "
-                                          f"{', '.join(words)}; got {v!r}")
+                    raise PatchscopeError(
+                        f"{field_name}.{key}: expected prompt positions (integers) or {', '.join(words)}; got {v!r}"
+                    )
         for h in self.heads:
             if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < info.n_heads:
-                raise PatchscopeError(f"{field_name}.heads: {h!r} is out of range 0 .. {info.n_heads - 1} for {info.name}")
+                raise PatchscopeError(
+                    f"{field_name}.heads: {h!r} is out of range 0 .. {info.n_heads - 1} for {info.name}"
+                )
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             raise PatchscopeError(f"{field_name}.window: expected an integer >= 1, got {self.window!r}")
         if any(v in ("subject", "non_subject") for v in self.to) and self.subject is None:
-            raise PatchscopeError(f"{field_name}.subject: to: subject / non_subject needs the subject (a substring of the prompt)")
+            raise PatchscopeError(
+                f"{field_name}.subject: to: subject / non_subject needs the subject (a substring of the prompt)"
+            )
 
     def prepare(self, site, reader):
         return Action()  # nothing is written: the edges are blocked inside the attention (knockout.py)
@@ -424,8 +444,9 @@ def resolve_run(run: InterventionRun, info: ModelInfo, field_name: str = "run") 
         if not answer:
             raise PatchscopeError(f"{field_name}.answer: {run.answer!r} has no tokens")
     if info.n_ctx and len(prompt) > info.n_ctx:
-        raise PatchscopeError(f"{field_name}.prompt: {len(prompt)} tokens exceed {info.name}'s context of "
-                              f"{info.n_ctx} tokens")
+        raise PatchscopeError(
+            f"{field_name}.prompt: {len(prompt)} tokens exceed {info.name}'s context of {info.n_ctx} tokens"
+        )
     if len(prompt) + max(n, len(answer)) > info.n_ctx:
         raise PatchscopeError(
             f"{field_name}.max_new_tokens: {len(prompt)} prompt tokens + {max(n, len(answer))} more exceed "
@@ -438,12 +459,19 @@ def resolve_run(run: InterventionRun, info: ModelInfo, field_name: str = "run") 
             raise PatchscopeError(f"{where}.kind: expected one of {', '.join(KINDS)}, got {iv.kind!r}")
         site = resolve_site(iv.site, info, f"{where}.site")
         if (site.side == "attention") != iv.kind.edits_attention:
-            raise PatchscopeError(f"{where}.site: {iv.kind.name} acts on " + (
-                "blocks.{l}.attn (attention edges)" if iv.kind.edits_attention else f"a value, not on {iv.site.hook}; "
-                "only knockout acts on blocks.{l}.attn"))
+            raise PatchscopeError(
+                f"{where}.site: {iv.kind.name} acts on "
+                + (
+                    "blocks.{l}.attn (attention edges)"
+                    if iv.kind.edits_attention
+                    else f"a value, not on {iv.site.hook}; only knockout acts on blocks.{{l}}.attn"
+                )
+            )
         if iv.kind.edits_attention:
             if iv.positions != Positions(prompt=True, generated=True):
-                raise PatchscopeError(f"{where}.positions: a knockout's queries are its `from` field; leave positions unset")
+                raise PatchscopeError(
+                    f"{where}.positions: a knockout's queries are its `from` field; leave positions unset"
+                )
             iv.kind.check(site, info, iv.positions, f"{where}.{iv.kind.name}")
             from .knockout import check_attention, resolve_edges  # the knockout's machinery builds on this module
 
@@ -479,7 +507,9 @@ def make_kind(name: str, values: dict[str, Any], field_name: str = "kind") -> Ki
     takes = set(kind_fields(name))
     extra = sorted(set(values) - takes)
     if extra:
-        raise PatchscopeError(f"{field_name}: {name} takes {', '.join(sorted(takes)) or 'no fields'}, not {', '.join(extra)}")
+        raise PatchscopeError(
+            f"{field_name}: {name} takes {', '.join(sorted(takes)) or 'no fields'}, not {', '.join(extra)}"
+        )
     typed = {}
     for key, value in values.items():
         if key == "vector" and value is not None and not isinstance(value, torch.Tensor):
@@ -508,23 +538,59 @@ def kind_values(kind: Kind) -> dict[str, Any]:
 
 def run_to_dict(run: InterventionRun) -> dict[str, Any]:
     """Plain data of a run (what travels to a sweep's workers)."""
-    return {"prompt": run.prompt, "answer": run.answer, "max_new_tokens": run.max_new_tokens,
-            "interventions": [{"site": iv.site.hook, "head": list(iv.site.head), "neuron": list(iv.site.neuron),
-                               "kind": iv.kind.name, "values": kind_values(iv.kind),
-                               "positions": {"indices": list(iv.positions.indices), "prompt": iv.positions.prompt,
-                                             "generated": iv.positions.generated}}
-                              for iv in run.interventions]}
+    return {
+        "prompt": run.prompt,
+        "answer": run.answer,
+        "max_new_tokens": run.max_new_tokens,
+        "interventions": [
+            {
+                "site": iv.site.hook,
+                "head": list(iv.site.head),
+                "neuron": list(iv.site.neuron),
+                "kind": iv.kind.name,
+                "values": kind_values(iv.kind),
+                "positions": {
+                    "indices": list(iv.positions.indices),
+                    "prompt": iv.positions.prompt,
+                    "generated": iv.positions.generated,
+                },
+            }
+            for iv in run.interventions
+        ],
+    }
 
 
 def run_from_dict(data: dict[str, Any]) -> InterventionRun:
-    ivs = [Intervention(Site(d["site"], head=tuple(d["head"]), neuron=tuple(d["neuron"])),
-                        make_kind(d["kind"], d["values"]),
-                        Positions(tuple(d["positions"]["indices"]), d["positions"]["prompt"], d["positions"]["generated"]))
-           for d in data["interventions"]]
+    ivs = [
+        Intervention(
+            Site(d["site"], head=tuple(d["head"]), neuron=tuple(d["neuron"])),
+            make_kind(d["kind"], d["values"]),
+            Positions(tuple(d["positions"]["indices"]), d["positions"]["prompt"], d["positions"]["generated"]),
+        )
+        for d in data["interventions"]
+    ]
     return InterventionRun(data["prompt"], tuple(ivs), data["answer"], data["max_new_tokens"])
 
 
 __all__ = [
-    "ACTIVATION_KINDS", "Action", "Add", "Intervention", "InterventionRun", "KINDS", "Kind", "Knockout", "Mean", "Noise", "Positions", "Replace",
-    "Resample", "ResolvedIntervention", "ResolvedRun", "Scale", "Zero", "noise_at", "resolve_run", "site_vector",
+    "ACTIVATION_KINDS",
+    "Action",
+    "Add",
+    "Intervention",
+    "InterventionRun",
+    "KINDS",
+    "Kind",
+    "Knockout",
+    "Mean",
+    "Noise",
+    "Positions",
+    "Replace",
+    "Resample",
+    "ResolvedIntervention",
+    "ResolvedRun",
+    "Scale",
+    "Zero",
+    "noise_at",
+    "resolve_run",
+    "site_vector",
 ]

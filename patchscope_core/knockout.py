@@ -30,8 +30,9 @@ import sys
 import types
 import warnings
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,8 +67,11 @@ def resolve_edges(kind: Knockout, info: ModelInfo, prompt: str, n_prompt: int, l
     leaves a query no key at all. Empty `from` or `to`: no edge."""
     from .tracing import subject_span, window_layers  # the subject as causal tracing finds it; ROME's window
 
-    queries = {resolve_position(-1 if q == "last" else q, n_prompt, f"{field_name}.from")
-               for q in kind.from_ if q != "generated"}
+    queries = {
+        resolve_position(-1 if q == "last" else q, n_prompt, f"{field_name}.from")
+        for q in kind.from_
+        if q != "generated"
+    }
     span = (0, 0)
     if any(v in ("subject", "non_subject") for v in kind.to):
         span = subject_span(info, prompt, kind.subject, f"{field_name}.subject")
@@ -88,8 +92,13 @@ def resolve_edges(kind: Knockout, info: ModelInfo, prompt: str, n_prompt: int, l
             raise PatchscopeError(f"{field_name}.to: blocks every key of query position {q}; a query must keep one")
     blocks = bool(kind.to) and bool(keys or previous)
     layers = tuple(window_layers("attn_out", layer, kind.window, info.n_layers))
-    return Edges(Positions(tuple(sorted(queries)) if blocks else (), generated=blocks and "generated" in kind.from_),
-                 tuple(sorted(keys)), previous, tuple(kind.heads), layers)
+    return Edges(
+        Positions(tuple(sorted(queries)) if blocks else (), generated=blocks and "generated" in kind.from_),
+        tuple(sorted(keys)),
+        previous,
+        tuple(kind.heads),
+        layers,
+    )
 
 
 # ---------------------------------------------------------------- which edges: a batch at one layer
@@ -115,8 +124,9 @@ class _LayerEdges:
 
     def _on(self, device) -> tuple:
         if device not in self._placed:
-            self._placed[device] = tuple(t.to(device) for t in (self.rows, self.heads, self.queries, self.keys,
-                                                                self.generated, self.previous))
+            self._placed[device] = tuple(
+                t.to(device) for t in (self.rows, self.heads, self.queries, self.keys, self.generated, self.previous)
+            )
         return self._placed[device]
 
     def __call__(self, ctx, key_pos: torch.Tensor) -> torch.Tensor | None:
@@ -139,10 +149,14 @@ class _LayerEdges:
         return out > 0
 
 
-def knockout_hooks(by_layer: dict[int, list[tuple[int, Edges]]], info: ModelInfo) -> list[tuple[ResolvedSite, Callable]]:
+def knockout_hooks(
+    by_layer: dict[int, list[tuple[int, Edges]]], info: ModelInfo
+) -> list[tuple[ResolvedSite, Callable]]:
     """One edge function per layer for a batch's (row, Edges) entries, on site blocks.{l}.attn."""
-    return [(resolve_site(Site(f"blocks.{layer}.attn"), info), _LayerEdges(entries, info.n_heads))
-            for layer, entries in sorted(by_layer.items())]
+    return [
+        (resolve_site(Site(f"blocks.{layer}.attn"), info), _LayerEdges(entries, info.n_heads))
+        for layer, entries in sorted(by_layer.items())
+    ]
 
 
 def group_by_layer(rows: Sequence[Sequence[Edges | None]]) -> dict[int, list[tuple[int, Edges]]]:
@@ -175,8 +189,10 @@ def refusal(cls: type) -> str | None:
     """Why a knockout cannot act on attention modules of class `cls`, or None: its forward must
     look up the attention function transformers' AttentionInterface names (ALL_ATTENTION_FUNCTIONS)."""
     if "ALL_ATTENTION_FUNCTIONS" not in _code_names(cls.forward):
-        return (f"{cls.__name__} computes its attention scores itself instead of calling the function transformers' "
-                "AttentionInterface names (config._attn_implementation), so a knockout cannot reach them")
+        return (
+            f"{cls.__name__} computes its attention scores itself instead of calling the function transformers' "
+            "AttentionInterface names (config._attn_implementation), so a knockout cannot reach them"
+        )
     return None
 
 
@@ -221,8 +237,10 @@ def check_attention(info: ModelInfo, layers: Sequence[int], field_name: str) -> 
             continue
         reason = refusal(type(module))
         if reason:
-            raise PatchscopeError(f"{field_name}: knockout is not supported on {_architecture(info.hf_config)} "
-                                  f"(blocks.{layer}.attn is {path}): {reason}")
+            raise PatchscopeError(
+                f"{field_name}: knockout is not supported on {_architecture(info.hf_config)} "
+                f"(blocks.{layer}.attn is {path}): {reason}"
+            )
 
 
 # ---------------------------------------------------------------- where: the attention function
@@ -261,8 +279,10 @@ def knockout_attention(module: nn.Module, query, key, value, attention_mask, **k
     n, k_len = query.shape[2], key.shape[2]
     tracker = edit.tracker
     if k_len < tracker.start + n:
-        raise PatchscopeError(f"knockout: the attention sees {k_len} keys but the sequence has {tracker.start + n} "
-                              "positions (a sliding-window cache drops keys; knockout needs them all)")
+        raise PatchscopeError(
+            f"knockout: the attention sees {k_len} keys but the sequence has {tracker.start + n} "
+            "positions (a sliding-window cache drops keys; knockout needs them all)"
+        )
     ctx = tracker.context(n, query.device)
     key_pos = torch.arange(k_len, device=query.device)[None, :] - tracker.pads.to(query.device)[:, None]
     blocked = edit.edges(ctx, key_pos)
@@ -292,7 +312,9 @@ def _own_implementation(module: nn.Module) -> Callable:
         if getattr(module, "reorder_and_upcast_attn", False):
             raise PatchscopeError("knockout: GPT-2's reorder_and_upcast_attn path bypasses the attention function")
         scope = vars(sys.modules[type(module).__module__])  # the eager function its forward falls back to
-        eager = sorted(n for n in _code_names(type(module).forward) if n.endswith("eager_attention_forward") and n in scope)
+        eager = sorted(
+            n for n in _code_names(type(module).forward) if n.endswith("eager_attention_forward") and n in scope
+        )
         if not eager:
             raise PatchscopeError(f"knockout: {type(module).__name__} names no eager attention function to wrap")
         return scope[eager[0]]
@@ -325,11 +347,15 @@ def attach(modules: nn.Module, site: ResolvedSite, edges: Callable, tracker) -> 
 
     def after(mod, args, kwargs, out):  # a branch of forward that bypassed the function: no silent no-op
         if not edit.called:
-            raise PatchscopeError(f"knockout: {site.site.hook} ({type(module).__name__}) ran without calling the "
-                                  "attention function, so the knockout would change nothing; refused")
+            raise PatchscopeError(
+                f"knockout: {site.site.hook} ({type(module).__name__}) ran without calling the "
+                "attention function, so the knockout would change nothing; refused"
+            )
 
-    handles = [module.register_forward_pre_hook(before, with_kwargs=True),
-               module.register_forward_hook(after, with_kwargs=True)]
+    handles = [
+        module.register_forward_pre_hook(before, with_kwargs=True),
+        module.register_forward_hook(after, with_kwargs=True),
+    ]
 
     def undo() -> None:
         module.__dict__["config"] = shared

@@ -53,9 +53,13 @@ class Affine:
 
     def __post_init__(self) -> None:
         if self.W.ndim != 2:
-            raise PatchscopeError(f"mapping.W: expected a 2-D [d_target, d_source] matrix, got shape {tuple(self.W.shape)}")
+            raise PatchscopeError(
+                f"mapping.W: expected a 2-D [d_target, d_source] matrix, got shape {tuple(self.W.shape)}"
+            )
         if self.b is not None and tuple(self.b.shape) != (self.W.shape[0],):
-            raise PatchscopeError(f"mapping.b: expected shape ({self.W.shape[0]},) to match W, got {tuple(self.b.shape)}")
+            raise PatchscopeError(
+                f"mapping.b: expected shape ({self.W.shape[0]},) to match W, got {tuple(self.b.shape)}"
+            )
 
     @property
     def d_in(self) -> int:
@@ -66,7 +70,7 @@ class Affine:
         return int(self.W.shape[0])
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Affine":
+    def from_file(cls, path: str | Path) -> Affine:
         """Read W (and optionally b) from a .safetensors file or a torch.save'd dict {"W": ..., "b": ...}.
         A .pt file is read with weights_only (no code is ever unpickled); anything else that is
         not such a dict of floating-point tensors is a PatchscopeError naming the field."""
@@ -86,14 +90,19 @@ class Affine:
                 "or a torch.save'd dict {'W': tensor, 'b': tensor}"
             ) from None
         if not isinstance(tensors, dict):
-            raise PatchscopeError(f"mapping.path: {path} holds a {type(tensors).__name__}, not a dict with 'W' (and 'b')")
+            raise PatchscopeError(
+                f"mapping.path: {path} holds a {type(tensors).__name__}, not a dict with 'W' (and 'b')"
+            )
         if "W" not in tensors:
-            raise PatchscopeError(f"mapping.path: {str(path)!r} holds no tensor named 'W' (found {sorted(map(str, tensors))})")
+            raise PatchscopeError(
+                f"mapping.path: {str(path)!r} holds no tensor named 'W' (found {sorted(map(str, tensors))})"
+            )
         for key in ("W", "b"):
             value = tensors.get(key)
             if value is not None and not (isinstance(value, torch.Tensor) and value.is_floating_point()):
-                raise PatchscopeError(f"mapping.{key}: {path} holds a {type(value).__name__} as {key!r}, "
-                                      "not a floating-point tensor")
+                raise PatchscopeError(
+                    f"mapping.{key}: {path} holds a {type(value).__name__} as {key!r}, not a floating-point tensor"
+                )
             if value is not None:
                 check_finite(value, f"mapping.{key}", str(path))
         return cls(W=tensors["W"], b=tensors.get("b"), name=f"affine:{path.name}")

@@ -74,7 +74,9 @@ class ModelInfo:
     d_mlp: int = 0
     n_ctx: int = 0  # the longest sequence (prompt + generated tokens) the model takes
     components: Any = None  # the bridge adapter's component mapping: where each hook name lives
-    hf_config: Any = field(default=None, compare=False, repr=False)  # Hugging Face's config (knockout.py reads its classes)
+    hf_config: Any = field(
+        default=None, compare=False, repr=False
+    )  # Hugging Face's config (knockout.py reads its classes)
 
     @property
     def d_attn(self) -> int:
@@ -84,11 +86,14 @@ class ModelInfo:
     def __repr__(self) -> str:
         """One line: the shapes, and the tokenizer by its class (not the tokenizer's own repr, its
         whole vocabulary's configuration, nor the component mapping)."""
-        heads = f"{self.n_heads} heads" + (f" ({self.n_kv_heads} kv)" if self.n_kv_heads and self.n_kv_heads != self.n_heads
-                                           else "")
-        return (f"ModelInfo({self.name!r}: {self.n_layers} layers, d_model {self.d_model}, {heads} x d_head "
-                f"{self.d_head}, d_mlp {self.d_mlp}, n_ctx {self.n_ctx}, {type(self.tokenizer).__name__}"
-                f"{', BOS prepended' if self.prepend_bos else ''})")
+        heads = f"{self.n_heads} heads" + (
+            f" ({self.n_kv_heads} kv)" if self.n_kv_heads and self.n_kv_heads != self.n_heads else ""
+        )
+        return (
+            f"ModelInfo({self.name!r}: {self.n_layers} layers, d_model {self.d_model}, {heads} x d_head "
+            f"{self.d_head}, d_mlp {self.d_mlp}, n_ctx {self.n_ctx}, {type(self.tokenizer).__name__}"
+            f"{', BOS prepended' if self.prepend_bos else ''})"
+        )
 
 
 def mlp_width(cfg: Any, hf_config: Any = None) -> int:
@@ -125,8 +130,13 @@ def info_of(bridge, name: str | None = None) -> ModelInfo:
     its MLP width at build time; multi-head latent attention's value heads are v_head_dim wide)."""
     import dataclasses
 
-    info = describe(name or getattr(bridge.cfg, "model_name", "model"), bridge.cfg, bridge.adapter.component_mapping,
-                    bridge.tokenizer, getattr(bridge.original_model, "config", None))
+    info = describe(
+        name or getattr(bridge.cfg, "model_name", "model"),
+        bridge.cfg,
+        bridge.adapter.component_mapping,
+        bridge.tokenizer,
+        getattr(bridge.original_model, "config", None),
+    )
     changes = {}
     d_mlp = _input_width(bridge, info.components, "blocks.0.mlp.hook_post")
     if d_mlp and d_mlp != info.d_mlp:
@@ -237,9 +247,7 @@ def smollm2_dir() -> Path:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tied = bool(getattr(model.config, "tie_word_embeddings", False))
         # save_pretrained refuses a GGUF-loaded model: write the state dict and the config by hand.
-        state = {
-            k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")
-        }
+        state = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
         tmp = Path(tempfile.mkdtemp(prefix="smollm2-", dir=cache_dir()))
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         model.config.save_pretrained(tmp)
@@ -365,8 +373,10 @@ def model_fingerprint(name: str) -> str:
     if name == "smollm2-135m":
         blob = files([_smollm2_gguf()])
     elif (local := _local_dir(name)) is not None:
-        blob = [(local / "config.json").read_text(encoding="utf-8", errors="replace"),
-                files(p for pattern in WEIGHT_FILES for p in local.glob(pattern))]
+        blob = [
+            (local / "config.json").read_text(encoding="utf-8", errors="replace"),
+            files(p for pattern in WEIGHT_FILES for p in local.glob(pattern)),
+        ]
     else:
         from huggingface_hub.constants import HF_HUB_CACHE
 
@@ -421,10 +431,18 @@ def check_device(device: str | None, field_name: str = "device") -> None:
     if dev.type == "cuda":
         n = torch.cuda.device_count()
         if n == 0:
-            build = "a CPU-only build of torch" if torch.version.cuda is None else f"torch built for CUDA {torch.version.cuda}"
-            raise PatchscopeError(f"{field_name}: {device!r}, but this machine has no CUDA GPU that torch can use ({build})")
+            build = (
+                "a CPU-only build of torch"
+                if torch.version.cuda is None
+                else f"torch built for CUDA {torch.version.cuda}"
+            )
+            raise PatchscopeError(
+                f"{field_name}: {device!r}, but this machine has no CUDA GPU that torch can use ({build})"
+            )
         if dev.index is not None and dev.index >= n:
-            raise PatchscopeError(f"{field_name}: {device!r}, but this machine has {n} CUDA GPU(s) (cuda:0 .. cuda:{n - 1})")
+            raise PatchscopeError(
+                f"{field_name}: {device!r}, but this machine has {n} CUDA GPU(s) (cuda:0 .. cuda:{n - 1})"
+            )
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise PatchscopeError(f"{field_name}: 'mps', but Apple's Metal backend is not available here")
 
@@ -464,4 +482,6 @@ def load_model(name: str, device: str | None = None, dtype: Any = None, device_m
     hf_model.eval()
     hub_name = SMOLLM2_HUB_NAME if name == "smollm2-135m" else name
     bridge_device = None if device_map is not None else device
-    return TransformerBridge.boot_transformers(hub_name, hf_model=hf_model, tokenizer=tokenizer, device=bridge_device, dtype=dtype)
+    return TransformerBridge.boot_transformers(
+        hub_name, hf_model=hf_model, tokenizer=tokenizer, device=bridge_device, dtype=dtype
+    )

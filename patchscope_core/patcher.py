@@ -13,8 +13,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -22,8 +22,18 @@ from .dispatch import dispatch
 from .errors import PatchscopeError
 from .hooks import hooked, position_ids_from_mask
 from .interventions import Action, Intervention, InterventionRun, Positions, Resample, ResolvedIntervention
-from .patching import (Cell, CellResult, CheckedPair, Pair, PairResult, check_cell, check_directions, check_metrics,
-                       check_pair, metric_values)
+from .patching import (
+    Cell,
+    CellResult,
+    CheckedPair,
+    Pair,
+    PairResult,
+    check_cell,
+    check_directions,
+    check_metrics,
+    check_pair,
+    metric_values,
+)
 from .readings import input_device
 from .sites import ResolvedSite, Site, resolve_site
 from .tracing import batches_by_position, forward_from
@@ -47,8 +57,14 @@ class Patcher:
         self.max_spread = 2
         self._sites: dict[tuple, ResolvedSite] = {}
 
-    def check(self, pair: Pair, cells: Sequence[Cell], directions=("denoising",), metrics=("logit_diff",),
-              field_name: str = "pair") -> CheckedPair:
+    def check(
+        self,
+        pair: Pair,
+        cells: Sequence[Cell],
+        directions=("denoising",),
+        metrics=("logit_diff",),
+        field_name: str = "pair",
+    ) -> CheckedPair:
         checked = check_pair(pair, self.info, metrics, field_name)
         check_directions(directions)
         for i, cell in enumerate(cells):
@@ -56,24 +72,37 @@ class Patcher:
         return checked
 
     @torch.no_grad()
-    def patch(self, pair: Pair, cells: Sequence[Cell], directions: Sequence[str] = ("denoising",),
-              metrics: Sequence[str] = ("logit_diff",), max_new_tokens: int = 0, field_name: str = "pair") -> PairResult:
+    def patch(
+        self,
+        pair: Pair,
+        cells: Sequence[Cell],
+        directions: Sequence[str] = ("denoising",),
+        metrics: Sequence[str] = ("logit_diff",),
+        max_new_tokens: int = 0,
+        field_name: str = "pair",
+    ) -> PairResult:
         """Every cell x direction x metric of one pair (CellResult in that order)."""
         metrics, directions = check_metrics(metrics), check_directions(directions)
         checked = self.check(pair, cells, directions, metrics, field_name)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise PatchscopeError(f"max_new_tokens: expected an integer >= 0, got {max_new_tokens!r}")
         if max_new_tokens and any(c.site in ("attn.hook_q", "attn.hook_k", "attn.hook_v") for c in cells):
-            raise PatchscopeError("max_new_tokens: generation takes the intervention sites; attn.hook_q, hook_k and "
-                                  "hook_v are patched without generating (max_new_tokens 0)")
+            raise PatchscopeError(
+                "max_new_tokens: generation takes the intervention sites; attn.hook_q, hook_k and "
+                "hook_v are patched without generating (max_new_tokens 0)"
+            )
         keep = len(checked.answer_ids) if "logprob" in metrics else 1
         tail = checked.answer_ids[:-1] if keep > 1 else ()
         hooks = sorted({cell.hook(l) for cell in cells for l in cell.layers(self.info.n_layers)})
-        runs = {name: self._base(ids + tail, hooks, keep, f"patch_{name}") for name, ids in
-                (("clean", checked.clean_ids), ("corrupted", checked.corrupted_ids))}
+        runs = {
+            name: self._base(ids + tail, hooks, keep, f"patch_{name}")
+            for name, ids in (("clean", checked.clean_ids), ("corrupted", checked.corrupted_ids))
+        }
         clean_lp = torch.log_softmax(runs["clean"]["logits"][:, 0].float(), -1)
-        values = {name: {m: float(v[0]) for m, v in metric_values(run["logits"], checked, metrics, clean_lp).items()}
-                  for name, run in runs.items()}
+        values = {
+            name: {m: float(v[0]) for m, v in metric_values(run["logits"], checked, metrics, clean_lp).items()}
+            for name, run in runs.items()
+        }
         result = PairResult(checked, values["clean"], values["corrupted"])
         patched: dict[tuple[int, str], dict[str, float]] = {}
         for direction in directions:
@@ -91,8 +120,17 @@ class Patcher:
         for i, cell in enumerate(cells):
             for direction in directions:
                 for m in metrics:
-                    result.cells.append(CellResult(cell, direction, m, patched[(i, direction)][m], values["clean"][m],
-                                                   values["corrupted"][m], texts.get((i, direction))))
+                    result.cells.append(
+                        CellResult(
+                            cell,
+                            direction,
+                            m,
+                            patched[(i, direction)][m],
+                            values["clean"][m],
+                            values["corrupted"][m],
+                            texts.get((i, direction)),
+                        )
+                    )
         return result
 
     # ------------------------------------------------------------------ the two runs of a pair
@@ -100,8 +138,11 @@ class Patcher:
     def _site(self, hook: str, head=None, neuron=None) -> ResolvedSite:
         key = (hook, head, neuron)
         if key not in self._sites:
-            self._sites[key] = resolve_site(Site(hook, head=() if head is None else head,
-                                                 neuron=() if neuron is None else neuron), self.info, qkv=True)
+            self._sites[key] = resolve_site(
+                Site(hook, head=() if head is None else head, neuron=() if neuron is None else neuron),
+                self.info,
+                qkv=True,
+            )
         return self._sites[key]
 
     def _base(self, ids: tuple[int, ...], hooks: list[str], keep: int, purpose: str) -> dict:
@@ -117,15 +158,28 @@ class Patcher:
 
             return fn
 
-        blocks = [(self._site(f"blocks.{l}.hook_resid_pre"), capture(inputs, l, True)) for l in range(self.info.n_layers)]
+        blocks = [
+            (self._site(f"blocks.{l}.hook_resid_pre"), capture(inputs, l, True)) for l in range(self.info.n_layers)
+        ]
         reads = [(self._site(h), capture(values, h, False)) for h in hooks]
         t = torch.tensor([list(ids)], device=input_device(self.engine.model))
         mask = torch.ones_like(t)
         with hooked(self.engine.modules, self.engine.model, blocks + reads, [0], [len(ids)]):
-            out = self.engine.modules(input_ids=t, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                                      use_cache=True, logits_to_keep=keep)
+            out = self.engine.modules(
+                input_ids=t,
+                attention_mask=mask,
+                position_ids=position_ids_from_mask(mask),
+                use_cache=True,
+                logits_to_keep=keep,
+            )
         self.engine.counts[purpose] += 1
-        return {"ids": ids, "values": values, "inputs": inputs, "cache": out.past_key_values, "logits": out.logits.float()}
+        return {
+            "ids": ids,
+            "values": values,
+            "inputs": inputs,
+            "cache": out.past_key_values,
+            "logits": out.logits.float(),
+        }
 
     # ------------------------------------------------------------------ rows
 
@@ -151,16 +205,18 @@ class Patcher:
                 entries.setdefault(site.site.hook, []).append((r, iv, Action(scale=0.0, table=table)))
         return [(e[0][1].site, dispatch(e)) for e in entries.values()]
 
-    def _run_rows(self, rows: list[_Row], base: dict, checked: CheckedPair, metrics, clean_lp,
-                  keep: int) -> dict[tuple[int, str], dict[str, float]]:
+    def _run_rows(
+        self, rows: list[_Row], base: dict, checked: CheckedPair, metrics, clean_lp, keep: int
+    ) -> dict[tuple[int, str], dict[str, float]]:
         """Each row's metrics, in batches of one first position, from the base run's stored state."""
         ids, out = base["ids"], {}
         for batch_idx in batches_by_position(rows, len(ids), self.batch_size, self.max_spread):
             batch = [rows[i] for i in batch_idx]
             p, start = min(r.position for r in batch), min(r.start for r in batch)
             samples = torch.zeros(len(batch), dtype=torch.long, device=base["logits"].device)
-            logits = forward_from(self.engine, ids, self._hooks(batch), base["inputs"], base["cache"], samples, p, start,
-                                  keep)
+            logits = forward_from(
+                self.engine, ids, self._hooks(batch), base["inputs"], base["cache"], samples, p, start, keep
+            )
             self.engine.counts["patch_rows"] += len(batch)
             vals = metric_values(logits, checked, metrics, clean_lp)
             for r, row in enumerate(batch):
@@ -175,11 +231,23 @@ class Patcher:
         for i, cell in enumerate(cells):
             at = Positions(prompt=True) if cell.position is None else Positions(indices=(cell.position,))
             for direction in directions:
-                base, source = ((checked.pair.corrupted, checked.pair.clean) if direction == "denoising"
-                                else (checked.pair.clean, checked.pair.corrupted))
-                ivs = tuple(Intervention(Site(cell.hook(l), head=() if cell.head is None else cell.head,
-                                              neuron=() if cell.neuron is None else cell.neuron), Resample(source), at)
-                            for l in cell.layers(self.info.n_layers))
+                base, source = (
+                    (checked.pair.corrupted, checked.pair.clean)
+                    if direction == "denoising"
+                    else (checked.pair.clean, checked.pair.corrupted)
+                )
+                ivs = tuple(
+                    Intervention(
+                        Site(
+                            cell.hook(l),
+                            head=() if cell.head is None else cell.head,
+                            neuron=() if cell.neuron is None else cell.neuron,
+                        ),
+                        Resample(source),
+                        at,
+                    )
+                    for l in cell.layers(self.info.n_layers)
+                )
                 runs.append(InterventionRun(base, ivs, None, max_new_tokens))
                 keys.append((i, direction))
         results = self.engine.run_interventions(runs, self.batch_size, clean=False)

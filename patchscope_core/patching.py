@@ -27,8 +27,9 @@ through the engine's KV-cached path, the patch written once in the prefill (`Res
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -40,8 +41,14 @@ from .tracing import window_layers
 
 # Sites a cell may patch (the hook name inside block l) and what their `head` indexes.
 PATCH_SITES = {
-    "hook_resid_pre": None, "hook_resid_post": None, "hook_attn_out": None, "hook_mlp_out": None,
-    "attn.hook_z": "query", "attn.hook_q": "query", "attn.hook_k": "key/value", "attn.hook_v": "key/value",
+    "hook_resid_pre": None,
+    "hook_resid_post": None,
+    "hook_attn_out": None,
+    "hook_mlp_out": None,
+    "attn.hook_z": "query",
+    "attn.hook_q": "query",
+    "attn.hook_k": "key/value",
+    "attn.hook_v": "key/value",
     "mlp.hook_post": "neuron",
 }
 DIRECTIONS = ("denoising", "noising")
@@ -97,9 +104,16 @@ class CellResult:
         return (self.patched - self.corrupted_value) / den if den else math.nan
 
     def to_record(self) -> dict[str, Any]:
-        return {**asdict(self.cell), "direction": self.direction, "metric": self.metric, "patched": self.patched,
-                "clean_value": self.clean_value, "corrupted_value": self.corrupted_value,
-                "recovered": self.recovered, "generated_text": self.generated_text}
+        return {
+            **asdict(self.cell),
+            "direction": self.direction,
+            "metric": self.metric,
+            "patched": self.patched,
+            "clean_value": self.clean_value,
+            "corrupted_value": self.corrupted_value,
+            "recovered": self.recovered,
+            "generated_text": self.generated_text,
+        }
 
 
 @dataclass
@@ -118,7 +132,7 @@ def site_name(site: str, field_name: str) -> str:
     name = site
     for prefix in ("blocks.{layer}.", "blocks.{l}."):
         if isinstance(site, str) and site.startswith(prefix):
-            name = site[len(prefix):]
+            name = site[len(prefix) :]
     if name not in PATCH_SITES:
         valid = ", ".join(f"blocks.{{layer}}.{s}" for s in PATCH_SITES)
         raise PatchscopeError(f"{field_name}: unknown site {site!r}; valid sites: {valid}")
@@ -150,8 +164,9 @@ def check_directions(directions: Sequence[str], field_name: str = "direction") -
     return directions
 
 
-def check_pair(pair: Pair, info: ModelInfo, metrics: Sequence[str] = ("logit_diff",),
-               field_name: str = "pair") -> CheckedPair:
+def check_pair(
+    pair: Pair, info: ModelInfo, metrics: Sequence[str] = ("logit_diff",), field_name: str = "pair"
+) -> CheckedPair:
     """Token ids of a pair; refuses different token lengths (naming both token lists), an empty
     or identical answer, and logit_diff without a wrong answer."""
     metrics = check_metrics(metrics)
@@ -161,7 +176,8 @@ def check_pair(pair: Pair, info: ModelInfo, metrics: Sequence[str] = ("logit_dif
         words = lambda ids: [info.tokenizer.decode([t]) for t in ids]  # noqa: E731
         raise PatchscopeError(
             f"{field_name}: clean and corrupted prompts must have the same number of tokens, got {len(clean)} vs "
-            f"{len(corrupted)}: clean {words(clean)} vs corrupted {words(corrupted)}")
+            f"{len(corrupted)}: clean {words(clean)} vs corrupted {words(corrupted)}"
+        )
     answer = _answer_ids(info, pair.answer, f"{field_name}.answer")
     wrong = None
     if pair.wrong_answer is not None:
@@ -169,8 +185,10 @@ def check_pair(pair: Pair, info: ModelInfo, metrics: Sequence[str] = ("logit_dif
             raise PatchscopeError(f"{field_name}.wrong_answer: equals the answer {pair.answer!r}")
         wrong = _answer_ids(info, pair.wrong_answer, f"{field_name}.wrong_answer")[0]
         if wrong == answer[0]:
-            raise PatchscopeError(f"{field_name}.wrong_answer: {pair.wrong_answer!r} starts with the answer "
-                                  f"{pair.answer!r}'s first token {info.tokenizer.decode([wrong])!r}")
+            raise PatchscopeError(
+                f"{field_name}.wrong_answer: {pair.wrong_answer!r} starts with the answer "
+                f"{pair.answer!r}'s first token {info.tokenizer.decode([wrong])!r}"
+            )
     elif "logit_diff" in metrics:
         raise PatchscopeError(f"{field_name}.wrong_answer: metric logit_diff needs a wrong answer")
     return CheckedPair(pair, clean, corrupted, answer, wrong)
@@ -188,8 +206,10 @@ def check_cell(cell: Cell, info: ModelInfo, n_tokens: int, field_name: str = "ce
     if isinstance(cell.layer, bool) or not isinstance(cell.layer, int) or not 0 <= cell.layer < info.n_layers:
         raise PatchscopeError(f"{field_name}.layer: {cell.layer!r} is out of range 0 .. {info.n_layers - 1}")
     if cell.position is not None and not (isinstance(cell.position, int) and 0 <= cell.position < n_tokens):
-        raise PatchscopeError(f"{field_name}.position: {cell.position!r} is out of range 0 .. {n_tokens - 1} "
-                              f"for a pair of {n_tokens} tokens")
+        raise PatchscopeError(
+            f"{field_name}.position: {cell.position!r} is out of range 0 .. {n_tokens - 1} "
+            f"for a pair of {n_tokens} tokens"
+        )
     if isinstance(cell.window, bool) or not isinstance(cell.window, int) or cell.window < 1:
         raise PatchscopeError(f"{field_name}.window: expected an integer >= 1, got {cell.window!r}")
     if cell.head is not None:
@@ -198,17 +218,35 @@ def check_cell(cell: Cell, info: ModelInfo, n_tokens: int, field_name: str = "ce
             raise PatchscopeError(f"{field_name}.head: {site} has no heads")
         count = head_count(site, info)
         if isinstance(cell.head, bool) or not isinstance(cell.head, int) or not 0 <= cell.head < count:
-            raise PatchscopeError(f"{field_name}.head: {cell.head!r} is out of range 0 .. {count - 1}: {site} has "
-                                  f"{count} {kind} heads on {info.name}")
+            raise PatchscopeError(
+                f"{field_name}.head: {cell.head!r} is out of range 0 .. {count - 1}: {site} has "
+                f"{count} {kind} heads on {info.name}"
+            )
     if cell.neuron is not None and PATCH_SITES[site] != "neuron":
         raise PatchscopeError(f"{field_name}.neuron: {site} has no neurons")
-    resolve_site(Site(cell.hook(), head=cell.head if cell.head is not None else (),
-                      neuron=cell.neuron if cell.neuron is not None else ()), info, f"{field_name}.site", qkv=True)
+    resolve_site(
+        Site(
+            cell.hook(),
+            head=cell.head if cell.head is not None else (),
+            neuron=cell.neuron if cell.neuron is not None else (),
+        ),
+        info,
+        f"{field_name}.site",
+        qkv=True,
+    )
 
 
-def make_cells(info: ModelInfo, n_tokens: int, sites: Sequence[str], layers: Any = "all", positions: Any = "each",
-               heads: Any = "all", window: int = 1, field_name: str = "patching",
-               neurons: Sequence[int] | None = None) -> list[Cell]:
+def make_cells(
+    info: ModelInfo,
+    n_tokens: int,
+    sites: Sequence[str],
+    layers: Any = "all",
+    positions: Any = "each",
+    heads: Any = "all",
+    window: int = 1,
+    field_name: str = "patching",
+    neurons: Sequence[int] | None = None,
+) -> list[Cell]:
     """The grid of cells: sites x layers ('all' or a list) x positions ('each', 'all', or a list:
     BOS counted, negatives from the end) x heads ('all' or a list; head sites only) x neurons
     (mlp.hook_post only: a list; None patches every neuron of the site at once)."""
@@ -236,8 +274,10 @@ def make_cells(info: ModelInfo, n_tokens: int, sites: Sequence[str], layers: Any
             unit_heads = list(range(count)) if heads == "all" else ([heads] if isinstance(heads, int) else list(heads))
             for h in unit_heads:
                 if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < count:
-                    raise PatchscopeError(f"{field_name}.heads: {h!r} is out of range 0 .. {count - 1}: {site} has "
-                                          f"{count} {PATCH_SITES[site]} heads on {info.name}")
+                    raise PatchscopeError(
+                        f"{field_name}.heads: {h!r} is out of range 0 .. {count - 1}: {site} has "
+                        f"{count} {PATCH_SITES[site]} heads on {info.name}"
+                    )
         units = [None] if PATCH_SITES[site] != "neuron" or neurons is None else list(neurons)
         for u in units:
             if u is not None and (isinstance(u, bool) or not isinstance(u, int) or not 0 <= u < info.d_mlp):
@@ -254,8 +294,9 @@ def make_cells(info: ModelInfo, n_tokens: int, sites: Sequence[str], layers: Any
 # ---------------------------------------------------------------- metrics
 
 
-def metric_values(logits: torch.Tensor, checked: CheckedPair, metrics: Sequence[str],
-                  clean_logprobs: torch.Tensor | None) -> dict[str, torch.Tensor]:
+def metric_values(
+    logits: torch.Tensor, checked: CheckedPair, metrics: Sequence[str], clean_logprobs: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
     """[rows] per metric from logits [rows, keep, vocab] whose column 0 is the last prompt position
     (and columns j the positions that predict answer token j when keep = answer length)."""
     last = logits[:, 0].float()
@@ -268,8 +309,10 @@ def metric_values(logits: torch.Tensor, checked: CheckedPair, metrics: Sequence[
         elif m == "prob":
             out[m] = lp[:, a[0]].exp()
         elif m == "logprob":
-            full = torch.log_softmax(logits[:, :len(a)].float(), -1)
-            out[m] = full.gather(2, torch.tensor(a, device=full.device)[None, :, None].expand(len(full), -1, 1)).sum((1, 2))
+            full = torch.log_softmax(logits[:, : len(a)].float(), -1)
+            out[m] = full.gather(2, torch.tensor(a, device=full.device)[None, :, None].expand(len(full), -1, 1)).sum(
+                (1, 2)
+            )
         else:  # kl: KL(clean || patched) of the next-token distribution
             ref = lp if clean_logprobs is None else clean_logprobs.to(lp.device)
             out[m] = (ref.exp() * (ref - lp)).sum(-1)

@@ -50,8 +50,9 @@ def bootstrap_draws(pairs: int, n_boot: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, pairs, size=(n_boot, pairs))
 
 
-def summarize(df: pd.DataFrame, value: str = "recovered", n_boot: int = 1000, ci: float = 0.95,
-              seed: int = 0) -> pd.DataFrame:
+def summarize(
+    df: pd.DataFrame, value: str = "recovered", n_boot: int = 1000, ci: float = 0.95, seed: int = 0
+) -> pd.DataFrame:
     """Per cell: n_pairs, mean over pairs, and the `ci` percentile-bootstrap interval over pairs
     (ci_low, ci_high). Every cell uses the same `n_boot` resamples of the pairs
     (`bootstrap_draws(pairs, n_boot, seed)`), so intervals of different cells are comparable; a
@@ -98,8 +99,9 @@ def position_labels(df: pd.DataFrame) -> dict[int, str]:
     return {int(p): f"{int(p)}: {t}" for p, t in tokens.sort_index().items()}
 
 
-def layer_position(df: pd.DataFrame, site: str, direction: str | None = None, metric: str | None = None,
-                   value: str = "recovered") -> pd.DataFrame:
+def layer_position(
+    df: pd.DataFrame, site: str, direction: str | None = None, metric: str | None = None, value: str = "recovered"
+) -> pd.DataFrame:
     """Layers x positions: the mean of `value` over pairs (and over heads, for a head site) of
     the site's single-position cells."""
     sel = _select(df, site, direction, metric).dropna(subset=["position"])
@@ -108,8 +110,14 @@ def layer_position(df: pd.DataFrame, site: str, direction: str | None = None, me
     return table.sort_index()
 
 
-def layer_head(df: pd.DataFrame, site: str, direction: str | None = None, metric: str | None = None,
-               value: str = "recovered", position: int | None = None) -> pd.DataFrame:
+def layer_head(
+    df: pd.DataFrame,
+    site: str,
+    direction: str | None = None,
+    metric: str | None = None,
+    value: str = "recovered",
+    position: int | None = None,
+) -> pd.DataFrame:
     """Layers x heads: the mean of `value` over pairs of the site's head cells that patch every
     position at once (position null), or the cells at `position`."""
     sel = _select(df, site, direction, metric).dropna(subset=["head"])
@@ -153,23 +161,41 @@ def _figure(width: float, height: float):
     return fig, fig.add_subplot(1, 1, 1)
 
 
-def draw_layer_position(df: pd.DataFrame, site: str, ax=None, direction: str | None = None,
-                        metric: str | None = None, value: str = "recovered"):
+def draw_layer_position(
+    df: pd.DataFrame,
+    site: str,
+    ax=None,
+    direction: str | None = None,
+    metric: str | None = None,
+    value: str = "recovered",
+):
     """The layer x position heatmap of `site` on `ax` (a new Figure when None: returned)."""
     table = layer_position(df, site, direction, metric, value)
     labels = position_labels(df)
-    fig, ax = _figure(1.2 + 0.45 * max(1, table.shape[1]), 1.5 + 0.18 * max(1, len(table))) if ax is None else (ax.figure, ax)
+    fig, ax = (
+        _figure(1.2 + 0.45 * max(1, table.shape[1]), 1.5 + 0.18 * max(1, len(table))) if ax is None else (ax.figure, ax)
+    )
     draw_heatmap(ax, table, f"{site}: mean {value} over pairs", [labels.get(p, str(p)) for p in table.columns])
     fig.tight_layout()
     return fig
 
 
-def draw_layer_head(df: pd.DataFrame, site: str, ax=None, direction: str | None = None, metric: str | None = None,
-                    value: str = "recovered", position: int | None = None, where: str | None = None):
+def draw_layer_head(
+    df: pd.DataFrame,
+    site: str,
+    ax=None,
+    direction: str | None = None,
+    metric: str | None = None,
+    value: str = "recovered",
+    position: int | None = None,
+    where: str | None = None,
+):
     """The layer x head heatmap of `site` on `ax` (a new Figure when None: returned); `where` says
     which positions the rows patched (default: from `position`)."""
     table = layer_head(df, site, direction, metric, value, position)
-    fig, ax = _figure(1.5 + 0.4 * max(1, table.shape[1]), 1.5 + 0.18 * max(1, len(table))) if ax is None else (ax.figure, ax)
+    fig, ax = (
+        _figure(1.5 + 0.4 * max(1, table.shape[1]), 1.5 + 0.18 * max(1, len(table))) if ax is None else (ax.figure, ax)
+    )
     where = where or ("every position at once" if position is None else f"position {position}")
     draw_heatmap(ax, table, f"{site} ({where}): mean {value} over pairs", xname="head")
     fig.tight_layout()

@@ -11,7 +11,7 @@ every result, so each (site, prompt) and each statistic is computed once per eng
 from __future__ import annotations
 
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -76,34 +76,50 @@ class SiteReader:
     # ------------------------------------------------------------ batched reading
 
     @torch.no_grad()
-    def read(self, sites: Sequence[ResolvedSite], prompts: Sequence[tuple[int, ...]], purpose: str = "values",
-             keep: bool = True) -> dict[tuple[str, tuple[int, ...]], torch.Tensor]:
+    def read(
+        self,
+        sites: Sequence[ResolvedSite],
+        prompts: Sequence[tuple[int, ...]],
+        purpose: str = "values",
+        keep: bool = True,
+    ) -> dict[tuple[str, tuple[int, ...]], torch.Tensor]:
         """Every site's activation over every prompt, [tokens, width] each, keyed (hook name,
         token ids); kept for later calls unless keep=False."""
         out: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
         distinct = list(dict.fromkeys(tuple(p) for p in prompts))
         sites = list({s.site.hook: s for s in sites}.values())
         for start in range(0, len(distinct), self.batch_size):
-            chunk = distinct[start:start + self.batch_size]
+            chunk = distinct[start : start + self.batch_size]
             ids, mask, pads = left_pad(chunk, self.bridge.tokenizer.pad_token_id, input_device(self.bridge))
             fired: set[str] = set()
 
-            def capture(site: ResolvedSite):
+            def capture(site: ResolvedSite, chunk: list, pads: list[int], fired: set[str]):
                 def fn(x: torch.Tensor, ctx: HookContext) -> None:
                     flat = x.reshape(x.shape[0], x.shape[1], site.width)
                     for b, row in enumerate(chunk):
-                        out[(site.site.hook, row)] = flat[b, pads[b]:].detach().float().clone()
+                        out[(site.site.hook, row)] = flat[b, pads[b] :].detach().float().clone()
                     fired.add(site.site.hook)
                     if len(fired) == len(sites):
                         raise _Stop
 
                 return fn
 
-            with hooked(self.modules, self.bridge, [(s, capture(s)) for s in sites], pads, [len(r) for r in chunk]):
+            with hooked(
+                self.modules,
+                self.bridge,
+                [(s, capture(s, chunk, pads, fired)) for s in sites],
+                pads,
+                [len(r) for r in chunk],
+            ):
                 self.counts[purpose] += 1
                 try:
-                    self.modules(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                                 use_cache=False, logits_to_keep=1)
+                    self.modules(
+                        input_ids=ids,
+                        attention_mask=mask,
+                        position_ids=position_ids_from_mask(mask),
+                        use_cache=False,
+                        logits_to_keep=1,
+                    )
                 except _Stop:
                     pass
         if keep:

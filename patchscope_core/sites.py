@@ -96,7 +96,9 @@ class ResolvedSite:
     site: Site
     module: str  # Hugging Face module path in the bridged model, e.g. model.layers.8.self_attn.o_proj
     side: Literal["input", "output", "attention"]  # attention: the attention function itself (knockout.py)
-    shape: tuple[int, ...]  # one position's activation as TransformerLens shows it: (d_model,), (n_heads, d_head), (d_mlp,)
+    shape: tuple[
+        int, ...
+    ]  # one position's activation as TransformerLens shows it: (d_model,), (n_heads, d_head), (d_mlp,)
     scale: float = 1.0  # TransformerLens' activation is the module's value x scale (Granite's scaled residual adds)
 
     @property
@@ -142,11 +144,14 @@ def resolve_site(site: Site, info: ModelInfo, field: str = "site", qkv: bool = F
             )
     unit = known[form][1] if form in known else None
     if form in QKV_SITES and "qkv" in (info.components["blocks"].submodules["attn"].submodules or {}):
-        raise PatchscopeError(f"{field}: {site.hook} is split by the bridge from {info.name}'s fused q/k/v projection "
-                              f"and sits on no Hugging Face module boundary")
+        raise PatchscopeError(
+            f"{field}: {site.hook} is split by the bridge from {info.name}'s fused q/k/v projection "
+            f"and sits on no Hugging Face module boundary"
+        )
     n_kv = info.n_kv_heads or info.n_heads
-    shape = {"head": (info.n_heads, info.d_head), "kv_head": (n_kv, info.d_head),
-             "neuron": (info.d_mlp,)}.get(unit, (info.d_model,))
+    shape = {"head": (info.n_heads, info.d_head), "kv_head": (n_kv, info.d_head), "neuron": (info.d_mlp,)}.get(
+        unit, (info.d_model,)
+    )
     heads = n_kv if unit == "kv_head" else info.n_heads
     for name, values, count in (("head", site.head, heads), ("neuron", site.neuron, info.d_mlp)):
         if values and (unit or "").removeprefix("kv_") != name:
@@ -155,8 +160,9 @@ def resolve_site(site: Site, info: ModelInfo, field: str = "site", qkv: bool = F
         for v in values:
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < count:
                 what = "key/value heads" if unit == "kv_head" else f"{name}s"
-                raise PatchscopeError(f"{field}.{name}: {v!r} is out of range 0 .. {count - 1} for {info.name}'s "
-                                      f"{count} {what} at {form}")
+                raise PatchscopeError(
+                    f"{field}.{name}: {v!r} is out of range 0 .. {count - 1} for {info.name}'s {count} {what} at {form}"
+                )
     if form == ATTENTION:  # the attention module: the boundary whose output is attn's hook_out
         shape, name = (info.n_heads,), f"{site.hook}.hook_out"
     else:
@@ -282,8 +288,12 @@ _WARNED: set[str] = set()
 def _warn_once(reason: str) -> None:
     if reason not in _WARNED:
         _WARNED.add(reason)
-        warnings.warn(f"patchscope: {reason}; the engine runs this model through TransformerBridge's own hook "
-                      "points instead of the plain modules (slower, same results)", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"patchscope: {reason}; the engine runs this model through TransformerBridge's own hook "
+            "points instead of the plain modules (slower, same results)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def plain_modules(bridge) -> nn.Module:
@@ -297,7 +307,9 @@ def plain_modules(bridge) -> nn.Module:
     """
     model = bridge.original_model
     if any(hasattr(m, "_hf_hook") for m in model.modules()):
-        _warn_once("accelerate dispatched this model (device_map): its forward wrappers stay bound to the bridged modules")
+        _warn_once(
+            "accelerate dispatched this model (device_map): its forward wrappers stay bound to the bridged modules"
+        )
         return model
     try:
         return _peel(model)

@@ -14,8 +14,8 @@ Conventions:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from .errors import PatchscopeError
 from .mapping import Identity, Mapping
@@ -54,12 +54,14 @@ class Patchscope:
         if not isinstance(self.mapping, Identity):
             raise PatchscopeError("mapping: only the identity mapping can be sent as plain data")
         s, t = self.source, self.target
-        return {"source": {"prompt": s.prompt, "layer": s.layer, "position": s.position, "model": s.model},
-                "target": {"prompt": t.prompt, "layer": t.layer, "positions": list(t.positions), "model": t.model},
-                "max_new_tokens": self.max_new_tokens}
+        return {
+            "source": {"prompt": s.prompt, "layer": s.layer, "position": s.position, "model": s.model},
+            "target": {"prompt": t.prompt, "layer": t.layer, "positions": list(t.positions), "model": t.model},
+            "max_new_tokens": self.max_new_tokens,
+        }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Patchscope":
+    def from_dict(cls, data: dict) -> Patchscope:
         target = dict(data["target"], positions=tuple(data["target"]["positions"]))
         return cls(Source(**data["source"]), Target(**target), max_new_tokens=data["max_new_tokens"])
 
@@ -87,8 +89,10 @@ def tokenize(info: ModelInfo, prompt: str, field_name: str = "prompt") -> tuple[
     elif getattr(info, "tokenizer", None) is not None and hasattr(getattr(info, "cfg", None), "n_layers"):
         tok, prepend_bos = info.tokenizer, bool(getattr(info.cfg, "default_prepend_bos", True))  # a bridge
     else:
-        raise PatchscopeError(f"info: tokenize takes a ModelInfo (model_info(name)) or a loaded model "
-                              f"(load_model(name)), got {type(info).__name__}")
+        raise PatchscopeError(
+            f"info: tokenize takes a ModelInfo (model_info(name)) or a loaded model "
+            f"(load_model(name)), got {type(info).__name__}"
+        )
     if not isinstance(prompt, str) or not prompt.strip():
         raise PatchscopeError(f"{field_name}: empty prompt")
     ids = list(tok(prompt, add_special_tokens=False)["input_ids"])
@@ -150,9 +154,7 @@ def resolve(spec: Patchscope, source: ModelInfo, target: ModelInfo) -> ResolvedP
     if not spec.target.positions:
         raise PatchscopeError("target.positions: at least one position is needed")
     src_pos = resolve_position(spec.source.position, len(src_ids), "source.position")
-    tgt_pos = tuple(
-        sorted({resolve_position(p, len(tgt_ids), "target.positions") for p in spec.target.positions})
-    )
+    tgt_pos = tuple(sorted({resolve_position(p, len(tgt_ids), "target.positions") for p in spec.target.positions}))
     spec.mapping.check(source.d_model, target.d_model)
     return ResolvedPatchscope(spec, src_ids, tgt_ids, src_pos, tgt_pos)
 

@@ -25,7 +25,9 @@ def read_text(path: str | Path, field_name: str, encoding: str = "utf-8") -> str
         text = data.decode(encoding)
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise PatchscopeError(f"{field_name}: {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line})") from None
+        raise PatchscopeError(
+            f"{field_name}: {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line})"
+        ) from None
     nul = data.find(b"\x00")
     if nul >= 0:
         line = data[:nul].count(b"\n") + 1
@@ -53,7 +55,8 @@ def read_csv(path: str | Path, field_name: str, delimiter: str = ",") -> list[di
                 header = reader.fieldnames or []
                 raise PatchscopeError(
                     f"{field_name}: {path} line {reader.line_num} has {len(header) + len(rec[_EXTRA])} fields, more than "
-                    f"the header's {len(header)} (a {what} inside a value must be quoted)")
+                    f"the header's {len(header)} (a {what} inside a value must be quoted)"
+                )
             rows.append(rec)
     except csv.Error as exc:
         raise PatchscopeError(f"{field_name}: {path} line {reader.line_num} is not valid CSV ({exc})") from None

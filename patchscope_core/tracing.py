@@ -24,15 +24,15 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import torch
 
+from .dispatch import dispatch
 from .errors import PatchscopeError
 from .hooks import hooked, position_ids_from_mask
-from .dispatch import dispatch
 from .interventions import Action, Intervention, Noise, Positions, Resample, ResolvedIntervention
 from .models import ModelInfo
 from .readings import input_device
@@ -64,7 +64,9 @@ class TraceSettings:
     def check(self, field_name: str = "trace") -> None:
         unknown = [s for s in self.sites if s not in TRACE_SITES]
         if unknown or not self.sites:
-            raise PatchscopeError(f"{field_name}.sites: expected some of {', '.join(TRACE_SITES)}, got {list(self.sites)}")
+            raise PatchscopeError(
+                f"{field_name}.sites: expected some of {', '.join(TRACE_SITES)}, got {list(self.sites)}"
+            )
         for name, value, low in (("window", self.window, 1), ("samples", self.samples, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise PatchscopeError(f"{field_name}.{name}: expected an integer >= {low}, got {value!r}")
@@ -142,8 +144,14 @@ class Tracer:
         return ids, span, answer[0]
 
     @torch.no_grad()
-    def trace(self, fact: Fact, settings: TraceSettings, reference: Sequence[str],
-              cells: Sequence[tuple[str, int, int]] | None = None, shortcuts: bool = True) -> TraceResult:
+    def trace(
+        self,
+        fact: Fact,
+        settings: TraceSettings,
+        reference: Sequence[str],
+        cells: Sequence[tuple[str, int, int]] | None = None,
+        shortcuts: bool = True,
+    ) -> TraceResult:
         """p_clean, p_corrupt and p_restored of every cell (site, layer, position); default: every
         site of `settings` x every layer x every prompt position. `reference`: the prompts whose
         token embeddings give the noise's std. `shortcuts=False` runs every row as a full forward
@@ -155,8 +163,11 @@ class Tracer:
             cells = [(s, l, p) for s in settings.sites for l in range(n_layers) for p in range(m)]
         embed = resolve_site(Site("hook_embed"), self.info)
         sigma = settings.noise * self.engine.reader.std(embed, tuple(reference))
-        sites = {(s, l): resolve_site(Site(TRACE_SITES[s].format(l=l)), self.info)
-                 for s in settings.sites for l in range(n_layers)}
+        sites = {
+            (s, l): resolve_site(Site(TRACE_SITES[s].format(l=l)), self.info)
+            for s in settings.sites
+            for l in range(n_layers)
+        }
         clean_values, p_clean = self._clean(ids, list(sites.values()), answer)
         noise = [(embed, Action(sigma=sigma, seed=settings.seed + k)) for k in range(settings.samples)]
         corrupt = self._corrupt(ids, (s0, s1), noise, answer)
@@ -183,8 +194,13 @@ class Tracer:
     def _forward(self, ids: torch.Tensor, hooks, prompt_len: int, **kwargs):
         mask = torch.ones_like(ids)
         with hooked(self.engine.modules, self.engine.model, hooks, [0] * ids.shape[0], [prompt_len] * ids.shape[0]):
-            return self.engine.modules(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                                       logits_to_keep=1, **kwargs)
+            return self.engine.modules(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=position_ids_from_mask(mask),
+                logits_to_keep=1,
+                **kwargs,
+            )
 
     def _clean(self, ids, sites: list[ResolvedSite], answer: int) -> tuple[dict[str, torch.Tensor], float]:
         """One clean forward pass: every site's value at every position, and p_clean."""
@@ -205,10 +221,14 @@ class Tracer:
         """All noise samples in one batch: p per sample, each block's input and the KV cache."""
         n = len(noise)
         subject = Positions(indices=tuple(range(*span)))
-        entries = [(k, ResolvedIntervention(Intervention(Site("hook_embed"), Noise(), subject), site, subject), action)
-                   for k, (site, action) in enumerate(noise)]
+        entries = [
+            (k, ResolvedIntervention(Intervention(Site("hook_embed"), Noise(), subject), site, subject), action)
+            for k, (site, action) in enumerate(noise)
+        ]
         inputs: dict[int, torch.Tensor] = {}
-        block_sites = {l: resolve_site(Site(f"blocks.{l}.hook_resid_pre"), self.info) for l in range(self.info.n_layers)}
+        block_sites = {
+            l: resolve_site(Site(f"blocks.{l}.hook_resid_pre"), self.info) for l in range(self.info.n_layers)
+        }
 
         def keep(layer):
             def fn(x, ctx):
@@ -233,8 +253,11 @@ class Tracer:
         for batch in self._batches(rows, len(ids), fast):
             group = [rows[i] for i in batch]
             p, start = min(r.position for r in group), min(r.start for r in group)
-            probs = (self._run_from(ids, group, corrupt, answer, p, start) if fast
-                     else self._run_full(ids, group, answer, span, noise))
+            probs = (
+                self._run_from(ids, group, corrupt, answer, p, start)
+                if fast
+                else self._run_full(ids, group, answer, span, noise)
+            )
             self.engine.counts["trace_rows"] += len(group)
             out.update(zip(batch, probs))
         return [out[i] for i in range(len(rows))]
@@ -242,7 +265,7 @@ class Tracer:
     def _batches(self, rows: list[_Row], m: int, fast: bool) -> list[list[int]]:
         if not fast:
             idx = list(range(len(rows)))
-            return [idx[b:b + self.batch_size] for b in range(0, len(idx), self.batch_size)]
+            return [idx[b : b + self.batch_size] for b in range(0, len(idx), self.batch_size)]
         return batches_by_position(rows, m, self.batch_size, self.max_spread)
 
     def _writes(self, batch: list[_Row]) -> list:
@@ -257,8 +280,14 @@ class Tracer:
     def _run_full(self, ids, batch: list[_Row], answer, span, noise) -> list[float]:
         """The plain way: every row runs the whole prompt through every layer, noised and restored."""
         subject = Positions(indices=tuple(range(*span)))
-        entries = [(r, ResolvedIntervention(Intervention(Site("hook_embed"), Noise(), subject), noise[row.sample][0], subject),
-                    noise[row.sample][1]) for r, row in enumerate(batch)]
+        entries = [
+            (
+                r,
+                ResolvedIntervention(Intervention(Site("hook_embed"), Noise(), subject), noise[row.sample][0], subject),
+                noise[row.sample][1],
+            )
+            for r, row in enumerate(batch)
+        ]
         hooks = [(noise[0][0], dispatch(entries))] + self._writes(batch)
         t = torch.tensor([list(ids)] * len(batch), device=input_device(self.engine.model))
         out = self._forward(t, hooks, len(ids), use_cache=False)
@@ -268,7 +297,9 @@ class Tracer:
         """Rows restoring at position p from layer `start` on: positions p.. of layers start..,
         from the corrupted runs' block input and KV cache of their samples."""
         samples = torch.tensor([row.sample for row in batch], device=corrupt["p"].device)
-        logits = forward_from(self.engine, ids, self._writes(batch), corrupt["inputs"], corrupt["cache"], samples, p, start)
+        logits = forward_from(
+            self.engine, ids, self._writes(batch), corrupt["inputs"], corrupt["cache"], samples, p, start
+        )
         return torch.softmax(logits[:, -1].float(), -1)[:, answer].tolist()
 
     def _check_shortcut(self, ids, corrupt, answer) -> bool:
@@ -308,8 +339,17 @@ def batches_by_position(rows, m: int, batch_size: int, max_spread: int) -> list[
     return batches
 
 
-def forward_from(engine, ids: Sequence[int], hooks, inputs: dict[int, torch.Tensor], cache, samples: torch.Tensor,
-                 p: int, start: int, keep: int = 1) -> torch.Tensor:
+def forward_from(
+    engine,
+    ids: Sequence[int],
+    hooks,
+    inputs: dict[int, torch.Tensor],
+    cache,
+    samples: torch.Tensor,
+    p: int,
+    start: int,
+    keep: int = 1,
+) -> torch.Tensor:
     """Logits [rows, keep, vocab] of rows that equal stored base runs below layer `start` and
     before position p: row r starts from base run samples[r]'s input to block `start` (inputs:
     layer -> [runs, tokens, d_model]) and its KV cache cropped to positions < p, and computes
@@ -322,11 +362,18 @@ def forward_from(engine, ids: Sequence[int], hooks, inputs: dict[int, torch.Tens
     t = torch.tensor([list(ids)[p:]] * n, device=input_device(engine.model))
     mask = torch.ones(n, len(ids), dtype=torch.long, device=t.device)
     # hooks first: they find their modules by path, which the shortened block list would shift
-    with hooked(engine.modules, engine.model, hooks, [0] * n, [len(ids)] * n), \
-            starting_at(engine.modules, engine.info, start, hidden):
-        out = engine.modules(input_ids=t, attention_mask=mask, past_key_values=cache, use_cache=True,
-                             position_ids=torch.arange(p, len(ids), device=t.device)[None].expand(n, -1),
-                             logits_to_keep=keep)
+    with (
+        hooked(engine.modules, engine.model, hooks, [0] * n, [len(ids)] * n),
+        starting_at(engine.modules, engine.info, start, hidden),
+    ):
+        out = engine.modules(
+            input_ids=t,
+            attention_mask=mask,
+            past_key_values=cache,
+            use_cache=True,
+            position_ids=torch.arange(p, len(ids), device=t.device)[None].expand(n, -1),
+            logits_to_keep=keep,
+        )
     return out.logits
 
 

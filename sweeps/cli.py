@@ -18,11 +18,19 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from patchscope_core import (Decoding, InputError, Patchscope, PatchscopeEngine, Source, Target, load_model,
-                                 model_info, resolve)
+    from patchscope_core import (
+        Decoding,
+        InputError,
+        Patchscope,
+        PatchscopeEngine,
+        Source,
+        Target,
+        load_model,
+        model_info,
+        resolve,
+    )
     from patchscope_core.mapping import Affine, Identity
     from patchscope_core.models import check_device
-
     from patchscope_core.values import check_seed, number_problem
 
     if args.seed is not None:
@@ -41,7 +49,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     resolve(spec, info, info)  # every input error surfaces here, before the weights load
     check_device(args.device, "--device")
     decoding = Decoding(
-        do_sample=args.seed is not None, seed=args.seed, temperature=args.temperature, stop_at_eos=not args.no_stop_at_eos
+        do_sample=args.seed is not None,
+        seed=args.seed,
+        temperature=args.temperature,
+        stop_at_eos=not args.no_stop_at_eos,
     )
     model = load_model(args.model, device=args.device)
     (result,) = PatchscopeEngine(model, name=args.model, decoding=decoding).run([spec])
@@ -50,11 +61,17 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     else:
         tok = model.tokenizer
         src = [tok.decode([t]) for t in result.source_token_ids]
-        print(f"source  [{args.model}] layer {args.source_layer}, position {result.source_position} "
-              f"({src[result.source_position]!r}) of {src}")
+        print(
+            f"source  [{args.model}] layer {args.source_layer}, position {result.source_position} "
+            f"({src[result.source_position]!r}) of {src}"
+        )
         print(f"target  [{args.model}] layer {args.target_layer}, positions {result.target_positions}")
-        print(f"first-token top-{len(result.top_token_ids)}: "
-              + ", ".join(f"{tok.decode([t])!r} {lp:.2f}" for t, lp in zip(result.top_token_ids[:5], result.top_logprobs[:5])))
+        print(
+            f"first-token top-{len(result.top_token_ids)}: "
+            + ", ".join(
+                f"{tok.decode([t])!r} {lp:.2f}" for t, lp in zip(result.top_token_ids[:5], result.top_logprobs[:5])
+            )
+        )
         print(f"generated: {result.generated_text!r}")
     return 0
 
@@ -87,7 +104,10 @@ def _kind(args: argparse.Namespace):
         "factor": ("--factor", lambda: args.factor),
         "source": ("--source-prompt", lambda: args.source_prompt),
         "source_position": ("--source-position", lambda: args.source_position),
-        "reference": ("--reference-prompts", lambda: _read_prompts(args.reference_prompts, "--reference-prompts") or None),
+        "reference": (
+            "--reference-prompts",
+            lambda: _read_prompts(args.reference_prompts, "--reference-prompts") or None,
+        ),
         "positive": ("--positive-prompts", lambda: _read_prompts(args.positive_prompts, "--positive-prompts") or None),
         "negative": ("--negative-prompts", lambda: _read_prompts(args.negative_prompts, "--negative-prompts") or None),
         "scale": ("--noise-scale", lambda: args.noise_scale),
@@ -106,22 +126,30 @@ def _kind(args: argparse.Namespace):
         if value is None:
             continue
         if name not in takes:
-            raise InputError(f"{option}: not used by --kind {args.kind} (it takes {', '.join(sorted(takes)) or 'nothing'})")
+            raise InputError(
+                f"{option}: not used by --kind {args.kind} (it takes {', '.join(sorted(takes)) or 'nothing'})"
+            )
         values[name] = value
     return cls(**values)
 
 
 def _cmd_intervene(args: argparse.Namespace) -> int:
-    from patchscope_core import Decoding, Engine, Intervention, InterventionRun, Positions, Site, load_model, model_info
+    from patchscope_core import Decoding, Engine, Intervention, InterventionRun, Positions, load_model, model_info
     from patchscope_core.interventions import resolve_run
     from patchscope_core.models import check_device
 
     site = _site(args)
     words = args.positions
-    positions = Positions.parse(words[0] if len(words) == 1 and not words[0].lstrip("-").isdigit()
-                                else _ints(words, "--positions"), "--positions")
-    run = InterventionRun(args.prompt, (Intervention(site, _kind(args), positions),), answer=args.answer,
-                          max_new_tokens=args.max_new_tokens)
+    positions = Positions.parse(
+        words[0] if len(words) == 1 and not words[0].lstrip("-").isdigit() else _ints(words, "--positions"),
+        "--positions",
+    )
+    run = InterventionRun(
+        args.prompt,
+        (Intervention(site, _kind(args), positions),),
+        answer=args.answer,
+        max_new_tokens=args.max_new_tokens,
+    )
     resolve_run(run, model_info(args.model), "run")  # every input error surfaces here, before the weights load
     check_device(args.device, "--device")
     model = load_model(args.model, device=args.device)
@@ -131,16 +159,21 @@ def _cmd_intervene(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_record()))
         return 0
     tok = model.tokenizer
-    where = f"from {' '.join(args.from_ or ['last'])} to {' '.join(args.to or [])} layers {args.layers}" \
-        if args.kind == "knockout" else f"positions {positions}"
+    where = (
+        f"from {' '.join(args.from_ or ['last'])} to {' '.join(args.to or [])} layers {args.layers}"
+        if args.kind == "knockout"
+        else f"positions {positions}"
+    )
     print(f"intervention  {args.kind} at {site} {where} on {args.model}")
     print(f"prompt        {[tok.decode([t]) for t in result.prompt_token_ids]}")
     print(f"generated     {result.generated_text!r}")
     print(f"clean         {result.clean_generated_text!r}")
     if result.answer_logprob is not None:
-        print(f"answer        {args.answer!r}: log p = {result.answer_logprob:.3f} (clean {result.clean_answer_logprob:.3f}, "
-              f"delta {result.answer_logprob - result.clean_answer_logprob:+.3f}); "
-              f"p(first token) = {result.p_answer:.4f} (clean {result.p_answer_clean:.4f})")
+        print(
+            f"answer        {args.answer!r}: log p = {result.answer_logprob:.3f} (clean {result.clean_answer_logprob:.3f}, "
+            f"delta {result.answer_logprob - result.clean_answer_logprob:+.3f}); "
+            f"p(first token) = {result.p_answer:.4f} (clean {result.p_answer_clean:.4f})"
+        )
     return 0
 
 
@@ -185,7 +218,9 @@ def _ints(words: list[str], field: str) -> list[int]:
     try:
         return [int(w) for w in words]
     except ValueError:
-        raise InputError(f"{field}: expected integers, or one of all, prompt, generated; got {' '.join(words)!r}") from None
+        raise InputError(
+            f"{field}: expected integers, or one of all, prompt, generated; got {' '.join(words)!r}"
+        ) from None
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
@@ -213,7 +248,9 @@ def _add_inspect(sub) -> None:
     i.add_argument("--model", default="smollm2-135m")
     i.add_argument("--source-prompt", required=True)
     i.add_argument("--source-layer", type=int, required=True, help="layer l: residual stream after block l")
-    i.add_argument("--source-position", type=int, default=-1, help="token index, BOS included; negative counts from the end")
+    i.add_argument(
+        "--source-position", type=int, default=-1, help="token index, BOS included; negative counts from the end"
+    )
     i.add_argument("--target-prompt", required=True)
     i.add_argument("--target-layer", type=int, required=True)
     i.add_argument("--target-position", type=int, nargs="+", default=[-1], help="one or more positions")
@@ -236,8 +273,12 @@ def _add_intervene(sub) -> None:
     v.add_argument("--head", type=int, nargs="+", help="attn.hook_z, knockout: the heads to act on (default all)")
     v.add_argument("--neuron", type=int, nargs="+", help="mlp.hook_post: the neurons to act on (default all)")
     v.add_argument("--kind", required=True, choices=list(INTERVENTION_KINDS))
-    v.add_argument("--positions", nargs="+", default=["all"],
-                   help="prompt positions (BOS counted; negatives from the end), or all | prompt | generated (default all)")
+    v.add_argument(
+        "--positions",
+        nargs="+",
+        default=["all"],
+        help="prompt positions (BOS counted; negatives from the end), or all | prompt | generated (default all)",
+    )
     v.add_argument("--vector", help="replace/add: a [d] tensor (.safetensors or .pt)")
     v.add_argument("--alpha", type=float, help="add: alpha x vector")
     v.add_argument("--factor", type=float, help="scale: the factor")
@@ -248,11 +289,15 @@ def _add_intervene(sub) -> None:
     v.add_argument("--negative-prompts", help="... these prompts' mean is the vector")
     v.add_argument("--noise-scale", type=float, help="noise: x the site's std over the reference prompts (default 3)")
     v.add_argument("--seed", type=int, help="noise: the seed (default 0)")
-    v.add_argument("--from", dest="from_", nargs="+", help="knockout: the queries: last, generated, positions (default last)")
+    v.add_argument(
+        "--from", dest="from_", nargs="+", help="knockout: the queries: last, generated, positions (default last)"
+    )
     v.add_argument("--to", nargs="+", help="knockout: the keys: positions, subject, non_subject, last, all_previous")
     v.add_argument("--layers", help="knockout: the layers, a..b (or one layer)")
     v.add_argument("--subject", help="knockout: the subject (a substring of the prompt) for --to subject / non_subject")
-    v.add_argument("--answer", help="score this continuation: teacher-forced log-probability, with and without the intervention")
+    v.add_argument(
+        "--answer", help="score this continuation: teacher-forced log-probability, with and without the intervention"
+    )
     v.add_argument("--max-new-tokens", type=int, default=20)
     _run_options(v)
     v.set_defaults(func=_cmd_intervene)

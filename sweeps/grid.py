@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from .config.models import ModelPlan
 from .kinds import KINDS
@@ -58,7 +59,9 @@ def worker_settings(config) -> dict[str, Any]:
     }
 
 
-def group_sizes(config, rows: list, plans: dict[str, ModelPlan], context: Any = None) -> Iterator[tuple[str, int, bool]]:
+def group_sizes(
+    config, rows: list, plans: dict[str, ModelPlan], context: Any = None
+) -> Iterator[tuple[str, int, bool]]:
     """(model, cells, one task) for each task group, counted without expanding; `one task`: the
     group's cells form a single task."""
     kind = KINDS[config.kind]
@@ -75,11 +78,14 @@ def count_cells(config, rows: list, plans: dict[str, ModelPlan], context: Any = 
 
 
 def count_tasks(config, rows: list, plans: dict[str, ModelPlan], context: Any = None) -> int:
-    return sum(_tasks_of(n, one, config.execution.batch_size) for _, n, one in group_sizes(config, rows, plans, context))
+    return sum(
+        _tasks_of(n, one, config.execution.batch_size) for _, n, one in group_sizes(config, rows, plans, context)
+    )
 
 
-def count_todo(config, rows: list, plans: dict[str, ModelPlan], stored: set[str] | frozenset,
-               context: Any = None) -> dict[str, tuple[int, int]]:
+def count_todo(
+    config, rows: list, plans: dict[str, ModelPlan], stored: set[str] | frozenset, context: Any = None
+) -> dict[str, tuple[int, int]]:
     """{model: (cells, tasks)} of what is not in `stored` yet, without building any cell (and
     without a look at a single cell when nothing is stored)."""
     ids = cell_ids(config, rows, plans, context) if stored else None
@@ -97,8 +103,9 @@ def cell_ids(config, rows: list, plans: dict[str, ModelPlan], context: Any = Non
     return KINDS[config.kind].cell_ids(config, rows, plans, context)
 
 
-def iter_cells(config, rows: list, plans: dict[str, ModelPlan], skip: set[str] | frozenset = frozenset(),
-               context: Any = None) -> Iterator[Any]:
+def iter_cells(
+    config, rows: list, plans: dict[str, ModelPlan], skip: set[str] | frozenset = frozenset(), context: Any = None
+) -> Iterator[Any]:
     """Every cell of the grid whose id is not in `skip`, in a fixed order, without duplicates,
     one at a time; the cells of one task group come together."""
     return (c for c in KINDS[config.kind].cells(config, rows, plans, context) if c.cell_id not in skip)

@@ -46,8 +46,9 @@ def note(text: str, width: int = 16, lines: int = 3) -> str:
     return "\n".join(wrapped)
 
 
-def heatmap(matrix, rows: list[str], cols: list[Any], title: str, xlabel: str, ylabel: str, cbar: str,
-            path: Path, notes=None) -> Path:
+def heatmap(
+    matrix, rows: list[str], cols: list[Any], title: str, xlabel: str, ylabel: str, cbar: str, path: Path, notes=None
+) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -73,8 +74,9 @@ def _draw_heatmap(matrix, rows, cols, title, xlabel, ylabel, cbar, path, notes) 
             for j in range(len(cols)):
                 if notes[i][j]:
                     dark = (matrix[i][j] - lo) / ((hi - lo) or 1) < 0.5
-                    ax.text(j, i, notes[i][j], ha="center", va="center", fontsize=6.5,
-                            color="white" if dark else "black")
+                    ax.text(
+                        j, i, notes[i][j], ha="center", va="center", fontsize=6.5, color="white" if dark else "black"
+                    )
     fig.colorbar(im, ax=ax, label=cbar, fraction=0.03)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -41,7 +41,9 @@ def config_hash(config, rows: list, context: Any = None) -> str:
     context, generation); execution and output settings may change between resumed runs."""
     kind = KINDS[config.kind]
     sections = set(kind.sections) | {"kind", "models", "generation"}
-    science = kind.science(config.model_dump(mode="json", include=sections, exclude_defaults=False), config, rows, context)
+    science = kind.science(
+        config.model_dump(mode="json", include=sections, exclude_defaults=False), config, rows, context
+    )
     blob = json.dumps(science, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -16,16 +16,31 @@ import re
 from pathlib import Path
 
 BEGIN, END = "<!-- architectures:begin -->", "<!-- architectures:end -->"
-COLUMNS = ["hook_embed", "blocks.{l}.hook_resid_pre", "blocks.{l}.hook_resid_post", "blocks.{l}.hook_attn_out",
-           "blocks.{l}.hook_mlp_out", "blocks.{l}.attn.hook_z", "blocks.{l}.mlp.hook_post", "head ablation"]
+COLUMNS = [
+    "hook_embed",
+    "blocks.{l}.hook_resid_pre",
+    "blocks.{l}.hook_resid_post",
+    "blocks.{l}.hook_attn_out",
+    "blocks.{l}.hook_mlp_out",
+    "blocks.{l}.attn.hook_z",
+    "blocks.{l}.mlp.hook_post",
+    "head ablation",
+]
 
 
 def cell(outcome: str | None) -> str:
     if outcome is None:
         return ""
-    for prefix, text in (("ok (no effect", "yes (no effect)"), ("ok", "yes"), ("refused (run)", "refused (layer)"),
-                         ("refused", "refused"), ("known gap", "**gap**"), ("not compared", "bridge hook never fires"),
-                         ("not checked", "n/a"), ("FAILED", "**FAILS**")):
+    for prefix, text in (
+        ("ok (no effect", "yes (no effect)"),
+        ("ok", "yes"),
+        ("refused (run)", "refused (layer)"),
+        ("refused", "refused"),
+        ("known gap", "**gap**"),
+        ("not compared", "bridge hook never fires"),
+        ("not checked", "n/a"),
+        ("FAILED", "**FAILS**"),
+    ):
         if outcome.startswith(prefix):
             if prefix == "refused" and "mixture-of-experts" in outcome:
                 return "refused (MoE)"

@@ -50,7 +50,6 @@ def no_weights(monkeypatch):
 def ray_cluster():
     """One local Ray cluster (2 CPUs) for the whole session; token auth off as for every test cluster."""
     import ray
-
     from ray._private import ray_constants
 
     mp = pytest.MonkeyPatch()

@@ -21,9 +21,13 @@ import signal
 import sys
 import time
 
-os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
-                  RAY_health_check_period_ms="1000", RAY_health_check_timeout_ms="1000",
-                  RAY_health_check_failure_threshold="3")
+os.environ.update(
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+    RAY_AUTH_MODE="disabled",
+    RAY_health_check_period_ms="1000",
+    RAY_health_check_timeout_ms="1000",
+    RAY_health_check_failure_threshold="3",
+)
 
 
 def main(temp_dir: str, n_nodes: int = 2) -> None:
@@ -37,9 +41,21 @@ def main(temp_dir: str, n_nodes: int = 2) -> None:
     cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=1, include_dashboard=False, temp_dir=temp_dir))
     nodes = [cluster.head_node] + [cluster.add_node(num_cpus=1) for _ in range(n_nodes - 1)]
     signal.signal(signal.SIGTERM, lambda *_: (cluster.shutdown(), sys.exit(0)))
-    print(json.dumps({"address": cluster.address, "nodes": [
-        {"node_id": n.node_id, "raylet_pid": n.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid}
-        for n in nodes]}), flush=True)
+    print(
+        json.dumps(
+            {
+                "address": cluster.address,
+                "nodes": [
+                    {
+                        "node_id": n.node_id,
+                        "raylet_pid": n.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid,
+                    }
+                    for n in nodes
+                ],
+            }
+        ),
+        flush=True,
+    )
     while True:
         time.sleep(1)
 

@@ -108,8 +108,13 @@ class ReferenceIntervention:
         assert all(-n_prompt <= p < n_prompt for p in where.indices)
         self.on_prompt, self.on_generated = where.prompt, where.generated
         cfg = model.cfg
-        self.shape = shape or ((cfg.n_heads, cfg.d_head) if self.name.endswith("attn.hook_z")
-                      else (cfg.d_mlp,) if self.name.endswith("mlp.hook_post") else (cfg.d_model,))
+        self.shape = shape or (
+            (cfg.n_heads, cfg.d_head)
+            if self.name.endswith("attn.hook_z")
+            else (cfg.d_mlp,)
+            if self.name.endswith("mlp.hook_post")
+            else (cfg.d_model,)
+        )
         self.mask = torch.ones(self.shape, dtype=torch.bool)
         if site.head:
             self.mask = torch.zeros(self.shape, dtype=torch.bool)
@@ -129,24 +134,37 @@ class ReferenceIntervention:
 
         self.value = None  # what the kind needs, [*shape] or [tokens, *shape]
         if isinstance(kind, Add):
-            self.value = kind.alpha * (fit(kind.vector) if kind.vector is not None
-                                       else mean(kind.positive) - mean(kind.negative))
+            self.value = kind.alpha * (
+                fit(kind.vector) if kind.vector is not None else mean(kind.positive) - mean(kind.negative)
+            )
         elif isinstance(kind, Mean):
             self.value = mean(kind.reference)
         elif isinstance(kind, Replace):
-            self.value = (fit(kind.vector) if kind.vector is not None
-                          else site_values(model, model.to_tokens(kind.source)[0].tolist(), self.name)[kind.source_position])
+            self.value = (
+                fit(kind.vector)
+                if kind.vector is not None
+                else site_values(model, model.to_tokens(kind.source)[0].tolist(), self.name)[kind.source_position]
+            )
         elif isinstance(kind, Resample):
             self.value = site_values(model, model.to_tokens(kind.source)[0].tolist(), self.name)
         elif isinstance(kind, Noise):
-            std = kind.std if kind.std is not None else float(non_bos_values(model, kind.reference, self.name).double().std())
+            std = (
+                kind.std
+                if kind.std is not None
+                else float(non_bos_values(model, kind.reference, self.name).double().std())
+            )
             self.sigma = kind.scale * std
         else:
             assert isinstance(kind, (Scale, Zero)), kind
 
     def selected(self, n_tokens: int) -> list[int]:
-        return [p for p in range(n_tokens) if p in self.explicit or (self.on_prompt and p < self.n_prompt)
-                or (self.on_generated and p >= self.n_prompt)]
+        return [
+            p
+            for p in range(n_tokens)
+            if p in self.explicit
+            or (self.on_prompt and p < self.n_prompt)
+            or (self.on_generated and p >= self.n_prompt)
+        ]
 
     def new_value(self, x: torch.Tensor, p: int) -> torch.Tensor:
         from patchscope_core.interventions import Add, Mean, Noise, Replace, Resample, Scale, Zero, noise_at
@@ -174,7 +192,7 @@ class ReferenceIntervention:
             x[0, p] = torch.where(self.mask, self.new_value(x[0, p], p), x[0, p])
         return x
 
-    def hook(self) -> tuple[str, "ReferenceIntervention"]:
+    def hook(self) -> tuple[str, ReferenceIntervention]:
         return (self.name, self)
 
 

@@ -41,19 +41,54 @@ ARCHITECTURES = sorted(a for a in SUPPORTED_ARCHITECTURES if a.endswith(("ForCau
 # Sites that still disagree with the bridge, each with what is known; the test fails when one
 # of them starts to agree (remove it here then) and records them as gaps in the README table.
 KNOWN_GAPS = {
-    ("DeepseekV2ForCausalLM", "blocks.{l}.attn.hook_z"): "multi-head latent attention: the bridge's hook_z is not the o_proj input",
-    ("GlmMoeDsaForCausalLM", "blocks.{l}.attn.hook_z"): "multi-head latent attention: the bridge's hook_z is not the o_proj input",
+    (
+        "DeepseekV2ForCausalLM",
+        "blocks.{l}.attn.hook_z",
+    ): "multi-head latent attention: the bridge's hook_z is not the o_proj input",
+    (
+        "GlmMoeDsaForCausalLM",
+        "blocks.{l}.attn.hook_z",
+    ): "multi-head latent attention: the bridge's hook_z is not the o_proj input",
     ("Lfm2ForCausalLM", "blocks.{l}.mlp.hook_post"): "the bridge's hook_post (128 wide) is not w2's input (256 wide)",
-    ("OlmoHybridForCausalLM", "blocks.{l}.hook_attn_out"): "heterogeneous layers: the adapter's static mapping names a module layer 1 lacks",
-    ("OlmoHybridForCausalLM", "blocks.{l}.hook_mlp_out"): "heterogeneous layers: the adapter's static mapping names a module layer 1 lacks",
+    (
+        "OlmoHybridForCausalLM",
+        "blocks.{l}.hook_attn_out",
+    ): "heterogeneous layers: the adapter's static mapping names a module layer 1 lacks",
+    (
+        "OlmoHybridForCausalLM",
+        "blocks.{l}.hook_mlp_out",
+    ): "heterogeneous layers: the adapter's static mapping names a module layer 1 lacks",
 }
-TINY = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-            intermediate_size=128, ffn_dim=128, max_position_embeddings=256, initializer_range=0.2,
-            num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-            shared_expert_intermediate_size=32, rotary_dim=16, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
-            qk_nope_head_dim=8, qk_head_dim=16, v_head_dim=16, is_decoder=True, attention_types=[[["global"], 3]],
-            residual_multiplier=0.5,  # Granite: the block scales its sublayer outputs (1.0 by default would hide it)
-            bos_token_id=0, eos_token_id=1, pad_token_id=2, use_cache=True)
+TINY = dict(
+    hidden_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    intermediate_size=128,
+    ffn_dim=128,
+    max_position_embeddings=256,
+    initializer_range=0.2,
+    num_local_experts=4,
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=32,
+    rotary_dim=16,
+    q_lora_rank=32,
+    kv_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    qk_head_dim=16,
+    v_head_dim=16,
+    is_decoder=True,
+    attention_types=[[["global"], 3]],
+    residual_multiplier=0.5,  # Granite: the block scales its sublayer outputs (1.0 by default would hide it)
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=2,
+    use_cache=True,
+)
 
 
 def tiny_model(architecture: str, seed: int = 0):
@@ -115,8 +150,10 @@ def sites_of(bridge, d_mlp: int) -> list[Site]:
     sites = []
     for form in SITES:
         layers = [LAYER] + [l for l in range(bridge.cfg.n_layers) if l != LAYER]
-        hook = next((h for h in (form.replace("{l}", str(l)) for l in layers) if h in bridge.hook_dict),
-                    form.replace("{l}", str(LAYER)))
+        hook = next(
+            (h for h in (form.replace("{l}", str(l)) for l in layers) if h in bridge.hook_dict),
+            form.replace("{l}", str(LAYER)),
+        )
         if hook.endswith("attn.hook_z"):
             sites.append(Site(hook, head=HEAD))
         elif hook.endswith("mlp.hook_post"):
@@ -152,7 +189,9 @@ def check_site(bridge, engine, site: Site, prompt_ids) -> str:
     (got,) = engine.logits([InterventionRun(PROMPT, run.interventions)])
     bridge_effect, effect = float((want - clean).abs().max()), float((got - clean).abs().max())
     if bridge_effect > 1e-3:
-        assert effect > 1e-3, f"{site}: a silent no-op (the bridge's own hook changes the logits by {bridge_effect:.3g})"
+        assert effect > 1e-3, (
+            f"{site}: a silent no-op (the bridge's own hook changes the logits by {bridge_effect:.3g})"
+        )
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0, msg=lambda m: f"{site} logits: {m}")
     (result,) = engine.run([run], batch_size=1)
     tokens, logits = uncached_generation(bridge, prompt, hooks, N_NEW)
@@ -193,7 +232,9 @@ def test_every_site_acts_and_equals_the_bridge(architecture, results):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            bridge = TransformerBridge.boot_transformers(architecture, hf_model=model, tokenizer=tokenizer, device="cpu")
+            bridge = TransformerBridge.boot_transformers(
+                architecture, hf_model=model, tokenizer=tokenizer, device="cpu"
+            )
             hooked_logits(bridge, bridge.to_tokens(PROMPT)[0].tolist(), [])
     except Exception as exc:  # noqa: BLE001 - the bridge's reason is the skip reason
         reason = f"{type(exc).__name__}: {exc}".replace("\n", " ")
@@ -220,6 +261,10 @@ def test_every_site_acts_and_equals_the_bridge(architecture, results):
                 failures.append(f"{site}: {exc}")
         if (architecture, form) in KNOWN_GAPS and not outcome[form].startswith("known gap"):
             failures.append(f"{site}: listed in KNOWN_GAPS but now {outcome[form]!r}: remove it there")
-    results[architecture] = {"status": "failed" if failures else "passed", "sites": outcome,
-                             "peeled": not fallback, "fallback": fallback}
+    results[architecture] = {
+        "status": "failed" if failures else "passed",
+        "sites": outcome,
+        "peeled": not fallback,
+        "fallback": fallback,
+    }
     assert not failures, "\n".join(failures)

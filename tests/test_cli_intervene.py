@@ -13,8 +13,13 @@ PROMPT = "The quick brown fox jumps over"
 
 
 def args(**over) -> list[str]:
-    a = {"--model": "tiny-llama", "--prompt": PROMPT, "--site": "blocks.1.attn.hook_z", "--kind": "zero",
-         "--max-new-tokens": "5"}
+    a = {
+        "--model": "tiny-llama",
+        "--prompt": PROMPT,
+        "--site": "blocks.1.attn.hook_z",
+        "--kind": "zero",
+        "--max-new-tokens": "5",
+    }
     a.update(over)
     out = ["intervene"]
     for k, v in a.items():
@@ -25,15 +30,27 @@ def args(**over) -> list[str]:
 def test_json_has_generation_answer_scores_and_the_clean_baseline(tiny_models, capsys):
     assert main(args(**{"--head": "2", "--answer": " lazy dog", "--json": [], "--no-stop-at-eos": []})) == 0
     out = json.loads(capsys.readouterr().out)
-    for key in ("prompt_token_ids", "generated_token_ids", "generated_text", "clean_generated_token_ids",
-                "answer_token_ids", "answer_logprobs", "answer_logprob", "clean_answer_logprob", "top_token_ids",
-                "top_logprobs", "p_answer", "p_answer_clean"):
+    for key in (
+        "prompt_token_ids",
+        "generated_token_ids",
+        "generated_text",
+        "clean_generated_token_ids",
+        "answer_token_ids",
+        "answer_logprobs",
+        "answer_logprob",
+        "clean_answer_logprob",
+        "top_token_ids",
+        "top_logprobs",
+        "p_answer",
+        "p_answer_clean",
+    ):
         assert key in out, key
     assert len(out["generated_token_ids"]) == len(out["clean_generated_token_ids"]) == 5
     assert len(out["answer_logprobs"]) == len(out["answer_token_ids"]) > 0
     assert out["answer_logprob"] == pytest.approx(sum(out["answer_logprobs"]))
-    assert out["interventions"] == [{"site": "blocks.1.attn.hook_z", "head": [2], "neuron": [], "kind": "zero",
-                                     "positions": "all"}]
+    assert out["interventions"] == [
+        {"site": "blocks.1.attn.hook_z", "head": [2], "neuron": [], "kind": "zero", "positions": "all"}
+    ]
     # the reference: the bridge's own hook zeroing head 2 at every position, teacher-forced
     model = tiny_models["tiny-llama"]
     ids = torch.tensor([out["prompt_token_ids"] + out["answer_token_ids"]])
@@ -56,27 +73,63 @@ def test_vector_file_and_reference_prompts(tiny_models, tmp_path, capsys):
     from safetensors.torch import save_file
 
     save_file({"vector": torch.ones(64)}, str(tmp_path / "v.safetensors"))
-    assert main(args(**{"--site": "blocks.2.hook_resid_post", "--kind": "add", "--vector": str(tmp_path / "v.safetensors"),
-                        "--alpha": "4", "--positions": "generated", "--json": []})) == 0
+    assert (
+        main(
+            args(
+                **{
+                    "--site": "blocks.2.hook_resid_post",
+                    "--kind": "add",
+                    "--vector": str(tmp_path / "v.safetensors"),
+                    "--alpha": "4",
+                    "--positions": "generated",
+                    "--json": [],
+                }
+            )
+        )
+        == 0
+    )
     added = json.loads(capsys.readouterr().out)
     assert added["generated_token_ids"][0] == added["clean_generated_token_ids"][0]  # generated positions only
     (tmp_path / "refs.txt").write_text("Paris is the capital of France.\n\nWater is a liquid.\n")
-    assert main(args(**{"--site": "hook_embed", "--kind": "noise", "--reference-prompts": str(tmp_path / "refs.txt"),
-                        "--noise-scale": "3", "--seed": "1", "--positions": ["1", "2"], "--json": []})) == 0
+    assert (
+        main(
+            args(
+                **{
+                    "--site": "hook_embed",
+                    "--kind": "noise",
+                    "--reference-prompts": str(tmp_path / "refs.txt"),
+                    "--noise-scale": "3",
+                    "--seed": "1",
+                    "--positions": ["1", "2"],
+                    "--json": [],
+                }
+            )
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["interventions"][0]["positions"] == "1,2"
 
 
-@pytest.mark.parametrize("over, message", [
-    ({"--site": "blocks.1.hook_foo"}, "run.interventions[0].site: unknown site 'blocks.1.hook_foo'; valid sites: hook_embed"),
-    ({"--head": "7"}, "head: 7 is out of range 0 .. 3"),
-    ({"--kind": "add"}, "add needs a vector"),
-    ({"--kind": "zero", "--alpha": "2"}, "--alpha: not used by --kind zero"),
-    ({"--kind": "noise", "--noise-scale": "-1", "--reference-prompts": "MISSING"}, "--reference-prompts: no such file"),
-    ({"--answer": ""}, "run.answer: empty answer"),
-    ({"--positions": ["3", "x"]}, "--positions: expected integers"),
-    ({"--positions": "40"}, "run.interventions[0].positions: 40 is out of range"),
-    ({"--vector": "MISSING.pt", "--kind": "add"}, "--vector: no such file"),
-])
+@pytest.mark.parametrize(
+    "over, message",
+    [
+        (
+            {"--site": "blocks.1.hook_foo"},
+            "run.interventions[0].site: unknown site 'blocks.1.hook_foo'; valid sites: hook_embed",
+        ),
+        ({"--head": "7"}, "head: 7 is out of range 0 .. 3"),
+        ({"--kind": "add"}, "add needs a vector"),
+        ({"--kind": "zero", "--alpha": "2"}, "--alpha: not used by --kind zero"),
+        (
+            {"--kind": "noise", "--noise-scale": "-1", "--reference-prompts": "MISSING"},
+            "--reference-prompts: no such file",
+        ),
+        ({"--answer": ""}, "run.answer: empty answer"),
+        ({"--positions": ["3", "x"]}, "--positions: expected integers"),
+        ({"--positions": "40"}, "run.interventions[0].positions: 40 is out of range"),
+        ({"--vector": "MISSING.pt", "--kind": "add"}, "--vector: no such file"),
+    ],
+)
 def test_bad_input_is_one_line_naming_the_field_before_any_weights(no_weights, capsys, over, message):
     assert main(args(**over)) == 2
     err = capsys.readouterr().err
@@ -85,7 +138,10 @@ def test_bad_input_is_one_line_naming_the_field_before_any_weights(no_weights, c
 
 def test_a_vector_of_the_wrong_width_or_a_pickle_is_refused(no_weights, tmp_path, capsys):
     torch.save(torch.ones(32), tmp_path / "narrow.pt")
-    assert main(args(**{"--kind": "add", "--vector": str(tmp_path / "narrow.pt"), "--site": "blocks.1.hook_resid_post"})) == 2
+    assert (
+        main(args(**{"--kind": "add", "--vector": str(tmp_path / "narrow.pt"), "--site": "blocks.1.hook_resid_post"}))
+        == 2
+    )
     assert "shape [32] does not fit blocks.1.hook_resid_post" in capsys.readouterr().err
     (tmp_path / "text.pt").write_text("not a tensor")
     assert main(args(**{"--kind": "add", "--vector": str(tmp_path / "text.pt")})) == 2

@@ -13,8 +13,16 @@ CLEAN, CORRUPTED = "The fox jumps over the", "The fix jumps over the"
 
 
 def args(**over) -> list[str]:
-    a = {"--model": "tiny-llama", "--clean": CLEAN, "--corrupted": CORRUPTED, "--answer": " dog",
-         "--wrong-answer": " cat", "--site": "blocks.{layer}.attn.hook_z", "--layer": "2", "--head": "1"}
+    a = {
+        "--model": "tiny-llama",
+        "--clean": CLEAN,
+        "--corrupted": CORRUPTED,
+        "--answer": " dog",
+        "--wrong-answer": " cat",
+        "--site": "blocks.{layer}.attn.hook_z",
+        "--layer": "2",
+        "--head": "1",
+    }
     a.update(over)
     out = ["patch"]
     for k, v in a.items():
@@ -30,7 +38,9 @@ def test_json_grid_equals_the_bridge_patching_each_cell(tiny_models, capsys):
     clean, corrupted = model.to_tokens(CLEAN), model.to_tokens(CORRUPTED)
     n = clean.shape[1]
     assert out["clean_tokens"] == [model.tokenizer.decode([t]) for t in clean[0].tolist()]
-    assert [(c["position"], c["direction"]) for c in out["cells"]] == [(p, d) for p in range(n) for d in ("denoising", "noising")]
+    assert [(c["position"], c["direction"]) for c in out["cells"]] == [
+        (p, d) for p in range(n) for d in ("denoising", "noising")
+    ]
     a = model.tokenizer(" dog", add_special_tokens=False)["input_ids"][0]
     w = model.tokenizer(" cat", add_special_tokens=False)["input_ids"][0]
     with torch.no_grad():
@@ -57,15 +67,18 @@ def test_all_positions_and_text_output(tiny_models, capsys):
     assert "all positions" in text and "recovered 1.000" in text
 
 
-@pytest.mark.parametrize("over,field", [
-    ({"--corrupted": "The dog jumps over the"}, "pair:"),
-    ({"--wrong-answer": " dog"}, "pair.wrong_answer:"),
-    ({"--wrong-answer": None}, "pair.wrong_answer:"),
-    ({"--site": "attn.hook_zz"}, "patching.sites[0]:"),
-    ({"--site": "attn.hook_v", "--head": "2"}, "patching.heads:"),
-    ({"--position": "40"}, "patching.positions:"),
-    ({"--layer": "x"}, "--layer:"),
-])
+@pytest.mark.parametrize(
+    "over,field",
+    [
+        ({"--corrupted": "The dog jumps over the"}, "pair:"),
+        ({"--wrong-answer": " dog"}, "pair.wrong_answer:"),
+        ({"--wrong-answer": None}, "pair.wrong_answer:"),
+        ({"--site": "attn.hook_zz"}, "patching.sites[0]:"),
+        ({"--site": "attn.hook_v", "--head": "2"}, "patching.heads:"),
+        ({"--position": "40"}, "patching.positions:"),
+        ({"--layer": "x"}, "--layer:"),
+    ],
+)
 def test_bad_input_exits_2_naming_the_field_before_weights_load(no_weights, capsys, over, field):
     assert main(args(**over)) == 2
     err = capsys.readouterr().err

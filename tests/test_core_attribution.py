@@ -12,8 +12,10 @@ from patchscope_core import Engine, InputError, model_info
 from patchscope_core.attribution import Attributor, check_attribution
 from patchscope_core.patching import Pair, check_pair
 
-PAIRS = [Pair("The fox jumps over the", "The fix jumps over the", " dog", " cat"),
-         Pair("The fox jumps over the", "The fax jumps over the", " dog", " cat")]
+PAIRS = [
+    Pair("The fox jumps over the", "The fix jumps over the", " dog", " cat"),
+    Pair("The fox jumps over the", "The fax jumps over the", " dog", " cat"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +27,9 @@ def tl_scores(bridge, checked):
     def metric(logits):
         return logits[0, -1, checked.answer_ids[0]] - logits[0, -1, checked.wrong_id]
 
-    return attribution_patch(bridge, torch.tensor([checked.clean_ids]), torch.tensor([checked.corrupted_ids]),
-                             metric).node_scores
+    return attribution_patch(
+        bridge, torch.tensor([checked.clean_ids]), torch.tensor([checked.corrupted_ids]), metric
+    ).node_scores
 
 
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
@@ -39,8 +42,12 @@ def test_head_and_mlp_estimates_equal_transformer_lens(engines, model):
         z, z_all = res.estimates[("atp", "attn.hook_z")]
         mlp, _ = res.estimates[("atp", "hook_mlp_out")]
         m = z.shape[1]
-        want_z = torch.tensor([[[scores[Node("attn_head_out", p, l, h)] for h in range(info.n_heads)] for p in range(m)]
-                               for l in range(info.n_layers)])
+        want_z = torch.tensor(
+            [
+                [[scores[Node("attn_head_out", p, l, h)] for h in range(info.n_heads)] for p in range(m)]
+                for l in range(info.n_layers)
+            ]
+        )
         want_mlp = torch.tensor([[[scores[Node("mlp_out", p, l)]] for p in range(m)] for l in range(info.n_layers)])
         assert torch.allclose(z, want_z, rtol=1e-4, atol=1e-6 * want_z.abs().max())
         assert torch.allclose(mlp, want_mlp, rtol=1e-4, atol=1e-6 * want_mlp.abs().max())
@@ -63,8 +70,16 @@ def moved(bridge, checked, hooks):
         return float(metric_of(checked)(bridge.run_with_hooks(torch.tensor([checked.corrupted_ids]), fwd_hooks=hooks)))
 
 
-SITES = ["attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z", "hook_attn_out", "hook_mlp_out", "mlp.hook_post",
-         "hook_resid_pre"]
+SITES = [
+    "attn.hook_q",
+    "attn.hook_k",
+    "attn.hook_v",
+    "attn.hook_z",
+    "hook_attn_out",
+    "hook_mlp_out",
+    "mlp.hook_post",
+    "hook_resid_pre",
+]
 
 
 @pytest.mark.parametrize("site", SITES)
@@ -89,7 +104,9 @@ def test_estimate_is_the_first_order_term_of_exact_patching(engines, site):
 
         return fn
 
-    fd = (moved(engine.model, checked, [(name, hook(1))]) - moved(engine.model, checked, [(name, hook(-1))])) / (2 * eps)
+    fd = (moved(engine.model, checked, [(name, hook(1))]) - moved(engine.model, checked, [(name, hook(-1))])) / (
+        2 * eps
+    )
     assert abs(float(est[0, p, u])) > 1e-3
     assert fd == pytest.approx(float(est[0, p, u]), rel=1e-2)
 
@@ -121,7 +138,9 @@ def test_qk_fix_is_the_pattern_change_of_the_patched_query_or_key_to_first_order
     def write(sign):
         return lambda x, hook: corr[pat] + sign * eps * (new["A"] - corr[pat])
 
-    fd = (moved(engine.model, checked, [(pat, write(1))]) - moved(engine.model, checked, [(pat, write(-1))])) / (2 * eps)
+    fd = (moved(engine.model, checked, [(pat, write(1))]) - moved(engine.model, checked, [(pat, write(-1))])) / (
+        2 * eps
+    )
     assert abs(float(est[0, p, u])) > 1e-4
     assert fd == pytest.approx(float(est[0, p, u]), rel=1e-2)
     assert float(est[0, p, u]) != pytest.approx(float(res.estimates[("atp", site)][0][0, p, u]), rel=1e-3)
@@ -148,7 +167,9 @@ def test_graddrop_equals_backwards_with_each_layers_contribution_detached(engine
             return fn
 
         hooks = [(f"blocks.{drop}.hook_{w}_out", lambda x, hook: x.detach()) for w in ("attn", "mlp")]
-        hooks += [(f"blocks.{l}.{s}", probe(f"blocks.{l}.{s}")) for l in range(info.n_layers) for s in sites if l != drop]
+        hooks += [
+            (f"blocks.{l}.{s}", probe(f"blocks.{l}.{s}")) for l in range(info.n_layers) for s in sites if l != drop
+        ]
         with torch.enable_grad():
             metric = metric_of(checked)(bridge.run_with_hooks(torch.tensor([checked.corrupted_ids]), fwd_hooks=hooks))
             names = list(zeros)
@@ -161,7 +182,13 @@ def test_graddrop_equals_backwards_with_each_layers_contribution_detached(engine
                     per_layer.append(torch.zeros(clean[n].shape[1], 1 if s == "hook_mlp_out" else info.n_heads))
                     continue
                 prod = ((clean[n] - corr[n]) * g)[0]
-                per_layer.append(prod.reshape(prod.shape[0], per_layer[0].shape[-1] if per_layer else prod.shape[1] if s != "hook_mlp_out" else 1, -1).sum(-1))
+                per_layer.append(
+                    prod.reshape(
+                        prod.shape[0],
+                        per_layer[0].shape[-1] if per_layer else prod.shape[1] if s != "hook_mlp_out" else 1,
+                        -1,
+                    ).sum(-1)
+                )
             total[s] = total[s] + torch.stack(per_layer).abs()
     for s in sites:
         got = res.scores[("atp_star", s)][0]
@@ -169,12 +196,15 @@ def test_graddrop_equals_backwards_with_each_layers_contribution_detached(engine
         assert not torch.allclose(got, res.estimates[("atp_star", s)][0].abs(), rtol=1e-2), s
 
 
-@pytest.mark.parametrize("kwargs,field", [
-    ({"sites": ["blocks.{layer}.attn.hook_x"]}, "attribution.sites[0]:"),
-    ({"sites": ["attn.hook_z"], "method": "eap"}, "attribution.method:"),
-    ({"sites": ["attn.hook_z"], "layers": [4]}, "attribution.layers:"),
-    ({"sites": ["attn.hook_z"], "metric": "accuracy"}, "attribution.metric:"),
-])
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"sites": ["blocks.{layer}.attn.hook_x"]}, "attribution.sites[0]:"),
+        ({"sites": ["attn.hook_z"], "method": "eap"}, "attribution.method:"),
+        ({"sites": ["attn.hook_z"], "layers": [4]}, "attribution.layers:"),
+        ({"sites": ["attn.hook_z"], "metric": "accuracy"}, "attribution.metric:"),
+    ],
+)
 def test_bad_input_is_refused_before_weights_load(no_weights, kwargs, field):
     with pytest.raises(InputError) as err:
         check_attribution(model_info("tiny-llama"), **kwargs)
@@ -189,13 +219,18 @@ def test_fused_qkv_is_refused(no_weights):
 @pytest.mark.smollm2
 def test_smollm2_ioi_equals_transformer_lens(smollm2):
     engine = Engine(smollm2, name="smollm2-135m")
-    pair = Pair("When Mary and John went to the store, John gave a drink to",
-                "When Mary and John went to the store, Mary gave a drink to", " Mary", " John")
+    pair = Pair(
+        "When Mary and John went to the store, John gave a drink to",
+        "When Mary and John went to the store, Mary gave a drink to",
+        " Mary",
+        " John",
+    )
     res = Attributor(engine).attribute([pair], ["attn.hook_z", "hook_mlp_out"])[0]
     scores = tl_scores(smollm2, check_pair(pair, engine.info))
     z, _ = res.estimates[("atp", "attn.hook_z")]
-    want = torch.tensor([[[scores[Node("attn_head_out", p, l, h)] for h in range(9)] for p in range(z.shape[1])]
-                         for l in range(30)])
+    want = torch.tensor(
+        [[[scores[Node("attn_head_out", p, l, h)] for h in range(9)] for p in range(z.shape[1])] for l in range(30)]
+    )
     assert torch.allclose(z, want, rtol=1e-4, atol=1e-5 * want.abs().max())
     mlp, _ = res.estimates[("atp", "hook_mlp_out")]
     want = torch.tensor([[[scores[Node("mlp_out", p, l)]] for p in range(z.shape[1])] for l in range(30)])
@@ -231,8 +266,9 @@ def test_verify_patches_top_k_and_random_nodes_and_the_statistics_hold(engines):
         return x
 
     with torch.no_grad():
-        logits = engine.model.run_with_hooks(torch.tensor([checked.corrupted_ids]),
-                                             fwd_hooks=[(f"blocks.{layer}.attn.hook_z", write)])
+        logits = engine.model.run_with_hooks(
+            torch.tensor([checked.corrupted_ids]), fwd_hooks=[(f"blocks.{layer}.attn.hook_z", write)]
+        )
         base = engine.model(torch.tensor([checked.corrupted_ids]))
     metric = metric_of(checked)
     assert float(v.exact[3]) == pytest.approx(float(metric(logits) - metric(base)), abs=1e-4)
@@ -243,7 +279,7 @@ def test_verify_patches_top_k_and_random_nodes_and_the_statistics_hold(engines):
     assert all(r["recall@3"] is None and r["false_negative_bound"] is not None for r in rows)
     a, b = torch.randn(50, dtype=torch.float64), torch.randn(50, dtype=torch.float64)
     assert pearson(a, b) == pytest.approx(float(torch.corrcoef(torch.stack([a, b]))[0, 1]), abs=1e-9)
-    assert spearman(a, a ** 3) == pytest.approx(1.0)
+    assert spearman(a, a**3) == pytest.approx(1.0)
     assert upper_rate(0, 20) == pytest.approx(1 - 0.05 ** (1 / 20), abs=1e-6)
 
 

@@ -23,28 +23,68 @@ def mixed_runs(model, with_knockout: bool = True) -> list[InterventionRun]:
     several rows with generation, a row touching two layers, a hook_embed row (starts at 0)."""
     g = torch.Generator().manual_seed(5)
     n, d = model.cfg.n_layers, model.cfg.d_model
-    runs = [InterventionRun(PROMPTS[(l + h) % 3], [Intervention(Site(f"blocks.{l}.attn.hook_z", head=h), Zero(), "all")],
-                            answer=" Paris is", max_new_tokens=0) for l in range(n) for h in (0, 1)]
+    runs = [
+        InterventionRun(
+            PROMPTS[(l + h) % 3],
+            [Intervention(Site(f"blocks.{l}.attn.hook_z", head=h), Zero(), "all")],
+            answer=" Paris is",
+            max_new_tokens=0,
+        )
+        for l in range(n)
+        for h in (0, 1)
+    ]
     runs += [
-        InterventionRun(PROMPTS[0], [Intervention(f"blocks.{n - 1}.hook_resid_pre", Add(vector=3 * torch.randn(d, generator=g)),
-                                                  "all")], answer=" France", max_new_tokens=0),
-        InterventionRun(PROMPTS[1], [Intervention(f"blocks.{n - 2}.hook_mlp_out", Mean(reference=REFERENCE), "prompt"),
-                                     Intervention(f"blocks.{n - 1}.hook_attn_out", Scale(factor=-2.0), "generated")],
-                        answer=" is the capital", max_new_tokens=0),
-        InterventionRun(PROMPTS[2], [Intervention("hook_embed", Noise(scale=2.0, std=0.5, seed=3), (1, 2))],
-                        answer=" Paris", max_new_tokens=0),
+        InterventionRun(
+            PROMPTS[0],
+            [Intervention(f"blocks.{n - 1}.hook_resid_pre", Add(vector=3 * torch.randn(d, generator=g)), "all")],
+            answer=" France",
+            max_new_tokens=0,
+        ),
+        InterventionRun(
+            PROMPTS[1],
+            [
+                Intervention(f"blocks.{n - 2}.hook_mlp_out", Mean(reference=REFERENCE), "prompt"),
+                Intervention(f"blocks.{n - 1}.hook_attn_out", Scale(factor=-2.0), "generated"),
+            ],
+            answer=" is the capital",
+            max_new_tokens=0,
+        ),
+        InterventionRun(
+            PROMPTS[2],
+            [Intervention("hook_embed", Noise(scale=2.0, std=0.5, seed=3), (1, 2))],
+            answer=" Paris",
+            max_new_tokens=0,
+        ),
         InterventionRun(PROMPTS[1], [], answer=" Paris", max_new_tokens=0),
         # generation: tokens through the plain KV-cached path, the answer scored from the stored state
-        InterventionRun(PROMPTS[0], [Intervention(Site(f"blocks.{n - 1}.attn.hook_z", head=1), Zero(), "all")],
-                        answer=" Paris is", max_new_tokens=4),
-        InterventionRun(PROMPTS[2], [Intervention(f"blocks.{n // 2}.hook_resid_post", Add(vector=2 * torch.randn(d, generator=g)),
-                                                  "prompt")], answer=" France", max_new_tokens=3),
-        InterventionRun(PROMPTS[1], [Intervention(Site(f"blocks.{n - 2}.attn.hook_z", head=0), Zero(), "all")],
-                        answer=None, max_new_tokens=3),
+        InterventionRun(
+            PROMPTS[0],
+            [Intervention(Site(f"blocks.{n - 1}.attn.hook_z", head=1), Zero(), "all")],
+            answer=" Paris is",
+            max_new_tokens=4,
+        ),
+        InterventionRun(
+            PROMPTS[2],
+            [Intervention(f"blocks.{n // 2}.hook_resid_post", Add(vector=2 * torch.randn(d, generator=g)), "prompt")],
+            answer=" France",
+            max_new_tokens=3,
+        ),
+        InterventionRun(
+            PROMPTS[1],
+            [Intervention(Site(f"blocks.{n - 2}.attn.hook_z", head=0), Zero(), "all")],
+            answer=None,
+            max_new_tokens=3,
+        ),
     ]
     if with_knockout:
-        runs.append(InterventionRun(PROMPTS[0], [Intervention(f"blocks.{n - 1}.attn", Knockout(from_="last", to=(1, 3)))],
-                                    answer=" Paris", max_new_tokens=0))
+        runs.append(
+            InterventionRun(
+                PROMPTS[0],
+                [Intervention(f"blocks.{n - 1}.attn", Knockout(from_="last", to=(1, 3)))],
+                answer=" Paris",
+                max_new_tokens=0,
+            )
+        )
     return runs
 
 
@@ -59,8 +99,13 @@ def assert_same(got, want, label):
         assert a.generated_token_ids == b.generated_token_ids, f"{label} row {k}"
         assert a.top_token_ids == b.top_token_ids, f"{label} row {k}"
         torch.testing.assert_close(torch.tensor(a.top_logprobs), torch.tensor(b.top_logprobs), atol=1e-4, rtol=0)
-        torch.testing.assert_close(torch.tensor(a.answer_logprobs), torch.tensor(b.answer_logprobs), atol=1e-4, rtol=0,
-                                   msg=lambda m: f"{label} row {k}: {m}")
+        torch.testing.assert_close(
+            torch.tensor(a.answer_logprobs),
+            torch.tensor(b.answer_logprobs),
+            atol=1e-4,
+            rtol=0,
+            msg=lambda m: f"{label} row {k}: {m}",
+        )
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -81,8 +126,13 @@ def test_shortcut_equals_the_plain_path_the_bridge_and_rows_one_at_a_time(tiny_m
         if answer:
             logp = torch.log_softmax(hooked_logits(model, prompt + answer, hooks), -1)
             want = torch.stack([logp[len(prompt) - 1 + i, t] for i, t in enumerate(answer)])
-            torch.testing.assert_close(torch.tensor(r.answer_logprobs), want, atol=1e-4, rtol=0,
-                                       msg=lambda m: f"row {k} against the bridge: {m}")
+            torch.testing.assert_close(
+                torch.tensor(r.answer_logprobs),
+                want,
+                atol=1e-4,
+                rtol=0,
+                msg=lambda m: f"row {k} against the bridge: {m}",
+            )
         if not run.max_new_tokens:
             first = torch.log_softmax(hooked_logits(model, prompt, hooks)[-1], -1).topk(5)
             assert r.top_token_ids == first.indices.tolist(), k
@@ -95,8 +145,16 @@ def test_layers_below_the_first_touched_one_run_once_per_prompt(tiny_models, nam
     run of each prompt does (blocks 0 and 1 run once per distinct prompt + answer)."""
     model = tiny_models[name]
     n = model.cfg.n_layers
-    runs = [InterventionRun(PROMPTS[l % 2], [Intervention(Site(f"blocks.{l}.attn.hook_z", head=h), Zero(), "all")],
-                            answer=" Paris", max_new_tokens=0) for l in range(2, n) for h in (0, 1)]
+    runs = [
+        InterventionRun(
+            PROMPTS[l % 2],
+            [Intervention(Site(f"blocks.{l}.attn.hook_z", head=h), Zero(), "all")],
+            answer=" Paris",
+            max_new_tokens=0,
+        )
+        for l in range(2, n)
+        for h in (0, 1)
+    ]
     calls = {0: 0, 1: 0, n - 1: 0}
     engine = Engine(model, name=name)
     blocks = engine.modules.get_submodule(engine.info.components["blocks"].name)

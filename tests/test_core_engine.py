@@ -19,11 +19,21 @@ def cases():
     """Heterogeneous Patchscopes covering the corners the KV cache makes hard."""
     long_t = "Syria: Country in the Middle East, Samsung: South Korean corporation, x"
     return [
-        Patchscope(Source("Leonardo DiCaprio is an actor", 2, -1), Target(long_t, 2, (-1,)), max_new_tokens=N_NEW),  # last position
-        Patchscope(Source("Paris is the capital of France", 1, 3), Target("The capital city of x is", 1, (0,)), max_new_tokens=N_NEW),  # position 0
+        Patchscope(
+            Source("Leonardo DiCaprio is an actor", 2, -1), Target(long_t, 2, (-1,)), max_new_tokens=N_NEW
+        ),  # last position
+        Patchscope(
+            Source("Paris is the capital of France", 1, 3),
+            Target("The capital city of x is", 1, (0,)),
+            max_new_tokens=N_NEW,
+        ),  # position 0
         Patchscope(Source("Samsung", 3, -1), Target("x", 0, (-1,)), max_new_tokens=N_NEW),  # short target, l* != l
-        Patchscope(Source("The quick brown fox", 0, 2), Target("Water is a liquid. x x", 3, (1, -1, -2)), max_new_tokens=N_NEW),  # several positions
-        Patchscope(Source("Python", 2, 0), Target("Tokyo is the largest city of Japan", 2, (4,)), max_new_tokens=N_NEW - 3),  # shorter generation
+        Patchscope(
+            Source("The quick brown fox", 0, 2), Target("Water is a liquid. x x", 3, (1, -1, -2)), max_new_tokens=N_NEW
+        ),  # several positions
+        Patchscope(
+            Source("Python", 2, 0), Target("Tokyo is the largest city of Japan", 2, (4,)), max_new_tokens=N_NEW - 3
+        ),  # shorter generation
     ]
 
 
@@ -73,7 +83,9 @@ def test_heterogeneous_batch_equals_each_row_alone(tiny_models, name):
         (alone,) = engine.run([spec], batch_size=1)
         assert alone.generated_token_ids == together[k].generated_token_ids, k
         assert alone.target_positions == together[k].target_positions
-        torch.testing.assert_close(torch.tensor(alone.top_logprobs), torch.tensor(together[k].top_logprobs), atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor(alone.top_logprobs), torch.tensor(together[k].top_logprobs), atol=1e-4, rtol=0
+        )
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -81,14 +93,24 @@ def test_patching_own_vector_back_changes_nothing(tiny_models, name):
     model = tiny_models[name]
     engine = PatchscopeEngine(model, name=name, decoding=Decoding(stop_at_eos=False))
     prompts = ["The quick brown fox jumps", "Paris is the capital of France"]
-    specs = [Patchscope(Source(p, layer, pos), Target(p, layer, (pos,)), max_new_tokens=N_NEW)
-             for p in prompts for layer in (0, 3) for pos in (0, 2, -1)]
+    specs = [
+        Patchscope(Source(p, layer, pos), Target(p, layer, (pos,)), max_new_tokens=N_NEW)
+        for p in prompts
+        for layer in (0, 3)
+        for pos in (0, 2, -1)
+    ]
     info = info_of(model, name)
     for r in engine.run(specs):
         ids = torch.tensor([list(tokenize(info, r.patchscope.target.prompt))])
-        plain = model.original_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N_NEW,
-                                              min_new_tokens=N_NEW, do_sample=False, pad_token_id=2)
-        assert r.generated_token_ids == plain[0, ids.shape[1]:].tolist()
+        plain = model.original_model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=N_NEW,
+            min_new_tokens=N_NEW,
+            do_sample=False,
+            pad_token_id=2,
+        )
+        assert r.generated_token_ids == plain[0, ids.shape[1] :].tolist()
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -96,10 +118,12 @@ def test_patch_changes_generation_and_first_token_logprobs(tiny_models, name):
     """Guards against a hook that never fires: a foreign vector changes what the target says."""
     engine = PatchscopeEngine(tiny_models[name], name=name, decoding=Decoding(stop_at_eos=False))
     p = "The capital city of x is"
-    own, foreign = engine.run([
-        Patchscope(Source(p, 1, -2), Target(p, 1, (-2,)), max_new_tokens=N_NEW),
-        Patchscope(Source("Samsung makes phones", 1, -1), Target(p, 1, (-2,)), max_new_tokens=N_NEW),
-    ])
+    own, foreign = engine.run(
+        [
+            Patchscope(Source(p, 1, -2), Target(p, 1, (-2,)), max_new_tokens=N_NEW),
+            Patchscope(Source("Samsung makes phones", 1, -1), Target(p, 1, (-2,)), max_new_tokens=N_NEW),
+        ]
+    )
     assert own.top_logprobs != foreign.top_logprobs
     lp = torch.tensor(foreign.top_logprobs)
     assert torch.all(lp[:-1] >= lp[1:]) and torch.all(lp <= 0)
@@ -109,13 +133,19 @@ def test_patch_changes_generation_and_first_token_logprobs(tiny_models, name):
 def test_source_extraction_matches_run_with_cache(tiny_models):
     model = tiny_models["tiny-llama"]
     engine = PatchscopeEngine(model, name="tiny-llama")
-    specs = [Patchscope(Source(p, layer, pos), Target("x", 0)) for p in ("Samsung", "The quick brown fox jumps")
-             for layer in (0, 2, 3) for pos in (0, -1)]
+    specs = [
+        Patchscope(Source(p, layer, pos), Target("x", 0))
+        for p in ("Samsung", "The quick brown fox jumps")
+        for layer in (0, 2, 3)
+        for pos in (0, -1)
+    ]
     resolved = engine.resolve(specs)
     got = engine.extract_sources(resolved, batch_size=2)
     for r in resolved:
         want = source_vector(model, r.source_token_ids, r.spec.source.layer, r.source_position)
-        torch.testing.assert_close(got[(r.source_token_ids, r.spec.source.layer, r.source_position)], want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            got[(r.source_token_ids, r.spec.source.layer, r.source_position)], want, atol=1e-5, rtol=1e-5
+        )
 
 
 def test_affine_mapping_across_models(tiny_models):
@@ -123,12 +153,21 @@ def test_affine_mapping_across_models(tiny_models):
     src, tgt = tiny_models["tiny-gpt2"], tiny_models["tiny-llama"]
     g = torch.Generator().manual_seed(1)
     affine = Affine(W=torch.randn(64, 64, generator=g) * 0.2, b=torch.randn(64, generator=g))
-    engine = PatchscopeEngine(tgt, src, name="tiny-llama", source_name="tiny-gpt2", decoding=Decoding(stop_at_eos=False))
-    spec = Patchscope(Source("Paris is the capital", 2, -1), Target("The capital city of x is", 1, (-2,)), mapping=affine, max_new_tokens=N_NEW)
+    engine = PatchscopeEngine(
+        tgt, src, name="tiny-llama", source_name="tiny-gpt2", decoding=Decoding(stop_at_eos=False)
+    )
+    spec = Patchscope(
+        Source("Paris is the capital", 2, -1),
+        Target("The capital city of x is", 1, (-2,)),
+        mapping=affine,
+        max_new_tokens=N_NEW,
+    )
     (r,) = engine.run([spec])
     assert (r.patchscope.source.model, r.patchscope.target.model) == ("tiny-gpt2", "tiny-llama")
     h = source_vector(src, r.source_token_ids, 2, r.source_position)
-    want, logits = uncached_patched_generation(tgt, r.target_token_ids, 1, r.target_positions, h @ affine.W.T + affine.b, N_NEW)
+    want, logits = uncached_patched_generation(
+        tgt, r.target_token_ids, 1, r.target_positions, h @ affine.W.T + affine.b, N_NEW
+    )
     compare_tokens(r.generated_token_ids, want, logits, "affine")
     # the identity as an affine map gives the identity's result
     eye = Affine(W=torch.eye(64), b=torch.zeros(64))
@@ -162,7 +201,12 @@ def test_rows_stop_cleanly_at_eos(tiny_models):
 def test_sampling_is_reproducible_with_a_seed(tiny_models):
     model = tiny_models["tiny-gpt2"]
     spec = cases()[0]
-    run = lambda seed: PatchscopeEngine(model, decoding=Decoding(do_sample=True, seed=seed, temperature=2.0, stop_at_eos=False)).run([spec] * 3)
+
+    def run(seed):
+        return PatchscopeEngine(
+            model, decoding=Decoding(do_sample=True, seed=seed, temperature=2.0, stop_at_eos=False)
+        ).run([spec] * 3)
+
     a, b, c = run(7), run(7), run(8)
     assert [r.generated_token_ids for r in a] == [r.generated_token_ids for r in b]
     assert [r.generated_token_ids for r in a] != [r.generated_token_ids for r in c]

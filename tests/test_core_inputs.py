@@ -7,17 +7,30 @@ import json
 import pytest
 import torch
 
-from patchscope_core import (Affine, Decoding, Patchscope, PatchscopeEngine, PatchscopeError, Source, Target,
-                             UnknownModelError, model_info, resolve)
+from patchscope_core import (
+    Affine,
+    Decoding,
+    Patchscope,
+    PatchscopeEngine,
+    PatchscopeError,
+    Source,
+    Target,
+    UnknownModelError,
+    model_info,
+    resolve,
+)
 from sweeps.cli import main
 
 
-@pytest.mark.parametrize("name, fragment", [
-    ("", "empty model name"),
-    ("no such model", "unknown model"),
-    ("/nonexistent/dir/", "no config.json"),
-    ("some-org/not-on-this-machine", "cannot load"),  # a hub name; tests run offline
-])
+@pytest.mark.parametrize(
+    "name, fragment",
+    [
+        ("", "empty model name"),
+        ("no such model", "unknown model"),
+        ("/nonexistent/dir/", "no config.json"),
+        ("some-org/not-on-this-machine", "cannot load"),  # a hub name; tests run offline
+    ],
+)
 def test_unknown_model_names_the_field_and_the_aliases(no_weights, name, fragment):
     with pytest.raises(UnknownModelError) as err:
         model_info(name)
@@ -32,21 +45,24 @@ def spec(**changes):
     return Patchscope(Source(s["src"], s["sl"], s["sp"]), Target(s["tgt"], s["tl"], s["tp"]), max_new_tokens=s["n"])
 
 
-@pytest.mark.parametrize("bad, field, fragment", [
-    (dict(sl=4), "source.layer", "out of range 0 .. 3"),
-    (dict(sl=-1), "source.layer", "out of range 0 .. 3"),
-    (dict(tl=7), "target.layer", "out of range 0 .. 3"),
-    (dict(sp=9), "source.position", "out of range"),
-    (dict(sp=-4), "source.position", "allowed -3 .. 2"),
-    (dict(tp=(0, 40)), "target.positions", "out of range"),
-    (dict(tp=()), "target.positions", "at least one"),
-    (dict(src=""), "source.prompt", "empty prompt"),
-    (dict(tgt="   "), "target.prompt", "empty prompt"),
-    (dict(n=0), "max_new_tokens", ">= 1"),
-    (dict(tgt="x " * 600), "target.prompt", "602 tokens exceed tiny-llama's context of 512 tokens"),
-    (dict(src="x " * 600), "source.prompt", "602 tokens exceed tiny-llama's context of 512 tokens"),
-    (dict(n=600), "max_new_tokens", "prompt tokens + 600 new tokens exceed tiny-llama's context of 512 tokens"),
-])
+@pytest.mark.parametrize(
+    "bad, field, fragment",
+    [
+        (dict(sl=4), "source.layer", "out of range 0 .. 3"),
+        (dict(sl=-1), "source.layer", "out of range 0 .. 3"),
+        (dict(tl=7), "target.layer", "out of range 0 .. 3"),
+        (dict(sp=9), "source.position", "out of range"),
+        (dict(sp=-4), "source.position", "allowed -3 .. 2"),
+        (dict(tp=(0, 40)), "target.positions", "out of range"),
+        (dict(tp=()), "target.positions", "at least one"),
+        (dict(src=""), "source.prompt", "empty prompt"),
+        (dict(tgt="   "), "target.prompt", "empty prompt"),
+        (dict(n=0), "max_new_tokens", ">= 1"),
+        (dict(tgt="x " * 600), "target.prompt", "602 tokens exceed tiny-llama's context of 512 tokens"),
+        (dict(src="x " * 600), "source.prompt", "602 tokens exceed tiny-llama's context of 512 tokens"),
+        (dict(n=600), "max_new_tokens", "prompt tokens + 600 new tokens exceed tiny-llama's context of 512 tokens"),
+    ],
+)
 def test_bad_patchscope_names_the_field(no_weights, bad, field, fragment):
     info = model_info("tiny-llama")
     with pytest.raises(PatchscopeError) as err:
@@ -57,7 +73,9 @@ def test_bad_patchscope_names_the_field(no_weights, bad, field, fragment):
 def test_mapping_shapes_are_checked_against_both_models(no_weights, tmp_path):
     info = model_info("tiny-llama")
     bad = Patchscope(Source("Paris", 1), Target("x", 1), mapping=Affine(W=torch.zeros(64, 32)))
-    with pytest.raises(PatchscopeError, match=r"mapping: W has shape \(64, 32\) but must be \[d_target, d_source\] = \[64, 64\]"):
+    with pytest.raises(
+        PatchscopeError, match=r"mapping: W has shape \(64, 32\) but must be \[d_target, d_source\] = \[64, 64\]"
+    ):
         resolve(bad, info, info)
     with pytest.raises(PatchscopeError, match="mapping.b"):
         Affine(W=torch.zeros(64, 64), b=torch.zeros(3))
@@ -85,9 +103,15 @@ def test_decoding_options_are_checked():
 
 
 def inspect_args(**over):
-    args = {"--model": "tiny-llama", "--source-prompt": "Paris is the capital", "--source-layer": "2",
-            "--source-position": "-1", "--target-prompt": "The capital city of x is", "--target-layer": "1",
-            "--max-new-tokens": "5"}
+    args = {
+        "--model": "tiny-llama",
+        "--source-prompt": "Paris is the capital",
+        "--source-layer": "2",
+        "--source-position": "-1",
+        "--target-prompt": "The capital city of x is",
+        "--target-layer": "1",
+        "--max-new-tokens": "5",
+    }
     args.update(over)
     return ["inspect", *[x for kv in args.items() for x in kv]]
 

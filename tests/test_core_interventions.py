@@ -10,8 +10,22 @@ import copy
 import pytest
 import torch
 
-from patchscope_core import (SITES, Add, Decoding, Intervention, InterventionRun, Mean, Noise, PatchscopeError,
-                             Replace, Resample, Scale, Site, Zero, model_info)
+from patchscope_core import (
+    SITES,
+    Add,
+    Decoding,
+    Intervention,
+    InterventionRun,
+    Mean,
+    Noise,
+    PatchscopeError,
+    Replace,
+    Resample,
+    Scale,
+    Site,
+    Zero,
+    model_info,
+)
 from patchscope_core.engine import Engine
 from patchscope_core.interventions import ACTIVATION_KINDS, resolve_run
 from patchscope_core.models import _tiny_hf_model
@@ -20,14 +34,30 @@ from tests.reference import compare_tokens, hooked_logits, reference_hooks, unca
 TINY = ["tiny-gpt2", "tiny-llama"]
 N_NEW = 8
 
-PROMPTS = ["The capital city of x is", "Paris is the capital of France", "Water is a liquid.", "Samsung"]  # 7, 9, 11, 6 tokens
+PROMPTS = [
+    "The capital city of x is",
+    "Paris is the capital of France",
+    "Water is a liquid.",
+    "Samsung",
+]  # 7, 9, 11, 6 tokens
 LONG = "Tokyo is the largest city of Japan"  # 17 tokens: a resample source longer than every prompt above
-REFERENCE = ("The quick brown fox jumps over the lazy dog.", "Python is a programming language.", "Amazon is a company.")
+REFERENCE = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Python is a programming language.",
+    "Amazon is a company.",
+)
 POSITIVE = ("Paris is the capital of France.", "The Eiffel Tower is in Paris.")
 NEGATIVE = ("Tokyo is the largest city of Japan.", "Water is a liquid.")
 # (positions, answer): explicit ints (negative too), 'prompt', 'all' and 'generated' with an answer
-WHERE = [((1, -1), None), ("prompt", None), ("all", " Paris"), ("generated", " France"), ((0, 2, -2), " Paris"),
-         (-3, None), ("all", " is the capital")]
+WHERE = [
+    ((1, -1), None),
+    ("prompt", None),
+    ("all", " Paris"),
+    ("generated", " France"),
+    ((0, 2, -2), " Paris"),
+    (-3, None),
+    ("all", " is the capital"),
+]
 PROMPT_ONLY = [(1, -1), "prompt", (2, -2), -3]  # for resample, which takes prompt positions only
 
 
@@ -92,20 +122,45 @@ def grid_runs(model, prompts=PROMPTS, long_source=LONG, heads=None, neurons=None
             positions, answer = WHERE[(i + 2 * j) % len(WHERE)]
             if kind_name == "resample":
                 positions, answer = PROMPT_ONLY[(i + j) % len(PROMPT_ONLY)], (" Paris" if i % 2 else None)
-            runs.append(InterventionRun(prompts[(i + j) % len(prompts)], [Intervention(site, kind, positions)],
-                                        answer=answer, max_new_tokens=0))
+            runs.append(
+                InterventionRun(
+                    prompts[(i + j) % len(prompts)],
+                    [Intervention(site, kind, positions)],
+                    answer=answer,
+                    max_new_tokens=0,
+                )
+            )
     d, h = model.cfg.d_model, model.cfg.d_head
     runs += [
-        InterventionRun(prompts[0], [Intervention("blocks.1.hook_resid_post", Scale(factor=-2.0), "all"),
-                                     Intervention("blocks.1.hook_resid_post", Add(vector=torch.randn(d, generator=g)), (1, 2))],
-                        answer=" Paris", max_new_tokens=0),
-        InterventionRun(prompts[1], [Intervention("blocks.2.mlp.hook_post", Zero(), "generated"),
-                                     Intervention("hook_embed", Noise(scale=3.0, reference=REFERENCE, seed=7), "prompt"),
-                                     Intervention(Site("blocks.0.attn.hook_z", head=(1, 2)), Mean(reference=REFERENCE), -1)],
-                        answer=" France", max_new_tokens=0),
-        InterventionRun(prompts[2], [Intervention(Site("blocks.3.attn.hook_z", head=(0, 2)),
-                                                  Replace(vector=3 * torch.randn(h, generator=g)), "all")],
-                        answer=" Paris", max_new_tokens=0),
+        InterventionRun(
+            prompts[0],
+            [
+                Intervention("blocks.1.hook_resid_post", Scale(factor=-2.0), "all"),
+                Intervention("blocks.1.hook_resid_post", Add(vector=torch.randn(d, generator=g)), (1, 2)),
+            ],
+            answer=" Paris",
+            max_new_tokens=0,
+        ),
+        InterventionRun(
+            prompts[1],
+            [
+                Intervention("blocks.2.mlp.hook_post", Zero(), "generated"),
+                Intervention("hook_embed", Noise(scale=3.0, reference=REFERENCE, seed=7), "prompt"),
+                Intervention(Site("blocks.0.attn.hook_z", head=(1, 2)), Mean(reference=REFERENCE), -1),
+            ],
+            answer=" France",
+            max_new_tokens=0,
+        ),
+        InterventionRun(
+            prompts[2],
+            [
+                Intervention(
+                    Site("blocks.3.attn.hook_z", head=(0, 2)), Replace(vector=3 * torch.randn(h, generator=g)), "all"
+                )
+            ],
+            answer=" Paris",
+            max_new_tokens=0,
+        ),
     ]
     return runs
 
@@ -126,7 +181,9 @@ def assert_logits_match_the_bridge(model, engine, runs, batch_atol=1e-4, alone=F
         prompt, answer, hooks = reference_hooks(model, run)
         want = hooked_logits(model, prompt + answer, hooks)
         clean = hooked_logits(model, prompt + answer, [])
-        label = f"runs[{k}] {[str(iv.site) + ' ' + iv.kind.name + ' @' + str(iv.positions) for iv in run.interventions]}"
+        label = (
+            f"runs[{k}] {[str(iv.site) + ' ' + iv.kind.name + ' @' + str(iv.positions) for iv in run.interventions]}"
+        )
         assert (want - clean).abs().max() > 1e-3, f"{label}: the reference intervention changes nothing"
         assert logits.shape == want.shape, label
         torch.testing.assert_close(logits, want, atol=batch_atol, rtol=0, msg=lambda m: f"{label}: {m}")
@@ -151,7 +208,11 @@ def test_every_site_and_kind_equals_the_bridges_own_hook_point(tiny_models, name
 
 
 def o_proj_weight(hf, name: str, layer: int) -> torch.Tensor:
-    return hf.transformer.h[layer].attn.c_proj.weight if name == "tiny-gpt2" else hf.model.layers[layer].self_attn.o_proj.weight
+    return (
+        hf.transformer.h[layer].attn.c_proj.weight
+        if name == "tiny-gpt2"
+        else hf.model.layers[layer].self_attn.o_proj.weight
+    )
 
 
 @torch.no_grad()
@@ -168,10 +229,19 @@ def zero_head_columns(w: torch.Tensor, gpt2: bool, head: int, d_head: int) -> No
 @torch.no_grad()
 def hf_greedy(hf, ids, n_new, pad_id):
     t = torch.tensor([list(ids)])
-    out = hf.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
-                      eos_token_id=None, pad_token_id=pad_id, use_cache=True, output_scores=True,
-                      return_dict_in_generate=True)
-    return out.sequences[0, t.shape[1]:].tolist(), [s[0].float() for s in out.scores]
+    out = hf.generate(
+        t,
+        attention_mask=torch.ones_like(t),
+        max_new_tokens=n_new,
+        min_new_tokens=n_new,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=pad_id,
+        use_cache=True,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    return out.sequences[0, t.shape[1] :].tolist(), [s[0].float() for s in out.scores]
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -179,8 +249,10 @@ def test_zero_ablating_a_head_equals_zeroing_its_output_projection_columns(tiny_
     model = tiny_models[name]
     cases = [(0, 1, PROMPTS[0]), (1, 3, "x"), (2, 0, PROMPTS[1]), (3, 2, PROMPTS[2]), (1, 0, PROMPTS[3])]
     engine = Engine(model, name=name, decoding=Decoding(stop_at_eos=False))
-    runs = [InterventionRun(p, [Intervention(Site(f"blocks.{l}.attn.hook_z", head=h), Zero())], max_new_tokens=N_NEW + 2)
-            for l, h, p in cases]
+    runs = [
+        InterventionRun(p, [Intervention(Site(f"blocks.{l}.attn.hook_z", head=h), Zero())], max_new_tokens=N_NEW + 2)
+        for l, h, p in cases
+    ]
     results = engine.run(runs, batch_size=8)
     hf, tok = _tiny_hf_model(name)  # a separate copy, no bridge
     for (layer, head, _), r in zip(cases, results):
@@ -206,20 +278,62 @@ def every_step_runs(model, seed=1):
     d, d_mlp = model.cfg.d_model, model.cfg.d_mlp
     s = model.cfg.n_layers // 4  # layers 0, s, 2s, 3s
     return [
-        InterventionRun("x", [Intervention("hook_embed", Noise(scale=3.0, reference=REFERENCE, seed=3), "all")], max_new_tokens=N_NEW),
-        InterventionRun(PROMPTS[1], [Intervention(f"blocks.{s}.hook_resid_post", Add(alpha=4.0, positive=POSITIVE, negative=NEGATIVE),
-                                                  "generated")], max_new_tokens=N_NEW),
-        InterventionRun(PROMPTS[0], [Intervention(f"blocks.{2 * s}.hook_resid_pre", Add(vector=2 * torch.randn(d, generator=g)), "all")],
-                        max_new_tokens=N_NEW - 3),
-        InterventionRun(PROMPTS[2], [Intervention(Site("blocks.0.attn.hook_z", head=(0, 2)), Zero(), "all"),
-                                     Intervention(f"blocks.{3 * s}.hook_mlp_out", Scale(factor=-1.0), "generated")], max_new_tokens=N_NEW),
-        InterventionRun("Paris", [Intervention(Site(f"blocks.{s}.mlp.hook_post", neuron=tuple(range(0, d_mlp, 2))),
-                                               Mean(reference=REFERENCE), "generated")], max_new_tokens=N_NEW + 2),
-        InterventionRun(PROMPTS[3], [Intervention(f"blocks.{2 * s}.hook_attn_out", Noise(scale=2.0, std=0.7, seed=11), "generated"),
-                                     Intervention("blocks.0.hook_resid_post", Replace(source=LONG, source_position=4), (1, -1))],
-                        max_new_tokens=N_NEW),
-        InterventionRun(LONG, [Intervention(f"blocks.{s}.hook_resid_post", Replace(vector=3 * torch.randn(d, generator=g)), "generated"),
-                               Intervention("blocks.0.hook_mlp_out", Resample(source=REFERENCE[0]), "prompt")], max_new_tokens=N_NEW),
+        InterventionRun(
+            "x",
+            [Intervention("hook_embed", Noise(scale=3.0, reference=REFERENCE, seed=3), "all")],
+            max_new_tokens=N_NEW,
+        ),
+        InterventionRun(
+            PROMPTS[1],
+            [
+                Intervention(
+                    f"blocks.{s}.hook_resid_post", Add(alpha=4.0, positive=POSITIVE, negative=NEGATIVE), "generated"
+                )
+            ],
+            max_new_tokens=N_NEW,
+        ),
+        InterventionRun(
+            PROMPTS[0],
+            [Intervention(f"blocks.{2 * s}.hook_resid_pre", Add(vector=2 * torch.randn(d, generator=g)), "all")],
+            max_new_tokens=N_NEW - 3,
+        ),
+        InterventionRun(
+            PROMPTS[2],
+            [
+                Intervention(Site("blocks.0.attn.hook_z", head=(0, 2)), Zero(), "all"),
+                Intervention(f"blocks.{3 * s}.hook_mlp_out", Scale(factor=-1.0), "generated"),
+            ],
+            max_new_tokens=N_NEW,
+        ),
+        InterventionRun(
+            "Paris",
+            [
+                Intervention(
+                    Site(f"blocks.{s}.mlp.hook_post", neuron=tuple(range(0, d_mlp, 2))),
+                    Mean(reference=REFERENCE),
+                    "generated",
+                )
+            ],
+            max_new_tokens=N_NEW + 2,
+        ),
+        InterventionRun(
+            PROMPTS[3],
+            [
+                Intervention(f"blocks.{2 * s}.hook_attn_out", Noise(scale=2.0, std=0.7, seed=11), "generated"),
+                Intervention("blocks.0.hook_resid_post", Replace(source=LONG, source_position=4), (1, -1)),
+            ],
+            max_new_tokens=N_NEW,
+        ),
+        InterventionRun(
+            LONG,
+            [
+                Intervention(
+                    f"blocks.{s}.hook_resid_post", Replace(vector=3 * torch.randn(d, generator=g)), "generated"
+                ),
+                Intervention("blocks.0.hook_mlp_out", Resample(source=REFERENCE[0]), "prompt"),
+            ],
+            max_new_tokens=N_NEW,
+        ),
         InterventionRun(PROMPTS[0], [], max_new_tokens=N_NEW),  # a clean row in the same batch
     ]
 
@@ -248,20 +362,29 @@ def test_every_step_interventions_cached_equal_uncached_rerunning(tiny_models, n
 def test_batch_equals_rows_run_one_at_a_time(tiny_models, name):
     model = tiny_models[name]
     runs = every_step_runs(model, seed=2)
-    runs = [InterventionRun(r.prompt, r.interventions, answer=a, max_new_tokens=r.max_new_tokens)
-            for r, a in zip(runs, [" Paris", None, " France", " Paris", None, " is the capital", " Paris", " France"])]
+    runs = [
+        InterventionRun(r.prompt, r.interventions, answer=a, max_new_tokens=r.max_new_tokens)
+        for r, a in zip(runs, [" Paris", None, " France", " Paris", None, " is the capital", " Paris", " France"])
+    ]
     engine = Engine(model, name=name, decoding=Decoding(stop_at_eos=False))
     together = engine.run(runs, batch_size=16)
     for k, run in enumerate(runs):
         (alone,) = engine.run([run], batch_size=1)
         assert alone.generated_token_ids == together[k].generated_token_ids, k
         assert alone.top_token_ids == together[k].top_token_ids, k
-        torch.testing.assert_close(torch.tensor(alone.top_logprobs), torch.tensor(together[k].top_logprobs), atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor(alone.top_logprobs), torch.tensor(together[k].top_logprobs), atol=1e-4, rtol=0
+        )
         if run.answer:
-            torch.testing.assert_close(torch.tensor(alone.answer_logprobs), torch.tensor(together[k].answer_logprobs),
-                                       atol=1e-4, rtol=0)
-            torch.testing.assert_close(torch.tensor(alone.clean_answer_logprobs),
-                                       torch.tensor(together[k].clean_answer_logprobs), atol=1e-4, rtol=0)
+            torch.testing.assert_close(
+                torch.tensor(alone.answer_logprobs), torch.tensor(together[k].answer_logprobs), atol=1e-4, rtol=0
+            )
+            torch.testing.assert_close(
+                torch.tensor(alone.clean_answer_logprobs),
+                torch.tensor(together[k].clean_answer_logprobs),
+                atol=1e-4,
+                rtol=0,
+            )
 
 
 # ---------------------------------------------------------------- 5. statistics and clean baselines computed once
@@ -271,18 +394,29 @@ def test_statistics_are_computed_once_and_shared(tiny_models):
     model = tiny_models["tiny-llama"]
     engine = Engine(model, name="tiny-llama", decoding=Decoding(stop_at_eos=False))
     sites = ["blocks.0.hook_resid_post", "blocks.2.hook_mlp_out", Site("blocks.1.attn.hook_z", head=1), "hook_embed"]
-    runs = [InterventionRun(p, [Intervention(s, Mean(reference=REFERENCE), "all"),
-                                Intervention("blocks.3.hook_resid_pre", Noise(scale=1.0, reference=REFERENCE, seed=k))],
-                            max_new_tokens=3)
-            for k, (p, s) in enumerate((p, s) for p in PROMPTS for s in sites)]
+    runs = [
+        InterventionRun(
+            p,
+            [
+                Intervention(s, Mean(reference=REFERENCE), "all"),
+                Intervention("blocks.3.hook_resid_pre", Noise(scale=1.0, reference=REFERENCE, seed=k)),
+            ],
+            max_new_tokens=3,
+        )
+        for k, (p, s) in enumerate((p, s) for p in PROMPTS for s in sites)
+    ]
     engine.run(runs[:9], batch_size=4)
     assert engine.reader.counts["statistics"] == 1  # five sites' means and std: one pass over REFERENCE
     engine.run(runs[9:], batch_size=4)
     engine.logits(runs[:5])
     assert engine.reader.counts["statistics"] == 1
     # a second prompt set is a second pass; the difference of means needs one per set, once
-    steer = [InterventionRun(p, [Intervention("blocks.0.hook_resid_post", Add(positive=POSITIVE, negative=REFERENCE))],
-                             max_new_tokens=2) for p in PROMPTS]
+    steer = [
+        InterventionRun(
+            p, [Intervention("blocks.0.hook_resid_post", Add(positive=POSITIVE, negative=REFERENCE))], max_new_tokens=2
+        )
+        for p in PROMPTS
+    ]
     engine.run(steer)
     engine.run(steer)
     assert engine.reader.counts["statistics"] == 2
@@ -302,9 +436,14 @@ def test_clean_baselines_run_once_per_distinct_prompt(tiny_models, monkeypatch):
 
     monkeypatch.setattr(Engine, "_batch", counting)
     kinds = [Zero(), Scale(factor=2.0), Mean(reference=REFERENCE), Noise(scale=1.0, std=1.0)]
-    runs = [InterventionRun(p, [Intervention("blocks.1.hook_resid_post", k, "all")], answer=" Paris", max_new_tokens=4)
-            for p in PROMPTS[:3] for k in kinds]
-    runs.append(InterventionRun(PROMPTS[3], [], answer=" Paris", max_new_tokens=4))  # no interventions: its own baseline
+    runs = [
+        InterventionRun(p, [Intervention("blocks.1.hook_resid_post", k, "all")], answer=" Paris", max_new_tokens=4)
+        for p in PROMPTS[:3]
+        for k in kinds
+    ]
+    runs.append(
+        InterventionRun(PROMPTS[3], [], answer=" Paris", max_new_tokens=4)
+    )  # no interventions: its own baseline
     results = engine.run(runs, batch_size=5)
     clean_rows = collections.Counter(ids for ids, has in rows_seen if not has)
     assert sorted(clean_rows.values()) == [1, 1, 1, 1]  # three prompts' baselines, once each, and the plain row itself
@@ -312,9 +451,16 @@ def test_clean_baselines_run_once_per_distinct_prompt(tiny_models, monkeypatch):
     # the baselines are right: plain greedy generation and teacher-forced scores without hooks
     for r in results:
         ids = torch.tensor([r.prompt_token_ids])
-        plain = model.original_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
-                                              do_sample=False, eos_token_id=None, pad_token_id=2)
-        assert r.clean_generated_token_ids == plain[0, ids.shape[1]:].tolist()
+        plain = model.original_model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=4,
+            min_new_tokens=4,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=2,
+        )
+        assert r.clean_generated_token_ids == plain[0, ids.shape[1] :].tolist()
         logp = torch.log_softmax(hooked_logits(model, r.prompt_token_ids + r.answer_token_ids, []), -1)
         n = len(r.prompt_token_ids)
         want = [float(logp[n - 1 + i, t]) for i, t in enumerate(r.answer_token_ids)]
@@ -349,9 +495,16 @@ def test_own_hook_sees_each_position_once(tiny_models, name):
     # a hook that returns nothing leaves generation as it was
     for p, g in zip(prompts, generated):
         ids = model.to_tokens(p)
-        plain = model.original_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N_NEW,
-                                              min_new_tokens=N_NEW, do_sample=False, eos_token_id=None, pad_token_id=2)
-        assert g == plain[0, ids.shape[1]:].tolist()
+        plain = model.original_model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=N_NEW,
+            min_new_tokens=N_NEW,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=2,
+        )
+        assert g == plain[0, ids.shape[1] :].tolist()
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -400,14 +553,30 @@ def test_answer_scores_equal_the_bridges_log_softmax(tiny_models, name):
     g = torch.Generator().manual_seed(3)
     d = model.cfg.d_model
     runs = [
-        InterventionRun(PROMPTS[0], [Intervention("blocks.1.hook_resid_post", Add(vector=2 * torch.randn(d, generator=g)), "all")],
-                        answer=" Paris is", max_new_tokens=3),
-        InterventionRun(PROMPTS[1], [Intervention(Site("blocks.2.attn.hook_z", head=(0, 1)), Zero(), "generated")],
-                        answer=" the capital of", max_new_tokens=0),
-        InterventionRun(PROMPTS[2], [Intervention("hook_embed", Noise(scale=3.0, reference=REFERENCE, seed=2), (1, 2, 3))],
-                        answer=" France", max_new_tokens=5),
-        InterventionRun(PROMPTS[3], [Intervention("blocks.3.hook_mlp_out", Mean(reference=REFERENCE), "prompt")],
-                        answer=" Paris", max_new_tokens=2),
+        InterventionRun(
+            PROMPTS[0],
+            [Intervention("blocks.1.hook_resid_post", Add(vector=2 * torch.randn(d, generator=g)), "all")],
+            answer=" Paris is",
+            max_new_tokens=3,
+        ),
+        InterventionRun(
+            PROMPTS[1],
+            [Intervention(Site("blocks.2.attn.hook_z", head=(0, 1)), Zero(), "generated")],
+            answer=" the capital of",
+            max_new_tokens=0,
+        ),
+        InterventionRun(
+            PROMPTS[2],
+            [Intervention("hook_embed", Noise(scale=3.0, reference=REFERENCE, seed=2), (1, 2, 3))],
+            answer=" France",
+            max_new_tokens=5,
+        ),
+        InterventionRun(
+            PROMPTS[3],
+            [Intervention("blocks.3.hook_mlp_out", Mean(reference=REFERENCE), "prompt")],
+            answer=" Paris",
+            max_new_tokens=2,
+        ),
         InterventionRun(PROMPTS[0], [], answer=" Paris is", max_new_tokens=3),
     ]
     engine = Engine(model, name=name, top_k=5)
@@ -416,8 +585,10 @@ def test_answer_scores_equal_the_bridges_log_softmax(tiny_models, name):
         prompt, answer, hooks = reference_hooks(model, run)
         assert (r.prompt_token_ids, r.answer_token_ids) == (prompt, answer) and len(answer) >= 1
         n = len(prompt)
-        for fields, hk in ((("answer_logprobs", "answer_logprob", "p_answer"), hooks),
-                           (("clean_answer_logprobs", "clean_answer_logprob", "p_answer_clean"), [])):
+        for fields, hk in (
+            (("answer_logprobs", "answer_logprob", "p_answer"), hooks),
+            (("clean_answer_logprobs", "clean_answer_logprob", "p_answer_clean"), []),
+        ):
             logp = torch.log_softmax(hooked_logits(model, prompt + answer, hk), dim=-1)
             want = torch.stack([logp[n - 1 + i, t] for i, t in enumerate(answer)])
             per_token = torch.tensor(getattr(r, fields[0]))
@@ -445,34 +616,56 @@ R = "blocks.1.hook_resid_post"
 IV = "run.interventions[0]"
 
 
-@pytest.mark.parametrize("run, field, fragment", [
-    (bad(Intervention("blocks.1.hook_foo", Zero())), f"{IV}.site", "valid sites: hook_embed, blocks.{l}.hook_resid_pre"),
-    (bad(Intervention("blocks.4.hook_resid_post", Zero())), f"{IV}.site", "out of range 0 .. 3"),
-    (bad(Intervention(Site("blocks.1.attn.hook_z", head=4), Zero())), f"{IV}.site.head", "4 is out of range 0 .. 3"),
-    (bad(Intervention(Site("blocks.1.mlp.hook_post", neuron=128), Zero())), f"{IV}.site.neuron", "out of range 0 .. 127"),
-    (bad(Intervention(Site(R, head=1), Zero())), f"{IV}.site.head", "has no heads"),
-    (bad(Intervention(Site("blocks.1.attn.hook_z", neuron=1), Zero())), f"{IV}.site.neuron", "has no neurons"),
-    (bad(Intervention(R, Add())), f"{IV}.add", "needs a vector"),
-    (bad(Intervention(R, Add(vector=torch.zeros(63)))), f"{IV}.add.vector", "shape [63] does not fit"),
-    (bad(Intervention(Site("blocks.1.attn.hook_z", head=1), Replace(vector=torch.zeros(64, 4)))), f"{IV}.replace.vector",
-     "[4, 16] or [16] (one head)"),
-    (bad(Intervention(R, Add(positive=("Paris",)))), f"{IV}.add.negative", "at least one prompt"),
-    (bad(Intervention(R, Noise(scale=-1.0, std=1.0))), f"{IV}.noise.scale", ">= 0"),
-    (bad(Intervention(R, Noise(scale=1.0))), f"{IV}.noise.reference", "at least one prompt"),
-    (bad(Intervention(R, Mean())), f"{IV}.mean.reference", "at least one prompt"),
-    (bad(Intervention(R, Zero()), answer=""), "run.answer", "empty answer"),
-    (bad(Intervention(R, Zero(), (0, 7))), f"{IV}.positions", "7 is out of range"),
-    (bad(Intervention(R, Zero(), -8)), f"{IV}.positions", "allowed -7 .. 6"),
-    (bad(Intervention(R, Resample(source=LONG), "generated")), f"{IV}.resample", "prompt positions only"),
-    (bad(Intervention(R, Resample(source=LONG), "all")), f"{IV}.resample", "prompt positions only"),
-    (bad(Intervention(R, Resample(source="Paris"), 3)), f"{IV}.resample.source", "past the source prompt"),
-    (bad(Intervention(R, Resample(source="Paris"), "prompt")), f"{IV}.resample.source", "past the source prompt"),
-    (bad(Intervention(R, Replace())), f"{IV}.replace", "exactly one of"),
-    (bad(Intervention(R, Replace(source="Paris", source_position=2))), f"{IV}.replace.source_position", "out of range"),
-    (bad(Intervention("blocks.1.hook_resid_mid", Zero())), f"{IV}.site", "hook_attn_out"),
-    (bad(Intervention(R, Zero()), n=506), "run.max_new_tokens", "context of 512 tokens"),
-    (bad(Intervention(R, Zero()), prompt=""), "run.prompt", "empty prompt"),
-])
+@pytest.mark.parametrize(
+    "run, field, fragment",
+    [
+        (
+            bad(Intervention("blocks.1.hook_foo", Zero())),
+            f"{IV}.site",
+            "valid sites: hook_embed, blocks.{l}.hook_resid_pre",
+        ),
+        (bad(Intervention("blocks.4.hook_resid_post", Zero())), f"{IV}.site", "out of range 0 .. 3"),
+        (
+            bad(Intervention(Site("blocks.1.attn.hook_z", head=4), Zero())),
+            f"{IV}.site.head",
+            "4 is out of range 0 .. 3",
+        ),
+        (
+            bad(Intervention(Site("blocks.1.mlp.hook_post", neuron=128), Zero())),
+            f"{IV}.site.neuron",
+            "out of range 0 .. 127",
+        ),
+        (bad(Intervention(Site(R, head=1), Zero())), f"{IV}.site.head", "has no heads"),
+        (bad(Intervention(Site("blocks.1.attn.hook_z", neuron=1), Zero())), f"{IV}.site.neuron", "has no neurons"),
+        (bad(Intervention(R, Add())), f"{IV}.add", "needs a vector"),
+        (bad(Intervention(R, Add(vector=torch.zeros(63)))), f"{IV}.add.vector", "shape [63] does not fit"),
+        (
+            bad(Intervention(Site("blocks.1.attn.hook_z", head=1), Replace(vector=torch.zeros(64, 4)))),
+            f"{IV}.replace.vector",
+            "[4, 16] or [16] (one head)",
+        ),
+        (bad(Intervention(R, Add(positive=("Paris",)))), f"{IV}.add.negative", "at least one prompt"),
+        (bad(Intervention(R, Noise(scale=-1.0, std=1.0))), f"{IV}.noise.scale", ">= 0"),
+        (bad(Intervention(R, Noise(scale=1.0))), f"{IV}.noise.reference", "at least one prompt"),
+        (bad(Intervention(R, Mean())), f"{IV}.mean.reference", "at least one prompt"),
+        (bad(Intervention(R, Zero()), answer=""), "run.answer", "empty answer"),
+        (bad(Intervention(R, Zero(), (0, 7))), f"{IV}.positions", "7 is out of range"),
+        (bad(Intervention(R, Zero(), -8)), f"{IV}.positions", "allowed -7 .. 6"),
+        (bad(Intervention(R, Resample(source=LONG), "generated")), f"{IV}.resample", "prompt positions only"),
+        (bad(Intervention(R, Resample(source=LONG), "all")), f"{IV}.resample", "prompt positions only"),
+        (bad(Intervention(R, Resample(source="Paris"), 3)), f"{IV}.resample.source", "past the source prompt"),
+        (bad(Intervention(R, Resample(source="Paris"), "prompt")), f"{IV}.resample.source", "past the source prompt"),
+        (bad(Intervention(R, Replace())), f"{IV}.replace", "exactly one of"),
+        (
+            bad(Intervention(R, Replace(source="Paris", source_position=2))),
+            f"{IV}.replace.source_position",
+            "out of range",
+        ),
+        (bad(Intervention("blocks.1.hook_resid_mid", Zero())), f"{IV}.site", "hook_attn_out"),
+        (bad(Intervention(R, Zero()), n=506), "run.max_new_tokens", "context of 512 tokens"),
+        (bad(Intervention(R, Zero()), prompt=""), "run.prompt", "empty prompt"),
+    ],
+)
 def test_bad_input_names_the_field_before_any_weights(no_weights, run, field, fragment):
     info = model_info("tiny-llama")
     with pytest.raises(PatchscopeError) as err:
@@ -485,8 +678,12 @@ def test_bad_input_limits_are_exact(no_weights):
     info = model_info("tiny-llama")
     resolve_run(bad(Intervention(R, Zero()), n=505), info)  # 7 prompt tokens + 505 = n_ctx
     resolve_run(bad(Intervention(Site("blocks.3.attn.hook_z", head=(0, 3)), Zero(), (0, -7, 6))), info)
-    resolve_run(bad(Intervention(R, Resample(source="The capital city of x is"), "prompt")), info)  # as long as the prompt
-    msg = str(pytest.raises(PatchscopeError, resolve_run, bad(Intervention("blocks.1.hook_resid_mid", Zero())), info).value)
+    resolve_run(
+        bad(Intervention(R, Resample(source="The capital city of x is"), "prompt")), info
+    )  # as long as the prompt
+    msg = str(
+        pytest.raises(PatchscopeError, resolve_run, bad(Intervention("blocks.1.hook_resid_mid", Zero())), info).value
+    )
     assert "blocks.1.hook_resid_post" in msg
 
 
@@ -505,8 +702,14 @@ def eos_runs():
     kinds = [Zero(), Scale(factor=-1.0), Noise(scale=2.0, std=1.0, seed=4), Mean(reference=REFERENCE)]
     sites = ["blocks.0.hook_resid_post", Site("blocks.1.attn.hook_z", head=2), "blocks.2.hook_mlp_out", "hook_embed"]
     prompts = PROMPTS + ["x", LONG]
-    return [InterventionRun(prompts[k % len(prompts)], [Intervention(sites[k % 4], kinds[k // 4], where[(k + k // 4) % 4])]
-                            if k % 5 else [], max_new_tokens=[1, 4, 12, 7, 9][k % 5]) for k in range(16)]
+    return [
+        InterventionRun(
+            prompts[k % len(prompts)],
+            [Intervention(sites[k % 4], kinds[k // 4], where[(k + k // 4) % 4])] if k % 5 else [],
+            max_new_tokens=[1, 4, 12, 7, 9][k % 5],
+        )
+        for k in range(16)
+    ]
 
 
 def test_without_eos_every_row_generates_exactly_max_new_tokens(tiny_models):
@@ -540,7 +743,9 @@ def test_with_eos_rows_stop_at_eos(tiny_models):
     old = tok.eos_token
     tok.eos_token = tok.convert_ids_to_tokens(eos)
     try:
-        stopped = Engine(model, name="tiny-llama", decoding=Decoding(stop_at_eos=True)).run(runs, batch_size=16, clean=False)
+        stopped = Engine(model, name="tiny-llama", decoding=Decoding(stop_at_eos=True)).run(
+            runs, batch_size=16, clean=False
+        )
     finally:
         tok.eos_token = old
     n_stopped = 0

@@ -11,8 +11,15 @@ from patchscope_core import SITES, Decoding, Intervention, InterventionRun, Site
 from patchscope_core.engine import Engine
 from patchscope_core.interventions import ACTIVATION_KINDS
 from tests.reference import compare_tokens, reference_hooks, uncached_generation
-from tests.test_core_interventions import (LONG, PROMPTS, assert_logits_match_the_bridge, every_step_runs, form_of,
-                                           grid_runs, hf_greedy)
+from tests.test_core_interventions import (
+    LONG,
+    PROMPTS,
+    assert_logits_match_the_bridge,
+    every_step_runs,
+    form_of,
+    grid_runs,
+    hf_greedy,
+)
 
 pytestmark = pytest.mark.smollm2
 
@@ -25,10 +32,16 @@ def engine(smollm2):
 
 
 def test_every_site_and_kind_equals_the_bridges_own_hook_point(smollm2, engine):
-    runs = grid_runs(smollm2, heads=[(1,), (0, 8), (4, 5, 6)], neurons=[(0, 700, 1535), tuple(range(3, 1536, 5))],
-                     layer_of=lambda i, j: (4 * i + 3 * j + 1) % 30, seed=10)
+    runs = grid_runs(
+        smollm2,
+        heads=[(1,), (0, 8), (4, 5, 6)],
+        neurons=[(0, 700, 1535), tuple(range(3, 1536, 5))],
+        layer_of=lambda i, j: (4 * i + 3 * j + 1) % 30,
+        seed=10,
+    )
     assert {(form_of(iv.site.hook), iv.kind.name) for r in runs for iv in r.interventions} == {
-        (s, k) for s in SITES for k in ACTIVATION_KINDS}
+        (s, k) for s in SITES for k in ACTIVATION_KINDS
+    }
     assert max(iv.site.layer or 0 for r in runs for iv in r.interventions) == 29
     # In a padded batch of 52 rows SmolLM2's logits (up to ~30) differ from a single row's by float
     # rounding alone: up to ~6e-5 with no intervention at all, 1.3e-4 with one (mean embeddings at
@@ -44,10 +57,20 @@ def test_zero_ablating_heads_equals_zeroing_their_output_projection_columns(smol
 
     n_new = 10
     d_head = smollm2.cfg.d_head
-    cases = [(0, (3,), PROMPTS[0]), (5, (8,), "x"), (14, (0,), PROMPTS[1]), (29, (4,), LONG),
-             (1, tuple(range(9)), PROMPTS[2]), (20, (2, 7), PROMPTS[3])]
-    runs = [InterventionRun(p, [Intervention(Site(f"blocks.{layer}.attn.hook_z", head=heads), Zero())], max_new_tokens=n_new)
-            for layer, heads, p in cases]
+    cases = [
+        (0, (3,), PROMPTS[0]),
+        (5, (8,), "x"),
+        (14, (0,), PROMPTS[1]),
+        (29, (4,), LONG),
+        (1, tuple(range(9)), PROMPTS[2]),
+        (20, (2, 7), PROMPTS[3]),
+    ]
+    runs = [
+        InterventionRun(
+            p, [Intervention(Site(f"blocks.{layer}.attn.hook_z", head=heads), Zero())], max_new_tokens=n_new
+        )
+        for layer, heads, p in cases
+    ]
     results = engine.run(runs, batch_size=8)
     hf = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32).eval()  # its own copy, no bridge
     for (layer, heads, _), r in zip(cases, results):
@@ -55,7 +78,7 @@ def test_zero_ablating_heads_equals_zeroing_their_output_projection_columns(smol
         old = w.detach().clone()
         with torch.no_grad():
             for h in heads:
-                w[:, h * d_head:(h + 1) * d_head] = 0
+                w[:, h * d_head : (h + 1) * d_head] = 0
         try:
             want, scores = hf_greedy(hf, r.prompt_token_ids, n_new, smollm2.tokenizer.pad_token_id)
         finally:

@@ -17,10 +17,20 @@ def tiny_qwen2(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("tiny-qwen2")
     tok = _load_tokenizer(str(_tiny_tokenizer_dir()))
-    config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256,
-                         bos_token_id=0, eos_token_id=1, pad_token_id=2, initializer_range=0.2,
-                         tie_word_embeddings=False)
+    config = Qwen2Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        max_position_embeddings=256,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tok.save_pretrained(path)
@@ -44,8 +54,9 @@ def test_validation_and_the_loaded_model_agree_on_bos_and_shapes(tiny_qwen2):
 def test_positions_mean_the_same_to_validation_and_engine(tiny_qwen2):
     """Position 0 is the first word, not a BOS, on both sides; the patch lands there."""
     bridge = load_model(tiny_qwen2, device="cpu")
-    spec = Patchscope(Source("Paris is the capital", 2, -1), Target("The capital city of x is", 1, (0, -2)),
-                      max_new_tokens=6)
+    spec = Patchscope(
+        Source("Paris is the capital", 2, -1), Target("The capital city of x is", 1, (0, -2)), max_new_tokens=6
+    )
     (r,) = PatchscopeEngine(bridge, name=tiny_qwen2, decoding=Decoding(stop_at_eos=False)).run([spec])
     target_ids = tokenize(model_info(tiny_qwen2), spec.target.prompt)
     assert r.target_token_ids == list(target_ids) and r.target_positions == [0, len(target_ids) - 2]

@@ -13,8 +13,12 @@ from patchscope_core.patcher import Patcher
 from patchscope_core.patching import Cell, Pair, check_pair, make_cells
 
 TINY_PAIR = Pair("The fox jumps over the", "The fix jumps over the", " dog", " cat")
-IOI_PAIR = Pair("When Mary and John went to the store, John gave a drink to",
-                "When Mary and John went to the store, Mary gave a drink to", " Mary", " John")
+IOI_PAIR = Pair(
+    "When Mary and John went to the store, John gave a drink to",
+    "When Mary and John went to the store, Mary gave a drink to",
+    " Mary",
+    " John",
+)
 
 # (TransformerLens function, our site, positions, per head)
 GRIDS = {
@@ -50,8 +54,9 @@ def grid(result, direction):
     return torch.tensor([c.patched for c in result.cells if c.direction == direction])
 
 
-@pytest.mark.parametrize("model,name", [("tiny-llama", g) for g in GRIDS]
-                         + [("tiny-gpt2", g) for g in GRIDS if g not in LLAMA_ONLY])
+@pytest.mark.parametrize(
+    "model,name", [("tiny-llama", g) for g in GRIDS] + [("tiny-gpt2", g) for g in GRIDS if g not in LLAMA_ONLY]
+)
 def test_grid_equals_transformer_lens_both_directions(engines, model, name):
     engine = engines[model]
     fn, site, positions = GRIDS[name]
@@ -117,8 +122,9 @@ def test_window_and_every_metric_equal_the_bridge_with_hooks(engines):
     pair = Pair(TINY_PAIR.clean, TINY_PAIR.corrupted, " dog runs", " cat")
     checked = check_pair(pair, engine.info, ("logprob",))
     p = len(checked.clean_ids) - 2
-    result = Patcher(engine).patch(pair, [Cell("hook_attn_out", 2, p, window=3)], ("denoising",),
-                                   ("logit_diff", "logprob", "prob", "kl"))
+    result = Patcher(engine).patch(
+        pair, [Cell("hook_attn_out", 2, p, window=3)], ("denoising",), ("logit_diff", "logprob", "prob", "kl")
+    )
     got = {c.metric: c.patched for c in result.cells}
     bridge, answer = engine.model, list(checked.answer_ids)
     with torch.no_grad():
@@ -129,12 +135,16 @@ def test_window_and_every_metric_equal_the_bridge_with_hooks(engines):
             x[:, p] = cache[hook.name][:, p]
             return x
 
-        logits = bridge.run_with_hooks(torch.tensor([list(checked.corrupted_ids) + answer[:-1]]),
-                                       fwd_hooks=[(f"blocks.{l}.hook_attn_out", write) for l in (1, 2, 3)])[0].float()
+        logits = bridge.run_with_hooks(
+            torch.tensor([list(checked.corrupted_ids) + answer[:-1]]),
+            fwd_hooks=[(f"blocks.{l}.hook_attn_out", write) for l in (1, 2, 3)],
+        )[0].float()
     m = len(checked.clean_ids)
     lp = torch.log_softmax(logits, -1)
     clean_lp = torch.log_softmax(clean_logits[0, m - 1].float(), -1)
-    assert got["logit_diff"] == pytest.approx(float(logits[m - 1, answer[0]] - logits[m - 1, checked.wrong_id]), abs=1e-4)
+    assert got["logit_diff"] == pytest.approx(
+        float(logits[m - 1, answer[0]] - logits[m - 1, checked.wrong_id]), abs=1e-4
+    )
     assert got["logprob"] == pytest.approx(sum(float(lp[m - 1 + j, t]) for j, t in enumerate(answer)), abs=1e-4)
     assert got["prob"] == pytest.approx(float(lp[m - 1, answer[0]].exp()), abs=1e-5)
     assert got["kl"] == pytest.approx(float((clean_lp.exp() * (clean_lp - lp[m - 1])).sum()), abs=1e-4)
@@ -151,12 +161,15 @@ def test_a_neuron_of_mlp_hook_post_equals_the_bridge_with_hooks(engines):
     with torch.no_grad():
         _, cache = bridge.run_with_cache(torch.tensor([checked.corrupted_ids]))
         for cell, got in zip(cells, result.cells):
+
             def write(x, hook, n=cell.neuron):
                 x = x.clone()
                 x[:, m - 1, n] = cache[hook.name][:, m - 1, n]
                 return x
 
-            logits = bridge.run_with_hooks(torch.tensor([checked.clean_ids]), fwd_hooks=[("blocks.1.mlp.hook_post", write)])
+            logits = bridge.run_with_hooks(
+                torch.tensor([checked.clean_ids]), fwd_hooks=[("blocks.1.mlp.hook_post", write)]
+            )
             assert got.patched == pytest.approx(float(metric(logits)), abs=1e-4)
     assert result.cells[0].patched != pytest.approx(result.cells[1].patched, abs=1e-7)
 
@@ -199,12 +212,24 @@ def test_smollm2_ioi_equals_transformer_lens_on_a_subset(smollm2):
         _, clean_cache = smollm2.run_with_cache(clean)
         _, corrupted_cache = smollm2.run_with_cache(corrupted)
     patcher = Patcher(engine)
-    cases = [(tlp.get_act_patch_resid_pre, "hook_resid_pre", [(l, p) for l in (0, 12, 29) for p in range(m)], True),
-             (tlp.get_act_patch_attn_head_out_by_pos, "attn.hook_z", [(l, p, h) for l in (9,) for p in positions for h in range(9)], False),
-             (tlp.get_act_patch_attn_head_v_by_pos, "attn.hook_v", [(l, p, h) for l in (3,) for p in positions for h in range(3)], False)]
+    cases = [
+        (tlp.get_act_patch_resid_pre, "hook_resid_pre", [(l, p) for l in (0, 12, 29) for p in range(m)], True),
+        (
+            tlp.get_act_patch_attn_head_out_by_pos,
+            "attn.hook_z",
+            [(l, p, h) for l in (9,) for p in positions for h in range(9)],
+            False,
+        ),
+        (
+            tlp.get_act_patch_attn_head_v_by_pos,
+            "attn.hook_v",
+            [(l, p, h) for l in (3,) for p in positions for h in range(3)],
+            False,
+        ),
+    ]
     for fn, site, index, both in cases:
         cells = [Cell(site, *i) for i in index]
-        df = pd.DataFrame(index, columns=["layer", "pos", "head"][:len(index[0])])
+        df = pd.DataFrame(index, columns=["layer", "pos", "head"][: len(index[0])])
         directions = ("denoising", "noising") if both else ("denoising",)
         result = patcher.patch(IOI_PAIR, cells, directions)
         with torch.no_grad():
@@ -218,19 +243,42 @@ def test_smollm2_ioi_equals_transformer_lens_on_a_subset(smollm2):
 # ---------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("call,field,words", [
-    (lambda i: check_pair(Pair("The fox jumps over the", "The dog jumps over the", " a", " b"), i, field_name="prompts[3]"),
-     "prompts[3]:", ["same number of tokens", "15 vs 14", "'f', 'o', 'x'", "'do', 'g'"]),
-    (lambda i: check_pair(Pair("The fox", "The fix", " dog", " dog"), i), "pair.wrong_answer:", ["equals the answer"]),
-    (lambda i: check_pair(Pair("The fox", "The fix", " dog"), i), "pair.wrong_answer:", ["logit_diff needs a wrong answer"]),
-    (lambda i: check_pair(Pair("The fox", "The fix", " dog", " cat"), i, ("accuracy",)), "metric:", ["logit_diff"]),
-    (lambda i: make_cells(i, 5, ["blocks.{layer}.attn.hook_x"]), "patching.sites[0]:",
-     ["unknown site", "blocks.{layer}.attn.hook_z", "blocks.{layer}.mlp.hook_post"]),
-    (lambda i: make_cells(i, 5, ["blocks.{layer}.attn.hook_k"], heads=[2]), "patching.heads:", ["2 key/value heads"]),
-    (lambda i: make_cells(i, 5, ["blocks.{layer}.attn.hook_q"], heads=[4]), "patching.heads:", ["4 query heads"]),
-    (lambda i: make_cells(i, 5, ["hook_mlp_out"], positions=[5]), "patching.positions:", ["out of range"]),
-    (lambda i: make_cells(i, 5, ["hook_mlp_out"], layers=[4]), "patching.layers:", ["0 .. 3"]),
-])
+@pytest.mark.parametrize(
+    "call,field,words",
+    [
+        (
+            lambda i: check_pair(
+                Pair("The fox jumps over the", "The dog jumps over the", " a", " b"), i, field_name="prompts[3]"
+            ),
+            "prompts[3]:",
+            ["same number of tokens", "15 vs 14", "'f', 'o', 'x'", "'do', 'g'"],
+        ),
+        (
+            lambda i: check_pair(Pair("The fox", "The fix", " dog", " dog"), i),
+            "pair.wrong_answer:",
+            ["equals the answer"],
+        ),
+        (
+            lambda i: check_pair(Pair("The fox", "The fix", " dog"), i),
+            "pair.wrong_answer:",
+            ["logit_diff needs a wrong answer"],
+        ),
+        (lambda i: check_pair(Pair("The fox", "The fix", " dog", " cat"), i, ("accuracy",)), "metric:", ["logit_diff"]),
+        (
+            lambda i: make_cells(i, 5, ["blocks.{layer}.attn.hook_x"]),
+            "patching.sites[0]:",
+            ["unknown site", "blocks.{layer}.attn.hook_z", "blocks.{layer}.mlp.hook_post"],
+        ),
+        (
+            lambda i: make_cells(i, 5, ["blocks.{layer}.attn.hook_k"], heads=[2]),
+            "patching.heads:",
+            ["2 key/value heads"],
+        ),
+        (lambda i: make_cells(i, 5, ["blocks.{layer}.attn.hook_q"], heads=[4]), "patching.heads:", ["4 query heads"]),
+        (lambda i: make_cells(i, 5, ["hook_mlp_out"], positions=[5]), "patching.positions:", ["out of range"]),
+        (lambda i: make_cells(i, 5, ["hook_mlp_out"], layers=[4]), "patching.layers:", ["0 .. 3"]),
+    ],
+)
 def test_bad_input_is_refused_before_weights_load(no_weights, call, field, words):
     info = model_info("tiny-llama")
     with pytest.raises(InputError) as err:

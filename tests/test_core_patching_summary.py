@@ -9,8 +9,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from patchscope_core.patching_summary import (bootstrap_draws, draw_layer_head, draw_layer_position, layer_head,
-                                              layer_position, per_pair, position_labels, summarize, top_heads)
+from patchscope_core.patching_summary import (
+    bootstrap_draws,
+    draw_layer_head,
+    draw_layer_position,
+    layer_head,
+    layer_position,
+    per_pair,
+    position_labels,
+    summarize,
+    top_heads,
+)
 
 N_PAIRS, N_LAYERS, N_POS, N_HEADS = 5, 3, 4, 2
 
@@ -23,19 +32,37 @@ def records(seed: int = 0, drop: bool = False) -> pd.DataFrame:
     for r in range(N_PAIRS):
         for l in range(N_LAYERS):
             for p in [*range(N_POS), None]:
-                rows.append(dict(row=r, site="hook_resid_pre", layer=l, position=p, head=None,
-                                 token=None if p is None else f"w{p}r{r}"))
+                rows.append(
+                    dict(
+                        row=r,
+                        site="hook_resid_pre",
+                        layer=l,
+                        position=p,
+                        head=None,
+                        token=None if p is None else f"w{p}r{r}",
+                    )
+                )
             for h in range(N_HEADS):
                 for p in (None, 3):
-                    rows.append(dict(row=r, site="attn.hook_z", layer=l, position=p, head=h,
-                                     token=None if p is None else f"w{p}r{r}"))
+                    rows.append(
+                        dict(
+                            row=r,
+                            site="attn.hook_z",
+                            layer=l,
+                            position=p,
+                            head=h,
+                            token=None if p is None else f"w{p}r{r}",
+                        )
+                    )
     df = pd.DataFrame(rows)
     df["direction"], df["metric"] = "denoising", "logit_diff"
     df["clean_value"], df["corrupted_value"] = 2.0, -1.0
     df["recovered"] = g.normal(size=len(df)) + df["layer"] * 0.5
     df["patched"] = df["corrupted_value"] + df["recovered"] * 3.0
     if drop:  # one pair lacks one cell
-        df = df.drop(index=df[(df.row == 2) & (df.site == "hook_resid_pre") & (df.layer == 1) & (df.position == 0)].index)
+        df = df.drop(
+            index=df[(df.row == 2) & (df.site == "hook_resid_pre") & (df.layer == 1) & (df.position == 0)].index
+        )
     return df.sample(frac=1.0, random_state=1).reset_index(drop=True)  # order must not matter
 
 
@@ -63,8 +90,9 @@ def test_per_pair_means_and_bootstrap_equal_a_direct_loop(drop):
     for _, row in got.iterrows():
         position, head = key_of(row.position, row["head"])
         values = cell_values(df, row.site, row.layer, position, head)
-        assert wide.loc[(row.site, row.layer, row.position, row["head"], "denoising", "logit_diff")].dropna().to_dict() \
-            == pytest.approx(values)
+        assert wide.loc[
+            (row.site, row.layer, row.position, row["head"], "denoising", "logit_diff")
+        ].dropna().to_dict() == pytest.approx(values)
         assert row.n_pairs == len(values) and row["mean"] == pytest.approx(np.mean(list(values.values())))
         means = []
         for b in range(n_boot):

@@ -11,8 +11,10 @@ from tests.reference import compare_tokens, source_vector, uncached_patched_gene
 
 pytestmark = pytest.mark.smollm2
 
-ENTITY = ("Syria: Country in the Middle East, Leonardo DiCaprio: American actor, Samsung: South Korean "
-          "multinational major appliance and consumer electronics corporation, x")
+ENTITY = (
+    "Syria: Country in the Middle East, Leonardo DiCaprio: American actor, Samsung: South Korean "
+    "multinational major appliance and consumer electronics corporation, x"
+)
 N_NEW = 12
 
 
@@ -20,9 +22,15 @@ def cases():
     return [
         Patchscope(Source("Leonardo DiCaprio", 4, -1), Target(ENTITY, 4, (-1,)), max_new_tokens=N_NEW),
         Patchscope(Source("Paris", 3, -1), Target(ENTITY, 8, (-1,)), max_new_tokens=N_NEW),  # l* != l
-        Patchscope(Source("Samsung", 12, -1), Target("The capital city of x is", 2, (0,)), max_new_tokens=N_NEW),  # position 0
-        Patchscope(Source("The Eiffel Tower", 4, 2), Target("x x x", 4, (1, 2, 3)), max_new_tokens=N_NEW),  # several positions
-        Patchscope(Source("Python", 29, -1), Target("x", 0, (-1,)), max_new_tokens=N_NEW - 4),  # last layer, short target
+        Patchscope(
+            Source("Samsung", 12, -1), Target("The capital city of x is", 2, (0,)), max_new_tokens=N_NEW
+        ),  # position 0
+        Patchscope(
+            Source("The Eiffel Tower", 4, 2), Target("x x x", 4, (1, 2, 3)), max_new_tokens=N_NEW
+        ),  # several positions
+        Patchscope(
+            Source("Python", 29, -1), Target("x", 0, (-1,)), max_new_tokens=N_NEW - 4
+        ),  # last layer, short target
     ]
 
 
@@ -75,11 +83,19 @@ def hf_patchscope(hf, src_ids, layer, position, tgt_ids, target_layer, positions
     h = hf.model.layers[target_layer].register_forward_hook(patch)
     try:
         ids = torch.tensor([tgt_ids])
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, do_sample=False,
-                          eos_token_id=None, pad_token_id=2, output_scores=True, return_dict_in_generate=True)
+        out = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n_new,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=2,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
     finally:
         h.remove()
-    return out.sequences[0, ids.shape[1]:].tolist(), [s[0].float() for s in out.scores]
+    return out.sequences[0, ids.shape[1] :].tolist(), [s[0].float() for s in out.scores]
 
 
 def test_agrees_with_plain_hugging_face(results):
@@ -90,8 +106,16 @@ def test_agrees_with_plain_hugging_face(results):
     hf = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32).eval()  # its own copy, no bridge
     for k, r in enumerate(results):
         s, t = r.patchscope.source, r.patchscope.target
-        want, scores = hf_patchscope(hf, r.source_token_ids, s.layer, r.source_position, r.target_token_ids,
-                                     t.layer, r.target_positions, r.patchscope.max_new_tokens)
+        want, scores = hf_patchscope(
+            hf,
+            r.source_token_ids,
+            s.layer,
+            r.source_position,
+            r.target_token_ids,
+            t.layer,
+            r.target_positions,
+            r.patchscope.max_new_tokens,
+        )
         compare_tokens(r.generated_token_ids, want, scores, f"smollm2-vs-hf[{k}]")
 
 
@@ -109,14 +133,23 @@ def test_unpatched_cached_equals_uncached_through_the_bridge(smollm2):
         ids = list(tokenize(info, prompt))
         want, logits = uncached_patched_generation(smollm2, ids, 0, [], None, N_NEW)
         t = torch.tensor([ids])
-        hf_path = smollm2.original_model.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=N_NEW,
-                                                  do_sample=False, eos_token_id=None, pad_token_id=2, use_cache=True)
-        compare_tokens(hf_path[0, len(ids):].tolist(), want, logits, "bridge-hf-generate-cached")
-        tl_path = smollm2.generate(t, max_new_tokens=N_NEW, do_sample=False, stop_at_eos=False,
-                                   use_past_kv_cache=True, verbose=False)
-        compare_tokens(tl_path[0, len(ids):].tolist(), want, logits, "bridge-generate-cached")
-    assert smollm2.generate("The capital of France is", max_new_tokens=2, do_sample=False, verbose=False,
-                            return_type="str").endswith(" Paris.")
+        hf_path = smollm2.original_model.generate(
+            t,
+            attention_mask=torch.ones_like(t),
+            max_new_tokens=N_NEW,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=2,
+            use_cache=True,
+        )
+        compare_tokens(hf_path[0, len(ids) :].tolist(), want, logits, "bridge-hf-generate-cached")
+        tl_path = smollm2.generate(
+            t, max_new_tokens=N_NEW, do_sample=False, stop_at_eos=False, use_past_kv_cache=True, verbose=False
+        )
+        compare_tokens(tl_path[0, len(ids) :].tolist(), want, logits, "bridge-generate-cached")
+    assert smollm2.generate(
+        "The capital of France is", max_new_tokens=2, do_sample=False, verbose=False, return_type="str"
+    ).endswith(" Paris.")
 
 
 def test_tokenize_matches_the_bridge(smollm2):

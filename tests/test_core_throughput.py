@@ -6,8 +6,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from patchscope_core import (Add, Decoding, Engine, Intervention, InterventionRun, Patchscope, PatchscopeEngine, Positions,
-                             Site, Source, Target, Zero)
+from patchscope_core import (
+    Add,
+    Decoding,
+    Engine,
+    Intervention,
+    InterventionRun,
+    Patchscope,
+    PatchscopeEngine,
+    Positions,
+    Site,
+    Source,
+    Target,
+    Zero,
+)
 from tests.test_core_engine import check_against_uncached
 
 TINY = ["tiny-gpt2", "tiny-llama"]
@@ -17,8 +29,10 @@ SOURCES = ["Leonardo DiCaprio is an actor", "Paris is the capital of France", "T
 
 def grid(n_new: int = 8) -> list[Patchscope]:
     """One target prompt, patched at its last position (or the last two), many sources and layers."""
-    return [Patchscope(Source(s, layer, -1), Target(TARGET, layer, (-1,) if k % 3 else (-2, -1)), max_new_tokens=n_new)
-            for k, (s, layer) in enumerate((s, layer) for s in SOURCES for layer in range(4))]
+    return [
+        Patchscope(Source(s, layer, -1), Target(TARGET, layer, (-1,) if k % 3 else (-2, -1)), max_new_tokens=n_new)
+        for k, (s, layer) in enumerate((s, layer) for s in SOURCES for layer in range(4))
+    ]
 
 
 def first_chunks(engine):
@@ -68,14 +82,32 @@ def test_shared_target_prefix_equals_full_prompts_and_the_uncached_reference(tin
 def test_interventions_share_only_what_no_intervention_touches(tiny_models):
     model = tiny_models["tiny-llama"]
     prompt = "Paris is the capital of France. The Eiffel Tower is in"
-    late = [InterventionRun(prompt, [Intervention(Site("blocks.1.attn.hook_z", head=h), Zero(), Positions((-2,), generated=True))],
-                            answer=" Paris", max_new_tokens=6) for h in range(4)]
-    steer = [InterventionRun(prompt, [Intervention(Site("blocks.2.hook_resid_post"), Add(alpha=a, vector=torch.ones(64)),
-                                                   "generated")], max_new_tokens=6) for a in (1.0, 4.0)]
-    everywhere = [InterventionRun(prompt, [Intervention(Site("blocks.1.attn.hook_z", head=h), Zero(), "all")],
-                                  max_new_tokens=6) for h in range(2)]
+    late = [
+        InterventionRun(
+            prompt,
+            [Intervention(Site("blocks.1.attn.hook_z", head=h), Zero(), Positions((-2,), generated=True))],
+            answer=" Paris",
+            max_new_tokens=6,
+        )
+        for h in range(4)
+    ]
+    steer = [
+        InterventionRun(
+            prompt,
+            [Intervention(Site("blocks.2.hook_resid_post"), Add(alpha=a, vector=torch.ones(64)), "generated")],
+            max_new_tokens=6,
+        )
+        for a in (1.0, 4.0)
+    ]
+    everywhere = [
+        InterventionRun(prompt, [Intervention(Site("blocks.1.attn.hook_z", head=h), Zero(), "all")], max_new_tokens=6)
+        for h in range(2)
+    ]
     for runs, shares in ((late, True), (steer, True), (everywhere, False)):
-        on, off = Engine(model, decoding=Decoding(stop_at_eos=False)), Engine(model, decoding=Decoding(stop_at_eos=False))
+        on, off = (
+            Engine(model, decoding=Decoding(stop_at_eos=False)),
+            Engine(model, decoding=Decoding(stop_at_eos=False)),
+        )
         off.share_prefixes = False
         a, b = on.run_interventions(runs, clean=False), off.run_interventions(runs, clean=False)
         assert (on.counts["shared_prefix_tokens"] > 0) == shares
@@ -89,17 +121,24 @@ def test_own_hooks_never_skip_a_prefix(tiny_models):
     """A user's hook may act anywhere: generate_with_hooks always computes whole prompts."""
     engine = Engine(tiny_models["tiny-llama"], decoding=Decoding(stop_at_eos=False))
     seen = []
-    engine.generate_with_hooks(["The quick brown fox jumps"] * 3,
-                               [("blocks.0.hook_resid_post", lambda x, ctx: seen.append(ctx.positions[0].tolist()))],
-                               max_new_tokens=2)
+    engine.generate_with_hooks(
+        ["The quick brown fox jumps"] * 3,
+        [("blocks.0.hook_resid_post", lambda x, ctx: seen.append(ctx.positions[0].tolist()))],
+        max_new_tokens=2,
+    )
     assert seen[0][0] == 0 and engine.counts["shared_prefix_tokens"] == 0
 
 
 def test_a_batch_that_runs_out_of_memory_is_halved_with_the_same_results(tiny_models):
     """Out of memory is injected in the model's own forward pass for batches of more than 3 rows."""
     model = tiny_models["tiny-llama"]
-    runs = [InterventionRun(p, [Intervention(Site("blocks.1.attn.hook_z", head=h), Zero(), "all")], answer=" Paris",
-                            max_new_tokens=5) for p in SOURCES for h in range(3)]
+    runs = [
+        InterventionRun(
+            p, [Intervention(Site("blocks.1.attn.hook_z", head=h), Zero(), "all")], answer=" Paris", max_new_tokens=5
+        )
+        for p in SOURCES
+        for h in range(3)
+    ]
     want = Engine(model, decoding=Decoding(stop_at_eos=False)).run_interventions(runs, batch_size=16, clean=False)
     engine = Engine(model, decoding=Decoding(stop_at_eos=False))
 
@@ -116,7 +155,8 @@ def test_a_batch_that_runs_out_of_memory_is_halved_with_the_same_results(tiny_mo
             assert x.answer_logprob == pytest.approx(y.answer_logprob, abs=1e-5)
         handle.remove()
         handle = engine.modules.register_forward_pre_hook(
-            lambda m, a, k: (_ for _ in ()).throw(torch.OutOfMemoryError("out of memory (injected)")), with_kwargs=True)
+            lambda m, a, k: (_ for _ in ()).throw(torch.OutOfMemoryError("out of memory (injected)")), with_kwargs=True
+        )
         with pytest.raises(torch.OutOfMemoryError):  # a single row that does not fit is an error, not a loop
             engine.run_interventions(runs[:1], clean=False)
     finally:
@@ -153,9 +193,14 @@ def test_bfloat16_runs_the_same_paths_close_to_float32():
         assert x.top_token_ids[0] in y.top_token_ids
         assert y.top_logprobs[y.top_token_ids.index(x.top_token_ids[0])] >= y.top_logprobs[0] - 0.25
         assert x.top_logprobs[0] == pytest.approx(y.top_logprobs[0], abs=0.25)
-    runs = [InterventionRun("Paris is the capital of France.", [Intervention(Site("blocks.1.hook_mlp_out"),
-                                                                             Mean(reference=tuple(SOURCES)), "all")],
-                            answer=" Paris", max_new_tokens=3)]
+    runs = [
+        InterventionRun(
+            "Paris is the capital of France.",
+            [Intervention(Site("blocks.1.hook_mlp_out"), Mean(reference=tuple(SOURCES)), "all")],
+            answer=" Paris",
+            max_new_tokens=3,
+        )
+    ]
     (h,) = Engine(half).run_interventions(runs)
     (f,) = Engine(full).run_interventions(runs)
     assert h.answer_logprob == pytest.approx(f.answer_logprob, abs=0.5)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from patchscope_core import (Engine, Intervention, InterventionRun, Noise, PatchscopeError, Resample, Site,
-                             model_info)
+from patchscope_core import Engine, Intervention, InterventionRun, Noise, PatchscopeError, Resample, Site, model_info
 from patchscope_core.interventions import noise_at
 from patchscope_core.tracing import Fact, Tracer, TraceSettings, subject_span, window_layers
 
@@ -45,8 +44,11 @@ def reference_trace(model, fact: Fact, site: str, layer: int, position: int, set
     ids = model.to_tokens(fact.prompt)[0].tolist()
     answer = model.tokenizer(fact.answer, add_special_tokens=False)["input_ids"][0]
     start, end = _span(model, fact)
-    names = {"resid_post": "blocks.{}.hook_resid_post", "mlp_out": "blocks.{}.hook_mlp_out",
-             "attn_out": "blocks.{}.hook_attn_out"}
+    names = {
+        "resid_post": "blocks.{}.hook_resid_post",
+        "mlp_out": "blocks.{}.hook_mlp_out",
+        "attn_out": "blocks.{}.hook_attn_out",
+    }
     layers = window_layers(site, layer, settings.window, model.cfg.n_layers)
     hooks_names = [names[site].format(l) for l in layers]
     with torch.no_grad():
@@ -55,6 +57,7 @@ def reference_trace(model, fact: Fact, site: str, layer: int, position: int, set
     p_clean = bridge_p(model, ids, answer, [])
     corrupt, restored = [], []
     for k in range(settings.samples):
+
         def noise(x, hook, seed=settings.seed + k):
             x = x.clone()
             for p in range(start, end):
@@ -98,12 +101,22 @@ def test_cells_equal_rome_written_on_the_bridges_hook_points(traced, name):
     start, end = fast.subject
     m = len(fast.token_ids)
     checked = 0
-    for site, layer, position in [("resid_post", 0, start), ("resid_post", 2, end - 1), ("mlp_out", 1, end - 1),
-                                  ("attn_out", 3, m - 1), ("mlp_out", 0, end), ("resid_post", 3, m - 2)]:
+    for site, layer, position in [
+        ("resid_post", 0, start),
+        ("resid_post", 2, end - 1),
+        ("mlp_out", 1, end - 1),
+        ("attn_out", 3, m - 1),
+        ("mlp_out", 0, end),
+        ("resid_post", 3, m - 2),
+    ]:
         want = reference_trace(model, fact, site, layer, position, SETTINGS)
         assert fast.p_clean == pytest.approx(want["p_clean"], abs=1e-6)
         assert fast.p_corrupt == pytest.approx(want["p_corrupt"], abs=1e-6)
-        assert fast.p_restored[(site, layer, position)] == pytest.approx(want["p_restored"], abs=1e-6), (site, layer, position)
+        assert fast.p_restored[(site, layer, position)] == pytest.approx(want["p_restored"], abs=1e-6), (
+            site,
+            layer,
+            position,
+        )
         checked += 1
     assert fast.p_corrupt != pytest.approx(fast.p_clean, abs=1e-6), "the noise changed nothing: the test proves nothing"
     assert checked == 6
@@ -149,7 +162,9 @@ def test_restoring_every_position_at_layer_0_gives_the_clean_probability(tiny_mo
     start, end = result.subject
     embed = Site("hook_embed")
     sigma = 3.0 * engine.reader.std(engine_site(engine, embed), REFERENCE)
-    noise = [Intervention(embed, Noise(std=sigma / 3.0, scale=3.0, seed=1 + k), tuple(range(start, end))) for k in range(2)]
+    noise = [
+        Intervention(embed, Noise(std=sigma / 3.0, scale=3.0, seed=1 + k), tuple(range(start, end))) for k in range(2)
+    ]
     restore = Intervention(Site("blocks.0.hook_resid_post"), Resample(source=fact.prompt), "prompt")
     runs = [InterventionRun(fact.prompt, (n, restore), answer=fact.answer, max_new_tokens=0) for n in noise]
     runs += [InterventionRun(fact.prompt, (n,), answer=fact.answer, max_new_tokens=0) for n in noise]
@@ -174,7 +189,7 @@ def test_subject_span_and_bad_facts():
     info = model_info("tiny-llama")
     ids = info.tokenizer("The Eiffel Tower is in Paris.", add_special_tokens=False)["input_ids"]
     start, end = subject_span(info, "The Eiffel Tower is in Paris.", "Eiffel Tower")
-    text = info.tokenizer.decode(ids[start - 1:end - 1])  # BOS shifts positions by one
+    text = info.tokenizer.decode(ids[start - 1 : end - 1])  # BOS shifts positions by one
     assert "Eiffel Tower" in text and start == 2
     assert subject_span(info, "Paris is the capital", "Paris") == (1, 2)
     with pytest.raises(PatchscopeError, match="^subject: 'Rome' does not occur"):

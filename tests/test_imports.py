@@ -13,16 +13,19 @@ PACKAGES = ("patchscope_core", "workers", "sweeps")
 # Each module's place in the flow; a module may import only from its own place or earlier ones.
 STAGES = {
     "patchscope_core": 0,
-    "sweeps.config": 1, "sweeps.pictures": 1,  # the shared config stage (no kind named), drawing helpers
+    "sweeps.config": 1,
+    "sweeps.pictures": 1,  # the shared config stage (no kind named), drawing helpers
     "sweeps.kinds": 2,  # one module per sweep kind, and the registry
     "sweeps.config.sweep": 3,  # the whole config: shared sections + each registered kind's
     "sweeps.plan": 4,  # rows, checks against the models, context, hash (through the kind)
     "sweeps.grid": 5,  # cells and tasks
-    "workers": 6, "sweeps.run.scheduler": 6,  # the actors, and the driver's side of them
+    "workers": 6,
+    "sweeps.run.scheduler": 6,  # the actors, and the driver's side of them
     "sweeps.records": 7,
     "sweeps.sinks": 8,  # the store, the report, W&B
     "sweeps.run": 9,  # the driver and the cluster connection
-    "sweeps.cli": 10, "sweeps.cli_patch": 10,
+    "sweeps.cli": 10,
+    "sweeps.cli_patch": 10,
     "sweeps.examples": 11,  # scripts that build the examples' data
 }
 
@@ -82,8 +85,12 @@ def test_imports_point_one_way():
                 target = target.rpartition(".")[0]  # `from pkg.mod import name`: the module
             if stage(target) > stage(name):
                 wrong.append(f"{name} imports {target}")
-            if target.startswith(name + ".") and name in known and known[name].name == "__init__.py" and \
-                    stage(target) != stage(name):
+            if (
+                target.startswith(name + ".")
+                and name in known
+                and known[name].name == "__init__.py"
+                and stage(target) != stage(name)
+            ):
                 wrong.append(f"{name} imports {target} (a package marker importing a later stage)")
             if name.startswith("workers") and not target.startswith(("patchscope_core", "workers")):
                 wrong.append(f"{name} imports {target} (workers import patchscope_core only)")
@@ -121,7 +128,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         state[node] = 1
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                found.append(path[path.index(nxt):] + [nxt])
+                found.append(path[path.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt, path + [nxt])
         state[node] = 2

@@ -87,13 +87,23 @@ class WordLens(KindDefaults):
 
     def payload(self, task):
         target = task.context
-        return {"kind": self.operation, "patchscopes": [
-            Patchscope(Source(c.word, c.layer, -1, model=c.model), Target(target, c.layer, (-1,), model=c.model),
-                       max_new_tokens=2).to_dict() for c in task.cells]}
+        return {
+            "kind": self.operation,
+            "patchscopes": [
+                Patchscope(
+                    Source(c.word, c.layer, -1, model=c.model),
+                    Target(target, c.layer, (-1,), model=c.model),
+                    max_new_tokens=2,
+                ).to_dict()
+                for c in task.cells
+            ],
+        }
 
     def to_rows(self, task, output):
-        return [{**c.params(), "generated_text": r["generated_text"], **run_columns(output, r)}
-                for c, r in zip(task.cells, output["records"], strict=True)]
+        return [
+            {**c.params(), "generated_text": r["generated_text"], **run_columns(output, r)}
+            for c, r in zip(task.cells, output["records"], strict=True)
+        ]
 
     def context(self, config, rows, base):
         return config.word_lens.target_prompt
@@ -107,7 +117,9 @@ class WordLens(KindDefaults):
         return {"word_lens": path}
 
     def summary(self, df):
-        return "== word lens\n" + "\n".join(f"  {r.word} layer {r.layer}: {r.generated_text!r}" for r in df.itertuples())
+        return "== word lens\n" + "\n".join(
+            f"  {r.word} layer {r.layer}: {r.generated_text!r}" for r in df.itertuples()
+        )
 
 
 @pytest.fixture
@@ -118,10 +130,14 @@ def toy():
 
 
 def write(tmp_path: Path, **section) -> Path:
-    cfg = {"name": "toy", "kind": "word_lens", "models": ["tiny-llama"],
-           "word_lens": {"words": ["Paris", "Water"], "layers": [1, 3], **section},
-           "execution": {"workers": 1, "batch_size": 4},
-           "output": {"dir": str(tmp_path / "out"), "wandb": {"mode": "disabled"}}}
+    cfg = {
+        "name": "toy",
+        "kind": "word_lens",
+        "models": ["tiny-llama"],
+        "word_lens": {"words": ["Paris", "Water"], "layers": [1, 3], **section},
+        "execution": {"workers": 1, "batch_size": 4},
+        "output": {"dir": str(tmp_path / "out"), "wandb": {"mode": "disabled"}},
+    }
     path = tmp_path / "toy.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -152,8 +168,9 @@ def test_the_toy_kind_runs_end_to_end_and_resumes(toy, tmp_path, capsys, monkeyp
     df = ResultStore(tmp_path / "out").read()
     assert sorted(zip(df["word"], df["layer"])) == [("Paris", 1), ("Paris", 3), ("Water", 1), ("Water", 3)]
     # the engine's own Patchscope, computed outside the sweep, for one cell
-    spec = Patchscope(Source("Water", 3, -1, model="tiny-llama"), Target("x ->", 3, (-1,), model="tiny-llama"),
-                      max_new_tokens=2)
+    spec = Patchscope(
+        Source("Water", 3, -1, model="tiny-llama"), Target("x ->", 3, (-1,), model="tiny-llama"), max_new_tokens=2
+    )
     (direct,) = engine.run([spec])
     assert df.set_index(["word", "layer"]).loc[("Water", 3), "generated_text"] == direct.generated_text
     assert main(["report", str(tmp_path / "out")]) == 0

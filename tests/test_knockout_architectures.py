@@ -61,7 +61,9 @@ def boot(architecture: str, outcomes):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            bridge = TransformerBridge.boot_transformers(architecture, hf_model=model, tokenizer=tokenizer, device="cpu")
+            bridge = TransformerBridge.boot_transformers(
+                architecture, hf_model=model, tokenizer=tokenizer, device="cpu"
+            )
             hooked_logits(bridge, bridge.to_tokens(PROMPT)[0].tolist(), [])
             engine = Engine(bridge, name=architecture, decoding=Decoding(stop_at_eos=False))
     except Exception as exc:  # noqa: BLE001 - the bridge's reason is the skip reason
@@ -140,7 +142,9 @@ def test_a_knockout_that_must_matter_moves_the_output_or_is_refused(architecture
     moved = float((got[-1] - clean[-1]).abs().max())
     assert moved > 1e-2, f"{architecture}: the knockout moves the last logits by {moved:.2e} only (a silent no-op)"
     # earlier queries are untouched (to float noise: a mixture of experts batches tokens per expert)
-    torch.testing.assert_close(got[:-1], clean[:-1], atol=1e-5, rtol=0, msg=f"{architecture}: earlier queries were touched")
+    torch.testing.assert_close(
+        got[:-1], clean[:-1], atol=1e-5, rtol=0, msg=f"{architecture}: earlier queries were touched"
+    )
     (cached,) = engine.run([run], clean=False)
     uncached = dataclasses.replace(engine.decoding, use_cache=False)
     (again,) = Engine(engine.model, name=architecture, decoding=uncached).run([run], clean=False)

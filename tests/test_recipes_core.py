@@ -13,18 +13,42 @@ import pytest
 import torch
 
 from patchscope_core import PatchscopeEngine, PatchscopeError
-from patchscope_core.recipes import (ENTITY_PROMPT, IDENTITY_PROMPT, AttributeExtraction, CrossModel, EntityDescription,
-                                     MultiHop, Probe, RecipeRunner, TokenIdentity, contains_answer, corpus_windows,
-                                     description_of, final_logprobs, fit_affine, fit_affine_maps, load_chains,
-                                     load_entities, load_lre, positions_in, precision_at_1, pydoc_text, rouge_l,
-                                     run_recipe, shuffled_labels, surprisal)
+from patchscope_core.recipes import (
+    ENTITY_PROMPT,
+    IDENTITY_PROMPT,
+    AttributeExtraction,
+    CrossModel,
+    EntityDescription,
+    MultiHop,
+    Probe,
+    RecipeRunner,
+    TokenIdentity,
+    contains_answer,
+    corpus_windows,
+    description_of,
+    final_logprobs,
+    fit_affine,
+    fit_affine_maps,
+    load_chains,
+    load_entities,
+    load_lre,
+    positions_in,
+    precision_at_1,
+    pydoc_text,
+    rouge_l,
+    run_recipe,
+    shuffled_labels,
+    surprisal,
+)
 from patchscope_core.spec import Source, Target
 from tests.reference import hooked_logits, site_values
 
 LRE = Path(__file__).resolve().parents[1] / "sweeps" / "examples" / "lre"
-TEXTS = ["The quick brown fox jumps over the lazy dog and runs into the forest to hide.",
-         "Paris is the capital of France. The Eiffel Tower is in Paris, and Tokyo is in Japan.",
-         "Python is a programming language. Amazon is a company. Water is a liquid at room temperature."]
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog and runs into the forest to hide.",
+    "Paris is the capital of France. The Eiffel Tower is in Paris, and Tokyo is in Japan.",
+    "Python is a programming language. Amazon is a company. Water is a liquid at room temperature.",
+]
 
 
 # ---------------------------------------------------------------- metrics, by hand
@@ -91,7 +115,9 @@ def test_final_logprobs_are_the_models_own_and_the_logit_lens_is_the_hf_head(tin
     ids = model.to_tokens(TEXTS[1])[0].tolist()
     last = model.cfg.n_layers - 1
     own = torch.log_softmax(hooked_logits(model, ids, []), -1)
-    assert torch.allclose(final_logprobs(model, site_values(model, ids, f"blocks.{last}.hook_resid_post")), own, atol=1e-5)
+    assert torch.allclose(
+        final_logprobs(model, site_values(model, ids, f"blocks.{last}.hook_resid_post")), own, atol=1e-5
+    )
     # the logit lens at layer 1: the Hugging Face final norm and head applied to HF's hidden state
     hf = model.original_model
     with torch.no_grad():
@@ -151,10 +177,20 @@ def test_token_identity_probes():
     probes = recipe.probes(7, {"text": "w"}, tokens)
     assert len(probes) == recipe.count({"text": "w"}, tokens) == 2 * 2 * 3
     assert [(p.method, p.source.layer, p.source.position) for p in probes[:3]] == [
-        ("patchscope", 0, 8), ("logit_lens", 0, 8), ("tuned_lens", 0, 8)]
+        ("patchscope", 0, 8),
+        ("logit_lens", 0, 8),
+        ("tuned_lens", 0, 8),
+    ]
     ps = [p for p in probes if p.method == "patchscope"]
-    assert {(p.source.position, p.source.layer, p.target.layer) for p in ps} == {(8, 0, 0), (8, 3, 3), (19, 0, 0), (19, 3, 3)}
-    assert all(p.target == Target(IDENTITY_PROMPT, p.source.layer, (-1,)) and p.max_new_tokens == 1 and p.row == 7 for p in ps)
+    assert {(p.source.position, p.source.layer, p.target.layer) for p in ps} == {
+        (8, 0, 0),
+        (8, 3, 3),
+        (19, 0, 0),
+        (19, 3, 3),
+    }
+    assert all(
+        p.target == Target(IDENTITY_PROMPT, p.source.layer, (-1,)) and p.max_new_tokens == 1 and p.row == 7 for p in ps
+    )
     assert recipe.pairs(4) == [(0, 3), (3, 3)] and TokenIdentity(layers=(1,), baselines=("logit_lens",)).pairs(4) == []
 
 
@@ -162,7 +198,9 @@ def test_cross_model_probes_patch_the_same_text_at_its_last_token():
     recipe = CrossModel(source_layers=(0, 1), target_layers=(2,))
     probes = recipe.probes(0, {"text": "w"}, None)
     assert [(p.method, p.source, p.target, p.max_new_tokens) for p in probes] == [
-        ("affine", Source("w", 0, -1), Target("w", 2, (-1,)), 1), ("affine", Source("w", 1, -1), Target("w", 2, (-1,)), 1)]
+        ("affine", Source("w", 0, -1), Target("w", 2, (-1,)), 1),
+        ("affine", Source("w", 1, -1), Target("w", 2, (-1,)), 1),
+    ]
     assert recipe.pairs(4) == [(0, 2), (1, 2)] and recipe.count({"text": "w"}, None) == 2
 
 
@@ -177,7 +215,9 @@ def test_attribute_extraction_rows_and_probes_from_the_lre_data():
     recipe = AttributeExtraction(source_layers=(1, 2), target_layers=(0, 3), max_new_tokens=20)
     first, second = recipe.probes(0, rows[0], None), recipe.probes(1, rows[1], None)
     assert len(first) == recipe.count(rows[0], None) == 5 and len(second) == recipe.count(rows[1], None) == 4
-    assert {(p.source, p.target.layer) for p in first[:4]} == {(Source(rows[0]["source"], l, -1), lt) for l in (1, 2) for lt in (0, 3)}
+    assert {(p.source, p.target.layer) for p in first[:4]} == {
+        (Source(rows[0]["source"], l, -1), lt) for l in (1, 2) for lt in (0, 3)
+    }
     assert all(p.target.positions == (-1,) for p in first[:4])
     assert all(p.expected == rows[0]["object"] and p.control == rows[0]["control"] for p in first)
     assert (first[-1].method, first[-1].role, first[-1].prompt) == ("plain", "question", rows[0]["question"])
@@ -192,11 +232,14 @@ def test_entity_description_probes(tmp_path):
     path = tmp_path / "e.csv"
     path.write_text("entity,description\nParis,capital of France\nToyota,Japanese car maker\n")
     rows = load_entities(path, "Tell me about {entity}")
-    assert [(r["source"], r["control"]) for r in rows] == [("Tell me about Paris", "Japanese car maker"),
-                                                           ("Tell me about Toyota", "capital of France")]
+    assert [(r["source"], r["control"]) for r in rows] == [
+        ("Tell me about Paris", "Japanese car maker"),
+        ("Tell me about Toyota", "capital of France"),
+    ]
     probes = EntityDescription(layers=(2, 5)).probes(1, rows[1], None)
     assert [(p.source, p.target, p.expected) for p in probes] == [
-        (Source("Tell me about Toyota", l, -1), Target(ENTITY_PROMPT, l, (-1,)), "Japanese car maker") for l in (2, 5)]
+        (Source("Tell me about Toyota", l, -1), Target(ENTITY_PROMPT, l, (-1,)), "Japanese car maker") for l in (2, 5)
+    ]
     assert len(EntityDescription(layers=(2, 5), target_layers=(0, 1, 3)).probes(0, rows[0], None)) == 6
     path.write_text("entity,description\nParis,\n")
     with pytest.raises(PatchscopeError, match="row 1 has an empty entity or description"):
@@ -205,36 +248,60 @@ def test_entity_description_probes(tmp_path):
 
 def test_multi_hop_probes(tmp_path):
     path = tmp_path / "c.csv"
-    path.write_text("first_hop,bridge,second_hop,answer\n"
-                    "the company that created Xbox,Microsoft,Who is the CEO of,Satya Nadella\n"
-                    "the country of the Colosseum,Italy,The capital city of,Rome\n")
+    path.write_text(
+        "first_hop,bridge,second_hop,answer\n"
+        "the company that created Xbox,Microsoft,Who is the CEO of,Satya Nadella\n"
+        "the country of the Colosseum,Italy,The capital city of,Rome\n"
+    )
     rows = load_chains(path)
     assert [r["control_source"] for r in rows] == ["The capital city of", "Who is the CEO of"]
     recipe = MultiHop(source_layers=(0, 1), target_layers=(2,), max_new_tokens=20)
     probes = recipe.probes(0, rows[0], None)
     assert len(probes) == recipe.count(rows[0], None) == 3 + 2 * 2
     plain = {p.role: (p.prompt, p.expected) for p in probes if p.method == "plain"}
-    assert plain == {"hop1": ("the company that created Xbox", "Microsoft"),
-                     "hop2": ("Who is the CEO of Microsoft", "Satya Nadella"),
-                     "vanilla": ("Who is the CEO of the company that created Xbox", "Satya Nadella")}
+    assert plain == {
+        "hop1": ("the company that created Xbox", "Microsoft"),
+        "hop2": ("Who is the CEO of Microsoft", "Satya Nadella"),
+        "vanilla": ("Who is the CEO of the company that created Xbox", "Satya Nadella"),
+    }
     patched = [(p.role, p.source, p.target) for p in probes if p.method == "patchscope"]
-    assert patched == [(role, Source(src, l, -1), Target("the company that created Xbox", 2, (-1,)))
-                       for role, src in (("patchscope", "Who is the CEO of"), ("control", "The capital city of"))
-                       for l in (0, 1)]
+    assert patched == [
+        (role, Source(src, l, -1), Target("the company that created Xbox", 2, (-1,)))
+        for role, src in (("patchscope", "Who is the CEO of"), ("control", "The capital city of"))
+        for l in (0, 1)
+    ]
     assert all(p.expected == "Satya Nadella" for p in probes if p.role != "hop1")
-    framed = MultiHop((0,), (2,), 20, "Q: {second_hop}", "{first_hop}?\nA:", "Q: What is {first_hop}?\nA:",
-                      "Q: {second_hop} {bridge}?\nA:").probes(1, rows[1], None)
+    framed = MultiHop(
+        (0,),
+        (2,),
+        20,
+        "Q: {second_hop}",
+        "{first_hop}?\nA:",
+        "Q: What is {first_hop}?\nA:",
+        "Q: {second_hop} {bridge}?\nA:",
+    ).probes(1, rows[1], None)
     assert {p.role: p.prompt for p in framed if p.method == "plain"} == {
-        "hop1": "Q: What is the country of the Colosseum?\nA:", "hop2": "Q: The capital city of Italy?\nA:",
-        "vanilla": "Q: The capital city of the country of the Colosseum?\nA:"}
+        "hop1": "Q: What is the country of the Colosseum?\nA:",
+        "hop2": "Q: The capital city of Italy?\nA:",
+        "vanilla": "Q: The capital city of the country of the Colosseum?\nA:",
+    }
     assert [(p.role, p.source.prompt, p.target.prompt) for p in framed if p.method == "patchscope"] == [
         ("patchscope", "Q: The capital city of", "the country of the Colosseum?\nA:"),
-        ("control", "Q: Who is the CEO of", "the country of the Colosseum?\nA:")]
+        ("control", "Q: Who is the CEO of", "the country of the Colosseum?\nA:"),
+    ]
 
 
 def test_probes_travel_as_plain_data():
-    p = Probe("patchscope", 3, role="control", source=Source("a b", 1, -1), target=Target("c x", 2, (-1, 4)),
-              expected="e", control="f", max_new_tokens=7)
+    p = Probe(
+        "patchscope",
+        3,
+        role="control",
+        source=Source("a b", 1, -1),
+        target=Target("c x", 2, (-1, 4)),
+        expected="e",
+        control="f",
+        max_new_tokens=7,
+    )
     assert Probe.from_dict(p.to_dict()) == p
     assert Probe.from_dict(Probe("plain", prompt="q").to_dict()).role == "plain"
     with pytest.raises(PatchscopeError, match="method: unknown method 'lens'"):
@@ -257,6 +324,7 @@ def test_token_identity_results_equal_the_bridge_hooks(tiny_models):
         own = torch.log_softmax(hooked_logits(model, ids, [])[probe.source.position], -1)
         h = site_values(model, ids, f"blocks.{probe.source.layer}.hook_resid_post")[probe.source.position]
         if probe.method == "patchscope":
+
             def write(x, hook=None, h=h):
                 x = x.clone()
                 x[0, -1] = h
@@ -307,15 +375,19 @@ def test_generations_are_scored_against_their_expected_and_control_text(tiny_mod
     prompt = "Paris is the capital of"
     ids = model.to_tokens(prompt)
     with torch.no_grad():
-        gen = model.original_model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=2)[0, ids.shape[1]:]
+        gen = model.original_model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=2)[0, ids.shape[1] :]
     text = model.tokenizer.decode(gen, skip_special_tokens=True)
     inside, outside = text.strip()[1:6], "Quetzalcoatl"
     assert inside.strip()
-    probes = [Probe("plain", prompt=prompt, expected=inside, control=outside, max_new_tokens=8),
-              Probe("plain", prompt=prompt, expected=outside, control=inside, max_new_tokens=8)]
+    probes = [
+        Probe("plain", prompt=prompt, expected=inside, control=outside, max_new_tokens=8),
+        Probe("plain", prompt=prompt, expected=outside, control=inside, max_new_tokens=8),
+    ]
     runner = RecipeRunner(engine)
     (a, b) = runner.run(probes, "contains")
     assert a["generated_text"] == text and (a["score"], a["control_score"]) == (1.0, 0.0)
     assert (b["score"], b["control_score"]) == (0.0, 1.0)
-    (r,) = runner.run([Probe("plain", prompt=prompt, expected=description_of(text) or "x", max_new_tokens=8)], "rouge_l")
+    (r,) = runner.run(
+        [Probe("plain", prompt=prompt, expected=description_of(text) or "x", max_new_tokens=8)], "rouge_l"
+    )
     assert r["score"] == pytest.approx(1.0 if description_of(text) else 0.0)

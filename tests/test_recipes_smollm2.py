@@ -22,8 +22,14 @@ def test_token_identity_recovers_common_words_at_an_early_layer(smollm2):
     tok = smollm2.tokenizer
     ids = [tok(" " + w, add_special_tokens=False)["input_ids"] for w in WORDS]
     assert all(len(i) == 1 for i in ids)
-    specs = [Patchscope(Source(f"Yesterday we talked for a long time about the {w}", 2, -1), Target(IDENTITY_PROMPT, 2, (-1,)),
-                        max_new_tokens=2) for w in WORDS]
+    specs = [
+        Patchscope(
+            Source(f"Yesterday we talked for a long time about the {w}", 2, -1),
+            Target(IDENTITY_PROMPT, 2, (-1,)),
+            max_new_tokens=2,
+        )
+        for w in WORDS
+    ]
     results = engine.run(specs, batch_size=len(specs))
     arrow = tok(" ->", add_special_tokens=False)["input_ids"]
     assert [r.generated_token_ids for r in results] == [arrow + i for i in ids]

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------- the README's layer convention
 
+
 def test_layer_l_is_hf_hidden_states_l_plus_1_except_the_last_which_hf_norms(tiny_models):
     """What the README says is what the model does: the tool's layer l (read as a Patchscope reads
     its source) is hidden_states[l + 1] for l < n_layers - 1; the last is the residual stream
@@ -50,6 +51,7 @@ def test_layer_l_is_hf_hidden_states_l_plus_1_except_the_last_which_hf_norms(tin
 
 # ---------------------------------------------------------------- local model directories
 
+
 @pytest.fixture(scope="module")
 def local_model_config(tmp_path_factory):
     """A config directory holding a local Hugging Face model directory (a random Qwen2, as a
@@ -62,17 +64,32 @@ def local_model_config(tmp_path_factory):
     root = tmp_path_factory.mktemp("byom")
     model_dir = root / "study" / "tiny-qwen2"
     tok = _load_tokenizer(str(_tiny_tokenizer_dir()))
-    config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256,
-                         bos_token_id=0, eos_token_id=1, pad_token_id=2, initializer_range=0.2, tie_word_embeddings=False)
+    config = Qwen2Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        max_position_embeddings=256,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
-    cfg = {"name": "byom", "models": ["./tiny-qwen2"],
-           "source": {"prompts": ["Paris", "Water"], "layers": [1, 3], "positions": [-1]},
-           "target": {"prompt": "x is", "layers": "same", "positions": [-1]},
-           "generation": {"max_new_tokens": 2}, "execution": {"workers": 1, "batch_size": 4},
-           "output": {"dir": str(root / "out"), "wandb": {"mode": "disabled"}}}
+    cfg = {
+        "name": "byom",
+        "models": ["./tiny-qwen2"],
+        "source": {"prompts": ["Paris", "Water"], "layers": [1, 3], "positions": [-1]},
+        "target": {"prompt": "x is", "layers": "same", "positions": [-1]},
+        "generation": {"max_new_tokens": 2},
+        "execution": {"workers": 1, "batch_size": 4},
+        "output": {"dir": str(root / "out"), "wandb": {"mode": "disabled"}},
+    }
     config = root / "study" / "sweep.yaml"
     config.write_text(yaml.safe_dump(cfg))
     (root / "elsewhere").mkdir()
@@ -109,13 +126,26 @@ def test_a_local_model_gives_clean_output_names(local_model_config, monkeypatch,
 
 # ---------------------------------------------------------------- patchscope report
 
+
 def test_report_lists_the_steering_csv_as_a_table(tmp_path, capsys):
-    cfg = {"name": "tiny-steer", "kind": "intervention", "models": ["tiny-llama"],
-           "prompts": {"rows": [{"prompt": "I think this movie is"}]},
-           "intervention": {"site": "blocks.{layer}.hook_resid_post", "layers": [1], "positions": "all",
-                            "kind": "add", "alpha": [2], "positive": ["good, great"], "negative": ["bad, awful"]},
-           "generation": {"max_new_tokens": 2}, "execution": {"workers": 1, "batch_size": 4},
-           "output": {"dir": str(tmp_path / "out"), "wandb": {"mode": "disabled"}}}
+    cfg = {
+        "name": "tiny-steer",
+        "kind": "intervention",
+        "models": ["tiny-llama"],
+        "prompts": {"rows": [{"prompt": "I think this movie is"}]},
+        "intervention": {
+            "site": "blocks.{layer}.hook_resid_post",
+            "layers": [1],
+            "positions": "all",
+            "kind": "add",
+            "alpha": [2],
+            "positive": ["good, great"],
+            "negative": ["bad, awful"],
+        },
+        "generation": {"max_new_tokens": 2},
+        "execution": {"workers": 1, "batch_size": 4},
+        "output": {"dir": str(tmp_path / "out"), "wandb": {"mode": "disabled"}},
+    }
     config = tmp_path / "steer.yaml"
     config.write_text(yaml.safe_dump(cfg))
     assert cli.main(["sweep", str(config)]) == 0
@@ -129,25 +159,37 @@ def test_report_lists_the_steering_csv_as_a_table(tmp_path, capsys):
 
 # ---------------------------------------------------------------- the Python API
 
+
 def test_tokenize_takes_a_loaded_model_or_says_what_it_wants(tiny_models):
     bridge = tiny_models["tiny-llama"]
     ids = tokenize(bridge, "The Eiffel Tower")
-    assert ids == tokenize(model_info("tiny-llama"), "The Eiffel Tower") == tuple(bridge.to_tokens("The Eiffel Tower")[0].tolist())
+    assert (
+        ids
+        == tokenize(model_info("tiny-llama"), "The Eiffel Tower")
+        == tuple(bridge.to_tokens("The Eiffel Tower")[0].tolist())
+    )
     gpt2 = tiny_models["tiny-gpt2"]
     assert tokenize(gpt2, "x y") == tuple(gpt2.to_tokens("x y")[0].tolist())
-    with pytest.raises(PatchscopeError, match=r"^info: tokenize takes a ModelInfo \(model_info\(name\)\) or a loaded "
-                                              r"model \(load_model\(name\)\), got str$"):
+    with pytest.raises(
+        PatchscopeError,
+        match=r"^info: tokenize takes a ModelInfo \(model_info\(name\)\) or a loaded "
+        r"model \(load_model\(name\)\), got str$",
+    ):
         tokenize("tiny-llama", "x")
 
 
 def test_the_engine_and_model_info_have_short_useful_reprs(tiny_models):
     info = model_info("tiny-llama")
     text = repr(info)
-    assert text == ("ModelInfo('tiny-llama': 4 layers, d_model 64, 4 heads (2 kv) x d_head 16, d_mlp 128, n_ctx 512, "
-                    f"{type(info.tokenizer).__name__}, BOS prepended)")
+    assert text == (
+        "ModelInfo('tiny-llama': 4 layers, d_model 64, 4 heads (2 kv) x d_head 16, d_mlp 128, n_ctx 512, "
+        f"{type(info.tokenizer).__name__}, BOS prepended)"
+    )
     engine = PatchscopeEngine(tiny_models["tiny-llama"], name="tiny-llama")
     assert repr(engine) == "<PatchscopeEngine tiny-llama: 4 layers, d_model 64, on cpu, float32; greedy, top_k 10>"
-    two = PatchscopeEngine(tiny_models["tiny-llama"], tiny_models["tiny-gpt2"], name="tiny-llama", source_name="tiny-gpt2")
+    two = PatchscopeEngine(
+        tiny_models["tiny-llama"], tiny_models["tiny-gpt2"], name="tiny-llama", source_name="tiny-gpt2"
+    )
     assert repr(two).endswith("; source tiny-gpt2 (4 layers)>") and "\n" not in repr(two)
 
 
@@ -158,8 +200,11 @@ def test_a_bridge_with_hooks_attached_is_warned_about(tiny_models):
         Engine(bridge, name="tiny-llama")
     try:
         bridge.add_hook("blocks.1.hook_resid_post", lambda x, hook: x)
-        with pytest.warns(UserWarning, match=r"^model: the bridge has hooks attached \(blocks\.1\.hook_resid_post\); "
-                                             r"hooks added to the bridge .* do not act inside the engine's runs"):
+        with pytest.warns(
+            UserWarning,
+            match=r"^model: the bridge has hooks attached \(blocks\.1\.hook_resid_post\); "
+            r"hooks added to the bridge .* do not act inside the engine's runs",
+        ):
             Engine(bridge, name="tiny-llama")
         with pytest.warns(UserWarning, match=r"^source_model: the bridge has hooks attached"):
             PatchscopeEngine(tiny_models["tiny-gpt2"], bridge, name="tiny-gpt2", source_name="tiny-llama")

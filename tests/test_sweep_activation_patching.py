@@ -15,19 +15,40 @@ import yaml
 from sweeps.cli import main
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "sweeps" / "examples" / "ioi_patching.yaml"
-PAIRS = [{"clean": "The fox jumps over the", "corrupted": "The fix jumps over the", "answer": " dog",
-          "wrong_answer": " cat"},
-         {"clean": "A fox sat on the", "corrupted": "A fix sat on the", "answer": " mat", "wrong_answer": " rug"}]
+PAIRS = [
+    {
+        "clean": "The fox jumps over the",
+        "corrupted": "The fix jumps over the",
+        "answer": " dog",
+        "wrong_answer": " cat",
+    },
+    {"clean": "A fox sat on the", "corrupted": "A fix sat on the", "answer": " mat", "wrong_answer": " rug"},
+]
 
 
 def write(tmp_path: Path, rows=None, prompts=None, model="tiny-llama", **patching) -> Path:
-    cfg = {"name": "ap", "kind": "activation_patching", "models": [model],
-           "prompts": prompts or {"rows": rows or PAIRS, "clean_column": "clean", "corrupted_column": "corrupted",
-                                  "answer_column": "answer", "wrong_answer_column": "wrong_answer"},
-           "patching": {"sites": ["blocks.{layer}.hook_resid_pre", "blocks.{layer}.attn.hook_z"], "layers": [0, 1],
-                        "positions": [-1, 2], "heads": [0, 1], **patching},
-           "execution": {"workers": 1, "batch_size": 8},
-           "output": {"dir": str(tmp_path / "out"), "wandb": {"mode": "disabled"}}}
+    cfg = {
+        "name": "ap",
+        "kind": "activation_patching",
+        "models": [model],
+        "prompts": prompts
+        or {
+            "rows": rows or PAIRS,
+            "clean_column": "clean",
+            "corrupted_column": "corrupted",
+            "answer_column": "answer",
+            "wrong_answer_column": "wrong_answer",
+        },
+        "patching": {
+            "sites": ["blocks.{layer}.hook_resid_pre", "blocks.{layer}.attn.hook_z"],
+            "layers": [0, 1],
+            "positions": [-1, 2],
+            "heads": [0, 1],
+            **patching,
+        },
+        "execution": {"workers": 1, "batch_size": 8},
+        "output": {"dir": str(tmp_path / "out"), "wandb": {"mode": "disabled"}},
+    }
     path = tmp_path / "ap.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -48,18 +69,32 @@ def test_the_grid_axes_multiply(tmp_path, capsys, no_weights):
 
 
 BAD = [
-    (dict(rows=[{**PAIRS[0], "corrupted": "The fix jumps over the top"}]),
-     "prompts.corrupted_column: prompts (prompts.rows row 1): clean and corrupted prompts must have the same number"),
-    (dict(rows=[{k: v for k, v in PAIRS[0].items() if k != "wrong_answer"}]),
-     "prompts.wrong_answer_column: no column 'wrong_answer'"),
-    (dict(rows=[{**PAIRS[0], "wrong_answer": " dog"}]),
-     "prompts.wrong_answer_column: prompts.rows row 1 has the wrong answer equal to the answer"),
-    (dict(prompts={"rows": PAIRS, "clean_column": "clean", "corrupted_column": "corrupted", "answer_column": "answer"}),
-     "prompts.wrong_answer_column: metric logit_diff needs a wrong answer"),
-    (dict(sites=["blocks.{layer}.hook_resid_mid"]), "patching.sites[0]: unknown site 'blocks.{layer}.hook_resid_mid'; "
-     "valid sites: blocks.{layer}.hook_resid_pre"),
-    (dict(sites=["blocks.{layer}.attn.hook_v"], heads=[3]), "patching.heads: 3 is out of range 0 .. 1: attn.hook_v has 2 "
-     "key/value heads"),
+    (
+        dict(rows=[{**PAIRS[0], "corrupted": "The fix jumps over the top"}]),
+        "prompts.corrupted_column: prompts (prompts.rows row 1): clean and corrupted prompts must have the same number",
+    ),
+    (
+        dict(rows=[{k: v for k, v in PAIRS[0].items() if k != "wrong_answer"}]),
+        "prompts.wrong_answer_column: no column 'wrong_answer'",
+    ),
+    (
+        dict(rows=[{**PAIRS[0], "wrong_answer": " dog"}]),
+        "prompts.wrong_answer_column: prompts.rows row 1 has the wrong answer equal to the answer",
+    ),
+    (
+        dict(
+            prompts={"rows": PAIRS, "clean_column": "clean", "corrupted_column": "corrupted", "answer_column": "answer"}
+        ),
+        "prompts.wrong_answer_column: metric logit_diff needs a wrong answer",
+    ),
+    (
+        dict(sites=["blocks.{layer}.hook_resid_mid"]),
+        "patching.sites[0]: unknown site 'blocks.{layer}.hook_resid_mid'; valid sites: blocks.{layer}.hook_resid_pre",
+    ),
+    (
+        dict(sites=["blocks.{layer}.attn.hook_v"], heads=[3]),
+        "patching.heads: 3 is out of range 0 .. 1: attn.hook_v has 2 key/value heads",
+    ),
     (dict(positions=[40]), "patching.positions: 40 is out of range"),
 ]
 
@@ -107,27 +142,45 @@ def test_the_sweep_equals_transformer_lens_resumes_and_reports(tmp_path, capsys,
         with torch.no_grad():
             _, clean_cache = bridge.run_with_cache(clean)
             _, corrupted_cache = bridge.run_with_cache(corrupted)
-            expected = {"denoising": (tlp.get_act_patch_resid_pre(bridge, corrupted, clean_cache, metric),
-                                      tlp.get_act_patch_attn_head_out_by_pos(bridge, corrupted, clean_cache, metric)),
-                        "noising": (tlp.get_act_patch_resid_pre(bridge, clean, corrupted_cache, metric),
-                                    tlp.get_act_patch_attn_head_out_by_pos(bridge, clean, corrupted_cache, metric))}
+            expected = {
+                "denoising": (
+                    tlp.get_act_patch_resid_pre(bridge, corrupted, clean_cache, metric),
+                    tlp.get_act_patch_attn_head_out_by_pos(bridge, corrupted, clean_cache, metric),
+                ),
+                "noising": (
+                    tlp.get_act_patch_resid_pre(bridge, clean, corrupted_cache, metric),
+                    tlp.get_act_patch_attn_head_out_by_pos(bridge, clean, corrupted_cache, metric),
+                ),
+            }
             clean_value, corrupted_value = float(metric(bridge(clean))), float(metric(bridge(corrupted)))
         rdf = df[df["row"] == row]
         assert rdf["position"].max() == n - 1 and set(rdf["position"]) == {2, n - 1}
         for r in rdf.itertuples():
             resid, z = expected[r.direction]
-            want = float(resid[r.layer, r.position]) if r.site == "hook_resid_pre" else float(z[r.layer, r.position, int(r.head)])
+            want = (
+                float(resid[r.layer, r.position])
+                if r.site == "hook_resid_pre"
+                else float(z[r.layer, r.position, int(r.head)])
+            )
             assert r.patched == pytest.approx(want, abs=1e-4)
             assert r.clean_value == pytest.approx(clean_value, abs=1e-4)
             assert r.corrupted_value == pytest.approx(corrupted_value, abs=1e-4)
-            assert r.recovered == pytest.approx((want - corrupted_value) / (clean_value - corrupted_value), rel=1e-3, abs=1e-3)
+            assert r.recovered == pytest.approx(
+                (want - corrupted_value) / (clean_value - corrupted_value), rel=1e-3, abs=1e-3
+            )
             assert r.token == engine.info.tokenizer.decode([checked.clean_ids[r.position]])
     assert df.loc[df["site"] == "hook_resid_pre", "head"].isna().all()
     assert main(["report", str(tmp_path / "out")]) == 0
     assert "== activation patching" in capsys.readouterr().out
     out = tmp_path / "out"
-    for name in ("hook_resid_pre_layer_position.png", "attn.hook_z_layer_position.png", "attn.hook_z_layer_head.png",
-                 "attn.hook_z_top_heads.csv", "summary.csv", "per_pair.csv"):
+    for name in (
+        "hook_resid_pre_layer_position.png",
+        "attn.hook_z_layer_position.png",
+        "attn.hook_z_layer_head.png",
+        "attn.hook_z_top_heads.csv",
+        "summary.csv",
+        "per_pair.csv",
+    ):
         assert list(out.glob(f"patching_tiny-llama_denoising_logit_diff*{name}")), name
     summary = next(out.glob("patching_tiny-llama_denoising_logit_diff_summary.csv")).read_text()
     assert "ci_low" in summary and "ci_high" in summary

@@ -15,22 +15,46 @@ from transformer_lens.tools.analysis.attribution_patching import Node, attributi
 from sweeps.cli import main
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "sweeps" / "examples" / "ioi_attribution.yaml"
-PAIRS = [{"clean": "The fox jumps over the", "corrupted": "The fix jumps over the", "answer": " dog",
-          "wrong_answer": " cat"},
-         {"clean": "A fox sat on the", "corrupted": "A fix sat on the", "answer": " mat", "wrong_answer": " rug"},
-         {"clean": "The fox jumps over the", "corrupted": "The fax jumps over the", "answer": " dog",
-          "wrong_answer": " cat"}]
-SITES = ["blocks.{layer}.attn.hook_z", "blocks.{layer}.attn.hook_q", "blocks.{layer}.attn.hook_k",
-         "blocks.{layer}.hook_mlp_out"]
+PAIRS = [
+    {
+        "clean": "The fox jumps over the",
+        "corrupted": "The fix jumps over the",
+        "answer": " dog",
+        "wrong_answer": " cat",
+    },
+    {"clean": "A fox sat on the", "corrupted": "A fix sat on the", "answer": " mat", "wrong_answer": " rug"},
+    {
+        "clean": "The fox jumps over the",
+        "corrupted": "The fax jumps over the",
+        "answer": " dog",
+        "wrong_answer": " cat",
+    },
+]
+SITES = [
+    "blocks.{layer}.attn.hook_z",
+    "blocks.{layer}.attn.hook_q",
+    "blocks.{layer}.attn.hook_k",
+    "blocks.{layer}.hook_mlp_out",
+]
 
 
 def write(tmp_path: Path, rows=None, prompts=None, **attribution) -> Path:
-    cfg = {"name": "atp", "kind": "attribution_patching", "models": ["tiny-llama"],
-           "prompts": prompts or {"rows": rows or PAIRS, "clean_column": "clean", "corrupted_column": "corrupted",
-                                  "answer_column": "answer", "wrong_answer_column": "wrong_answer"},
-           "attribution": {"sites": SITES, "layers": "all", "method": ["atp", "atp_star"], **attribution},
-           "execution": {"workers": 1, "batch_size": 16},
-           "output": {"dir": str(tmp_path / "out"), "wandb": {"mode": "disabled"}}}
+    cfg = {
+        "name": "atp",
+        "kind": "attribution_patching",
+        "models": ["tiny-llama"],
+        "prompts": prompts
+        or {
+            "rows": rows or PAIRS,
+            "clean_column": "clean",
+            "corrupted_column": "corrupted",
+            "answer_column": "answer",
+            "wrong_answer_column": "wrong_answer",
+        },
+        "attribution": {"sites": SITES, "layers": "all", "method": ["atp", "atp_star"], **attribution},
+        "execution": {"workers": 1, "batch_size": 16},
+        "output": {"dir": str(tmp_path / "out"), "wandb": {"mode": "disabled"}},
+    }
     path = tmp_path / "atp.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -47,17 +71,28 @@ def test_the_shipped_example_parses_and_counts(capsys, no_weights):
 BAD = [
     (dict(method="eap"), "attribution.method: "),
     (dict(metric="accuracy"), "attribution.metric: "),
-    (dict(sites=["blocks.{layer}.hook_resid_post"]), "attribution.sites[0]: hook_resid_post is hook_resid_pre of the next"),
+    (
+        dict(sites=["blocks.{layer}.hook_resid_post"]),
+        "attribution.sites[0]: hook_resid_post is hook_resid_pre of the next",
+    ),
     (dict(sites=["blocks.{layer}.hook_nope"]), "attribution.sites[0]: unknown site"),
     (dict(layers=[7]), "attribution.layers: "),
     (dict(verify={"positions": "some"}), "attribution.verify.positions: "),
     (dict(verify={"top_k": -1}), "attribution.verify.top_k: "),
-    (dict(prompts={"rows": PAIRS, "clean_column": "clean", "corrupted_column": "corrupted", "answer_column": "answer"}),
-     "prompts.wrong_answer_column: metric logit_diff needs a wrong answer"),
-    (dict(rows=[{**PAIRS[0], "corrupted": "The fix jumps over the top"}]),
-     "prompts.corrupted_column: prompts (prompts.rows row 1): clean and corrupted prompts must have the same number"),
-    (dict(prompts={"rows": PAIRS, "corrupted_column": "corrupted", "answer_column": "answer"}),
-     "prompts.clean_column: an attribution_patching sweep needs it"),
+    (
+        dict(
+            prompts={"rows": PAIRS, "clean_column": "clean", "corrupted_column": "corrupted", "answer_column": "answer"}
+        ),
+        "prompts.wrong_answer_column: metric logit_diff needs a wrong answer",
+    ),
+    (
+        dict(rows=[{**PAIRS[0], "corrupted": "The fix jumps over the top"}]),
+        "prompts.corrupted_column: prompts (prompts.rows row 1): clean and corrupted prompts must have the same number",
+    ),
+    (
+        dict(prompts={"rows": PAIRS, "corrupted_column": "corrupted", "answer_column": "answer"}),
+        "prompts.clean_column: an attribution_patching sweep needs it",
+    ),
 ]
 
 
@@ -73,8 +108,9 @@ def _tl_scores(bridge, checked):
     def metric(logits):
         return logits[0, -1, checked.answer_ids[0]] - logits[0, -1, checked.wrong_id]
 
-    return attribution_patch(bridge, torch.tensor([checked.clean_ids]), torch.tensor([checked.corrupted_ids]),
-                             metric).node_scores, metric
+    return attribution_patch(
+        bridge, torch.tensor([checked.clean_ids]), torch.tensor([checked.corrupted_ids]), metric
+    ).node_scores, metric
 
 
 def test_the_sweep_equals_transformer_lens_and_exact_patching_resumes_and_reports(tmp_path, capsys, tiny_models):
@@ -102,20 +138,27 @@ def test_the_sweep_equals_transformer_lens_and_exact_patching_resumes_and_report
         rdf = df[(df["row"] == row) & (df["method"] == "atp")]
         each = rdf[rdf["position"].notna()]
         for r in each[each["site"].isin(["attn.hook_z", "hook_mlp_out"])].itertuples():
-            node = (Node("attn_head_out", int(r.position), r.layer, int(r.head)) if r.site == "attn.hook_z"
-                    else Node("mlp_out", int(r.position), r.layer))
+            node = (
+                Node("attn_head_out", int(r.position), r.layer, int(r.head))
+                if r.site == "attn.hook_z"
+                else Node("mlp_out", int(r.position), r.layer)
+            )
             assert r.estimate == pytest.approx(float(scores[node]), rel=1e-4, abs=1e-6)
             assert r.token == info.tokenizer.decode([checked.clean_ids[int(r.position)]])
             assert pd_isnull(r.exact)  # verify.positions: all
         # the sum rows are the sums over positions
         sums = rdf[rdf["position"].isna()].set_index(["site", "layer", "head"])["estimate"]
         by_pos = each.groupby(["site", "layer", "head"])["estimate"].sum()
-        assert torch.allclose(torch.tensor(sums.loc[by_pos.index].to_numpy()), torch.tensor(by_pos.to_numpy()), atol=1e-5)
+        assert torch.allclose(
+            torch.tensor(sums.loc[by_pos.index].to_numpy()), torch.tensor(by_pos.to_numpy()), atol=1e-5
+        )
         # AtP* changes only the q/k estimates (the QK fix); z and MLP are plain AtP
         star = df[(df["row"] == row) & (df["method"] == "atp_star")].set_index(["site", "layer", "position", "head"])
         plain = rdf.set_index(["site", "layer", "position", "head"])
         z = [k for k in plain.index if k[0] in ("attn.hook_z", "hook_mlp_out")]
-        assert torch.allclose(torch.tensor(star.loc[z, "estimate"].to_numpy()), torch.tensor(plain.loc[z, "estimate"].to_numpy()))
+        assert torch.allclose(
+            torch.tensor(star.loc[z, "estimate"].to_numpy()), torch.tensor(plain.loc[z, "estimate"].to_numpy())
+        )
         # exact: every summed node was patched (top 3 + 40 random covers 16 heads); it is the
         # bridge's own patch of that head at every position, minus the corrupted metric
         with torch.no_grad():
@@ -132,8 +175,14 @@ def test_the_sweep_equals_transformer_lens_and_exact_patching_resumes_and_report
                 return x
 
             with torch.no_grad():
-                patched = float(metric(bridge.run_with_hooks(torch.tensor([checked.corrupted_ids]),
-                                                             fwd_hooks=[(f"blocks.{r.layer}.attn.hook_z", write_head)])))
+                patched = float(
+                    metric(
+                        bridge.run_with_hooks(
+                            torch.tensor([checked.corrupted_ids]),
+                            fwd_hooks=[(f"blocks.{r.layer}.attn.hook_z", write_head)],
+                        )
+                    )
+                )
             assert r.exact == pytest.approx(patched - base, abs=1e-4)
             assert r.corrupted_value == pytest.approx(base, abs=1e-4)
     assert main(["report", str(tmp_path / "out")]) == 0
@@ -141,8 +190,12 @@ def test_the_sweep_equals_transformer_lens_and_exact_patching_resumes_and_report
     assert "== attribution patching" in out and "attn.hook_z atp: 48 nodes" in out
     summary = (tmp_path / "out" / "attribution_tiny-llama_summary.csv").read_text()
     assert "recall@10" in summary and "spearman" in summary
-    for name in ("attn.hook_z_layer_head.png", "attn.hook_z_scatter.png", "attn.hook_k_layer_head.png",
-                 "hook_mlp_out_scatter.png"):
+    for name in (
+        "attn.hook_z_layer_head.png",
+        "attn.hook_z_scatter.png",
+        "attn.hook_k_layer_head.png",
+        "hook_mlp_out_scatter.png",
+    ):
         assert (tmp_path / "out" / f"attribution_tiny-llama_{name}").is_file(), name
 
 
@@ -152,8 +205,12 @@ def test_a_sample_is_verified_by_position_and_bounds_the_false_negatives(tmp_pat
     from sweeps.sinks.store import ResultStore
     from tests.golden.common import run_in_process
 
-    config = write(tmp_path, sites=["blocks.{layer}.attn.hook_z"], method="atp",
-                   verify={"top_k": 2, "random": 3, "positions": "each"})
+    config = write(
+        tmp_path,
+        sites=["blocks.{layer}.attn.hook_z"],
+        method="atp",
+        verify={"top_k": 2, "random": 3, "positions": "each"},
+    )
     engine = Engine(tiny_models["tiny-llama"], name="tiny-llama")
     run_in_process(config, engine, tmp_path / "out")
     df = ResultStore(tmp_path / "out").read()
@@ -179,8 +236,16 @@ def pd_isnull(x) -> bool:
 def test_a_pairs_file_that_is_not_utf8_names_prompts_file(tmp_path, capsys, no_weights):
     pairs = tmp_path / "pairs.csv"
     pairs.write_bytes("clean,corrupted,answer,wrong_answer\nCaf\xe9 is,Cafe is, x, y\n".encode("latin-1"))
-    config = write(tmp_path, prompts={"file": str(pairs), "clean_column": "clean", "corrupted_column": "corrupted",
-                                      "answer_column": "answer", "wrong_answer_column": "wrong_answer"})
+    config = write(
+        tmp_path,
+        prompts={
+            "file": str(pairs),
+            "clean_column": "clean",
+            "corrupted_column": "corrupted",
+            "answer_column": "answer",
+            "wrong_answer_column": "wrong_answer",
+        },
+    )
     assert main(["sweep", str(config), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: prompts.file: ") and "not UTF-8" in err, err

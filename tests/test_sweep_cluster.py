@@ -53,8 +53,15 @@ def two_node_cluster(tmp_path):
     env.update(RAY_AUTH_MODE="disabled", WANDB_SILENT="true", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     log = tmp_path / "cluster.log"
-    proc = subprocess.Popen([sys.executable, "-m", "tests.loopback_cluster", temp_dir, "2"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.loopback_cluster", temp_dir, "2"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=open(log, "w"),
+        text=True,
+        start_new_session=True,
+    )
     try:
         if not select.select([proc.stdout], [], [], 120)[0]:
             pytest.fail(f"the cluster did not start in 120 s:\n{log.read_text()[-3000:]}")
@@ -100,16 +107,26 @@ def _config(tmp_path: Path, name: str, rows: str, **changes) -> Path:
 
 def test_sweep_on_a_two_node_cluster_finishes_with_all_cells(tmp_path, two_node_cluster):
     info, env, cluster = two_node_cluster
-    config = _config(tmp_path, "tiny-two-node", "prompt,answer\nParis,France\nPython,language\nThe quick brown fox,fox\n")
-    proc = subprocess.run([str(BIN / "patchscope"), "sweep", str(config), "--address", info["address"]],
-                          env=env, capture_output=True, text=True, timeout=300)
+    config = _config(
+        tmp_path, "tiny-two-node", "prompt,answer\nParis,France\nPython,language\nThe quick brown fox,fox\n"
+    )
+    proc = subprocess.run(
+        [str(BIN / "patchscope"), "sweep", str(config), "--address", info["address"]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "ray: 2 node(s), 2 CPUs" in proc.stdout
     df = ResultStore(tmp_path / "out").read()
     # 3 rows x 2 source layers x 2 positions x 4 target layers
     assert len(df) == 48 and df["cell_id"].is_unique
     assert set(zip(df.source_prompt, df.source_layer, df.source_position, df.target_layer)) == {
-        (p, l, sp, tl) for p in ("Paris", "Python", "The quick brown fox") for l in (0, 2) for sp in (-1, 0)
+        (p, l, sp, tl)
+        for p in ("Paris", "Python", "The quick brown fox")
+        for l in (0, 2)
+        for sp in (-1, 0)
         for tl in range(4)
     }
     assert set(df.ref_answer) == {"France", "language", "fox"}
@@ -128,12 +145,24 @@ def test_a_node_lost_in_the_middle_of_a_sweep_costs_no_cell(tmp_path, two_node_c
     info, env, _ = two_node_cluster
     head, second = info["nodes"]
     rows = "prompt,answer\n" + "".join(f"Entity number {i},{i}\n" for i in range(60))
-    config = _config(tmp_path, "tiny-node-lost", rows, source__positions=[-1], target__layers="same",
-                     generation__max_new_tokens=60, execution__placement_timeout_s=120)
+    config = _config(
+        tmp_path,
+        "tiny-node-lost",
+        rows,
+        source__positions=[-1],
+        target__layers="same",
+        generation__max_new_tokens=60,
+        execution__placement_timeout_s=120,
+    )
     out = tmp_path / "out"
     log = tmp_path / "sweep.log"
-    sweep = subprocess.Popen([str(BIN / "patchscope"), "sweep", str(config), "--address", info["address"]],
-                             env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    sweep = subprocess.Popen(
+        [str(BIN / "patchscope"), "sweep", str(config), "--address", info["address"]],
+        env=env,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while True:  # until the second node's worker has stored something

@@ -16,11 +16,10 @@ import patchscope_core
 import patchscope_core.models
 from patchscope_core import model_info, tokenize
 from sweeps import cli
-from sweeps.config import ConfigError, expand_layers
+from sweeps.config import expand_layers
 from sweeps.config.sweep import load_config, parse_config
 from sweeps.grid import expand, make_tasks
-from sweeps.plan import check_against_models
-from sweeps.plan import load_rows
+from sweeps.plan import check_against_models, load_rows
 from sweeps.sinks.store import ResultStore
 from tests.configs import changed
 
@@ -73,28 +72,67 @@ BAD_CONFIGS = [
     ("unknown top-level key", _with(colour="red"), "colour: unknown key 'colour'"),
     ("unknown nested key", _with(source__layer=3), "source.layer: unknown key 'layer'"),
     ("source layer past the last", _with(source__layers=[7]), "source.layers: 7 is out of range 0 .. 3 for tiny-llama"),
-    ("source slice past the last", _with(source__layers="0:9"), "source.layers: 4 is out of range 0 .. 3 for tiny-llama"),
+    (
+        "source slice past the last",
+        _with(source__layers="0:9"),
+        "source.layers: 4 is out of range 0 .. 3 for tiny-llama",
+    ),
     ("negative source layer", _with(source__layers=[-1]), "source.layers: -1 is out of range 0 .. 3"),
     ("bad slice syntax", _with(source__layers="a:b"), "source.layers: expected 'all', 'start:stop:step'"),
     ("zero step", _with(source__layers="0:4:0"), "source.layers: '0:4:0': step must be >= 1"),
     ("target layer past the last", _with(target__layers=[4]), "target.layers: 4 is out of range 0 .. 3 for tiny-llama"),
     ("bad target layers word", _with(target__layers="some"), "target.layers: expected 'same', 'all'"),
-    ("source position past the prompt", _with(source__positions=[50]), "source.positions: 50 is out of range for a prompt of"),
-    ("target position before the prompt", _with(target__positions=[-99]), "target.positions: -99 is out of range for a prompt of"),
-    ("non-integer position", _with(target__positions=["last"]), "target.positions: expected integer positions, got 'last'"),
+    (
+        "source position past the prompt",
+        _with(source__positions=[50]),
+        "source.positions: 50 is out of range for a prompt of",
+    ),
+    (
+        "target position before the prompt",
+        _with(target__positions=[-99]),
+        "target.positions: -99 is out of range for a prompt of",
+    ),
+    (
+        "non-integer position",
+        _with(target__positions=["last"]),
+        "target.positions: expected integer positions, got 'last'",
+    ),
     ("unknown model", _with(models=["tiny-llama", "no such model!"]), "models[1]: unknown model 'no such model!'"),
     ("no models", _with(models=[]), "models: List should have at least 1 item"),
-    ("bad wandb mode", _with(output__wandb__mode="sometimes"), "output.wandb.mode: Input should be 'auto', 'online', 'offline' or 'disabled'"),
-    ("zero new tokens", _with(generation__max_new_tokens=0),
-     "generation.max_new_tokens: a patchscope sweep generates text; give 1 or more"),
+    (
+        "bad wandb mode",
+        _with(output__wandb__mode="sometimes"),
+        "output.wandb.mode: Input should be 'auto', 'online', 'offline' or 'disabled'",
+    ),
+    (
+        "zero new tokens",
+        _with(generation__max_new_tokens=0),
+        "generation.max_new_tokens: a patchscope sweep generates text; give 1 or more",
+    ),
     ("sampling without seed", _with(generation__do_sample=True), "generation.seed: sampling needs an explicit seed"),
     ("zero workers", _with(execution__workers=0), "execution.workers: Input should be greater than or equal to 1"),
-    ("negative gpus", _with(execution__gpus_per_worker=-0.5), "execution.gpus_per_worker: Input should be greater than or equal to 0"),
+    (
+        "negative gpus",
+        _with(execution__gpus_per_worker=-0.5),
+        "execution.gpus_per_worker: Input should be greater than or equal to 0",
+    ),
     ("prompts and file", _with(source__file="x.csv"), "source: give exactly one of source.prompts or source.file"),
-    ("no target prompt", _with(target__prompt=None), "target: give exactly one of target.prompt or target.prompt_column"),
-    ("target column without a file", _with(target__prompt=None, target__prompt_column="t"), "target.prompt_column: needs source.file"),
+    (
+        "no target prompt",
+        _with(target__prompt=None),
+        "target: give exactly one of target.prompt or target.prompt_column",
+    ),
+    (
+        "target column without a file",
+        _with(target__prompt=None, target__prompt_column="t"),
+        "target.prompt_column: needs source.file",
+    ),
     ("empty prompt", _with(source__prompts=["Paris", " "]), "source.prompts: empty prompt"),
-    ("missing source file", _with(source__prompts=None, source__file="nowhere.csv"), "source.file: no such file 'nowhere.csv'"),
+    (
+        "missing source file",
+        _with(source__prompts=None, source__file="nowhere.csv"),
+        "source.file: no such file 'nowhere.csv'",
+    ),
     ("bad name", _with(name="my sweep/1"), "name: String should match pattern"),
 ]
 
@@ -112,7 +150,12 @@ def test_config_error_names_the_field_before_any_model_loads(tmp_path, capsys, n
 FILE_ERRORS = [
     ("missing prompt column", {"prompt_column": "entity"}, {}, "source.prompt_column: no column 'entity'"),
     ("missing target column", {}, {"prompt_column": "tgt"}, "target.prompt_column: no column 'tgt'"),
-    ("missing reference column", {"reference_columns": ["answer", "year"]}, {}, "source.reference_columns: no column 'year'"),
+    (
+        "missing reference column",
+        {"reference_columns": ["answer", "year"]},
+        {},
+        "source.reference_columns: no column 'year'",
+    ),
 ]
 
 
@@ -152,10 +195,18 @@ def test_example_config_is_the_issue_yaml_and_dry_runs(capsys, tmp_path, monkeyp
     cfg = load_config(EXAMPLE)
     assert cfg.name == "entity-description" and cfg.models == ["smollm2-135m"]
     assert cfg.source.prompts == ["Leonardo DiCaprio", "Samsung", "Paris", "Python"]
-    assert (cfg.source.layers, cfg.source.positions, cfg.target.layers, cfg.target.positions) == ("0:30:3", [-1], "same", [-1])
+    assert (cfg.source.layers, cfg.source.positions, cfg.target.layers, cfg.target.positions) == (
+        "0:30:3",
+        [-1],
+        "same",
+        [-1],
+    )
     assert (cfg.generation.max_new_tokens, cfg.execution.workers, cfg.execution.batch_size) == (20, 2, 16)
     assert (str(cfg.out_dir), cfg.output.wandb.project, cfg.output.wandb.mode) == (
-        "runs/entity-description", "patchscope-sweeps", "offline")
+        "runs/entity-description",
+        "patchscope-sweeps",
+        "offline",
+    )
     assert cli.main(["sweep", str(EXAMPLE), "--dry-run"]) == 0
     out = capsys.readouterr().out
     # 4 prompts x 10 layers (0, 3, ..., 27) x 1 position x l* = l x 1 position; one task per prompt
@@ -171,8 +222,14 @@ def test_example_config_is_the_issue_yaml_and_dry_runs(capsys, tmp_path, monkeyp
 
 @pytest.mark.parametrize(
     "spec,n,expected",
-    [("0:30:3", 30, list(range(0, 30, 3))), ("all", 4, [0, 1, 2, 3]), ("::2", 5, [0, 2, 4]), ("2:", 4, [2, 3]),
-     ("1:3", 30, [1, 2]), ([3, 1, 3], 4, [3, 1])],
+    [
+        ("0:30:3", 30, list(range(0, 30, 3))),
+        ("all", 4, [0, 1, 2, 3]),
+        ("::2", 5, [0, 2, 4]),
+        ("2:", 4, [2, 3]),
+        ("1:3", 30, [1, 2]),
+        ([3, 1, 3], 4, [3, 1]),
+    ],
 )
 def test_layer_specs(spec, n, expected):
     assert expand_layers(parse_config(_with(source__layers=spec)).source.layers, n) == expected
@@ -191,16 +248,33 @@ def test_grid_cells_have_deterministic_distinct_ids_and_cover_the_product():
     assert [c.cell_id for c in cells] == [c.cell_id for c in again]
     expected = {
         (m, p, l, sp, "Paris is the capital of x", tl, tp)
-        for m in ("tiny-llama", "tiny-gpt2") for p in ("Paris", "The quick brown fox")
-        for l in (0, 2) for sp in (-1, 0) for tl in (1, 3) for tp in (-1, -2)
+        for m in ("tiny-llama", "tiny-gpt2")
+        for p in ("Paris", "The quick brown fox")
+        for l in (0, 2)
+        for sp in (-1, 0)
+        for tl in (1, 3)
+        for tp in (-1, -2)
     }
-    got = [(c.model, c.source_prompt, c.source_layer, c.source_position, c.target_prompt, c.target_layer, c.target_position)
-           for c in cells]
+    got = [
+        (
+            c.model,
+            c.source_prompt,
+            c.source_layer,
+            c.source_position,
+            c.target_prompt,
+            c.target_layer,
+            c.target_position,
+        )
+        for c in cells
+    ]
     assert len(got) == len(expected) == 64 and set(got) == expected
     assert len({c.cell_id for c in cells}) == 64
     # any change of a parameter that decides the result changes the id
-    _, _, longer = _grid(_with(source__positions=[-1, 0], target__layers=[1, 3], target__positions=[-1, -2],
-                              generation__max_new_tokens=5))
+    _, _, longer = _grid(
+        _with(
+            source__positions=[-1, 0], target__layers=[1, 3], target__positions=[-1, -2], generation__max_new_tokens=5
+        )
+    )
     assert not {c.cell_id for c in cells} & {c.cell_id for c in longer}
 
 
@@ -212,22 +286,41 @@ def test_grid_is_counted_without_expanding_and_expanded_lazily_with_the_same_ids
     from sweeps.grid import count_cells, count_tasks, count_todo, iter_cells, iter_tasks
     from sweeps.kinds.patchscope import Cell
 
-    cfg = _with(source__prompts=["Paris", "The quick brown fox", "Paris"], source__positions="all",
-                target__layers=[0, 3], target__positions=[-1, -2])
+    cfg = _with(
+        source__prompts=["Paris", "The quick brown fox", "Paris"],
+        source__positions="all",
+        target__layers=[0, 3],
+        target__positions=[-1, -2],
+    )
     config, rows, cells = _grid(cfg)
     plans = check_against_models(config, rows)
     ids = [c.cell_id for c in cells]
     assert len(ids) == len(set(ids)) == count_cells(config, rows, plans)
     assert count_tasks(config, rows, plans) == len(make_tasks(cells, 4)) == len(list(iter_tasks(iter(cells), 4)))
-    assert [t.task_id for t in iter_tasks(iter_cells(config, rows, plans), 4)] == [t.task_id for t in make_tasks(cells, 4)]
+    assert [t.task_id for t in iter_tasks(iter_cells(config, rows, plans), 4)] == [
+        t.task_id for t in make_tasks(cells, 4)
+    ]
     stored = set(ids[::3])
     todo = count_todo(config, rows, plans, stored)
     assert sum(c for c, _ in todo.values()) == len(ids) - len(stored)
     assert [c.cell_id for c in iter_cells(config, rows, plans, skip=stored)] == [i for i in ids if i not in stored]
     with_refs = Cell("m", 'Pàris "q" \u2603', 1, -1, "tgt\n x", 2, -3, 0, (("a", "b"), ("k", None)), "g")
     for c in cells[:20] + [with_refs]:
-        old = json.dumps([c.model, c.source_prompt, c.source_layer, c.source_position, c.target_prompt, c.target_layer,
-                          c.target_position, [list(r) for r in c.refs], c.generation_key], sort_keys=True, default=str)
+        old = json.dumps(
+            [
+                c.model,
+                c.source_prompt,
+                c.source_layer,
+                c.source_position,
+                c.target_prompt,
+                c.target_layer,
+                c.target_position,
+                [list(r) for r in c.refs],
+                c.generation_key,
+            ],
+            sort_keys=True,
+            default=str,
+        )
         assert c.cell_id == hashlib.sha256(old.encode()).hexdigest()[:16]
 
 
@@ -270,9 +363,17 @@ def test_source_file_rows_pair_source_and_target_and_carry_references(tmp_path, 
     else:
         sep = "," if fmt == "csv" else "\t"
         path.write_text("\n".join([sep.join(rows[0])] + [sep.join(r.values()) for r in rows]) + "\n")
-    cfg = _with(models=["tiny-llama"], source__prompts=None, source__file=str(path), source__prompt_column="entity",
-                source__layers=[1, 2], source__positions=[-1, 0], target__prompt=None, target__prompt_column="tgt",
-                source__reference_columns=["answer"])
+    cfg = _with(
+        models=["tiny-llama"],
+        source__prompts=None,
+        source__file=str(path),
+        source__prompt_column="entity",
+        source__layers=[1, 2],
+        source__positions=[-1, 0],
+        target__prompt=None,
+        target__prompt_column="tgt",
+        source__reference_columns=["answer"],
+    )
     _, _, cells = _grid(cfg)
     assert len(cells) == 2 * 2 * 2  # rows x layers x positions
     for c in cells:
@@ -310,7 +411,9 @@ def test_store_writes_each_cell_once_atomically_and_refuses_another_config(tmp_p
     # another config in the same directory reuses what it finds (results/ is a cache; the
     # manifest keeps the config history), unless --restart
     assert ResultStore(tmp_path / "out").open({"name": "b"}, "hash-b", 3) == 3
-    assert [h["config_hash"] for h in json.loads((tmp_path / "out" / "manifest.json").read_text())["history"]] == ["hash-a"]
+    assert [h["config_hash"] for h in json.loads((tmp_path / "out" / "manifest.json").read_text())["history"]] == [
+        "hash-a"
+    ]
     assert ResultStore(tmp_path / "out").open({"name": "a"}, "hash-b", 3, restart=True) == 0
     assert ResultStore(tmp_path / "out").read().empty
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
@@ -363,7 +466,9 @@ def test_ray_cluster_yaml_keeps_token_auth_and_opens_no_ray_port():
         assert "RAY_AUTH_MODE=token" in start and "dashboard-host" not in start, key
     assert "~/.ray/auth_token" in cluster["file_mounts"], "the token reaches every node"
     for rule in cluster["provider"].get("security_group", {}).get("IpPermissions", []):
-        public = [r.get("CidrIp") for r in rule.get("IpRanges", [])] + [r.get("CidrIpv6") for r in rule.get("Ipv6Ranges", [])]
+        public = [r.get("CidrIp") for r in rule.get("IpRanges", [])] + [
+            r.get("CidrIpv6") for r in rule.get("Ipv6Ranges", [])
+        ]
         if {"0.0.0.0/0", "::/0"} & set(public):
             assert rule.get("FromPort") == rule.get("ToPort") == 22, rule
     for name, node_type in cluster["available_node_types"].items():
@@ -385,10 +490,13 @@ def test_unquoted_slice_in_yaml_is_a_slice_not_a_base_60_number(tmp_path):
     assert expand_layers(config.source.layers, 4) == [1, 2]
 
 
-@pytest.mark.parametrize("example,expected", [
-    ("entity_file.yaml", "120 cells in 8 tasks"),  # 8 rows x 15 layers
-    ("cluster_gpu.yaml", "810 cells in 14 tasks"),  # every layer x every token of 8 entities (27 tokens)
-])
+@pytest.mark.parametrize(
+    "example,expected",
+    [
+        ("entity_file.yaml", "120 cells in 8 tasks"),  # 8 rows x 15 layers
+        ("cluster_gpu.yaml", "810 cells in 14 tasks"),  # every layer x every token of 8 entities (27 tokens)
+    ],
+)
 def test_file_examples_dry_run_from_anywhere(capsys, monkeypatch, tmp_path, example, expected):
     import torch
 

@@ -33,9 +33,11 @@ BIN = Path(sys.executable).parent
 def write_config(tmp_path: Path, name: str, rows: list[dict] | None = None, **sections) -> Path:
     """A tiny-llama sweep over `rows` (source, target, reference) into tmp_path/out; `sections`
     update the config's sections."""
-    rows = rows or [{"prompt": "Paris", "target": "Paris is the capital of x", "answer": "France"},
-                    {"prompt": "Python", "target": "Python is a programming language. x", "answer": "language"},
-                    {"prompt": "The quick brown fox", "target": "The Eiffel Tower is in x", "answer": "fox"}]
+    rows = rows or [
+        {"prompt": "Paris", "target": "Paris is the capital of x", "answer": "France"},
+        {"prompt": "Python", "target": "Python is a programming language. x", "answer": "language"},
+        {"prompt": "The quick brown fox", "target": "The Eiffel Tower is in x", "answer": "fox"},
+    ]
     data = tmp_path / f"{name}.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = {
@@ -57,6 +59,7 @@ def write_config(tmp_path: Path, name: str, rows: list[dict] | None = None, **se
 @contextmanager
 def deadline(seconds: int):
     """Fail instead of hanging: the faults here used to make sweeps wait forever."""
+
     def expired(*_):
         raise TimeoutError(f"the sweep did not finish within {seconds} s")
 
@@ -117,18 +120,24 @@ def test_no_worker_placeable_stops_cleanly_keeping_stored_cells(ray_cluster, tmp
 
 
 def test_a_second_sweep_into_the_same_dir_is_refused_and_a_killed_driver_leaves_no_lock(
-        ray_cluster, tmp_path, capsys, monkeypatch):
+    ray_cluster, tmp_path, capsys, monkeypatch
+):
     import sweeps.run.driver
 
     rows = [{"prompt": f"Entity {i}", "target": "Paris is the capital of x", "answer": str(i)} for i in range(12)]
-    config = write_config(tmp_path, "tiny-locked", rows, generation={"max_new_tokens": 40},
-                          execution={"workers": 1, "batch_size": 1})
+    config = write_config(
+        tmp_path, "tiny-locked", rows, generation={"max_new_tokens": 40}, execution={"workers": 1, "batch_size": 1}
+    )
     out = tmp_path / "out"
     # The first sweep: a real driver process, joining this session's cluster.
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    first = subprocess.Popen([str(BIN / "patchscope"), "sweep", str(config), "--address",
-                              ray_cluster.get_runtime_context().gcs_address],
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    first = subprocess.Popen(
+        [str(BIN / "patchscope"), "sweep", str(config), "--address", ray_cluster.get_runtime_context().gcs_address],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         lock = out / "sweep.lock"
         for _ in range(600):
@@ -142,8 +151,9 @@ def test_a_second_sweep_into_the_same_dir_is_refused_and_a_killed_driver_leaves_
         monkeypatch.setattr(sweeps.run.driver, "connect", lambda *a: pytest.fail("the second sweep started Ray"))
         assert cli.main(["sweep", str(config)]) == 2
         err = capsys.readouterr().err
-        assert err.startswith(f"error: output.dir: another sweep is running into {out} (pid {first.pid} on "
-                              f"{socket.gethostname()}, since "), err
+        assert err.startswith(
+            f"error: output.dir: another sweep is running into {out} (pid {first.pid} on {socket.gethostname()}, since "
+        ), err
         assert f"patchscope sweep {config}" in err and err.count("\n") == 1
         # --dry-run says what the run would do
         assert cli.main(["sweep", str(config), "--dry-run"]) == 2
@@ -172,10 +182,24 @@ def test_two_drivers_storing_the_same_cells_are_read_once(tmp_path, capsys):
     first.open({"name": "x"}, "h", 3)
     second.open({"name": "x"}, "h", 3)
     assert first.stored_cell_ids() == second.stored_cell_ids() == set()
-    records = [{"cell_id": f"c{i}", "model": "m", "source_prompt": "p", "source_layer": 0, "source_position": -1,
-                "target_layer": 0, "target_position": -1, "target_prompt": "t", "generated_text": f"text {i}",
-                "generated_token_ids": [1, 2], "source_token_ids": [1], "target_token_ids": [1],
-                "top_logprobs": [-0.5]} for i in range(3)]
+    records = [
+        {
+            "cell_id": f"c{i}",
+            "model": "m",
+            "source_prompt": "p",
+            "source_layer": 0,
+            "source_position": -1,
+            "target_layer": 0,
+            "target_position": -1,
+            "target_prompt": "t",
+            "generated_text": f"text {i}",
+            "generated_token_ids": [1, 2],
+            "source_token_ids": [1],
+            "target_token_ids": [1],
+            "top_logprobs": [-0.5],
+        }
+        for i in range(3)
+    ]
     assert len(first.write("t1", records)) == 3 and len(second.write("t1", records)) == 3
     assert len(ResultStore(tmp_path / "out").files()) == 2, "both drivers wrote every cell"
     df = ResultStore(tmp_path / "out").read()
@@ -192,9 +216,11 @@ def dollar_sweep(ray_cluster, tmp_path_factory):
     """A sweep whose prompts hold "$" math, run with a (fake) W&B key in the environment."""
     tmp = tmp_path_factory.mktemp("dollar")
     secret = "fake-wandb-key-" + os.urandom(12).hex()
-    rows = [{"prompt": "Price $\\frac{1}{$ dollars", "target": "Paris is the capital of x", "answer": "$"},
-            {"prompt": "Python", "target": "It costs $5 and $$ x", "answer": "language"},
-            {"prompt": "Paris", "target": "Paris is the capital of x", "answer": "France"}]
+    rows = [
+        {"prompt": "Price $\\frac{1}{$ dollars", "target": "Paris is the capital of x", "answer": "$"},
+        {"prompt": "Python", "target": "It costs $5 and $$ x", "answer": "language"},
+        {"prompt": "Paris", "target": "Paris is the capital of x", "answer": "France"},
+    ]
     config = write_config(tmp, "tiny-dollar", rows, output={"wandb": {"mode": "offline", "project": "tests"}})
     mp = pytest.MonkeyPatch()
     mp.setenv("WANDB_API_KEY", secret)
@@ -272,16 +298,25 @@ def test_batch_1_and_batch_16_give_identical_cells(ray_cluster, tmp_path, stop_a
     """One source prompt, 4 target prompts x 4 layers: 16 cells in one generate batch, or one at a
     time. Some of them reach EOS within 48 tokens; with stop_at_eos false every cell must run on
     to exactly 48 tokens whatever its batch (Hugging Face falls back to the model's EOS)."""
-    targets = ["Paris is the capital of x", "The capital city of x is", "Python is a programming language. x",
-               "The Eiffel Tower is in x"]
+    targets = [
+        "Paris is the capital of x",
+        "The capital city of x is",
+        "Python is a programming language. x",
+        "The Eiffel Tower is in x",
+    ]
     rows = [{"prompt": "The Eiffel Tower", "target": t, "answer": "Paris"} for t in targets]
     generated = {}
     for batch in (1, 16):
         run = tmp_path / f"batch{batch}"
         run.mkdir()
-        config = write_config(run, f"tiny-batch{batch}", rows, source={"layers": "all"},
-                              generation={"max_new_tokens": 48, "stop_at_eos": stop_at_eos},
-                              execution={"batch_size": batch, "workers": 2})
+        config = write_config(
+            run,
+            f"tiny-batch{batch}",
+            rows,
+            source={"layers": "all"},
+            generation={"max_new_tokens": 48, "stop_at_eos": stop_at_eos},
+            execution={"batch_size": batch, "workers": 2},
+        )
         with deadline(240):
             assert cli.main(["sweep", str(config)]) == 0
         df = ResultStore(run / "out").read()

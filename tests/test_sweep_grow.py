@@ -26,17 +26,21 @@ def local_model(path: Path) -> Path:
 
 
 def write(tmp_path: Path, model: Path, layers) -> Path:
-    cfg = {"name": "grow", "models": [str(model)],
-           "source": {"prompts": ["Paris", "The quick brown fox"], "layers": layers, "positions": [-1]},
-           "target": {"prompt": "Tell me about x", "layers": "same", "positions": [-1]},
-           "generation": {"max_new_tokens": 2},
-           "execution": {"workers": 2, "batch_size": 1},
-           "output": {"dir": str(tmp_path / "out"), "wandb": {"mode": "disabled"}}}
+    cfg = {
+        "name": "grow",
+        "models": [str(model)],
+        "source": {"prompts": ["Paris", "The quick brown fox"], "layers": layers, "positions": [-1]},
+        "target": {"prompt": "Tell me about x", "layers": "same", "positions": [-1]},
+        "generation": {"max_new_tokens": 2},
+        "execution": {"workers": 2, "batch_size": 1},
+        "output": {"dir": str(tmp_path / "out"), "wandb": {"mode": "disabled"}},
+    }
     return write_yaml(cfg, tmp_path / "grow.yaml")
 
 
-def test_a_grown_sweep_computes_only_new_cells_and_a_changed_model_reuses_nothing(ray_cluster, tmp_path, monkeypatch,
-                                                                                  capsys):
+def test_a_grown_sweep_computes_only_new_cells_and_a_changed_model_reuses_nothing(
+    ray_cluster, tmp_path, monkeypatch, capsys
+):
     import sweeps.grid
 
     model = local_model(tmp_path / "model")

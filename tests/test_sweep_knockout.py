@@ -23,8 +23,11 @@ from tests.configs import write_yaml
 from tests.golden.common import run_in_process
 from tests.test_core_knockout import hf_copy, masked
 
-FACTS = [("Paris is the capital of France", "Paris", " and"), ("Water is a liquid and", "Water", " it"),
-         ("The capital city of x is", "x", " the")]
+FACTS = [
+    ("Paris is the capital of France", "Paris", " and"),
+    ("Water is a liquid and", "Water", " it"),
+    ("The capital city of x is", "x", " the"),
+]
 
 
 def _config(tmp_path: Path, **intervention) -> Path:
@@ -33,11 +36,24 @@ def _config(tmp_path: Path, **intervention) -> Path:
         w.writerow(["prompt", "subject", "answer"])
         w.writerows(FACTS)
     cfg = {
-        "name": "ko", "kind": "intervention", "models": ["tiny-llama"],
-        "prompts": {"file": "facts.csv", "prompt_column": "prompt", "subject_column": "subject",
-                    "answer_column": "answer"},
-        "intervention": {"site": "blocks.{layer}.attn", "layers": [1, 2], "kind": "knockout", "from": "last",
-                         "to": ["subject", "last", [0, "last"]], "window": 3, **intervention},
+        "name": "ko",
+        "kind": "intervention",
+        "models": ["tiny-llama"],
+        "prompts": {
+            "file": "facts.csv",
+            "prompt_column": "prompt",
+            "subject_column": "subject",
+            "answer_column": "answer",
+        },
+        "intervention": {
+            "site": "blocks.{layer}.attn",
+            "layers": [1, 2],
+            "kind": "knockout",
+            "from": "last",
+            "to": ["subject", "last", [0, "last"]],
+            "window": 3,
+            **intervention,
+        },
         "generation": {"max_new_tokens": 1},
         "execution": {"workers": 1, "batch_size": 4},
         "output": {"dir": str(tmp_path / "out")},
@@ -76,8 +92,11 @@ def test_every_cell_equals_eager_attention_with_the_edges_masked_by_hand(tmp_pat
         ids, first = list(r.prompt_token_ids), int(r.answer_token_ids[0])
         n = len(ids)
         subject = dict((p, s) for p, s, _ in FACTS)[r.prompt]
-        keys = {"last -> subject, window 3": set(range(*subject_span(info, r.prompt, subject))),
-                "last -> last, window 3": {n - 1}, "last -> 0 last, window 3": {0, n - 1}}[r.knockout]
+        keys = {
+            "last -> subject, window 3": set(range(*subject_span(info, r.prompt, subject))),
+            "last -> last, window 3": {n - 1},
+            "last -> 0 last, window 3": {0, n - 1},
+        }[r.knockout]
         layers = set(window_layers("attn_out", int(r.layer), 3, info.n_layers))
         blocked = lambda l, h, q, k, n_, keys=keys, layers=layers: l in layers and q == n_ - 1 and k in keys  # noqa: E731
         want = _p_first(hf, ids, first, blocked, n_heads)
@@ -109,12 +128,15 @@ def test_the_example_is_geva_et_al_s_study(no_weights):
     assert {v["window"] for _, v in context.values()} == {9} and n_cells == len(rows) * 30 * 3
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"to": None}, r"intervention.*to: a knockout needs the keys"),
-    ({"window": 0}, r"window: expected an integer >= 1"),
-    ({"to": ["nowhere"]}, r"\.to: expected prompt positions"),
-    ({"to": [99]}, r"\.to: .*99"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"to": None}, r"intervention.*to: a knockout needs the keys"),
+        ({"window": 0}, r"window: expected an integer >= 1"),
+        ({"to": ["nowhere"]}, r"\.to: expected prompt positions"),
+        ({"to": [99]}, r"\.to: .*99"),
+    ],
+)
 def test_bad_knockouts_are_refused_before_any_weights_load(tmp_path, no_weights, change, message):
     from sweeps.run.driver import plan
 

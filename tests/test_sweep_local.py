@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from sweeps import cli
 from sweeps.sinks.store import ResultStore
@@ -73,12 +72,15 @@ def test_the_local_and_the_ray_backend_store_the_same_rows(kind, ray_cluster, tm
 def test_a_local_sweep_of_one_worker_needs_no_ray(tmp_path):
     """The default for one worker and no --address; a fresh process never imports Ray."""
     config = write_run(tmp_path, "patchscope", "out")  # workers: 1, no backend named
-    script = ("import sys\nfrom sweeps.cli import main\nrc = main(['sweep', sys.argv[1]])\n"
-              "print('ray imported' if 'ray' in sys.modules else 'no ray')\nsys.exit(rc)\n")
+    script = (
+        "import sys\nfrom sweeps.cli import main\nrc = main(['sweep', sys.argv[1]])\n"
+        "print('ray imported' if 'ray' in sys.modules else 'no ray')\nsys.exit(rc)\n"
+    )
     env = {**os.environ, "WANDB_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-c", script, str(config)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(config)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "backend: local" in proc.stdout and proc.stdout.rstrip().endswith("no ray"), proc.stdout
     assert len(ResultStore(tmp_path / "out").read()) == 8
@@ -101,14 +103,24 @@ def test_the_dry_run_says_which_backend(tmp_path, capsys, no_weights):
     assert "workers: 2 per model" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("execution,address,message", [
-    ({"backend": "local", "workers": 2}, None,
-     "error: execution.backend: local runs one worker in this process, but execution.workers is 2"),
-    ({"backend": "local"}, "127.0.0.1:1",
-     "error: execution.backend: local runs in this process, but --address (or RAY_ADDRESS) joins a Ray cluster"),
-])
-def test_a_local_backend_with_more_workers_or_an_address_is_refused(tmp_path, capsys, monkeypatch, no_weights,
-                                                                    execution, address, message):
+@pytest.mark.parametrize(
+    "execution,address,message",
+    [
+        (
+            {"backend": "local", "workers": 2},
+            None,
+            "error: execution.backend: local runs one worker in this process, but execution.workers is 2",
+        ),
+        (
+            {"backend": "local"},
+            "127.0.0.1:1",
+            "error: execution.backend: local runs in this process, but --address (or RAY_ADDRESS) joins a Ray cluster",
+        ),
+    ],
+)
+def test_a_local_backend_with_more_workers_or_an_address_is_refused(
+    tmp_path, capsys, monkeypatch, no_weights, execution, address, message
+):
     import sweeps.run.driver
 
     monkeypatch.setattr(sweeps.run.driver, "connect", lambda *a, **k: pytest.fail("Ray started"))
@@ -168,8 +180,9 @@ def test_the_local_ray_cluster_keeps_token_auth_on_without_the_warning(tmp_path)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
     env["HOME"] = str(tmp_path)  # Ray keeps the token it generates in ~/.ray/auth_token
     config = write_run(tmp_path, "patchscope", "out", workers=1)
-    proc = subprocess.run([sys.executable, "-c", script, str(config)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(config)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "driver True worker token" in proc.stdout, proc.stdout
     assert "Token authentication" not in proc.stdout + proc.stderr, proc.stderr

@@ -39,8 +39,13 @@ def write_config(tmp_path: Path, name: str, **overrides) -> Path:
     cfg = {
         "name": name,
         "models": MODELS,
-        "source": {"file": str(data), "prompt_column": "entity", "reference_columns": ["answer"],
-                   "layers": LAYERS, "positions": POSITIONS},
+        "source": {
+            "file": str(data),
+            "prompt_column": "entity",
+            "reference_columns": ["answer"],
+            "layers": LAYERS,
+            "positions": POSITIONS,
+        },
         "target": {"prompt_column": "target", "layers": "same", "positions": [-1]},
         "generation": {"max_new_tokens": NEW_TOKENS},
         "execution": {"workers": 2, "batch_size": 3},
@@ -53,13 +58,24 @@ def expected_cells(models=MODELS, layers=LAYERS):
     """The grid, written out independently of sweeps.grid."""
     return {
         (m, r["entity"], l, p, r["target"], l, -1, r["answer"])
-        for m in models for r in ROWS for l in layers for p in POSITIONS
+        for m in models
+        for r in ROWS
+        for l in layers
+        for p in POSITIONS
     }
 
 
 def cell_key(row) -> tuple:
-    return (row["model"], row["source_prompt"], row["source_layer"], row["source_position"], row["target_prompt"],
-            row["target_layer"], row["target_position"], row["ref_answer"])
+    return (
+        row["model"],
+        row["source_prompt"],
+        row["source_layer"],
+        row["source_position"],
+        row["target_prompt"],
+        row["target_layer"],
+        row["target_position"],
+        row["ref_answer"],
+    )
 
 
 # ---------------------------------------------------------------- reading an offline W&B run from disk
@@ -78,8 +94,8 @@ def read_wandb_records(path: Path) -> list:
         if left < 7:  # block trailer
             pos += left
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk = data[pos + 7:pos + 7 + length]
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind == 1:
             out.append(chunk)
@@ -170,8 +186,13 @@ def test_sweep_results_equal_the_engine_in_process(e2e):
         for r in ROWS:
             for layer in LAYERS:
                 for pos in POSITIONS:
-                    specs.append(Patchscope(Source(r["entity"], layer, pos), Target(r["target"], layer, (-1,)),
-                                            max_new_tokens=NEW_TOKENS))
+                    specs.append(
+                        Patchscope(
+                            Source(r["entity"], layer, pos),
+                            Target(r["target"], layer, (-1,)),
+                            max_new_tokens=NEW_TOKENS,
+                        )
+                    )
                     keys.append((r["entity"], layer, pos))
         results = PatchscopeEngine(load_model(model, device="cpu"), name=model).run(specs, batch_size=64)
         stored = df[df.model == model].set_index(["source_prompt", "source_layer", "source_position"])
@@ -299,8 +320,14 @@ def test_a_wandb_failure_warns_and_loses_nothing(ray_cluster, tmp_path, monkeypa
         raise ConnectionError("W&B is down")
 
     monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", broken)
-    config = write_config(tmp_path, "tiny-wandb-down", models=["tiny-gpt2"], source__layers=[2],
-                          execution__workers=1, execution__backend="ray")
+    config = write_config(
+        tmp_path,
+        "tiny-wandb-down",
+        models=["tiny-gpt2"],
+        source__layers=[2],
+        execution__workers=1,
+        execution__backend="ray",
+    )
     assert cli.main(["sweep", str(config)]) == 0
     captured = capsys.readouterr()
     assert "warning: W&B log failed (ConnectionError: W&B is down)" in captured.err
@@ -318,6 +345,7 @@ def test_a_worker_crash_is_restarted_and_retried_by_ray_and_each_cell_stored_onc
     import sys
 
     import ray.cloudpickle
+
     import workers.actor
 
     marker = tmp_path / "crashed-pid"
@@ -333,8 +361,15 @@ def test_a_worker_crash_is_restarted_and_retried_by_ray_and_each_cell_stored_onc
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
     monkeypatch.setattr(workers.actor, "PatchscopeWorker", CrashOnce)
-    config = write_config(tmp_path, "tiny-crash", models=["tiny-gpt2"], source__layers=[2],
-                          execution__workers=1, execution__batch_size=2, execution__backend="ray")
+    config = write_config(
+        tmp_path,
+        "tiny-crash",
+        models=["tiny-gpt2"],
+        source__layers=[2],
+        execution__workers=1,
+        execution__batch_size=2,
+        execution__backend="ray",
+    )
     try:
         assert cli.main(["sweep", str(config)]) == 0
     finally:

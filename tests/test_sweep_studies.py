@@ -22,19 +22,45 @@ FACTS = [
     {"prompt": "Water is a liquid.", "subject": "Water", "answer": " It", "topic": "substance"},
 ]
 ABLATION = {
-    "name": "tiny-ablation", "kind": "intervention", "models": ["tiny-llama"],
-    "prompts": {"file": "facts.jsonl", "prompt_column": "prompt", "answer_column": "answer", "reference_columns": ["topic"]},
-    "intervention": {"site": "blocks.{layer}.attn.hook_z", "layers": [1, 3], "heads": "all", "positions": "all",
-                     "kind": ["zero", "mean"]},
+    "name": "tiny-ablation",
+    "kind": "intervention",
+    "models": ["tiny-llama"],
+    "prompts": {
+        "file": "facts.jsonl",
+        "prompt_column": "prompt",
+        "answer_column": "answer",
+        "reference_columns": ["topic"],
+    },
+    "intervention": {
+        "site": "blocks.{layer}.attn.hook_z",
+        "layers": [1, 3],
+        "heads": "all",
+        "positions": "all",
+        "kind": ["zero", "mean"],
+    },
     "generation": {"max_new_tokens": 4, "stop_at_eos": False},
     "execution": {"workers": 2, "batch_size": 8},
     "output": {"wandb": {"project": "patchscope-tests", "mode": "offline"}},
 }
 TRACE = {
-    "name": "tiny-trace", "kind": "causal_trace", "models": ["tiny-llama"],
-    "prompts": {"file": "facts.jsonl", "prompt_column": "prompt", "subject_column": "subject", "answer_column": "answer"},
-    "trace": {"sites": ["resid_post", "mlp_out"], "layers": "all", "positions": "all", "window": 2, "noise": 3.0,
-              "samples": 3, "seed": 1},
+    "name": "tiny-trace",
+    "kind": "causal_trace",
+    "models": ["tiny-llama"],
+    "prompts": {
+        "file": "facts.jsonl",
+        "prompt_column": "prompt",
+        "subject_column": "subject",
+        "answer_column": "answer",
+    },
+    "trace": {
+        "sites": ["resid_post", "mlp_out"],
+        "layers": "all",
+        "positions": "all",
+        "window": 2,
+        "noise": 3.0,
+        "samples": 3,
+        "seed": 1,
+    },
     "execution": {"workers": 2, "batch_size": 16},
     "output": {"wandb": {"project": "patchscope-tests", "mode": "disabled"}},
 }
@@ -50,28 +76,55 @@ def write(tmp_path: Path, cfg: dict, **changes) -> Path:
 # ---------------------------------------------------------------- config errors, before anything loads
 
 
-@pytest.mark.parametrize("base, changes, message", [
-    (ABLATION, {"prompts": None}, "prompts: a intervention sweep needs a prompts section"),
-    (ABLATION, {"source": {"prompts": ["x"]}}, "source: not used by a intervention sweep"),
-    (ABLATION, {"intervention__kind": "erase"}, "intervention.kind: unknown kind 'erase' (allowed: replace, add"),
-    (ABLATION, {"intervention__kind": "add"}, "intervention.vector: add needs a vector file, or positive and negative"),
-    (ABLATION, {"intervention__site": "blocks.{layer}.hook_resid_post"}, "intervention.site.head: blocks.1.hook_resid_post has no heads"),
-    (ABLATION, {"intervention__site": "blocks.{layer}.hook_resid_mid", "intervention__heads": None}, "hook_resid_mid is TransformerBridge's second-norm input"),
-    (ABLATION, {"intervention__layers": [9]}, "intervention.layers: 9 is out of range 0 .. 3"),
-    (ABLATION, {"intervention__heads": [7]}, "intervention.site.head: 7 is out of range 0 .. 3"),
-    (ABLATION, {"intervention__positions": [40]}, "positions: 40 is out of range"),
-    (ABLATION, {"prompts__answer_column": "nope"}, "prompts.answer_column: no column 'nope'"),
-    (ABLATION, {"prompts__reference_columns": ["topic", "year"]}, "prompts.reference_columns: no column 'year'"),
-    (ABLATION, {"intervention__kind": "resample"}, "intervention.source: resample needs a source prompt"),
-    (TRACE, {"prompts__subject_column": None}, "prompts.subject_column: a causal_trace sweep needs it"),
-    (TRACE, {"prompts__subject_column": "topic"}, "prompts.subject_column (prompts.file row 1): 'city' does not occur"),
-    (TRACE, {"trace__sites": ["resid_pre"]}, "trace.sites[0]: Input should be 'resid_post', 'mlp_out' or 'attn_out'"),
-    (TRACE, {"trace__samples": 0}, "trace.samples: Input should be greater than or equal to 1"),
-])
-def test_config_errors_name_the_field_before_any_load(tmp_path, capsys, no_weights, monkeypatch, base, changes, message):
+@pytest.mark.parametrize(
+    "base, changes, message",
+    [
+        (ABLATION, {"prompts": None}, "prompts: a intervention sweep needs a prompts section"),
+        (ABLATION, {"source": {"prompts": ["x"]}}, "source: not used by a intervention sweep"),
+        (ABLATION, {"intervention__kind": "erase"}, "intervention.kind: unknown kind 'erase' (allowed: replace, add"),
+        (
+            ABLATION,
+            {"intervention__kind": "add"},
+            "intervention.vector: add needs a vector file, or positive and negative",
+        ),
+        (
+            ABLATION,
+            {"intervention__site": "blocks.{layer}.hook_resid_post"},
+            "intervention.site.head: blocks.1.hook_resid_post has no heads",
+        ),
+        (
+            ABLATION,
+            {"intervention__site": "blocks.{layer}.hook_resid_mid", "intervention__heads": None},
+            "hook_resid_mid is TransformerBridge's second-norm input",
+        ),
+        (ABLATION, {"intervention__layers": [9]}, "intervention.layers: 9 is out of range 0 .. 3"),
+        (ABLATION, {"intervention__heads": [7]}, "intervention.site.head: 7 is out of range 0 .. 3"),
+        (ABLATION, {"intervention__positions": [40]}, "positions: 40 is out of range"),
+        (ABLATION, {"prompts__answer_column": "nope"}, "prompts.answer_column: no column 'nope'"),
+        (ABLATION, {"prompts__reference_columns": ["topic", "year"]}, "prompts.reference_columns: no column 'year'"),
+        (ABLATION, {"intervention__kind": "resample"}, "intervention.source: resample needs a source prompt"),
+        (TRACE, {"prompts__subject_column": None}, "prompts.subject_column: a causal_trace sweep needs it"),
+        (
+            TRACE,
+            {"prompts__subject_column": "topic"},
+            "prompts.subject_column (prompts.file row 1): 'city' does not occur",
+        ),
+        (
+            TRACE,
+            {"trace__sites": ["resid_pre"]},
+            "trace.sites[0]: Input should be 'resid_post', 'mlp_out' or 'attn_out'",
+        ),
+        (TRACE, {"trace__samples": 0}, "trace.samples: Input should be greater than or equal to 1"),
+    ],
+)
+def test_config_errors_name_the_field_before_any_load(
+    tmp_path, capsys, no_weights, monkeypatch, base, changes, message
+):
     import sweeps.run.driver
 
-    monkeypatch.setattr(sweeps.run.driver, "connect", lambda *a, **k: pytest.fail("Ray started before the config error"))
+    monkeypatch.setattr(
+        sweeps.run.driver, "connect", lambda *a, **k: pytest.fail("Ray started before the config error")
+    )
     assert cli.main(["sweep", str(write(tmp_path, base, **changes)), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err, err
@@ -112,8 +165,12 @@ def test_ablation_sweep_stores_every_cell_once_equal_to_the_engine(ablation, tin
     reference = tuple(f["prompt"] for f in FACTS)
     for r in df.to_dict("records"):
         kind = Zero() if r["kind"] == "zero" else Mean(reference=reference)
-        run = InterventionRun(r["prompt"], (Intervention(Site(r["site"], head=int(r["head"])), kind, "all"),),
-                              answer=r["answer"], max_new_tokens=4)
+        run = InterventionRun(
+            r["prompt"],
+            (Intervention(Site(r["site"], head=int(r["head"])), kind, "all"),),
+            answer=r["answer"],
+            max_new_tokens=4,
+        )
         (want,) = engine.run([run])
         assert list(r["generated_token_ids"]) == want.generated_token_ids
         assert list(r["baseline_generated_token_ids"]) == want.clean_generated_token_ids
@@ -125,8 +182,12 @@ def test_ablation_sweep_stores_every_cell_once_equal_to_the_engine(ablation, tin
 
 def test_ablation_report_and_wandb(ablation):
     _, out = ablation
-    for name in ("heatmap_tiny-llama_layer_x_head_mean.png", "heatmap_tiny-llama_layer_x_head_zero.png",
-                 "top_heads.csv", "results.csv"):
+    for name in (
+        "heatmap_tiny-llama_layer_x_head_mean.png",
+        "heatmap_tiny-llama_layer_x_head_zero.png",
+        "top_heads.csv",
+        "results.csv",
+    ):
         assert (out / name).stat().st_size > 100, name
     top = __import__("pandas").read_csv(out / "top_heads.csv")
     assert list(top.columns[:4]) == ["model", "variant", "layer", "head"] and len(top) == 16
@@ -148,8 +209,9 @@ def test_trace_sweep_equals_the_tracer_and_resumes_without_recomputing(ray_clust
     settings = TraceSettings(sites=("resid_post", "mlp_out"), window=2, noise=3.0, samples=3, seed=1)
     total = 0
     for fact in FACTS:
-        want = tracer.trace(Fact(fact["prompt"], fact["subject"], fact["answer"]), settings,
-                            [f["prompt"] for f in FACTS])
+        want = tracer.trace(
+            Fact(fact["prompt"], fact["subject"], fact["answer"]), settings, [f["prompt"] for f in FACTS]
+        )
         got = df[df["prompt"] == fact["prompt"]]
         assert len(got) == len(want.p_restored) == 2 * 4 * len(want.token_ids)
         total += len(got)

@@ -73,7 +73,10 @@ class PatchscopeWorker:
         if self.device == "cpu":
             torch.set_num_threads(max(1, int(settings["cpus_per_worker"])))
         self.model = load_model(
-            model, device=self.device, dtype=getattr(torch, settings.get("dtype", "float32")), device_map=self.device_map
+            model,
+            device=self.device,
+            dtype=getattr(torch, settings.get("dtype", "float32")),
+            device_map=self.device_map,
         )
         self.engine = PatchscopeEngine(
             self.model, name=model, decoding=Decoding(**settings["decoding"]), top_k=settings["top_k"]
@@ -94,12 +97,15 @@ class PatchscopeWorker:
         return run_task(self.engine, payload, self.settings["batch_size"], self.where)
 
 
-def run_task(engine: PatchscopeEngine, payload: dict[str, Any], batch_size: int,
-             where: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_task(
+    engine: PatchscopeEngine, payload: dict[str, Any], batch_size: int, where: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The engine's records of one task (Patchscopes, intervention runs, a causal trace or a
     recipe's probes), with the worker and the task's time."""
     if payload["model"] != engine.target_info.name:
-        raise RuntimeError(f"task {payload['task_id']} is for {payload['model']}, this worker holds {engine.target_info.name}")
+        raise RuntimeError(
+            f"task {payload['task_id']} is for {payload['model']}, this worker holds {engine.target_info.name}"
+        )
     t0 = time.perf_counter()
     records = OPERATIONS[payload.get("kind", "patchscope")](engine, payload, batch_size)
     return {
@@ -126,12 +132,21 @@ def trace_record(engine, payload: dict[str, Any], batch_size: int) -> dict[str, 
     """One causal trace: the fact's clean and corrupted probabilities and every cell's."""
     tracer = Tracer(engine, batch_size=batch_size)
     cells = [tuple(c) for c in payload["cells"]]
-    result = tracer.trace(Fact(**payload["fact"]), TraceSettings(**{**payload["settings"], "sites": tuple(payload["settings"]["sites"])}),
-                          payload["reference"], cells)
+    result = tracer.trace(
+        Fact(**payload["fact"]),
+        TraceSettings(**{**payload["settings"], "sites": tuple(payload["settings"]["sites"])}),
+        payload["reference"],
+        cells,
+    )
     tok = engine.model.tokenizer
-    return {"token_ids": result.token_ids, "tokens": [tok.decode([t]) for t in result.token_ids],
-            "subject": list(result.subject), "p_clean": result.p_clean, "p_corrupt": result.p_corrupt,
-            "p_restored": [result.p_restored[c] for c in cells]}
+    return {
+        "token_ids": result.token_ids,
+        "tokens": [tok.decode([t]) for t in result.token_ids],
+        "subject": list(result.subject),
+        "p_clean": result.p_clean,
+        "p_corrupt": result.p_corrupt,
+        "p_restored": [result.p_restored[c] for c in cells],
+    }
 
 
 def patchscope_records(engine, payload: dict[str, Any], batch_size: int) -> list[dict[str, Any]]:
@@ -143,8 +158,10 @@ def intervention_records(engine, payload: dict[str, Any], batch_size: int) -> li
     """Intervention runs (each with its clean baseline), in order; a steering run (`add`) also
     records its vector's norm against the site's (`engine.steering_norms`)."""
     runs = [run_from_dict(r) for r in payload["runs"]]
-    return [{**r.to_record(), **(engine.steering_norms(run) or {})}
-            for run, r in zip(runs, engine.run_interventions(runs, batch_size), strict=True)]
+    return [
+        {**r.to_record(), **(engine.steering_norms(run) or {})}
+        for run, r in zip(runs, engine.run_interventions(runs, batch_size), strict=True)
+    ]
 
 
 # The engine operation that runs each payload kind (a sweep kind's `operation`): (engine, payload,
@@ -163,9 +180,13 @@ def patching_record(engine, payload: dict[str, Any], batch_size: int) -> dict[st
     result = Patcher(engine, batch_size=batch_size).patch(Pair(**payload["pair"]), core, directions, metrics)
     got = {(r.cell, r.direction, r.metric): r.patched for r in result.cells}
     tok = engine.info.tokenizer
-    return {"patched": [got[(Cell(s, l, p, h, None, w), d, m)] for s, l, p, h, w, d, m in cells],
-            "clean_value": result.clean_values, "corrupted_value": result.corrupted_values,
-            "tokens": [tok.decode([t]) for t in result.checked.clean_ids], "time_patch_s": time.perf_counter() - t0}
+    return {
+        "patched": [got[(Cell(s, l, p, h, None, w), d, m)] for s, l, p, h, w, d, m in cells],
+        "clean_value": result.clean_values,
+        "corrupted_value": result.corrupted_values,
+        "tokens": [tok.decode([t]) for t in result.checked.clean_ids],
+        "time_patch_s": time.perf_counter() - t0,
+    }
 
 
 def attribution_records(engine, payload: dict[str, Any], batch_size: int) -> list[dict[str, Any]]:
@@ -179,8 +200,9 @@ def attribution_records(engine, payload: dict[str, Any], batch_size: int) -> lis
 
     t0 = time.perf_counter()
     pairs = [Pair(p["clean"], p["corrupted"], p["answer"], p["wrong_answer"]) for p in payload["pairs"]]
-    results = Attributor(engine, batch_size=len(pairs)).attribute(pairs, payload["sites"], payload["layers"],
-                                                                 payload["methods"], payload["metric"])
+    results = Attributor(engine, batch_size=len(pairs)).attribute(
+        pairs, payload["sites"], payload["layers"], payload["methods"], payload["metric"]
+    )
     share = (time.perf_counter() - t0) / len(pairs)
     tok, spec = engine.info.tokenizer, payload["verify"]
     patcher = Patcher(engine, batch_size=batch_size)
@@ -189,16 +211,31 @@ def attribution_records(engine, payload: dict[str, Any], batch_size: int) -> lis
         t1 = time.perf_counter()
         exact = {}
         if spec is not None:
-            for v in verify(patcher, [pair], [res], spec["top_k"], spec["random"],
-                            spec["positions"], seed=p["seed"]):
-                exact[v.site] = {"positions": spec["positions"], "full": v.full, "index": {n: i for i, n in enumerate(v.nodes)},
-                                 "exact": v.exact.tolist(), "sampled": set(v.sampled)}
+            for v in verify(patcher, [pair], [res], spec["top_k"], spec["random"], spec["positions"], seed=p["seed"]):
+                exact[v.site] = {
+                    "positions": spec["positions"],
+                    "full": v.full,
+                    "index": {n: i for i, n in enumerate(v.nodes)},
+                    "exact": v.exact.tolist(),
+                    "sampled": set(v.sampled),
+                }
         flat = {f"{m}|{s}": [t.flatten().tolist() for t in pair_t] for (m, s), pair_t in res.estimates.items()}
         scores = {f"{m}|{s}": [t.flatten().tolist() for t in pair_t] for (m, s), pair_t in res.scores.items()}
-        out.append({"row": p["row"], "layers": list(res.layers), "units": {s: units(s, engine.info) for s in payload["sites"]},
-                    "tokens": [tok.decode([t]) for t in res.checked.clean_ids], "clean_value": res.clean_value,
-                    "corrupted_value": res.corrupted_value, "estimates": flat, "scores": scores, "exact": exact,
-                    "time_attribution_s": share, "time_verify_s": time.perf_counter() - t1})
+        out.append(
+            {
+                "row": p["row"],
+                "layers": list(res.layers),
+                "units": {s: units(s, engine.info) for s in payload["sites"]},
+                "tokens": [tok.decode([t]) for t in res.checked.clean_ids],
+                "clean_value": res.clean_value,
+                "corrupted_value": res.corrupted_value,
+                "estimates": flat,
+                "scores": scores,
+                "exact": exact,
+                "time_attribution_s": share,
+                "time_verify_s": time.perf_counter() - t1,
+            }
+        )
     return out
 
 
@@ -212,8 +249,16 @@ OPERATIONS = {
 }
 
 
-def start_workers(model: str, settings: dict[str, Any], n: int, *, num_cpus: float, num_gpus: float,
-                  max_restarts: int, max_task_retries: int) -> list:
+def start_workers(
+    model: str,
+    settings: dict[str, Any],
+    n: int,
+    *,
+    num_cpus: float,
+    num_gpus: float,
+    max_restarts: int,
+    max_task_retries: int,
+) -> list:
     """`n` Ray actors holding `model`, with Ray's restart and retry options."""
     import ray
 

@@ -17,7 +17,7 @@ from typing import Any
 from patchscope_core import PatchscopeEngine, load_model
 from patchscope_core.recipes import RECIPES, Probe, RecipeRunner
 
-_RUNNERS: "weakref.WeakKeyDictionary[PatchscopeEngine, dict[str, RecipeRunner]]" = weakref.WeakKeyDictionary()
+_RUNNERS: weakref.WeakKeyDictionary[PatchscopeEngine, dict[str, RecipeRunner]] = weakref.WeakKeyDictionary()
 KEEP = 2  # runners kept per engine (each may hold fitted maps)
 
 
@@ -27,13 +27,22 @@ def _engine_for(engine: PatchscopeEngine, source_model: str | None) -> Patchscop
         return engine
     p = next(engine.model.parameters())
     source = load_model(source_model, device=str(p.device), dtype=p.dtype)
-    return PatchscopeEngine(engine.model, source_model=source, name=engine.target_info.name, source_name=source_model,
-                            decoding=engine.decoding, top_k=engine.top_k)
+    return PatchscopeEngine(
+        engine.model,
+        source_model=source,
+        name=engine.target_info.name,
+        source_name=source_model,
+        decoding=engine.decoding,
+        top_k=engine.top_k,
+    )
 
 
 def runner_for(engine: PatchscopeEngine, payload: dict[str, Any], batch_size: int) -> RecipeRunner:
-    key = hashlib.sha256(json.dumps([payload["recipe"], payload["settings"], payload["fit_texts"],
-                                     payload["source_model"]], sort_keys=True).encode()).hexdigest()
+    key = hashlib.sha256(
+        json.dumps(
+            [payload["recipe"], payload["settings"], payload["fit_texts"], payload["source_model"]], sort_keys=True
+        ).encode()
+    ).hexdigest()
     runners = _RUNNERS.setdefault(engine, {})
     if key not in runners:
         while len(runners) >= KEEP:

@@ -28,13 +28,38 @@ from .multihop import MultiHop, load_chains
 from .next_token import IDENTITY_PROMPT, CrossModel, TokenIdentity, corpus_windows, positions_in, pydoc_text
 from .probes import METHODS, METRICS, Probe, Recipe, RecipeRunner, run_recipe
 
-RECIPES: dict[str, type[Recipe]] = {r.name: r for r in (TokenIdentity, AttributeExtraction, EntityDescription,
-                                                        CrossModel, MultiHop)}
+RECIPES: dict[str, type[Recipe]] = {
+    r.name: r for r in (TokenIdentity, AttributeExtraction, EntityDescription, CrossModel, MultiHop)
+}
 
 __all__ = [
-    "AttributeExtraction", "CrossModel", "ENTITY_PROMPT", "EntityDescription", "IDENTITY_PROMPT", "METHODS",
-    "METRICS", "MultiHop", "Probe", "RECIPES", "Recipe", "RecipeRunner", "TokenIdentity", "contains_answer",
-    "corpus_windows", "description_of", "final_logprobs", "fit_affine", "fit_affine_maps", "load_chains",
-    "load_entities", "load_lre", "positions_in", "precision_at_1", "pydoc_text", "rouge_l", "run_recipe",
-    "shuffled_labels", "surprisal",
+    "AttributeExtraction",
+    "CrossModel",
+    "ENTITY_PROMPT",
+    "EntityDescription",
+    "IDENTITY_PROMPT",
+    "METHODS",
+    "METRICS",
+    "MultiHop",
+    "Probe",
+    "RECIPES",
+    "Recipe",
+    "RecipeRunner",
+    "TokenIdentity",
+    "contains_answer",
+    "corpus_windows",
+    "description_of",
+    "final_logprobs",
+    "fit_affine",
+    "fit_affine_maps",
+    "load_chains",
+    "load_entities",
+    "load_lre",
+    "positions_in",
+    "precision_at_1",
+    "pydoc_text",
+    "rouge_l",
+    "run_recipe",
+    "shuffled_labels",
+    "surprisal",
 ]

@@ -19,13 +19,14 @@ from __future__ import annotations
 import ast
 import random
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, ClassVar
 
 from ..errors import PatchscopeError
-from ..textfiles import read_csv
 from ..spec import Source, Target
+from ..textfiles import read_csv
 from .metrics import shuffled_labels
 from .probes import Probe, Recipe
 
@@ -39,7 +40,9 @@ def _relation_file(root: Path, relation: str, field_name: str) -> Path:
     found = sorted(root.glob(f"*/{relation}.tsv"))
     if not found:
         known = sorted(p.stem for p in root.glob("*/*.tsv"))
-        raise PatchscopeError(f"{field_name}: no relation {relation!r} in {root} (relations: {', '.join(known) or 'none'})")
+        raise PatchscopeError(
+            f"{field_name}: no relation {relation!r} in {root} (relations: {', '.join(known) or 'none'})"
+        )
     return found[0]
 
 
@@ -54,13 +57,21 @@ def _source(text: str, where: str) -> str:
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         toks = None
     if not isinstance(toks, list) or not toks or not all(isinstance(t, str) for t in toks):
-        raise PatchscopeError(f"{where}: source_cropped_toks must be a non-empty list of strings such as "
-                              f"[' the', ' United', ' States'], got {text[:60]!r}")
+        raise PatchscopeError(
+            f"{where}: source_cropped_toks must be a non-empty list of strings such as "
+            f"[' the', ' United', ' States'], got {text[:60]!r}"
+        )
     return "".join(toks)
 
 
-def load_lre(root: str | Path, relations: Sequence[str], subjects: int | None = None, contexts: int = 1,
-             seed: int = 0, field_name: str = "relations") -> list[dict[str, Any]]:
+def load_lre(
+    root: str | Path,
+    relations: Sequence[str],
+    subjects: int | None = None,
+    contexts: int = 1,
+    seed: int = 0,
+    field_name: str = "relations",
+) -> list[dict[str, Any]]:
     """Rows of the LRE attribute-extraction data: per relation, `subjects` subjects (all when
     None) in a seeded order, each with its first `contexts` source contexts; every row with its
     plain question (`ask`: the subject's first row asks it) and its control object."""
@@ -72,12 +83,16 @@ def load_lre(root: str | Path, relations: Sequence[str], subjects: int | None = 
         path = _relation_file(root, relation, field_name)
         table = read_csv(path, field_name, delimiter="\t")
         if not table:
-            raise PatchscopeError(f"{field_name}: {path} has no rows (a header line {', '.join(LRE_COLUMNS)}, tab-separated, "
-                                  "then one row per fact)")
+            raise PatchscopeError(
+                f"{field_name}: {path} has no rows (a header line {', '.join(LRE_COLUMNS)}, tab-separated, "
+                "then one row per fact)"
+            )
         missing = [c for c in LRE_COLUMNS if c not in table[0]]
         if missing:
-            raise PatchscopeError(f"{field_name}: {path} has no column {', '.join(missing)} "
-                                  f"(columns: {', '.join(str(c) for c in table[0])}; needed: {', '.join(LRE_COLUMNS)})")
+            raise PatchscopeError(
+                f"{field_name}: {path} has no column {', '.join(missing)} "
+                f"(columns: {', '.join(str(c) for c in table[0])}; needed: {', '.join(LRE_COLUMNS)})"
+            )
         by_subject: dict[str, list[dict]] = {}
         for i, rec in enumerate(table):
             empty = [c for c in LRE_COLUMNS if not (rec.get(c) or "").strip()]
@@ -94,9 +109,17 @@ def load_lre(root: str | Path, relations: Sequence[str], subjects: int | None = 
                 target = rec["prompt_target"]
                 if not target.endswith(" x"):
                     raise PatchscopeError(f"{field_name}: {path.name}: prompt_target {target!r} does not end in ' x'")
-                rows.append({"relation": relation, "subject": subject, "object": _unescape(rec["object"]),
-                             "source": rec["source"], "target": target,
-                             "question": target[:-1] + subject, "ask": k == 0})
+                rows.append(
+                    {
+                        "relation": relation,
+                        "subject": subject,
+                        "object": _unescape(rec["object"]),
+                        "source": rec["source"],
+                        "target": target,
+                        "question": target[:-1] + subject,
+                        "ask": k == 0,
+                    }
+                )
         mine = rows[start:]
         for row, control in zip(mine, shuffled_labels([r["subject"] for r in mine], [r["object"] for r in mine], seed)):
             row["control"] = control
@@ -115,8 +138,17 @@ class AttributeExtraction(Recipe):
 
     def probes(self, row: int, item: dict[str, Any], tokens: Callable[[str], int]) -> list[Probe]:
         known = dict(expected=item["object"], control=item["control"], max_new_tokens=self.max_new_tokens)
-        out = [Probe("patchscope", row, source=Source(item["source"], l, -1), target=Target(item["target"], lt, (-1,)),
-                     **known) for l in self.source_layers for lt in self.target_layers]
+        out = [
+            Probe(
+                "patchscope",
+                row,
+                source=Source(item["source"], l, -1),
+                target=Target(item["target"], lt, (-1,)),
+                **known,
+            )
+            for l in self.source_layers
+            for lt in self.target_layers
+        ]
         if item["ask"]:
             out.append(Probe("plain", row, role="question", prompt=item["question"], **known))
         return out

@@ -13,23 +13,27 @@ context per entity); `sweeps/examples/entity_descriptions.csv` is written for th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 from ..errors import PatchscopeError
+from ..spec import Source, Target
 from ..textfiles import read_csv
 from ..values import template_problem
-from ..spec import Source, Target
 from .metrics import shuffled_labels
 from .probes import Probe, Recipe
 
-ENTITY_PROMPT = ("Syria: Country in the Middle East, Leonardo DiCaprio: American actor, Samsung: South Korean "
-                 "multinational major appliance and consumer electronics corporation, x")
+ENTITY_PROMPT = (
+    "Syria: Country in the Middle East, Leonardo DiCaprio: American actor, Samsung: South Korean "
+    "multinational major appliance and consumer electronics corporation, x"
+)
 
 
-def load_entities(path: str | Path, source_template: str = "{entity}", seed: int = 0,
-                  field_name: str = "entities") -> list[dict[str, Any]]:
+def load_entities(
+    path: str | Path, source_template: str = "{entity}", seed: int = 0, field_name: str = "entities"
+) -> list[dict[str, Any]]:
     """Rows of a reference file: entity, its source prompt, its description and a control
     description (another entity's)."""
     path = Path(path).expanduser()
@@ -37,10 +41,14 @@ def load_entities(path: str | Path, source_template: str = "{entity}", seed: int
         raise PatchscopeError(f"{field_name}: no such file {str(path)!r}")
     table = read_csv(path, field_name)
     if not table:
-        raise PatchscopeError(f"{field_name}: {path} has no rows (a header line entity,description, then one row per entity)")
+        raise PatchscopeError(
+            f"{field_name}: {path} has no rows (a header line entity,description, then one row per entity)"
+        )
     missing = {"entity", "description"} - set(table[0] if table else ())
     if missing:
-        raise PatchscopeError(f"{field_name}: {path} needs columns entity and description (missing: {', '.join(sorted(missing))})")
+        raise PatchscopeError(
+            f"{field_name}: {path} needs columns entity and description (missing: {', '.join(sorted(missing))})"
+        )
     problem = template_problem(source_template, ("entity",), needs=("entity",))
     if problem:
         raise PatchscopeError(f"{field_name}.source_template: {problem} ({source_template!r})")
@@ -69,9 +77,19 @@ class EntityDescription(Recipe):
     metric: ClassVar[str] = "rouge_l"
 
     def probes(self, row: int, item: dict[str, Any], tokens: Callable[[str], int]) -> list[Probe]:
-        return [Probe("patchscope", row, source=Source(item["source"], l, -1), target=Target(self.target_prompt, lt, (-1,)),
-                      expected=item["description"], control=item["control"], max_new_tokens=self.max_new_tokens)
-                for l in self.layers for lt in (self.target_layers or (l,))]
+        return [
+            Probe(
+                "patchscope",
+                row,
+                source=Source(item["source"], l, -1),
+                target=Target(self.target_prompt, lt, (-1,)),
+                expected=item["description"],
+                control=item["control"],
+                max_new_tokens=self.max_new_tokens,
+            )
+            for l in self.layers
+            for lt in (self.target_layers or (l,))
+        ]
 
     def count(self, item: dict[str, Any], tokens: Callable[[str], int]) -> int:
         return len(self.layers) * (len(self.target_layers) if self.target_layers else 1)

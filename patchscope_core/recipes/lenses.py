@@ -14,7 +14,7 @@ never holds the texts' vectors; X^T X is kept once per source layer.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -71,17 +71,25 @@ def _aligned(src_info, tgt_info, texts: Sequence[str], field_name: str) -> tuple
     src_rows, tgt_rows = [], []
     for i, text in enumerate(texts):
         s, t = tokenize(src_info, text, f"{field_name}[{i}]"), tokenize(tgt_info, text, f"{field_name}[{i}]")
-        if s[int(src_info.prepend_bos):] != t[int(tgt_info.prepend_bos):]:
-            raise PatchscopeError(f"{field_name}[{i}]: {src_info.name} and {tgt_info.name} tokenize {text[:40]!r} "
-                                  "differently; paired hidden states need a shared tokenizer")
+        if s[int(src_info.prepend_bos) :] != t[int(tgt_info.prepend_bos) :]:
+            raise PatchscopeError(
+                f"{field_name}[{i}]: {src_info.name} and {tgt_info.name} tokenize {text[:40]!r} "
+                "differently; paired hidden states need a shared tokenizer"
+            )
         src_rows.append(s)
         tgt_rows.append(t)
     return src_rows, tgt_rows
 
 
 @torch.no_grad()
-def fit_affine_maps(source: SiteReader, target: SiteReader, texts: Sequence[str], pairs: Sequence[tuple[int, int]],
-                    batch_size: int = 16, field_name: str = "fit_texts") -> dict[tuple[int, int], Affine]:
+def fit_affine_maps(
+    source: SiteReader,
+    target: SiteReader,
+    texts: Sequence[str],
+    pairs: Sequence[tuple[int, int]],
+    batch_size: int = 16,
+    field_name: str = "fit_texts",
+) -> dict[tuple[int, int], Affine]:
     """Least-squares affine maps from the source model's layer l to the target model's layer l*
     for every (l, l*) in `pairs`, fitted on the hidden states of every token (but BOS) of `texts`.
     `source` and `target` are the two models' readers (the same reader for one model)."""
@@ -97,7 +105,7 @@ def fit_affine_maps(source: SiteReader, target: SiteReader, texts: Sequence[str]
     sums = {l: _Sums() for l in wanted}
     sb, tb = int(source.info.prepend_bos), int(target.info.prepend_bos)
     for start in range(0, len(texts), batch_size):
-        s_rows, t_rows = src_rows[start:start + batch_size], tgt_rows[start:start + batch_size]
+        s_rows, t_rows = src_rows[start : start + batch_size], tgt_rows[start : start + batch_size]
         if target is source:  # one model: every layer in the same passes
             s_vals = t_vals = source.read(list({**src_sites, **tgt_sites}.values()), s_rows, purpose="fit", keep=False)
         else:
@@ -108,6 +116,9 @@ def fit_affine_maps(source: SiteReader, target: SiteReader, texts: Sequence[str]
             Ys = {lt: torch.cat([t_vals[(resid_post(lt), r)][tb:] for r in t_rows]) for lt in targets}
             sums[l].add(X, Ys)
     n = next(iter(sums.values())).n
-    return {(l, lt): solve(sums[l].xtx, sums[l].xty[lt], name=f"lstsq {source.info.name}:{l}->{target.info.name}:{lt} "
-                                                               f"({n} vectors)")
-            for l, lt in pairs}
+    return {
+        (l, lt): solve(
+            sums[l].xtx, sums[l].xty[lt], name=f"lstsq {source.info.name}:{l}->{target.info.name}:{lt} ({n} vectors)"
+        )
+        for l, lt in pairs
+    }

@@ -14,8 +14,8 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Hashable, Sequence
 from functools import lru_cache
-from typing import Hashable, Sequence
 
 import torch
 

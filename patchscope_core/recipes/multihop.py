@@ -22,13 +22,14 @@ Chain files are CSV with columns first_hop, bridge, second_hop, answer
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 from ..errors import PatchscopeError
-from ..textfiles import read_csv
 from ..spec import Source, Target
+from ..textfiles import read_csv
 from .metrics import shuffled_labels
 from .probes import Probe, Recipe
 
@@ -43,15 +44,21 @@ def load_chains(path: str | Path, seed: int = 0, field_name: str = "chains") -> 
         raise PatchscopeError(f"{field_name}: no such file {str(path)!r}")
     table = read_csv(path, field_name)
     if not table:
-        raise PatchscopeError(f"{field_name}: {path} has no rows (a header line {','.join(COLUMNS)}, then one row per chain)")
+        raise PatchscopeError(
+            f"{field_name}: {path} has no rows (a header line {','.join(COLUMNS)}, then one row per chain)"
+        )
     missing = set(COLUMNS) - set(table[0] if table else ())
     if missing:
-        raise PatchscopeError(f"{field_name}: {path} needs columns {', '.join(COLUMNS)} (missing: {', '.join(sorted(missing))})")
+        raise PatchscopeError(
+            f"{field_name}: {path} needs columns {', '.join(COLUMNS)} (missing: {', '.join(sorted(missing))})"
+        )
     rows = []
     for i, rec in enumerate(table):
         values = {c: (rec.get(c) or "").strip() for c in COLUMNS}
         if not all(values.values()):
-            raise PatchscopeError(f"{field_name}: {path} row {i + 1} has an empty {', '.join(c for c in COLUMNS if not values[c])}")
+            raise PatchscopeError(
+                f"{field_name}: {path} row {i + 1} has an empty {', '.join(c for c in COLUMNS if not values[c])}"
+            )
         rows.append(values)
     questions = [r["second_hop"] for r in rows]
     for row, control in zip(rows, shuffled_labels(questions, questions, seed)):
@@ -82,20 +89,36 @@ class MultiHop(Recipe):
         """The prompts of one chain: source, target, control source (or None), hop1, hop2, vanilla."""
         source, target = self.source_template.format(**item), self.target_template.format(**item)
         control = item.get("control_source")
-        return {"source": source, "target": target, "hop1": self.hop1_template.format(**item),
-                "hop2": self.hop2_template.format(**item), "vanilla": f"{source} {target}",
-                "control": self.source_template.format(**{**item, "second_hop": control}) if control else None}
+        return {
+            "source": source,
+            "target": target,
+            "hop1": self.hop1_template.format(**item),
+            "hop2": self.hop2_template.format(**item),
+            "vanilla": f"{source} {target}",
+            "control": self.source_template.format(**{**item, "second_hop": control}) if control else None,
+        }
 
     def probes(self, row: int, item: dict[str, Any], tokens: Callable[[str], int]) -> list[Probe]:
         n, q = self.max_new_tokens, self.prompts(item)
         answer = dict(expected=item["answer"], max_new_tokens=n)
-        out = [Probe("plain", row, role="hop1", prompt=q["hop1"], expected=item["bridge"], max_new_tokens=n),
-               Probe("plain", row, role="hop2", prompt=q["hop2"], **answer),
-               Probe("plain", row, role="vanilla", prompt=q["vanilla"], **answer)]
+        out = [
+            Probe("plain", row, role="hop1", prompt=q["hop1"], expected=item["bridge"], max_new_tokens=n),
+            Probe("plain", row, role="hop2", prompt=q["hop2"], **answer),
+            Probe("plain", row, role="vanilla", prompt=q["vanilla"], **answer),
+        ]
         for role in ("patchscope", "control") if q["control"] else ("patchscope",):
-            out += [Probe("patchscope", row, role=role, source=Source(q["source" if role == "patchscope" else "control"], l, -1),
-                          target=Target(q["target"], lt, (-1,)), **answer)
-                    for l in self.source_layers for lt in self.target_layers]
+            out += [
+                Probe(
+                    "patchscope",
+                    row,
+                    role=role,
+                    source=Source(q["source" if role == "patchscope" else "control"], l, -1),
+                    target=Target(q["target"], lt, (-1,)),
+                    **answer,
+                )
+                for l in self.source_layers
+                for lt in self.target_layers
+            ]
         return out
 
     def count(self, item: dict[str, Any], tokens: Callable[[str], int]) -> int:

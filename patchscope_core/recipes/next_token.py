@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 from ..errors import PatchscopeError
 from ..spec import Source, Target
@@ -43,26 +44,31 @@ def pydoc_text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
-def corpus_windows(text: str, words: int = 48, n_eval: int = 40, n_fit: int = 200, seed: int = 0,
-                   field_name: str = "corpus") -> tuple[list[str], list[str]]:
+def corpus_windows(
+    text: str, words: int = 48, n_eval: int = 40, n_fit: int = 200, seed: int = 0, field_name: str = "corpus"
+) -> tuple[list[str], list[str]]:
     """(evaluation windows, fit windows): disjoint windows of `words` words (paragraphs
     deduplicated first), in a seeded order."""
     paragraphs = list(dict.fromkeys(p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()))
     tokens = " ".join(paragraphs).split()
-    windows = list(dict.fromkeys(" ".join(tokens[i:i + words]) for i in range(0, len(tokens) - words + 1, words)))
+    windows = list(dict.fromkeys(" ".join(tokens[i : i + words]) for i in range(0, len(tokens) - words + 1, words)))
     if len(windows) < n_eval + n_fit:
-        raise PatchscopeError(f"{field_name}: {len(windows)} windows of {words} words, fewer than the "
-                              f"{n_eval} evaluated + {n_fit} fit windows asked for")
+        raise PatchscopeError(
+            f"{field_name}: {len(windows)} windows of {words} words, fewer than the "
+            f"{n_eval} evaluated + {n_fit} fit windows asked for"
+        )
     random.Random(seed).shuffle(windows)
-    return windows[:n_eval], windows[n_eval:n_eval + n_fit]
+    return windows[:n_eval], windows[n_eval : n_eval + n_fit]
 
 
 def positions_in(n_tokens: int, k: int, min_context: int, field_name: str = "positions") -> list[int]:
     """k distinct positions spread evenly from min_context to the last token (BOS counted)."""
     lo, hi = min_context, n_tokens - 1
     if k < 1 or hi - lo + 1 < k:
-        raise PatchscopeError(f"{field_name}: {k} positions from position {min_context} on do not fit a window "
-                              f"of {n_tokens} tokens; use longer windows or fewer positions")
+        raise PatchscopeError(
+            f"{field_name}: {k} positions from position {min_context} on do not fit a window "
+            f"of {n_tokens} tokens; use longer windows or fewer positions"
+        )
     if k == 1:
         return [hi]
     return [lo + round(j * (hi - lo) / (k - 1)) for j in range(k)]
@@ -85,8 +91,11 @@ class TokenIdentity(Recipe):
         for pos in positions_in(tokens(text), self.positions, self.min_context):
             for layer in self.layers:
                 src = Source(text, layer, pos)
-                out.append(Probe("patchscope", row, source=src, target=Target(self.target_prompt, layer, (-1,)),
-                                 max_new_tokens=1))
+                out.append(
+                    Probe(
+                        "patchscope", row, source=src, target=Target(self.target_prompt, layer, (-1,)), max_new_tokens=1
+                    )
+                )
                 out += [Probe(b, row, source=src) for b in self.baselines]
         return out
 
@@ -109,8 +118,11 @@ class CrossModel(Recipe):
 
     def probes(self, row: int, item: dict[str, Any], tokens: Callable[[str], int]) -> list[Probe]:
         text = item["text"]
-        return [Probe("affine", row, source=Source(text, l, -1), target=Target(text, lt, (-1,)), max_new_tokens=1)
-                for l in self.source_layers for lt in self.target_layers]
+        return [
+            Probe("affine", row, source=Source(text, l, -1), target=Target(text, lt, (-1,)), max_new_tokens=1)
+            for l in self.source_layers
+            for lt in self.target_layers
+        ]
 
     def count(self, item: dict[str, Any], tokens: Callable[[str], int]) -> int:
         return len(self.source_layers) * len(self.target_layers)

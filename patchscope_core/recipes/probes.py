@@ -21,8 +21,9 @@ A sweep's worker runs its tasks through the same runner (`workers/actor.py`).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
 
@@ -62,13 +63,18 @@ class Probe:
             object.__setattr__(self, "role", self.method)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"target": None if self.target is None else
-                               {**asdict(self.target), "positions": list(self.target.positions)}}
+        return asdict(self) | {
+            "target": None if self.target is None else {**asdict(self.target), "positions": list(self.target.positions)}
+        }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Probe":
+    def from_dict(cls, data: dict[str, Any]) -> Probe:
         source = Source(**data["source"]) if data.get("source") else None
-        target = Target(**{**data["target"], "positions": tuple(data["target"]["positions"])}) if data.get("target") else None
+        target = (
+            Target(**{**data["target"], "positions": tuple(data["target"]["positions"])})
+            if data.get("target")
+            else None
+        )
         return cls(**{**data, "source": source, "target": target})
 
 
@@ -101,7 +107,7 @@ class Recipe:
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
 
     @classmethod
-    def from_settings(cls, data: dict[str, Any]) -> "Recipe":
+    def from_settings(cls, data: dict[str, Any]) -> Recipe:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
@@ -110,8 +116,13 @@ class RecipeRunner:
     the fit texts and layer pairs of the recipe's maps (tuned lens: (l, last layer); affine:
     (l, l*)), fitted together at the first probe that needs one."""
 
-    def __init__(self, engine: PatchscopeEngine, fit_texts: Sequence[str] = (),
-                 pairs: Sequence[tuple[int, int]] = (), batch_size: int = 32) -> None:
+    def __init__(
+        self,
+        engine: PatchscopeEngine,
+        fit_texts: Sequence[str] = (),
+        pairs: Sequence[tuple[int, int]] = (),
+        batch_size: int = 32,
+    ) -> None:
         self.engine = engine
         self.fit_texts, self.pairs = list(fit_texts), list(pairs)
         self.batch_size = batch_size
@@ -126,11 +137,15 @@ class RecipeRunner:
         (tuned lens) or of the target model (affine); every pair of the runner is fitted at once."""
         if (l, l_star, same_model) not in self.maps:
             if (l, l_star) not in self.pairs:
-                raise PatchscopeError(f"layers: no map from layer {l} to layer {l_star} is fitted (pairs: {self.pairs})")
+                raise PatchscopeError(
+                    f"layers: no map from layer {l} to layer {l_star} is fitted (pairs: {self.pairs})"
+                )
             if not self.fit_texts:
                 raise PatchscopeError("fit_texts: a tuned lens or an affine map needs texts to fit it on")
             target = self.engine.source_reader if same_model else self.engine.reader
-            fitted = fit_affine_maps(self.engine.source_reader, target, self.fit_texts, self.pairs, batch_size=self.batch_size)
+            fitted = fit_affine_maps(
+                self.engine.source_reader, target, self.fit_texts, self.pairs, batch_size=self.batch_size
+            )
             self.maps.update({(a, b, same_model): m for (a, b), m in fitted.items()})
         return self.maps[(l, l_star, same_model)]
 
@@ -145,14 +160,21 @@ class RecipeRunner:
         last = self.source_info.n_layers - 1  # the tuned lens maps to it
         patched = [i for i, p in enumerate(probes) if p.method in ("patchscope", "affine")]
         if patched:
-            specs = [Patchscope(probes[i].source, probes[i].target, self._mapping(probes[i]), probes[i].max_new_tokens)
-                     for i in patched]
+            specs = [
+                Patchscope(probes[i].source, probes[i].target, self._mapping(probes[i]), probes[i].max_new_tokens)
+                for i in patched
+            ]
             resolved = self.engine.resolve(specs)
             vectors = [states[(r.source_token_ids, r.spec.source.layer)][r.source_position] for r in resolved]
             for i, res in zip(patched, self.engine.generate(resolved, vectors, self.batch_size)):
-                out[i].update(source_position_abs=res.source_position, target_position_abs=res.target_positions[0],
-                              generated_token_ids=res.generated_token_ids, generated_text=res.generated_text,
-                              top_token_ids=res.top_token_ids, top_logprobs=res.top_logprobs)
+                out[i].update(
+                    source_position_abs=res.source_position,
+                    target_position_abs=res.target_positions[0],
+                    generated_token_ids=res.generated_token_ids,
+                    generated_text=res.generated_text,
+                    top_token_ids=res.top_token_ids,
+                    top_logprobs=res.top_logprobs,
+                )
         lensed = [i for i, p in enumerate(probes) if p.method in ("logit_lens", "tuned_lens")]
         if lensed:
             hs = []
@@ -170,8 +192,12 @@ class RecipeRunner:
         if plain:
             runs = [InterventionRun(probes[i].prompt, (), None, probes[i].max_new_tokens) for i in plain]
             for i, res in zip(plain, self.engine.run_interventions(runs, self.batch_size, clean=False)):
-                out[i].update(generated_token_ids=res.generated_token_ids, generated_text=res.generated_text,
-                              top_token_ids=res.top_token_ids, top_logprobs=res.top_logprobs)
+                out[i].update(
+                    generated_token_ids=res.generated_token_ids,
+                    generated_text=res.generated_text,
+                    top_token_ids=res.top_token_ids,
+                    top_logprobs=res.top_logprobs,
+                )
         own = self._own_predictions(probes, states) if metric == "next_token" else {}
         for p, o in zip(probes, out):
             o.update(self._score(p, o, metric, own))
@@ -214,7 +240,9 @@ class RecipeRunner:
         if not keys:
             return {}
         last = self.source_info.n_layers - 1
-        logprobs = final_logprobs(self.engine.source_model, torch.stack([states[(ids, last)][pos] for ids, pos in keys]))
+        logprobs = final_logprobs(
+            self.engine.source_model, torch.stack([states[(ids, last)][pos] for ids, pos in keys])
+        )
         return dict(zip(keys, logprobs))
 
     def _score(self, p: Probe, o: dict[str, Any], metric: str, own: dict[tuple, torch.Tensor]) -> dict[str, Any]:
@@ -222,10 +250,15 @@ class RecipeRunner:
             model = own[self._source(p)]
             expected, predicted = int(model.argmax()), int(o["top_token_ids"][0])
             tok = self.engine.source_model.tokenizer
-            return {"expected_token_id": expected, "predicted_token_id": predicted,
-                    "expected_token": tok.decode([expected]), "predicted_token": tok.decode([predicted]),
-                    "score": metrics.precision_at_1(predicted, expected), "surprisal": metrics.surprisal(model, predicted),
-                    "control_score": None}
+            return {
+                "expected_token_id": expected,
+                "predicted_token_id": predicted,
+                "expected_token": tok.decode([expected]),
+                "predicted_token": tok.decode([predicted]),
+                "score": metrics.precision_at_1(predicted, expected),
+                "surprisal": metrics.surprisal(model, predicted),
+                "control_score": None,
+            }
         text = o.get("generated_text", "")
         if metric == "contains":
             score = lambda ref: float(metrics.contains_answer(text, ref))  # noqa: E731
@@ -234,8 +267,13 @@ class RecipeRunner:
         return {"score": score(p.expected), "control_score": None if p.control is None else score(p.control)}
 
 
-def run_recipe(engine: PatchscopeEngine, recipe: Recipe, items: Sequence[dict[str, Any]], fit_texts: Sequence[str] = (),
-               batch_size: int = 32) -> list[tuple[Probe, dict[str, Any]]]:
+def run_recipe(
+    engine: PatchscopeEngine,
+    recipe: Recipe,
+    items: Sequence[dict[str, Any]],
+    fit_texts: Sequence[str] = (),
+    batch_size: int = 32,
+) -> list[tuple[Probe, dict[str, Any]]]:
     """A whole recipe in-process: its probes for `items` and each probe's result."""
     tokens = lambda prompt: len(tokenize(engine.source_info, prompt))  # noqa: E731
     probes = recipe.build(items, tokens)

@@ -15,5 +15,20 @@ from .fields import Layers, Positions, Strict, TargetLayers, TargetPositions, ax
 from .loader import read_text, read_yaml
 from .shared import ExecutionConfig, GenerationConfig, OutputConfig, ReportConfig, WandbConfig
 
-__all__ = ["ConfigError", "ExecutionConfig", "GenerationConfig", "Layers", "OutputConfig", "ReportConfig", "Positions", "Strict",
-           "TargetLayers", "TargetPositions", "WandbConfig", "axis", "expand_layers", "read_text", "read_yaml"]
+__all__ = [
+    "ConfigError",
+    "ExecutionConfig",
+    "GenerationConfig",
+    "Layers",
+    "OutputConfig",
+    "ReportConfig",
+    "Positions",
+    "Strict",
+    "TargetLayers",
+    "TargetPositions",
+    "WandbConfig",
+    "axis",
+    "expand_layers",
+    "read_text",
+    "read_yaml",
+]

@@ -5,8 +5,9 @@ Every error is a `ConfigError` naming the field."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .errors import ConfigError
 from .loader import read_text
@@ -45,8 +46,13 @@ def ref_value(v: Any) -> str | None:
     return json.dumps(v) if isinstance(v, (dict, list)) else str(v)
 
 
-def checked_columns(columns: list[str], named: Sequence[tuple[str, str | None]], references: list[str] | None,
-                    references_field: str, where: Any) -> list[str]:
+def checked_columns(
+    columns: list[str],
+    named: Sequence[tuple[str, str | None]],
+    references: list[str] | None,
+    references_field: str,
+    where: Any,
+) -> list[str]:
     """Every named column (field, column; None: not used) and reference column must be in
     `where`; the reference columns default to every column not named. Returns them."""
     for field_name, col in list(named) + [(references_field, c) for c in references or ()]:

@@ -11,6 +11,7 @@ import yaml
 
 from .errors import ConfigError
 
+
 class _YamlLoader(yaml.SafeLoader):
     """YAML 1.1 without base-60 numbers, so an unquoted `layers: 5:10` is the slice it looks
     like (PyYAML's SafeLoader would read the integer 310)."""
@@ -28,8 +29,11 @@ _YamlLoader.add_implicit_resolver(
 )
 _YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
-                  |\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X),
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+                  |\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
     list("-+0123456789."),
 )
 
@@ -60,8 +64,13 @@ def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
         if not children_done and id(n) in open_:  # an alias inside its own anchor
             raise ConfigError(f"config: the alias on line {n.start_mark.line + 1} refers to a value that contains it")
         open_.add(id(n))
-        kids = ([k for pair in n.value for k in pair] if isinstance(n, yaml.MappingNode)
-                else list(n.value) if isinstance(n, yaml.SequenceNode) else [])
+        kids = (
+            [k for pair in n.value for k in pair]
+            if isinstance(n, yaml.MappingNode)
+            else list(n.value)
+            if isinstance(n, yaml.SequenceNode)
+            else []
+        )
         if children_done or not kids:
             sizes[id(n)] = min(1 + sum(sizes[id(k)] for k in kids), 10 * MAX_NODES)
         else:
@@ -117,8 +126,10 @@ def read_yaml(path: str | Path) -> Any:
             return None
         size = _expanded_size(node, {})
         if size > MAX_NODES:
-            raise ConfigError(f"config: {path} expands to more than {MAX_NODES:,} values through its aliases (&name, "
-                              "*name); write the values out, or use fewer nested aliases")
+            raise ConfigError(
+                f"config: {path} expands to more than {MAX_NODES:,} values through its aliases (&name, "
+                "*name); write the values out, or use fewer nested aliases"
+            )
         _refuse_duplicate_keys(node)
         return loader.construct_document(node)
     except yaml.YAMLError as exc:

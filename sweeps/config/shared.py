@@ -11,6 +11,7 @@ from patchscope_core.values import MAX_SEED
 from .errors import ConfigError
 from .fields import Strict
 
+
 class GenerationConfig(Strict):
     max_new_tokens: int = Field(20, ge=0, description="0: score only, no generation (intervention, knockout)")
     stop_at_eos: bool = True
@@ -21,7 +22,7 @@ class GenerationConfig(Strict):
     top_logprobs: int = Field(10, ge=1, description="how many first-token log-probabilities to keep")
 
     @model_validator(mode="after")
-    def _seed(self) -> "GenerationConfig":
+    def _seed(self) -> GenerationConfig:
         if self.do_sample and self.seed is None:
             raise ValueError("generation.seed: sampling needs an explicit seed so results can be reproduced")
         return self
@@ -41,15 +42,23 @@ class GenerationConfig(Strict):
 class ExecutionConfig(Strict):
     workers: int = Field(2, ge=1, description="Ray actors per model, each holding the model for its lifetime")
     backend: Literal["auto", "local", "ray"] = Field(
-        "auto", description="local: every task in this process, one worker per model, no Ray; ray: Ray actors; "
-                            "auto: local for a local sweep of one worker, ray for more workers or --address")
+        "auto",
+        description="local: every task in this process, one worker per model, no Ray; ray: Ray actors; "
+        "auto: local for a local sweep of one worker, ray for more workers or --address",
+    )
     batch_size: int = Field(16, ge=1, description="cells per task (and per generate batch)")
-    batch_tokens: int | None = Field(None, ge=1, description="a generate batch holds at most this many tokens "
-                                                             "(rows x longest prompt + new tokens); default: no limit")
+    batch_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="a generate batch holds at most this many tokens "
+        "(rows x longest prompt + new tokens); default: no limit",
+    )
     gpus_per_worker: float = Field(0, ge=0, description="0: CPU; fractional shares a GPU; >1 spreads the model")
     cpus_per_worker: float | Literal["auto"] = Field(
-        "auto", description="CPUs (and torch threads) per worker; auto: a local sweep shares the machine's cores "
-                            "among the workers, a sweep that joins a cluster asks 1")
+        "auto",
+        description="CPUs (and torch threads) per worker; auto: a local sweep shares the machine's cores "
+        "among the workers, a sweep that joins a cluster asks 1",
+    )
 
     @field_validator("cpus_per_worker", mode="after")
     @classmethod
@@ -59,20 +68,24 @@ class ExecutionConfig(Strict):
         return v
 
     @model_validator(mode="after")
-    def _local_backend(self) -> "ExecutionConfig":
+    def _local_backend(self) -> ExecutionConfig:
         if self.backend == "local" and self.workers > 1:
-            raise ValueError(f"execution.backend: local runs one worker in this process, but execution.workers is "
-                             f"{self.workers}; use backend: ray (or auto) for more workers, or workers: 1")
+            raise ValueError(
+                f"execution.backend: local runs one worker in this process, but execution.workers is "
+                f"{self.workers}; use backend: ray (or auto) for more workers, or workers: 1"
+            )
         return self
 
-    def resolved(self, local: bool) -> "ExecutionConfig":
+    def resolved(self, local: bool) -> ExecutionConfig:
         """These settings with cpus_per_worker a number and the backend chosen: auto gives each
         of a local sweep's workers its share of this machine's cores (at least 1), and 1 on a
         cluster joined; backend auto is local for a local sweep of one worker, else ray. A local
         backend asked to join a cluster (`local` False: --address) is a ConfigError."""
         if self.backend == "local" and not local:
-            raise ConfigError("execution.backend: local runs in this process, but --address (or RAY_ADDRESS) joins a "
-                              "Ray cluster; use backend: ray (or auto) to join it, or run without --address")
+            raise ConfigError(
+                "execution.backend: local runs in this process, but --address (or RAY_ADDRESS) joins a "
+                "Ray cluster; use backend: ray (or auto) to join it, or run without --address"
+            )
         update: dict[str, Any] = {}
         if self.backend == "auto":
             update["backend"] = "local" if local and self.workers == 1 else "ray"
@@ -81,22 +94,28 @@ class ExecutionConfig(Strict):
 
             update["cpus_per_worker"] = float(max(1, (os.cpu_count() or 1) // self.workers) if local else 1)
         return self.model_copy(update=update) if update else self
+
     max_in_flight_per_worker: int = Field(2, ge=1, description="tasks queued on one actor at once (back-pressure)")
     device_map: str | None = Field(None, description="accelerate device map; default 'auto' when gpus_per_worker > 1")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     max_restarts: int = Field(2, ge=-1, description="Ray actor restarts after a crash (-1: forever)")
     max_task_retries: int = Field(2, ge=-1, description="Ray retries of a task whose actor died (-1: forever)")
     placement_timeout_s: float = Field(
-        600, gt=0, description="seconds a worker may take to be placed and load its model before it is reported "
-                               "and its work goes to the others; with no worker placed by then the sweep stops")
+        600,
+        gt=0,
+        description="seconds a worker may take to be placed and load its model before it is reported "
+        "and its work goes to the others; with no worker placed by then the sweep stops",
+    )
     max_cells: int = Field(10_000_000, ge=1, description="refuse a grid of more cells than this")
 
     def check_cells(self, n_cells: int) -> None:
         """A grid of more than max_cells cells is a ConfigError (counted before any cell is built)."""
         if n_cells > self.max_cells:
-            raise ConfigError(f"execution.max_cells: the grid has {n_cells:,} cells, more than the limit of "
-                              f"{self.max_cells:,}; make the grid smaller (or split it into several sweeps), "
-                              "or raise execution.max_cells")
+            raise ConfigError(
+                f"execution.max_cells: the grid has {n_cells:,} cells, more than the limit of "
+                f"{self.max_cells:,}; make the grid smaller (or split it into several sweeps), "
+                "or raise execution.max_cells"
+            )
 
 
 class WandbConfig(Strict):
@@ -126,4 +145,3 @@ class ReportConfig(Strict):
 class OutputConfig(Strict):
     dir: str | None = Field(None, description="default runs/<name>")
     wandb: WandbConfig = WandbConfig()
-

@@ -18,9 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from ..kinds import KINDS
 from .errors import ConfigError, format_errors
-from .shared import ExecutionConfig, GenerationConfig, OutputConfig, ReportConfig
 from .loader import read_yaml
 from .models import beside_config
+from .shared import ExecutionConfig, GenerationConfig, OutputConfig, ReportConfig
 
 
 class _Sweep(BaseModel):
@@ -37,12 +37,16 @@ class _Sweep(BaseModel):
                 raise ValueError(f"{section}: a {self.kind} sweep needs a {section} section")
         for section in [s for s in _all_sections() if s not in needed]:
             if getattr(self, section) is not None:
-                raise ValueError(f"{section}: not used by a {self.kind} sweep (kind: {self.kind} takes {', '.join(needed)})")
+                raise ValueError(
+                    f"{section}: not used by a {self.kind} sweep (kind: {self.kind} takes {', '.join(needed)})"
+                )
         kind.check_config(self)
         metrics = kind.report_metrics
         if self.report.metric is not None and self.report.metric not in metrics:
-            raise ValueError(f"report.metric: {self.report.metric!r} is not a measure of {self.kind} sweeps"
-                             + (f" (allowed: {', '.join(metrics)})" if metrics else " (it takes no report section)"))
+            raise ValueError(
+                f"report.metric: {self.report.metric!r} is not a measure of {self.kind} sweeps"
+                + (f" (allowed: {', '.join(metrics)})" if metrics else " (it takes no report section)")
+            )
         if self.report.contrast is not None and not metrics:
             raise ValueError(f"report.contrast: a {self.kind} sweep takes no report section")
         twice = sorted({m for m in self.models if self.models.count(m) > 1})
@@ -78,8 +82,12 @@ def sweep_config_model() -> type:
             "models": (list[str], Field(min_length=1)),
         }
         fields.update({key: (model | None, None) for key, model in _all_sections().items()})
-        fields.update(generation=(GenerationConfig, GenerationConfig()), execution=(ExecutionConfig, ExecutionConfig()),
-                      output=(OutputConfig, OutputConfig()), report=(ReportConfig, ReportConfig()))
+        fields.update(
+            generation=(GenerationConfig, GenerationConfig()),
+            execution=(ExecutionConfig, ExecutionConfig()),
+            output=(OutputConfig, OutputConfig()),
+            report=(ReportConfig, ReportConfig()),
+        )
         _MODELS[names] = create_model("SweepConfig", __base__=_Sweep, **fields)
     return _MODELS[names]
 

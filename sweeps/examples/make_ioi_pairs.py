@@ -45,8 +45,13 @@ def candidates(names: list[str], per_template: int) -> list[list[Pair]]:
     """Per template, `per_template` pairs of different names (a fixed shuffle of the orderings)."""
     pairs = list(itertools.permutations(names, 2))
     random.Random(0).shuffle(pairs)
-    return [[Pair(template.format(a=a, b=b, s=b), template.format(a=a, b=b, s=a), " " + a, " " + b)
-             for a, b in pairs[t::len(TEMPLATES)][:per_template]] for t, template in enumerate(TEMPLATES)]
+    return [
+        [
+            Pair(template.format(a=a, b=b, s=b), template.format(a=a, b=b, s=a), " " + a, " " + b)
+            for a, b in pairs[t :: len(TEMPLATES)][:per_template]
+        ]
+        for t, template in enumerate(TEMPLATES)
+    ]
 
 
 def main() -> None:
@@ -68,7 +73,7 @@ def main() -> None:
     kept = [[p for p in group if passes(p)] for group in pool]
     n_kept, n_pool = sum(map(len, kept)), sum(map(len, pool))
     print(f"{n_kept} of {n_pool} candidates passed (names: {', '.join(names)}); keeping {min(n_kept, args.keep)}")
-    order = [p for row in itertools.zip_longest(*kept) for p in row if p is not None][:args.keep]  # templates in turn
+    order = [p for row in itertools.zip_longest(*kept) for p in row if p is not None][: args.keep]  # templates in turn
     with open(args.out, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["clean", "corrupted", "answer", "wrong_answer"])

@@ -8,11 +8,13 @@ A test may register a kind of its own with `register`.
 
 from __future__ import annotations
 
-from .base import SweepKind
 from . import activation_patching, attribution_patching, causal_trace, intervention, patchscope, recipe
+from .base import SweepKind
 
-KINDS: dict[str, SweepKind] = {m.KIND.name: m.KIND for m in (patchscope, intervention, causal_trace, recipe,
-                                                                  activation_patching, attribution_patching)}
+KINDS: dict[str, SweepKind] = {
+    m.KIND.name: m.KIND
+    for m in (patchscope, intervention, causal_trace, recipe, activation_patching, attribution_patching)
+}
 
 
 def register(kind: SweepKind) -> SweepKind:

@@ -15,14 +15,15 @@ the per-pair values and the bootstrap 95% intervals over pairs.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pydantic import Field, field_validator
 
 from patchscope_core import PatchscopeError
-from patchscope_core.patching import DIRECTIONS, METRICS, PATCH_SITES, Pair, check_pair, make_cells, site_name
+from patchscope_core.patching import DIRECTIONS, METRICS, Pair, check_pair, make_cells, site_name
 
 from ..config import ConfigError, Layers, Strict
 from ..config.files import checked_columns, locate, read_table
@@ -98,8 +99,22 @@ class PairRow:
         return Pair(self.clean, self.corrupted, self.answer, self.wrong_answer)
 
 
-PATCH_COLUMNS = ("cell_id", "model", "row", "clean", "corrupted", "answer", "wrong_answer", "site", "layer",
-                 "position", "token", "head", "direction", "metric")
+PATCH_COLUMNS = (
+    "cell_id",
+    "model",
+    "row",
+    "clean",
+    "corrupted",
+    "answer",
+    "wrong_answer",
+    "site",
+    "layer",
+    "position",
+    "token",
+    "head",
+    "direction",
+    "metric",
+)
 PATCH_RESULTS = ("patched", "clean_value", "corrupted_value", "recovered")
 
 
@@ -122,8 +137,23 @@ class PatchCell:
 
     @property
     def cell_id(self) -> str:
-        return digest(["activation_patching", self.model, self.clean, self.corrupted, self.answer, self.wrong_answer,
-                       self.site, self.layer, self.position, self.head, self.direction, self.metric, self.window])
+        return digest(
+            [
+                "activation_patching",
+                self.model,
+                self.clean,
+                self.corrupted,
+                self.answer,
+                self.wrong_answer,
+                self.site,
+                self.layer,
+                self.position,
+                self.head,
+                self.direction,
+                self.metric,
+                self.window,
+            ]
+        )
 
     @property
     def group(self) -> str:
@@ -145,8 +175,13 @@ def load_pairs(config, base: Path | None) -> list[PairRow]:
         if not table:
             raise ConfigError(f"prompts.file: {path} has no rows")
     names = ("clean_column", "corrupted_column", "answer_column", "wrong_answer_column")
-    checked_columns(list(dict.fromkeys(c for rec in table for c in rec)),
-                    [(f"prompts.{n}", getattr(pc, n)) for n in names], [], "prompts", where)
+    checked_columns(
+        list(dict.fromkeys(c for rec in table for c in rec)),
+        [(f"prompts.{n}", getattr(pc, n)) for n in names],
+        [],
+        "prompts",
+        where,
+    )
     rows = []
     for i, rec in enumerate(table):
         at = f"{where} row {i + 1}"
@@ -167,8 +202,16 @@ def load_pairs(config, base: Path | None) -> list[PairRow]:
 def _grid(config, plan: ModelPlan, row: PairRow) -> list:
     """The core's cells of one pair on one model (sites, layers, positions, heads; checked)."""
     pt = config.patching
-    return make_cells(plan.info, plan.n_tokens[row.clean], pt.sites, plan.source_layers, pt.positions, pt.heads,
-                      pt.window, field_name="patching")
+    return make_cells(
+        plan.info,
+        plan.n_tokens[row.clean],
+        pt.sites,
+        plan.source_layers,
+        pt.positions,
+        pt.heads,
+        pt.window,
+        field_name="patching",
+    )
 
 
 def check_pair_row(plan: ModelPlan, row: PairRow, metrics: list[str]) -> None:
@@ -234,16 +277,19 @@ def patching_report(out_dir: Path, df) -> dict[str, Path]:
             sdf = mdf[mdf["site"] == site]
             name = f"{stem}_{pictures.safe_name(site)}"
             if sdf["position"].notna().any():
-                out[f"{name}_layer_position"] = _save(ps.draw_layer_position(sdf, site),
-                                                      out_dir / f"patching_{name}_layer_position.png")
+                out[f"{name}_layer_position"] = _save(
+                    ps.draw_layer_position(sdf, site), out_dir / f"patching_{name}_layer_position.png"
+                )
             if sdf["head"].notna().any():
                 every = sdf["position"].isna().any()
                 heads = sdf if every else _last_position(sdf)
                 where = None if every else "each pair's last position"
-                out[f"{name}_layer_head"] = _save(ps.draw_layer_head(heads, site, where=where),
-                                                  out_dir / f"patching_{name}_layer_head.png")
+                out[f"{name}_layer_head"] = _save(
+                    ps.draw_layer_head(heads, site, where=where), out_dir / f"patching_{name}_layer_head.png"
+                )
                 ps.top_heads(ps.summarize(heads), k=10, site=site).to_csv(
-                    out_dir / f"patching_{name}_top_heads.csv", index=False)
+                    out_dir / f"patching_{name}_top_heads.csv", index=False
+                )
     return out
 
 
@@ -289,8 +335,21 @@ class ActivationPatchingKind(KindDefaults):
         for c in _grid(config, plan, row):
             for direction in axis(pt.direction):
                 for metric in axis(pt.metric):
-                    yield PatchCell(model, row.index, row.clean, row.corrupted, row.answer, row.wrong_answer, c.site,
-                                    c.layer, c.position, c.head, direction, metric, c.window)
+                    yield PatchCell(
+                        model,
+                        row.index,
+                        row.clean,
+                        row.corrupted,
+                        row.answer,
+                        row.wrong_answer,
+                        c.site,
+                        c.layer,
+                        c.position,
+                        c.head,
+                        direction,
+                        metric,
+                        c.window,
+                    )
 
     def group_sizes(self, config, rows, plans, context) -> Iterator[tuple[str, int]]:
         per = len(axis(config.patching.direction)) * len(axis(config.patching.metric))
@@ -305,9 +364,11 @@ class ActivationPatchingKind(KindDefaults):
 
     def payload(self, task) -> dict[str, Any]:
         c = task.cells[0]
-        return {"kind": self.operation, "pair": {"clean": c.clean, "corrupted": c.corrupted, "answer": c.answer,
-                                                  "wrong_answer": c.wrong_answer},
-                "cells": [[x.site, x.layer, x.position, x.head, x.window, x.direction, x.metric] for x in task.cells]}
+        return {
+            "kind": self.operation,
+            "pair": {"clean": c.clean, "corrupted": c.corrupted, "answer": c.answer, "wrong_answer": c.wrong_answer},
+            "cells": [[x.site, x.layer, x.position, x.head, x.window, x.direction, x.metric] for x in task.cells],
+        }
 
     def to_rows(self, task, output: dict[str, Any]) -> list[dict[str, Any]]:
         (rec,) = output["records"]
@@ -316,17 +377,24 @@ class ActivationPatchingKind(KindDefaults):
             row = cell.params()
             clean, corrupted = rec["clean_value"][cell.metric], rec["corrupted_value"][cell.metric]
             den = clean - corrupted
-            row.update(token=None if cell.position is None else rec["tokens"][cell.position], patched=patched,
-                       clean_value=clean, corrupted_value=corrupted,
-                       recovered=(patched - corrupted) / den if den else float("nan"), **run_columns(output, rec))
+            row.update(
+                token=None if cell.position is None else rec["tokens"][cell.position],
+                patched=patched,
+                clean_value=clean,
+                corrupted_value=corrupted,
+                recovered=(patched - corrupted) / den if den else float("nan"),
+                **run_columns(output, rec),
+            )
             rows.append(row)
         return rows
 
     def describe(self, config, plan: ModelPlan, context) -> str:
         pt = config.patching
-        return (f"sites {[site_name(s, 'patching.sites') for s in pt.sites]} x layers {plan.source_layers} x positions "
-                f"{pt.positions} x heads {pt.heads} (head sites) x directions {axis(pt.direction)} x metrics {axis(pt.metric)}, "
-                f"window {pt.window}")
+        return (
+            f"sites {[site_name(s, 'patching.sites') for s in pt.sites]} x layers {plan.source_layers} x positions "
+            f"{pt.positions} x heads {pt.heads} (head sites) x directions {axis(pt.direction)} x metrics {axis(pt.metric)}, "
+            f"window {pt.window}"
+        )
 
     def report(self, out_dir: Path, df, settings: dict | None = None) -> dict[str, Path]:
         return patching_report(out_dir, df)
@@ -335,10 +403,15 @@ class ActivationPatchingKind(KindDefaults):
         lines = ["== activation patching: per pair, clean / corrupted metric and the cell recovering most per site"]
         for (model, row, direction, metric), f in df.groupby(["model", "row", "direction", "metric"], sort=True):
             first = f.iloc[0]
-            best = ", ".join(f"{s}: layer {int(b.layer)} pos {b.position} head {b.head} ({b.recovered:+.2f})"
-                             for s, sf in f.groupby("site") for b in [sf.loc[sf["recovered"].abs().idxmax()]])
-            lines.append(f"  {model} row {int(row)} {direction} {metric}: {first['clean_value']:.3f} / "
-                         f"{first['corrupted_value']:.3f}; {best}")
+            best = ", ".join(
+                f"{s}: layer {int(b.layer)} pos {b.position} head {b.head} ({b.recovered:+.2f})"
+                for s, sf in f.groupby("site")
+                for b in [sf.loc[sf["recovered"].abs().idxmax()]]
+            )
+            lines.append(
+                f"  {model} row {int(row)} {direction} {metric}: {first['clean_value']:.3f} / "
+                f"{first['corrupted_value']:.3f}; {best}"
+            )
             if len(lines) > max_rows:
                 break
         return "\n".join(lines)

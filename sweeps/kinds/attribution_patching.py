@@ -18,9 +18,10 @@ agreement, recall@k, the false-negative bound (`attribution_verify.summary_table
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pydantic import Field, field_validator
 
@@ -77,8 +78,23 @@ class AttributionConfig(Strict):
         return v
 
 
-ATTRIBUTION_COLUMNS = ("cell_id", "model", "row", "clean", "corrupted", "answer", "wrong_answer", "site", "layer",
-                       "position", "token", "head", "neuron", "method", "metric")
+ATTRIBUTION_COLUMNS = (
+    "cell_id",
+    "model",
+    "row",
+    "clean",
+    "corrupted",
+    "answer",
+    "wrong_answer",
+    "site",
+    "layer",
+    "position",
+    "token",
+    "head",
+    "neuron",
+    "method",
+    "metric",
+)
 ATTRIBUTION_RESULTS = ("estimate", "exact", "score", "verified", "clean_value", "corrupted_value")
 
 
@@ -102,8 +118,23 @@ class AttributionCell:
 
     @property
     def cell_id(self) -> str:
-        return digest(["attribution_patching", self.model, self.clean, self.corrupted, self.answer, self.wrong_answer,
-                       self.site, self.layer, self.position, self.unit, self.method, self.metric, self.settings])
+        return digest(
+            [
+                "attribution_patching",
+                self.model,
+                self.clean,
+                self.corrupted,
+                self.answer,
+                self.wrong_answer,
+                self.site,
+                self.layer,
+                self.position,
+                self.unit,
+                self.method,
+                self.metric,
+                self.settings,
+            ]
+        )
 
     @property
     def group(self) -> str:
@@ -112,14 +143,23 @@ class AttributionCell:
     def params(self) -> dict[str, Any]:
         kind = PATCH_SITES[self.site]
         out = {k: getattr(self, k) for k in ATTRIBUTION_COLUMNS if k not in ("cell_id", "token", "head", "neuron")}
-        return {"cell_id": self.cell_id, **out, "head": self.unit if kind in ("query", "key/value") else None,
-                "neuron": self.unit if kind == "neuron" else None}
+        return {
+            "cell_id": self.cell_id,
+            **out,
+            "head": self.unit if kind in ("query", "key/value") else None,
+            "neuron": self.unit if kind == "neuron" else None,
+        }
 
 
 def _settings(config, plan: ModelPlan) -> str:
     at = config.attribution
-    return digest({"layers": plan.source_layers, "methods": at.method,
-                   "verify": None if at.verify is None else at.verify.model_dump(mode="json")})
+    return digest(
+        {
+            "layers": plan.source_layers,
+            "methods": at.method,
+            "verify": None if at.verify is None else at.verify.model_dump(mode="json"),
+        }
+    )
 
 
 def _batches(config, plan: ModelPlan, rows: list[PairRow]) -> list[list[PairRow]]:
@@ -128,7 +168,7 @@ def _batches(config, plan: ModelPlan, rows: list[PairRow]) -> list[list[PairRow]
     for row in rows:
         by_length.setdefault(plan.n_tokens[row.clean], []).append(row)
     n = config.attribution.batch_pairs
-    return [group[i:i + n] for group in by_length.values() for i in range(0, len(group), n)]
+    return [group[i : i + n] for group in by_length.values() for i in range(0, len(group), n)]
 
 
 def pair_seed(seed: int, cell) -> int:
@@ -163,7 +203,7 @@ def _summary_frame(mdf):
     return pd.concat(frames).rename(columns={"row": "pair"})
 
 
-def attribution_summary(df) -> "Any":
+def attribution_summary(df) -> Any:
     """One row per (model, site, method) of the verified nodes: the statistics of
     `attribution_verify.summary_table` and the site's caveat (`note`); None without `exact`."""
     import pandas as pd
@@ -174,8 +214,10 @@ def attribution_summary(df) -> "Any":
     for model, mdf in df.groupby("model", sort=True):
         frame = _summary_frame(mdf)
         if frame is not None:
-            out += [{"model": model, **row, "note": SITE_NOTES.get(row["site"], "")}
-                    for row in summary_table(frame, top_k=_top_k(frame), ks=(10, 20))]
+            out += [
+                {"model": model, **row, "note": SITE_NOTES.get(row["site"], "")}
+                for row in summary_table(frame, top_k=_top_k(frame), ks=(10, 20))
+            ]
     return pd.DataFrame(out) if out else None
 
 
@@ -190,12 +232,11 @@ def attribution_report(out_dir: Path, df) -> dict[str, Path]:
     """Per model: the summary table; per head site the layer x head heatmaps (summed over positions)
     of each method's mean estimate beside the exact effect where it was patched; per site the
     estimate-vs-exact scatter, one panel per method, r in the title."""
+    import torch
     from matplotlib.figure import Figure
 
     from patchscope_core import patching_summary as ps
     from patchscope_core.attribution_verify import pearson
-
-    import torch
 
     from .. import pictures
 
@@ -221,8 +262,12 @@ def attribution_report(out_dir: Path, df) -> dict[str, Path]:
                 fig = Figure(figsize=(1.5 + 3.2 * len(panels), 1.5 + 0.18 * sdf["layer"].nunique()))
                 for i, (label, frame, value) in enumerate(panels):
                     ax = fig.add_subplot(1, len(panels), i + 1)
-                    ps.draw_heatmap(ax, ps.layer_head(frame, site, value=value),
-                                    f"{site}: {label}, all positions (mean over pairs)", xname="head")
+                    ps.draw_heatmap(
+                        ax,
+                        ps.layer_head(frame, site, value=value),
+                        f"{site}: {label}, all positions (mean over pairs)",
+                        xname="head",
+                    )
                 out[f"{name}_layer_head"] = pictures.save(fig, out_dir / f"{name}_layer_head.png")
             checked = sdf[sdf["exact"].notna()]
             if len(checked):
@@ -232,7 +277,10 @@ def attribution_report(out_dir: Path, df) -> dict[str, Path]:
                     c = checked[checked["method"] == m]
                     r = pearson(torch.tensor(c["estimate"].to_numpy()), torch.tensor(c["exact"].to_numpy()))
                     ax.scatter(c["exact"], c["estimate"], s=6, alpha=0.5)
-                    lo, hi = float(min(c["exact"].min(), c["estimate"].min())), float(max(c["exact"].max(), c["estimate"].max()))
+                    lo, hi = (
+                        float(min(c["exact"].min(), c["estimate"].min())),
+                        float(max(c["exact"].max(), c["estimate"].max())),
+                    )
                     ax.plot([lo, hi], [lo, hi], color="grey", linewidth=0.8)
                     ax.set_xlabel("exact (patched - corrupted)")
                     ax.set_ylabel(f"{m} estimate")
@@ -287,9 +335,22 @@ class AttributionPatchingKind(KindDefaults):
                     for layer in plan.source_layers:
                         for position in [*range(m), None]:
                             for unit in range(units(site, info)):
-                                yield AttributionCell(model, row.index, row.clean, row.corrupted, row.answer,
-                                                      row.wrong_answer, site, layer, position, unit, method, at.metric,
-                                                      settings, key)
+                                yield AttributionCell(
+                                    model,
+                                    row.index,
+                                    row.clean,
+                                    row.corrupted,
+                                    row.answer,
+                                    row.wrong_answer,
+                                    site,
+                                    layer,
+                                    position,
+                                    unit,
+                                    method,
+                                    at.metric,
+                                    settings,
+                                    key,
+                                )
 
     def group_sizes(self, config, rows, plans, context) -> Iterator[tuple[str, int]]:
         for model in config.models:
@@ -312,13 +373,23 @@ class AttributionPatchingKind(KindDefaults):
         for c in task.cells:
             if c.row not in pairs:
                 seed = None if verify is None else pair_seed(verify["seed"], c)
-                pairs[c.row] = {"row": c.row, "clean": c.clean, "corrupted": c.corrupted, "answer": c.answer,
-                                "wrong_answer": c.wrong_answer, "seed": seed}
-        return {"kind": self.operation, "pairs": list(pairs.values()),
-                "sites": list(dict.fromkeys(c.site for c in task.cells)),
-                "layers": sorted({c.layer for c in task.cells}),
-                "methods": list(dict.fromkeys(c.method for c in task.cells)), "metric": task.cells[0].metric,
-                "verify": verify}
+                pairs[c.row] = {
+                    "row": c.row,
+                    "clean": c.clean,
+                    "corrupted": c.corrupted,
+                    "answer": c.answer,
+                    "wrong_answer": c.wrong_answer,
+                    "seed": seed,
+                }
+        return {
+            "kind": self.operation,
+            "pairs": list(pairs.values()),
+            "sites": list(dict.fromkeys(c.site for c in task.cells)),
+            "layers": sorted({c.layer for c in task.cells}),
+            "methods": list(dict.fromkeys(c.method for c in task.cells)),
+            "metric": task.cells[0].metric,
+            "verify": verify,
+        }
 
     def to_rows(self, task, output: dict[str, Any]) -> list[dict[str, Any]]:
         by_row = {rec["row"]: rec for rec in output["records"]}
@@ -343,19 +414,33 @@ class AttributionPatchingKind(KindDefaults):
                     exact = check["exact"][at]
                     verified = "all" if check["full"] else ("random" if flat in check["sampled"] else "top")
             row = cell.params()
-            row.update(token=None if cell.position is None else rec["tokens"][cell.position], estimate=estimate,
-                       exact=exact, score=score, verified=verified, clean_value=rec["clean_value"],
-                       corrupted_value=rec["corrupted_value"], **run_columns(output, rec))
+            row.update(
+                token=None if cell.position is None else rec["tokens"][cell.position],
+                estimate=estimate,
+                exact=exact,
+                score=score,
+                verified=verified,
+                clean_value=rec["clean_value"],
+                corrupted_value=rec["corrupted_value"],
+                **run_columns(output, rec),
+            )
             rows.append(row)
         return rows
 
     def describe(self, config, plan: ModelPlan, context) -> str:
         at = config.attribution
         sites = check_attribution(plan.info, at.sites, plan.source_layers, at.method, at.metric)[0]
-        verify = "no exact check" if at.verify is None else (
-            f"verify top {at.verify.top_k} + {at.verify.random} random nodes per pair and site ({at.verify.positions})")
-        return (f"sites {list(sites)} x layers {plan.source_layers} x (every position + their sum) x heads/neurons "
-                f"x methods {at.method}, metric {at.metric}; {verify}")
+        verify = (
+            "no exact check"
+            if at.verify is None
+            else (
+                f"verify top {at.verify.top_k} + {at.verify.random} random nodes per pair and site ({at.verify.positions})"
+            )
+        )
+        return (
+            f"sites {list(sites)} x layers {plan.source_layers} x (every position + their sum) x heads/neurons "
+            f"x methods {at.method}, metric {at.metric}; {verify}"
+        )
 
     def report(self, out_dir: Path, df, settings: dict | None = None) -> dict[str, Path]:
         return attribution_report(out_dir, df)
@@ -370,15 +455,21 @@ class AttributionPatchingKind(KindDefaults):
         else:
             for r in table.head(max_rows).to_dict("records"):
                 recall = "".join(f", {k} {v:.2f}" for k, v in r.items() if k.startswith("recall@") and pd.notna(v))
-                lines.append(f"  {r['model']} {r['site']} {r['method']}: {r['nodes']} nodes, pearson {r['pearson']:.3f}, "
-                             f"spearman {r['spearman']:.3f}, sign {r['sign_agreement']:.2f}{recall}"
-                             + (f" ({r['note']})" if r["note"] else ""))
+                lines.append(
+                    f"  {r['model']} {r['site']} {r['method']}: {r['nodes']} nodes, pearson {r['pearson']:.3f}, "
+                    f"spearman {r['spearman']:.3f}, sign {r['sign_agreement']:.2f}{recall}"
+                    + (f" ({r['note']})" if r["note"] else "")
+                )
         top = df.loc[df["position"].isna()]
         for (model, method), f in top.groupby(["model", "method"], sort=True):
             best = f.groupby(["site", "layer", "head", "neuron"], dropna=False)["estimate"].mean().abs().nlargest(5)
-            lines.append(f"  {model} {method}: largest mean |estimate| (summed over positions): "
-                         + ", ".join(f"{s} L{int(l)}" + ("" if h != h else f"H{int(h)}") + ("" if n != n else f"N{int(n)}")
-                                     for (s, l, h, n) in best.index))
+            lines.append(
+                f"  {model} {method}: largest mean |estimate| (summed over positions): "
+                + ", ".join(
+                    f"{s} L{int(l)}" + ("" if h != h else f"H{int(h)}") + ("" if n != n else f"N{int(n)}")
+                    for (s, l, h, n) in best.index
+                )
+            )
         return "\n".join(lines)
 
 

@@ -32,15 +32,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 # Which task and worker computed a row (timings follow as time_<name>): every kind's last columns.
 RUN_COLUMNS = ("task_id", "worker_node", "worker_pid", "worker_device", "worker_peak_mb", "time_task_s")
 # How the rows of the study kinds are sorted in results.csv (the columns present, in this order).
-STUDY_ORDER = ("model", "row", "site", "layer", "head", "neuron", "kind", "alpha", "position", "role",
-               "source_layer", "target_layer")
+STUDY_ORDER = (
+    "model",
+    "row",
+    "site",
+    "layer",
+    "head",
+    "neuron",
+    "kind",
+    "alpha",
+    "position",
+    "role",
+    "source_layer",
+    "target_layer",
+)
 
 
 @dataclass(frozen=True)
@@ -69,14 +82,20 @@ def check_generates(config, kind: str) -> None:
     """A kind whose result is generated text needs at least one new token (0, score only, is for
     the kinds that score an answer without generating)."""
     if config.generation.max_new_tokens < 1:
-        raise ValueError(f"generation.max_new_tokens: a {kind} sweep generates text; give 1 or more "
-                         "(0, score only, is for intervention sweeps)")
+        raise ValueError(
+            f"generation.max_new_tokens: a {kind} sweep generates text; give 1 or more "
+            "(0, score only, is for intervention sweeps)"
+        )
 
 
 def run_columns(output: dict[str, Any], rec: dict[str, Any]) -> dict[str, Any]:
     """Where and when a row was computed: the task, the worker, the timings."""
-    return {"task_id": output["task_id"], "time_task_s": output["time_task_s"],
-            **{k: v for k, v in rec.items() if k.startswith("time_")}, **output["worker"]}
+    return {
+        "task_id": output["task_id"],
+        "time_task_s": output["time_task_s"],
+        **{k: v for k, v in rec.items() if k.startswith("time_")},
+        **output["worker"],
+    }
 
 
 @runtime_checkable

@@ -10,9 +10,10 @@ layer x position heatmaps of the indirect effect for each site.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
@@ -25,18 +26,30 @@ from .. import pictures
 from ..config import ConfigError, Layers, Positions, Strict
 from ..config.models import ModelPlan
 from .base import KindDefaults, Schema, digest, run_columns
-from .prompts import PromptRow, PromptsConfig, count_tokens, fact_key, load_prompt_rows, model_plans, \
-    prompt_rows_science, study_groups
+from .prompts import (
+    PromptRow,
+    PromptsConfig,
+    count_tokens,
+    fact_key,
+    load_prompt_rows,
+    model_plans,
+    prompt_rows_science,
+    study_groups,
+)
 
 
 class TraceConfig(Strict):
     """Causal tracing (ROME): corrupt the subject's embeddings, restore one clean state per cell."""
 
-    sites: list[Literal["resid_post", "mlp_out", "attn_out"]] = Field(["resid_post", "mlp_out", "attn_out"], min_length=1)
+    sites: list[Literal["resid_post", "mlp_out", "attn_out"]] = Field(
+        ["resid_post", "mlp_out", "attn_out"], min_length=1
+    )
     layers: Layers = "all"
     positions: Positions = Field("all", description="prompt positions to restore, or 'all'")
     window: int = Field(10, ge=1, description="mlp_out / attn_out: restore a window of layers centred on l")
-    noise: float = Field(3.0, ge=0, allow_inf_nan=False, description="x the std of the token embeddings over the sweep's prompts")
+    noise: float = Field(
+        3.0, ge=0, allow_inf_nan=False, description="x the std of the token embeddings over the sweep's prompts"
+    )
     samples: int = Field(10, ge=1, description="noise samples averaged per cell")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="sample s uses seed + s")
 
@@ -61,8 +74,20 @@ class TraceCell:
 
     @property
     def cell_id(self) -> str:
-        return digest(["causal_trace", self.model, self.prompt, self.subject, self.answer, self.site, self.layer,
-                       self.position, [list(r) for r in self.refs], self.trace_key])
+        return digest(
+            [
+                "causal_trace",
+                self.model,
+                self.prompt,
+                self.subject,
+                self.answer,
+                self.site,
+                self.layer,
+                self.position,
+                [list(r) for r in self.refs],
+                self.trace_key,
+            ]
+        )
 
     @property
     def group(self) -> str:
@@ -100,10 +125,19 @@ def _positions(config, plan: ModelPlan, row: PromptRow) -> list[int]:
 
 # ---------------------------------------------------------------- the report
 
-SITE_TITLES = {"resid_post": "restoring the residual stream", "mlp_out": "restoring MLP outputs (window)",
-               "attn_out": "restoring attention outputs (window)"}
-ROME_GROUPS = ["first subject token", "middle subject tokens", "last subject token", "first subsequent token",
-               "further tokens", "last token"]
+SITE_TITLES = {
+    "resid_post": "restoring the residual stream",
+    "mlp_out": "restoring MLP outputs (window)",
+    "attn_out": "restoring attention outputs (window)",
+}
+ROME_GROUPS = [
+    "first subject token",
+    "middle subject tokens",
+    "last subject token",
+    "first subsequent token",
+    "further tokens",
+    "last token",
+]
 
 
 def rome_group(position: int, start: int, end: int, n: int) -> str | None:
@@ -125,8 +159,13 @@ def _trace_panels(plt, matrices, row_labels, title, path: Path, sites) -> Path:
     for ax, site in zip(axes[0], sites):
         m = matrices[site]
         lim = float(np.nanmax(np.abs(m))) if np.isfinite(m).any() else 1.0
-        im = ax.imshow(m, aspect="auto", cmap="Purples" if site == "resid_post" else ("Greens" if site == "mlp_out" else "Reds"),
-                       vmin=0, vmax=max(lim, 1e-6))
+        im = ax.imshow(
+            m,
+            aspect="auto",
+            cmap="Purples" if site == "resid_post" else ("Greens" if site == "mlp_out" else "Reds"),
+            vmin=0,
+            vmax=max(lim, 1e-6),
+        )
         ax.set_yticks(range(len(row_labels)), [pictures.literal(r) for r in row_labels], fontsize=7)
         ax.set_xlabel("layer")
         ax.set_title(SITE_TITLES[site], fontsize=8)
@@ -169,15 +208,30 @@ def trace_report(out_dir: Path, df, max_facts: int = 20) -> dict[str, Path]:
             if k < max_facts:
                 first = fdf.iloc[0]
                 key = f"{pictures.safe_name(model)}_trace_row{int(row)}"
-                title = (f"{model}: {first['prompt']!r} -> {first['answer']!r}  (p clean {first['p_clean']:.3f}, "
-                         f"corrupted {first['p_corrupt']:.3f}; * subject tokens)")
+                title = (
+                    f"{model}: {first['prompt']!r} -> {first['answer']!r}  (p clean {first['p_clean']:.3f}, "
+                    f"corrupted {first['p_corrupt']:.3f}; * subject tokens)"
+                )
                 out[key] = _trace_panels(plt, matrices, labels, title, out_dir / f"trace_{key}.png", sites)
         present = [g for g in ROME_GROUPS if any(grouped[s][g] for s in sites)]
-        averaged = {site: np.array([np.nanmean(np.stack(grouped[site][g]), axis=0) if grouped[site][g]
-                                    else np.full(len(layers), np.nan) for g in present]) for site in sites}
+        averaged = {
+            site: np.array(
+                [
+                    np.nanmean(np.stack(grouped[site][g]), axis=0) if grouped[site][g] else np.full(len(layers), np.nan)
+                    for g in present
+                ]
+            )
+            for site in sites
+        }
         key = f"{pictures.safe_name(model)}_trace_average"
-        out[key] = _trace_panels(plt, averaged, present, f"{model}: average indirect effect over {mdf['row'].nunique()} "
-                                 "facts", out_dir / f"trace_{key}.png", sites)
+        out[key] = _trace_panels(
+            plt,
+            averaged,
+            present,
+            f"{model}: average indirect effect over {mdf['row'].nunique()} facts",
+            out_dir / f"trace_{key}.png",
+            sites,
+        )
     return out
 
 
@@ -185,9 +239,14 @@ class CausalTraceKind(KindDefaults):
     name = "causal_trace"
     sections = {"prompts": PromptsConfig, "trace": TraceConfig}
     operation = "causal_trace"
-    schema = Schema(TRACE_COLUMNS, TRACE_RESULTS, TRACE_COLUMNS + TRACE_RESULTS, (),
-                    ("row", "layer", "position", "p_clean", "p_corrupt", "p_restored", "indirect_effect"),
-                    ("prompt", "answer", "site", "token", "is_subject"))
+    schema = Schema(
+        TRACE_COLUMNS,
+        TRACE_RESULTS,
+        TRACE_COLUMNS + TRACE_RESULTS,
+        (),
+        ("row", "layer", "position", "p_clean", "p_corrupt", "p_restored", "indirect_effect"),
+        ("prompt", "answer", "site", "token", "is_subject"),
+    )
     marks = frozenset({"indirect_effect"})
     one_task = True  # a fact's cells share its clean and corrupted runs
 
@@ -206,7 +265,9 @@ class CausalTraceKind(KindDefaults):
         at_least = 0
         for name, plan in model_plans(config, rows, "trace"):
             # count first where the grid does not depend on token counts (each prompt has >= 1 position)
-            at_least += facts * len(tr.sites) * len(plan.source_layers) * (1 if tr.positions == "all" else len(tr.positions))
+            at_least += (
+                facts * len(tr.sites) * len(plan.source_layers) * (1 if tr.positions == "all" else len(tr.positions))
+            )
             config.execution.check_cells(at_least)
             plans[name] = plan
         counted = 0  # positions 'all': the grid grows as the prompts are tokenised; refused as soon as it is too large
@@ -231,7 +292,13 @@ class CausalTraceKind(KindDefaults):
 
     def context(self, config, rows: list[PromptRow], base: Path | None) -> dict[str, Any]:
         tr = config.trace
-        settings = {"sites": list(tr.sites), "window": tr.window, "noise": tr.noise, "samples": tr.samples, "seed": tr.seed}
+        settings = {
+            "sites": list(tr.sites),
+            "window": tr.window,
+            "noise": tr.noise,
+            "samples": tr.samples,
+            "seed": tr.seed,
+        }
         reference = list(dict.fromkeys(r.prompt for r in rows))
         return {"settings": settings, "reference": reference, "key": digest([settings, reference])}
 
@@ -241,8 +308,13 @@ class CausalTraceKind(KindDefaults):
     def group_sizes(self, config, rows, plans, context) -> Iterator[tuple[str, int]]:
         for model, group in study_groups(config, rows, by_fact=True):
             plan = plans[model]
-            yield model, sum(len(config.trace.sites) * len(plan.source_layers) * len(_positions(config, plan, row))
-                             for row in group)
+            yield (
+                model,
+                sum(
+                    len(config.trace.sites) * len(plan.source_layers) * len(_positions(config, plan, row))
+                    for row in group
+                ),
+            )
 
     def cells(self, config, rows, plans, context) -> Iterator[TraceCell]:
         for model, group in study_groups(config, rows, by_fact=True):
@@ -251,14 +323,28 @@ class CausalTraceKind(KindDefaults):
                 for site in config.trace.sites:
                     for layer in plan.source_layers:
                         for pos in _positions(config, plan, row):
-                            yield TraceCell(model, row.prompt, row.subject, row.answer, site, layer, pos, row.index,
-                                            row.refs, context["key"])
+                            yield TraceCell(
+                                model,
+                                row.prompt,
+                                row.subject,
+                                row.answer,
+                                site,
+                                layer,
+                                pos,
+                                row.index,
+                                row.refs,
+                                context["key"],
+                            )
 
     def payload(self, task) -> dict[str, Any]:
         c = task.cells[0]
-        return {"kind": self.operation, "fact": {"prompt": c.prompt, "subject": c.subject, "answer": c.answer},
-                "settings": task.context["settings"], "reference": task.context["reference"],
-                "cells": [[x.site, x.layer, x.position] for x in task.cells]}
+        return {
+            "kind": self.operation,
+            "fact": {"prompt": c.prompt, "subject": c.subject, "answer": c.answer},
+            "settings": task.context["settings"],
+            "reference": task.context["reference"],
+            "cells": [[x.site, x.layer, x.position] for x in task.cells],
+        }
 
     def to_rows(self, task, output: dict[str, Any]) -> list[dict[str, Any]]:
         (rec,) = output["records"]
@@ -267,28 +353,42 @@ class CausalTraceKind(KindDefaults):
         rows = []
         for cell, p in zip(task.cells, rec["p_restored"], strict=True):
             row = cell.params()
-            row.update(token=rec["tokens"][cell.position], is_subject=start <= cell.position < end,
-                       p_clean=rec["p_clean"], p_corrupt=rec["p_corrupt"], p_restored=p,
-                       indirect_effect=p - rec["p_corrupt"], samples=samples, **run_columns(output, rec))
+            row.update(
+                token=rec["tokens"][cell.position],
+                is_subject=start <= cell.position < end,
+                p_clean=rec["p_clean"],
+                p_corrupt=rec["p_corrupt"],
+                p_restored=p,
+                indirect_effect=p - rec["p_corrupt"],
+                samples=samples,
+                **run_columns(output, rec),
+            )
             rows.append(row)
         return rows
 
     def describe(self, config, plan: ModelPlan, context) -> str:
         tr = config.trace
-        return (f"layers {plan.source_layers} x sites {tr.sites} x positions {tr.positions}; {tr.samples} noise samples "
-                f"of {tr.noise:g} x the embeddings' std, window {tr.window}")
+        return (
+            f"layers {plan.source_layers} x sites {tr.sites} x positions {tr.positions}; {tr.samples} noise samples "
+            f"of {tr.noise:g} x the embeddings' std, window {tr.window}"
+        )
 
     def report(self, out_dir: Path, df, settings: dict | None = None) -> dict[str, Path]:
         return trace_report(out_dir, df)
 
     def summary(self, df, max_rows: int = 15) -> str:
         lines = ["== causal traces: per fact, p(answer) clean / corrupted and the strongest restoration per site"]
-        for (model, row), f in df.groupby(["model", "row"], sort=True):
+        for (model, _row), f in df.groupby(["model", "row"], sort=True):
             first = f.iloc[0]
-            best = ", ".join(f"{s}: layer {int(b.layer)} pos {int(b.position)} ({b.indirect_effect:+.3f})"
-                             for s, sf in f.groupby("site") for b in [sf.loc[sf["indirect_effect"].idxmax()]])
-            lines.append(f"  {model} {first['prompt'][:50]!r} -> {first['answer']!r}: {first['p_clean']:.3f} / "
-                         f"{first['p_corrupt']:.3f}; {best}")
+            best = ", ".join(
+                f"{s}: layer {int(b.layer)} pos {int(b.position)} ({b.indirect_effect:+.3f})"
+                for s, sf in f.groupby("site")
+                for b in [sf.loc[sf["indirect_effect"].idxmax()]]
+            )
+            lines.append(
+                f"  {model} {first['prompt'][:50]!r} -> {first['answer']!r}: {first['p_clean']:.3f} / "
+                f"{first['p_corrupt']:.3f}; {best}"
+            )
             if len(lines) > max_rows:
                 break
         return "\n".join(lines)

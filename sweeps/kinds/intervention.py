@@ -12,9 +12,10 @@ heads, and for `add` the steered generations by alpha.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from pydantic import Field, field_validator, model_validator
@@ -28,7 +29,15 @@ from ..config import ConfigError, Layers, Strict, axis
 from ..config.files import locate, prompt_list
 from ..config.models import ModelPlan
 from .base import KindDefaults, Schema, digest, generation_key, run_columns
-from .prompts import PromptRow, PromptsConfig, count_tokens, load_prompt_rows, model_plans, prompt_rows_science, study_groups
+from .prompts import (
+    PromptRow,
+    PromptsConfig,
+    count_tokens,
+    load_prompt_rows,
+    model_plans,
+    prompt_rows_science,
+    study_groups,
+)
 
 
 class InterventionConfig(Strict):
@@ -52,8 +61,11 @@ class InterventionConfig(Strict):
     source: str | None = Field(None, description="resample / replace: the prompt whose values are written")
     source_position: int = Field(-1, description="replace: the source prompt's position")
     from_: Any = Field("last", alias="from", description="knockout: the queries: last, generated, prompt positions")
-    to: Any = Field(None, description="knockout: a list of key sets, one cell each: subject, non_subject, last, "
-                                      "all_previous, a position, or a list of these blocked together")
+    to: Any = Field(
+        None,
+        description="knockout: a list of key sets, one cell each: subject, non_subject, last, "
+        "all_previous, a position, or a list of these blocked together",
+    )
     window: int | list[int] = Field(1, description="knockout: the layers of a window centred on the site's layer")
 
     @field_validator("site", "kind", "alpha", "factor", "noise_scale", "seed", "window", "to", mode="after")
@@ -64,8 +76,9 @@ class InterventionConfig(Strict):
             raise ValueError("empty list: an axis of the grid needs at least one value (or leave the key out)")
         for x in values:
             if info.field_name in ("alpha", "factor", "noise_scale"):
-                problem = number_problem(x) or (f"must be >= 0, got {x!r}" if info.field_name == "noise_scale" and x < 0
-                                                else None)
+                problem = number_problem(x) or (
+                    f"must be >= 0, got {x!r}" if info.field_name == "noise_scale" and x < 0 else None
+                )
             elif info.field_name == "seed":
                 problem = seed_problem(x)
             else:
@@ -85,14 +98,16 @@ class InterventionConfig(Strict):
         return values
 
     @model_validator(mode="after")
-    def _kinds(self) -> "InterventionConfig":
+    def _kinds(self) -> InterventionConfig:
         for k in axis(self.kind):
             if k not in INTERVENTION_KINDS:
                 raise ValueError(f"intervention.kind: unknown kind {k!r} (allowed: {', '.join(INTERVENTION_KINDS)})")
             if k == "add" and self.vector is None and (self.positive is None or self.negative is None):
                 raise ValueError("intervention.vector: add needs a vector file, or positive and negative prompts")
             if k in ("replace", "resample") and self.source is None and (k == "resample" or self.vector is None):
-                raise ValueError(f"intervention.source: {k} needs a source prompt" + (" or a vector" if k == "replace" else ""))
+                raise ValueError(
+                    f"intervention.source: {k} needs a source prompt" + (" or a vector" if k == "replace" else "")
+                )
         if "knockout" in axis(self.kind) and self.to is None:
             raise ValueError("intervention.to: a knockout needs the keys to block (subject, non_subject, last, ...)")
         for site in axis(self.site):
@@ -105,25 +120,76 @@ class InterventionConfig(Strict):
 
 
 INTERVENTION_COLUMNS = (
-    "cell_id", "model", "row", "prompt", "answer", "site", "layer", "head", "neuron", "kind", "alpha", "factor",
-    "noise_scale", "seed", "positions",
+    "cell_id",
+    "model",
+    "row",
+    "prompt",
+    "answer",
+    "site",
+    "layer",
+    "head",
+    "neuron",
+    "kind",
+    "alpha",
+    "factor",
+    "noise_scale",
+    "seed",
+    "positions",
 )
 # A steering row's strength against the site's own scale (`engine.steering_norms`; null otherwise).
 STEERING_NORMS = ("vector_norm", "site_norm", "relative_strength")
 # The engine's "clean" run is this prompt without the intervention: in the results it is the
 # baseline (in patching "clean" means the other prompt). Stores written before keep the old
 # names; `renamed` maps them when they are read.
-BASELINE = {"clean_answer_logprob": "baseline_answer_logprob", "p_answer_clean": "baseline_p_answer",
-            "clean_generated_text": "baseline_generated_text", "clean_generated_token_ids": "baseline_generated_token_ids"}
+BASELINE = {
+    "clean_answer_logprob": "baseline_answer_logprob",
+    "p_answer_clean": "baseline_p_answer",
+    "clean_generated_text": "baseline_generated_text",
+    "clean_generated_token_ids": "baseline_generated_token_ids",
+}
 INTERVENTION_RESULTS = (
-    "delta_logprob", "answer_logprob", "baseline_answer_logprob", "p_answer", "baseline_p_answer", "generated_text",
-    "baseline_generated_text", "generated_token_ids", "baseline_generated_token_ids", "answer_token_ids",
-    "answer_logprobs", "prompt_token_ids", "top_token_ids", "top_logprobs", "max_new_tokens",
+    "delta_logprob",
+    "answer_logprob",
+    "baseline_answer_logprob",
+    "p_answer",
+    "baseline_p_answer",
+    "generated_text",
+    "baseline_generated_text",
+    "generated_token_ids",
+    "baseline_generated_token_ids",
+    "answer_token_ids",
+    "answer_logprobs",
+    "prompt_token_ids",
+    "top_token_ids",
+    "top_logprobs",
+    "max_new_tokens",
 ) + STEERING_NORMS
 INTERVENTION_TABLE = (
-    "cell_id", "model", "row", "prompt", "answer", "site", "layer", "head", "neuron", "kind", "knockout", "alpha",
-    "factor", "noise_scale", "seed", "positions", "p_change_pct", "delta_logprob", "answer_logprob", "baseline_answer_logprob", "p_answer",
-    "baseline_p_answer", "generated_text", "baseline_generated_text", "generated_token_ids",
+    "cell_id",
+    "model",
+    "row",
+    "prompt",
+    "answer",
+    "site",
+    "layer",
+    "head",
+    "neuron",
+    "kind",
+    "knockout",
+    "alpha",
+    "factor",
+    "noise_scale",
+    "seed",
+    "positions",
+    "p_change_pct",
+    "delta_logprob",
+    "answer_logprob",
+    "baseline_answer_logprob",
+    "p_answer",
+    "baseline_p_answer",
+    "generated_text",
+    "baseline_generated_text",
+    "generated_token_ids",
 )
 
 
@@ -153,8 +219,20 @@ class InterventionCell:
 
     @property
     def cell_id(self) -> str:
-        parts = ["intervention", self.model, self.prompt, self.answer, self.site, self.head, self.neuron,
-                 self.kind, self.variant, self.positions, [list(r) for r in self.refs], self.generation_key]
+        parts = [
+            "intervention",
+            self.model,
+            self.prompt,
+            self.answer,
+            self.site,
+            self.head,
+            self.neuron,
+            self.kind,
+            self.variant,
+            self.positions,
+            [list(r) for r in self.refs],
+            self.generation_key,
+        ]
         return digest(parts + [self.subject] if self.kind == "knockout" else parts)
 
     @property
@@ -189,31 +267,54 @@ def intervention_kinds(config, rows: list[PromptRow], base: Path | None) -> list
     from patchscope_core.interventions import load_vector
 
     iv = config.intervention
-    reference = prompt_list(iv.reference, base, "intervention.reference") or tuple(dict.fromkeys(r.prompt for r in rows))
-    vector = load_vector(locate(iv.vector, base, "intervention.vector"), "intervention.vector").tolist() if iv.vector else None
+    reference = prompt_list(iv.reference, base, "intervention.reference") or tuple(
+        dict.fromkeys(r.prompt for r in rows)
+    )
+    vector = (
+        load_vector(locate(iv.vector, base, "intervention.vector"), "intervention.vector").tolist()
+        if iv.vector
+        else None
+    )
     out = []
     for kind in axis(iv.kind):
         if kind == "add":
-            extra = ({"vector": vector} if vector is not None else
-                     {"positive": list(prompt_list(iv.positive, base, "intervention.positive")),
-                      "negative": list(prompt_list(iv.negative, base, "intervention.negative"))})
+            extra = (
+                {"vector": vector}
+                if vector is not None
+                else {
+                    "positive": list(prompt_list(iv.positive, base, "intervention.positive")),
+                    "negative": list(prompt_list(iv.negative, base, "intervention.negative")),
+                }
+            )
             out += [(kind, {"alpha": float(a), **extra}) for a in axis(iv.alpha)]
         elif kind == "scale":
             out += [(kind, {"factor": float(f)}) for f in axis(iv.factor)]
         elif kind == "noise":
-            out += [(kind, {"scale": float(x), "reference": list(reference), "seed": int(sd)})
-                    for x in axis(iv.noise_scale) for sd in axis(iv.seed)]
+            out += [
+                (kind, {"scale": float(x), "reference": list(reference), "seed": int(sd)})
+                for x in axis(iv.noise_scale)
+                for sd in axis(iv.seed)
+            ]
         elif kind == "mean":
             out.append((kind, {"reference": list(reference)}))
         elif kind == "resample":
             out.append((kind, {"source": iv.source}))
         elif kind == "replace":
-            out.append((kind, {"vector": vector} if vector is not None else
-                        {"source": iv.source, "source_position": iv.source_position}))
+            out.append(
+                (
+                    kind,
+                    {"vector": vector}
+                    if vector is not None
+                    else {"source": iv.source, "source_position": iv.source_position},
+                )
+            )
         elif kind == "knockout":  # each item of `to` is one key set (a word, a position or a list of them)
             queries = [q for q in axis(iv.from_)]
-            out += [(kind, {"from": queries, "to": list(axis(t)), "window": int(w)})
-                    for t in axis(iv.to) for w in axis(iv.window)]
+            out += [
+                (kind, {"from": queries, "to": list(axis(t)), "window": int(w)})
+                for t in axis(iv.to)
+                for w in axis(iv.window)
+            ]
         else:
             out.append((kind, {}))
     return out
@@ -223,9 +324,12 @@ def count_kinds(config) -> int:
     """How many (kind, strength) entries `intervention_kinds` gives, by arithmetic (nothing read)."""
     iv, n = config.intervention, 0
     for kind in axis(iv.kind):
-        n += {"add": len(axis(iv.alpha)), "scale": len(axis(iv.factor)),
-              "noise": len(axis(iv.noise_scale)) * len(axis(iv.seed)),
-              "knockout": len(axis(iv.to)) * len(axis(iv.window))}.get(kind, 1)
+        n += {
+            "add": len(axis(iv.alpha)),
+            "scale": len(axis(iv.factor)),
+            "noise": len(axis(iv.noise_scale)) * len(axis(iv.seed)),
+            "knockout": len(axis(iv.to)) * len(axis(iv.window)),
+        }.get(kind, 1)
     return n
 
 
@@ -245,8 +349,6 @@ def with_subject(kind, subject: str | None):
 def edges_label(values: dict[str, Any]) -> str:
     words = lambda v: " ".join(str(x) for x in v)  # noqa: E731
     return f"{words(values['from'])} -> {words(values['to'])}, window {values['window']}"
-
-
 
 
 def units(spec: Any, count: int) -> list[int | None]:
@@ -282,8 +384,12 @@ def _check_model(config, plan: ModelPlan, rows: list[PromptRow], kinds) -> None:
         checked.add(same)
         k = make_kind(kind, values, "intervention.kind")
         for row in rows:
-            run = InterventionRun(row.prompt, (Intervention(sites[0], with_subject(k, row.subject), positions),), row.answer,
-                                  config.generation.max_new_tokens)
+            run = InterventionRun(
+                row.prompt,
+                (Intervention(sites[0], with_subject(k, row.subject), positions),),
+                row.answer,
+                config.generation.max_new_tokens,
+            )
             resolve_run(run, info, f"intervention ({row.where})")
 
 
@@ -294,12 +400,15 @@ def _check_contrast(config, rows: list[PromptRow]) -> None:
         return
     values = {str(dict(r.refs).get(c.column)) for r in rows if c.column in dict(r.refs)}
     if not values:
-        raise ConfigError(f"report.contrast.column: {c.column!r} is not a reference column of the prompts "
-                          f"(prompts.reference_columns)")
+        raise ConfigError(
+            f"report.contrast.column: {c.column!r} is not a reference column of the prompts (prompts.reference_columns)"
+        )
     for side in ("plus", "minus"):
         if str(getattr(c, side)) not in values:
-            raise ConfigError(f"report.contrast.{side}: no prompt has {c.column} = {getattr(c, side)!r} "
-                              f"(it holds {', '.join(sorted(values))})")
+            raise ConfigError(
+                f"report.contrast.{side}: no prompt has {c.column} = {getattr(c, side)!r} "
+                f"(it holds {', '.join(sorted(values))})"
+            )
 
 
 def _hooks_and_units(config, plan: ModelPlan) -> list[tuple[str, int | None, int | None]]:
@@ -330,8 +439,17 @@ def _variant(df) -> list[str]:
     return labels
 
 
-def _delta_heatmap(plt, pivot, path: Path, title: str, xticks: list[str], size: tuple[float, float], xlabel=None,
-                   rotate: bool = False, cbar: str = "mean delta_logprob") -> Path:
+def _delta_heatmap(
+    plt,
+    pivot,
+    path: Path,
+    title: str,
+    xticks: list[str],
+    size: tuple[float, float],
+    xlabel=None,
+    rotate: bool = False,
+    cbar: str = "mean delta_logprob",
+) -> Path:
     """A layer x (head or site) picture of the report's measure, centred on 0."""
     fig, ax = plt.subplots(figsize=size)
     lim = float(np.nanmax(np.abs(pivot.to_numpy()))) or 1.0
@@ -367,24 +485,35 @@ def measured(df, settings: dict | None):
         g = df.groupby(keys, dropna=False)[metric].agg(value="mean", prompts="count").reset_index()
         return g, f"mean {metric}"
     col = f"ref_{contrast['column']}"
-    sides = [df[df[col].astype(str) == str(contrast[side])].groupby(keys, dropna=False)[metric].agg(["mean", "count"])
-             for side in ("plus", "minus")]
+    sides = [
+        df[df[col].astype(str) == str(contrast[side])].groupby(keys, dropna=False)[metric].agg(["mean", "count"])
+        for side in ("plus", "minus")
+    ]
     g = sides[0].merge(sides[1], left_index=True, right_index=True, suffixes=("_plus", "_minus"))
     g = g.assign(value=g["mean_plus"] - g["mean_minus"], prompts=g["count_plus"] + g["count_minus"]).reset_index()
-    return g, (f"mean {metric} where {contrast['column']}={contrast['plus']} minus where "
-               f"{contrast['column']}={contrast['minus']}")
+    return g, (
+        f"mean {metric} where {contrast['column']}={contrast['plus']} minus where "
+        f"{contrast['column']}={contrast['minus']}"
+    )
 
 
 def _head_pictures(plt, out_dir: Path, heads, label: str, out: dict[str, Path]) -> list:
     top = []
     for (model, variant), g in heads.groupby(["model", "variant"], sort=False):
         pivot = g.pivot_table(index="layer", columns="head", values="value", aggfunc="mean")
-        key = f"{pictures.safe_name(model)}_layer_x_head" + ("" if heads["variant"].nunique() == 1
-                                                             else f"_{pictures.safe_name(variant)}")
-        out[key] = _delta_heatmap(plt, pivot, out_dir / f"heatmap_{key}.png",
-                                  f"{model}: {variant} of each head; {label} over {int(g['prompts'].max())} prompts",
-                                  [str(int(h)) for h in pivot.columns],
-                                  (2.5 + 0.5 * pivot.shape[1], 1.5 + 0.25 * pivot.shape[0]), xlabel="head", cbar=label)
+        key = f"{pictures.safe_name(model)}_layer_x_head" + (
+            "" if heads["variant"].nunique() == 1 else f"_{pictures.safe_name(variant)}"
+        )
+        out[key] = _delta_heatmap(
+            plt,
+            pivot,
+            out_dir / f"heatmap_{key}.png",
+            f"{model}: {variant} of each head; {label} over {int(g['prompts'].max())} prompts",
+            [str(int(h)) for h in pivot.columns],
+            (2.5 + 0.5 * pivot.shape[1], 1.5 + 0.25 * pivot.shape[0]),
+            xlabel="head",
+            cbar=label,
+        )
         top.append(g[["model", "variant", "layer", "head", "value", "prompts"]])
     return top
 
@@ -399,8 +528,17 @@ def knockout_curves(df, n_boot: int = 1000, seed: int = 0):
     for (model, edges, layer), g in df.groupby(["model", "knockout", "layer"], sort=True):
         v = g["p_change_pct"].to_numpy(dtype=float)
         boot = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1)
-        out.append({"model": model, "knockout": edges, "layer": int(layer), "mean": v.mean(),
-                    "low": np.percentile(boot, 2.5), "high": np.percentile(boot, 97.5), "prompts": len(v)})
+        out.append(
+            {
+                "model": model,
+                "knockout": edges,
+                "layer": int(layer),
+                "mean": v.mean(),
+                "low": np.percentile(boot, 2.5),
+                "high": np.percentile(boot, 97.5),
+                "prompts": len(v),
+            }
+        )
     return pd.DataFrame(out)
 
 
@@ -419,8 +557,12 @@ def _knockout_pictures(plt, out_dir: Path, df, out: dict[str, Path]) -> None:
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xlabel("layer (window centre)")
         ax.set_ylabel("% change of p(answer)")
-        ax.set_title(pictures.literal(f"{model}: attention knockout, mean over {int(g['prompts'].max())} prompts "
-                                      "(95% bootstrap band)"), fontsize=9)
+        ax.set_title(
+            pictures.literal(
+                f"{model}: attention knockout, mean over {int(g['prompts'].max())} prompts (95% bootstrap band)"
+            ),
+            fontsize=9,
+        )
         ax.legend(fontsize=8)
         fig.tight_layout()
         key = f"knockout_{pictures.safe_name(model)}"
@@ -456,10 +598,16 @@ def intervention_report(out_dir: Path, df, settings: dict | None = None) -> dict
         g = g.assign(what=[f"{s.split('.')[-1]} {v}" for s, v in zip(g["site"], g["variant"])])
         pivot = g.pivot_table(index="layer", columns="what", values="value", aggfunc="mean")
         key = f"{pictures.safe_name(model)}_layer_x_site"
-        out[key] = _delta_heatmap(plt, pivot, out_dir / f"heatmap_{key}.png",
-                                  f"{model}: {label} over {int(g['prompts'].max())} prompts, per site, kind and strength",
-                                  [pictures.literal(c) for c in pivot.columns],
-                                  (3 + 1.2 * pivot.shape[1], 1.5 + 0.25 * pivot.shape[0]), rotate=True, cbar=label)
+        out[key] = _delta_heatmap(
+            plt,
+            pivot,
+            out_dir / f"heatmap_{key}.png",
+            f"{model}: {label} over {int(g['prompts'].max())} prompts, per site, kind and strength",
+            [pictures.literal(c) for c in pivot.columns],
+            (3 + 1.2 * pivot.shape[1], 1.5 + 0.25 * pivot.shape[0]),
+            rotate=True,
+            cbar=label,
+        )
     for model, g in df[df["kind"] == "add"].groupby("model", sort=False):
         table = g.pivot_table(index=["prompt", "layer"], columns="alpha", values="generated_text", aggfunc="first")
         table.insert(0, "baseline", g.groupby(["prompt", "layer"])["baseline_generated_text"].first())
@@ -473,9 +621,26 @@ class InterventionKind(KindDefaults):
     name = "intervention"
     sections = {"prompts": PromptsConfig, "intervention": InterventionConfig}
     operation = "intervention"
-    schema = Schema(INTERVENTION_COLUMNS, INTERVENTION_RESULTS, INTERVENTION_TABLE, ("generated_token_ids",),
-                    ("row", "layer", "head", "neuron", "alpha", "factor", "noise_scale", "seed", "delta_logprob",
-                     "answer_logprob", "baseline_answer_logprob"), ("prompt", "site", "kind"))
+    schema = Schema(
+        INTERVENTION_COLUMNS,
+        INTERVENTION_RESULTS,
+        INTERVENTION_TABLE,
+        ("generated_token_ids",),
+        (
+            "row",
+            "layer",
+            "head",
+            "neuron",
+            "alpha",
+            "factor",
+            "noise_scale",
+            "seed",
+            "delta_logprob",
+            "answer_logprob",
+            "baseline_answer_logprob",
+        ),
+        ("prompt", "site", "kind"),
+    )
     marks = frozenset({"delta_logprob"})
     report_metrics = REPORT_METRICS  # what `report.metric` may name
     renamed = BASELINE  # old column names -> new, for stores written before
@@ -523,11 +688,28 @@ class InterventionKind(KindDefaults):
                 for hook, head, neuron in _hooks_and_units(config, plans[model]):
                     layer = int(hook.split(".")[1]) if hook.startswith("blocks.") else None
                     for variant, (kind, values) in context.items():
-                        yield InterventionCell(model, row.prompt, row.answer, hook, layer, head, neuron, kind, variant,
-                                               values.get("alpha"), values.get("factor"), values.get("scale"),
-                                               values.get("seed"), config.intervention.positions, row.index, row.refs,
-                                               gen, max_new, row.subject if kind == "knockout" else None,
-                                               edges_label(values) if kind == "knockout" else None)
+                        yield InterventionCell(
+                            model,
+                            row.prompt,
+                            row.answer,
+                            hook,
+                            layer,
+                            head,
+                            neuron,
+                            kind,
+                            variant,
+                            values.get("alpha"),
+                            values.get("factor"),
+                            values.get("scale"),
+                            values.get("seed"),
+                            config.intervention.positions,
+                            row.index,
+                            row.refs,
+                            gen,
+                            max_new,
+                            row.subject if kind == "knockout" else None,
+                            edges_label(values) if kind == "knockout" else None,
+                        )
 
     def payload(self, task) -> dict[str, Any]:
         """Each cell as the core's InterventionRun, in the core's plain-data form (run_to_dict)."""
@@ -537,7 +719,9 @@ class InterventionKind(KindDefaults):
         kinds = {v: make_kind(*task.context[v]) for v in dict.fromkeys(c.variant for c in task.cells)}
         runs = []
         for c in task.cells:
-            site = Site(c.site, head=() if c.head is None else (c.head,), neuron=() if c.neuron is None else (c.neuron,))
+            site = Site(
+                c.site, head=() if c.head is None else (c.head,), neuron=() if c.neuron is None else (c.neuron,)
+            )
             kind = with_subject(kinds[c.variant], c.subject)
             run = InterventionRun(c.prompt, (Intervention(site, kind, c.positions),), c.answer, c.max_new_tokens)
             runs.append(run_to_dict(run))
@@ -561,8 +745,10 @@ class InterventionKind(KindDefaults):
     def describe(self, config, plan: ModelPlan, context) -> str:
         iv = config.intervention
         kinds = sorted({k for k, _ in context.values()})
-        return (f"layers {plan.source_layers} x site {iv.site} x heads {iv.heads or '-'} x neurons {iv.neurons or '-'} x "
-                f"{len(context)} kind(s) and strength(s) ({', '.join(kinds)}), positions {iv.positions}")
+        return (
+            f"layers {plan.source_layers} x site {iv.site} x heads {iv.heads or '-'} x neurons {iv.neurons or '-'} x "
+            f"{len(context)} kind(s) and strength(s) ({', '.join(kinds)}), positions {iv.positions}"
+        )
 
     def report(self, out_dir: Path, df, settings: dict | None = None) -> dict[str, Path]:
         return intervention_report(out_dir, df, settings)
@@ -573,11 +759,16 @@ class InterventionKind(KindDefaults):
         keys = [c for c in ("model", "site", "head", "neuron", "variant") if c in df]
         g = df.groupby(keys, dropna=False)["delta_logprob"].agg(["mean", "count"]).reset_index()
         g = g.sort_values("mean", key=abs, ascending=False).head(max_rows)
-        lines = ["== the interventions that change the answer's log-probability most (mean over prompts, "
-                 "per site, head or neuron, kind and strength)"]
-        lines += [f"  {r.model} {r.site}{'' if r.head != r.head else f' head {int(r.head)}'}"
-                  f"{'' if getattr(r, 'neuron', None) is None or r.neuron != r.neuron else f' neuron {int(r.neuron)}'} "
-                  f"{r.variant}: {r.mean:+.3f} ({r.count} prompts)" for r in g.itertuples()]
+        lines = [
+            "== the interventions that change the answer's log-probability most (mean over prompts, "
+            "per site, head or neuron, kind and strength)"
+        ]
+        lines += [
+            f"  {r.model} {r.site}{'' if r.head != r.head else f' head {int(r.head)}'}"
+            f"{'' if getattr(r, 'neuron', None) is None or r.neuron != r.neuron else f' neuron {int(r.neuron)}'} "
+            f"{r.variant}: {r.mean:+.3f} ({r.count} prompts)"
+            for r in g.itertuples()
+        ]
         return "\n".join(lines)
 
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
@@ -53,7 +54,7 @@ class SourceConfig(Strict):
         return v
 
     @model_validator(mode="after")
-    def _one_source(self) -> "SourceConfig":
+    def _one_source(self) -> SourceConfig:
         if (self.prompts is None) == (self.file is None):
             raise ValueError("give exactly one of source.prompts or source.file")
         return self
@@ -66,7 +67,7 @@ class TargetConfig(Strict):
     positions: TargetPositions = [-1]
 
     @model_validator(mode="after")
-    def _one_prompt(self) -> "TargetConfig":
+    def _one_prompt(self) -> TargetConfig:
         if (self.prompt is None) == (self.prompt_column is None):
             raise ValueError("give exactly one of target.prompt or target.prompt_column")
         if self.prompt is not None and not self.prompt.strip():
@@ -87,18 +88,41 @@ class Row:
 
 # A cell's parameters, in this order (ref_<name> columns follow); the first columns of every row.
 PARAM_COLUMNS = (
-    "cell_id", "model", "source_prompt", "source_layer", "source_position",
-    "target_prompt", "target_layer", "target_position", "row",
+    "cell_id",
+    "model",
+    "source_prompt",
+    "source_layer",
+    "source_position",
+    "target_prompt",
+    "target_layer",
+    "target_position",
+    "row",
 )
 # What the engine produced for a cell.
 RESULT_COLUMNS = (
-    "source_position_abs", "target_position_abs", "source_token_ids", "target_token_ids",
-    "generated_token_ids", "generated_text", "top_token_ids", "top_logprobs", "max_new_tokens",
+    "source_position_abs",
+    "target_position_abs",
+    "source_token_ids",
+    "target_token_ids",
+    "generated_token_ids",
+    "generated_text",
+    "top_token_ids",
+    "top_logprobs",
+    "max_new_tokens",
 )
 # What a person reads (W&B tables, results.csv), in this order; ref_<name> and match_<name> follow.
 TABLE_COLUMNS = (
-    "cell_id", "model", "source_prompt", "source_layer", "source_position", "target_layer",
-    "target_position", "generated_text", "top1_logprob", "target_prompt", "generated_token_ids",
+    "cell_id",
+    "model",
+    "source_prompt",
+    "source_layer",
+    "source_position",
+    "target_layer",
+    "target_position",
+    "generated_text",
+    "top1_logprob",
+    "target_prompt",
+    "generated_token_ids",
 )
 # Token-id lists, shown as space-separated text in tables.
 TOKEN_COLUMNS = ("generated_token_ids", "source_token_ids", "target_token_ids")
@@ -172,9 +196,13 @@ def load_patchscope_rows(config, base: Path | None = None) -> list[Row]:
     table = read_table(path)
     if not table:
         raise ConfigError(f"source.file: {path} has no rows")
-    refs = checked_columns(list(table[0]), (("source.prompt_column", src.prompt_column),
-                                            ("target.prompt_column", tgt.prompt_column)),
-                           src.reference_columns, "source.reference_columns", path)
+    refs = checked_columns(
+        list(table[0]),
+        (("source.prompt_column", src.prompt_column), ("target.prompt_column", tgt.prompt_column)),
+        src.reference_columns,
+        "source.reference_columns",
+        path,
+    )
     rows = []
     for i, rec in enumerate(table):
         where = f"source.file row {i + 1}"
@@ -208,8 +236,10 @@ def _check_rows(config, plan: ModelPlan, rows: list[Row], name: str) -> None:
     """Every prompt's token count, context and positions on one model (filling plan.n_tokens)."""
     info = plan.info
     for row in rows:
-        for prompt, role, positions in ((row.source_prompt, "source", config.source.positions),
-                                        (row.target_prompt, "target", config.target.positions)):
+        for prompt, role, positions in (
+            (row.source_prompt, "source", config.source.positions),
+            (row.target_prompt, "target", config.target.positions),
+        ):
             if prompt in plan.n_tokens and role == "target":
                 n = plan.n_tokens[prompt]
             else:
@@ -232,11 +262,15 @@ def check_patchscopes(config, rows: list[Row]) -> dict[str, ModelPlan]:
     for i, name in enumerate(config.models):
         info = model_info_for(name, f"models[{i}]")
         if info.n_ctx and config.generation.max_new_tokens >= info.n_ctx:
-            raise ConfigError(f"generation.max_new_tokens: {config.generation.max_new_tokens} does not fit {name}'s "
-                              f"context of {info.n_ctx} tokens (prompt tokens + new tokens must be at most {info.n_ctx})")
+            raise ConfigError(
+                f"generation.max_new_tokens: {config.generation.max_new_tokens} does not fit {name}'s "
+                f"context of {info.n_ctx} tokens (prompt tokens + new tokens must be at most {info.n_ctx})"
+            )
         try:
             source = checked_layers(config.source.layers, info, "source.layers")
-            target = None if config.target.layers == "same" else checked_layers(config.target.layers, info, "target.layers")
+            target = (
+                None if config.target.layers == "same" else checked_layers(config.target.layers, info, "target.layers")
+            )
             plan = ModelPlan(info, source, target)
             _check_rows(config, plan, rows, name)
         except PatchscopeError as exc:
@@ -283,7 +317,15 @@ def _walk(config, rows: list[Row], plans: dict[str, ModelPlan]) -> Iterator[tupl
                     for pos in positions:
                         for t_layer in (layer,) if t_layers == [None] else t_layers:
                             for t_pos in config.target.positions:
-                                yield _cell_digest(parts, layer, pos, t_layer, t_pos), model, row, layer, pos, t_layer, t_pos
+                                yield (
+                                    _cell_digest(parts, layer, pos, t_layer, t_pos),
+                                    model,
+                                    row,
+                                    layer,
+                                    pos,
+                                    t_layer,
+                                    t_pos,
+                                )
 
 
 def _ordered(df):
@@ -313,16 +355,27 @@ def _heatmaps(out_dir: Path, model: str, mdf, metric: str, label: str) -> dict[s
         notes = [[pictures.note(text.get((p, l), "")) for l in pivot.columns] for p in pivot.index]
     key = f"{pictures.safe_name(model, 'model')}_prompt_x_layer"
     out[key] = pictures.heatmap(
-        pivot.to_numpy(dtype=float), list(pivot.index), list(pivot.columns),
+        pivot.to_numpy(dtype=float),
+        list(pivot.index),
+        list(pivot.columns),
         f"{model}: {label}" + ("" if one_each else " (mean over positions / target layers)"),
-        "source layer", "source prompt", metric, out_dir / f"heatmap_{key}.png", notes,
+        "source layer",
+        "source prompt",
+        metric,
+        out_dir / f"heatmap_{key}.png",
+        notes,
     )
     if mdf.groupby("source_layer")["target_layer"].nunique().max() > 1:
         st = mdf.pivot_table(index="source_layer", columns="target_layer", values=metric, aggfunc="mean")
         key = f"{pictures.safe_name(model, 'model')}_source_x_target_layer"
         out[key] = pictures.heatmap(
-            st.to_numpy(dtype=float), [str(i) for i in st.index], list(st.columns),
-            f"{model}: {label} (mean over prompts)", "target layer", "source layer", metric,
+            st.to_numpy(dtype=float),
+            [str(i) for i in st.index],
+            list(st.columns),
+            f"{model}: {label} (mean over prompts)",
+            "target layer",
+            "source layer",
+            metric,
             out_dir / f"heatmap_{key}.png",
         )
     return out
@@ -368,8 +421,19 @@ class PatchscopeKind(KindDefaults):
     def cells(self, config, rows, plans, context) -> Iterator[Cell]:
         gen, max_new = generation_key(config), config.generation.max_new_tokens
         for cid, model, row, layer, pos, t_layer, t_pos in _walk(config, rows, plans):
-            cell = Cell(model, row.source_prompt, layer, pos, row.target_prompt, t_layer, t_pos, row.index,
-                        row.refs, gen, max_new)
+            cell = Cell(
+                model,
+                row.source_prompt,
+                layer,
+                pos,
+                row.target_prompt,
+                t_layer,
+                t_pos,
+                row.index,
+                row.refs,
+                gen,
+                max_new,
+            )
             cell.__dict__["cell_id"] = cid  # computed above: fill the cached property
             yield cell
 
@@ -383,16 +447,21 @@ class PatchscopeKind(KindDefaults):
         rows = []
         for cell, rec in zip(task.cells, output["records"], strict=True):
             row = cell.params()
-            row.update(source_position_abs=rec["source_position"], target_position_abs=rec["target_positions"][0],
-                       **{c: rec[c] for c in RESULT_COLUMNS[2:]})
+            row.update(
+                source_position_abs=rec["source_position"],
+                target_position_abs=rec["target_positions"][0],
+                **{c: rec[c] for c in RESULT_COLUMNS[2:]},
+            )
             row.update(run_columns(output, rec))
             rows.append(row)
         return rows
 
     def describe(self, config, plan: ModelPlan, context) -> str:
         tl = "same as source" if plan.target_layers is None else plan.target_layers
-        return (f"source layers {plan.source_layers} x source positions {config.source.positions} x target layers {tl} "
-                f"x target positions {config.target.positions}")
+        return (
+            f"source layers {plan.source_layers} x source positions {config.source.positions} x target layers {tl} "
+            f"x target positions {config.target.positions}"
+        )
 
     def report(self, out_dir: Path, df, settings: dict | None = None) -> dict[str, Path]:
         metric, label = metric_of(df)
@@ -407,7 +476,8 @@ class PatchscopeKind(KindDefaults):
         lines = []
         for model, mdf in df.groupby("model", sort=False):
             first = mdf.sort_values(["target_layer", "source_position", "target_position"]).drop_duplicates(
-                ["source_prompt", "source_layer"])
+                ["source_prompt", "source_layer"]
+            )
             pivot = first.pivot(index="source_prompt", columns="source_layer", values="generated_text")
             pivot = pivot.reindex(list(dict.fromkeys(mdf["source_prompt"])))
             lines.append(f"== {model}: generated text by source prompt (rows) and source layer (columns)")

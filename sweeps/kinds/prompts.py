@@ -6,9 +6,10 @@ layers and token counts, the task groups of distinct rows)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pydantic import Field, model_validator
 
@@ -34,7 +35,7 @@ class PromptsConfig(Strict):
     wrong_answer_column: str | None = Field(None, description="activation_patching: the wrong answer (logit_diff)")
 
     @model_validator(mode="after")
-    def _one_source(self) -> "PromptsConfig":
+    def _one_source(self) -> PromptsConfig:
         if (self.file is None) == (self.rows is None):
             raise ValueError("prompts: give exactly one of prompts.file or prompts.rows")
         if self.rows is not None and not self.rows:
@@ -69,8 +70,13 @@ def load_prompt_rows(config, base: Path | None = None) -> list[PromptRow]:
             raise ConfigError(f"prompts.file: {path} has no rows")
     names = ("prompt_column", "answer_column", "subject_column")
     named = [(f"prompts.{name}", getattr(pc, name)) for name in names]
-    refs = checked_columns(list(dict.fromkeys(c for rec in table for c in rec)), named, pc.reference_columns,
-                           "prompts.reference_columns", where)
+    refs = checked_columns(
+        list(dict.fromkeys(c for rec in table for c in rec)),
+        named,
+        pc.reference_columns,
+        "prompts.reference_columns",
+        where,
+    )
     rows = []
     for i, rec in enumerate(table):
         at = f"{where} row {i + 1}"
@@ -81,8 +87,16 @@ def load_prompt_rows(config, base: Path | None = None) -> list[PromptRow]:
             if col is not None and (not isinstance(v, str) or not v.strip()):
                 raise ConfigError(f"prompts.{name}: {at} has an empty or missing {col} ({v!r})")
             values[name] = v
-        rows.append(PromptRow(values["prompt_column"], values["answer_column"], values["subject_column"],
-                              tuple((c, ref_value(rec.get(c))) for c in refs), at, i))
+        rows.append(
+            PromptRow(
+                values["prompt_column"],
+                values["answer_column"],
+                values["subject_column"],
+                tuple((c, ref_value(rec.get(c))) for c in refs),
+                at,
+                i,
+            )
+        )
     return rows
 
 
@@ -117,8 +131,9 @@ def count_tokens(plan: ModelPlan, rows: list[PromptRow], new_tokens: int = 0) ->
             raise ConfigError(f"prompts.prompt_column: {row.where}: {problem} (prompt {row.prompt[:40]!r})")
         problem = context_problem(n, new_tokens, info)
         if problem:
-            raise ConfigError(f"generation.max_new_tokens: {problem} ({row.where}); give a smaller max_new_tokens "
-                              "or shorter prompts")
+            raise ConfigError(
+                f"generation.max_new_tokens: {problem} ({row.where}); give a smaller max_new_tokens or shorter prompts"
+            )
 
 
 def fact_key(prompt: str, subject: str | None, answer: str | None) -> str:

@@ -35,8 +35,10 @@ def check_reachable(address: str, timeout: float = 5) -> None:
     except OSError as exc:
         raise ConfigError(f"--address: no Ray cluster answers at {address} ({exc.strerror or exc})") from None
     if len(head) < 9 or head[3] != 0x04:
-        raise ConfigError(f"--address: {address} answers, but not as a Ray cluster (it replied {head[:16]!r} to a "
-                          "gRPC greeting); give the head node's address (`ray start --head` prints it, port 6379 by default)")
+        raise ConfigError(
+            f"--address: {address} answers, but not as a Ray cluster (it replied {head[:16]!r} to a "
+            "gRPC greeting); give the head node's address (`ray start --head` prints it, port 6379 by default)"
+        )
 
 
 def check_local_gpus(config) -> None:
@@ -91,13 +93,17 @@ def check_resources(config, local: bool) -> None:
     res = ray.cluster_resources()
     gpus, cpus = res.get("GPU", 0), res.get("CPU", 0)
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    print(f"ray: {nodes} node(s), {cpus:g} CPUs, {gpus:g} GPUs; "
-          f"{ex.workers} worker(s) per model with {ex.cpus_per_worker:g} CPU / {ex.gpus_per_worker:g} GPU each")
+    print(
+        f"ray: {nodes} node(s), {cpus:g} CPUs, {gpus:g} GPUs; "
+        f"{ex.workers} worker(s) per model with {ex.cpus_per_worker:g} CPU / {ex.gpus_per_worker:g} GPU each"
+    )
     if ex.gpus_per_worker > gpus:
         if local:
             raise ConfigError(
                 f"execution.gpus_per_worker: {ex.gpus_per_worker:g} GPU per worker, but this machine has "
                 f"{gpus:g}; use 0 to run on the CPU, or join a GPU cluster with --address"
             )
-        print("ray: not enough GPUs in the cluster yet: the workers wait until the autoscaler adds GPU nodes "
-              f"(up to execution.placement_timeout_s = {ex.placement_timeout_s:g} s)")
+        print(
+            "ray: not enough GPUs in the cluster yet: the workers wait until the autoscaler adds GPU nodes "
+            f"(up to execution.placement_timeout_s = {ex.placement_timeout_s:g} s)"
+        )

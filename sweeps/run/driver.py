@@ -55,14 +55,16 @@ def plan(config_path: str):
     context = study_context(config, rows, base)
     n_cells = count_cells(config, rows, plans, context)
     if n_cells == 0:
-        raise ConfigError(f"kind: this {config.kind} grid has no cells (an empty list or file?); every axis needs at "
-                          "least one value")
+        raise ConfigError(
+            f"kind: this {config.kind} grid has no cells (an empty list or file?); every axis needs at least one value"
+        )
     config.execution.check_cells(n_cells)  # the kinds' checks count their grids first too, before building anything
     return config, rows, plans, n_cells, context
 
 
-def run_tasks(tasks, todo: dict[str, tuple[int, int]], config, store: ResultStore, sinks: Peers, progress,
-              totals: dict[str, Any]) -> list:
+def run_tasks(
+    tasks, todo: dict[str, tuple[int, int]], config, store: ResultStore, sinks: Peers, progress, totals: dict[str, Any]
+) -> list:
     """Run the tasks (grouped by model, read lazily) model by model; returns the tasks given up."""
     ex = config.execution
     settings = worker_settings(config)
@@ -85,18 +87,26 @@ def run_tasks(tasks, todo: dict[str, tuple[int, int]], config, store: ResultStor
 def _describe(config, rows, plans, n_cells: int, context=None) -> None:
     ex = config.execution
     grid = count_todo(config, rows, plans, set(), context)  # {model: (cells, tasks)} of the whole grid
-    print(f"sweep {config.name} ({config.kind}): {n_cells} cells in {sum(t for _, t in grid.values())} tasks "
-          f"(batch size {ex.batch_size})")
+    print(
+        f"sweep {config.name} ({config.kind}): {n_cells} cells in {sum(t for _, t in grid.values())} tasks "
+        f"(batch size {ex.batch_size})"
+    )
     for name, p in plans.items():
         n, t = grid.get(name, (0, 0))
-        print(f"  {name}: {p.info.n_layers} layers; {len(rows)} prompt row(s) x {KINDS[config.kind].describe(config, p, context)} "
-              f"= {n} cells, {t} tasks")
+        print(
+            f"  {name}: {p.info.n_layers} layers; {len(rows)} prompt row(s) x {KINDS[config.kind].describe(config, p, context)} "
+            f"= {n} cells, {t} tasks"
+        )
     if ex.backend == "local":
-        print(f"backend: local (in this process, no Ray): 1 worker per model, {ex.cpus_per_worker:g} CPU and "
-              f"{ex.gpus_per_worker:g} GPU")
+        print(
+            f"backend: local (in this process, no Ray): 1 worker per model, {ex.cpus_per_worker:g} CPU and "
+            f"{ex.gpus_per_worker:g} GPU"
+        )
     else:
-        print(f"workers: {ex.workers} per model, {ex.cpus_per_worker:g} CPU and {ex.gpus_per_worker:g} GPU each, "
-              f"at most {ex.max_in_flight_per_worker} tasks in flight per worker")
+        print(
+            f"workers: {ex.workers} per model, {ex.cpus_per_worker:g} CPU and {ex.gpus_per_worker:g} GPU each, "
+            f"at most {ex.max_in_flight_per_worker} tasks in flight per worker"
+        )
 
 
 def _dry_run(config, rows, plans, n_cells: int, store: ResultStore, restart: bool, context=None) -> int:
@@ -111,8 +121,10 @@ def _dry_run(config, rows, plans, n_cells: int, store: ResultStore, restart: boo
     cells, tasks = sum(c for c, _ in todo.values()), sum(t for _, t in todo.values())
     print(f"output: {config.out_dir}: {n_cells - cells} of these cells already stored, {cells} to run in {tasks} tasks")
     if n_stored and not restart:
-        print(f"stored: {n_stored} cells in {store.results_dir}: {n_cells - cells} reused by this config, "
-              f"{n_stored - (n_cells - cells)} of other configs or weights kept aside, {cells} to run")
+        print(
+            f"stored: {n_stored} cells in {store.results_dir}: {n_cells - cells} reused by this config, "
+            f"{n_stored - (n_cells - cells)} of other configs or weights kept aside, {cells} to run"
+        )
     print("dry run: nothing computed")
     return 0
 
@@ -147,8 +159,9 @@ def _sinks(config, chash: str) -> Peers:
     return Peers([ReportSink(config.out_dir), WandbPeer(config.output.wandb, config.name, dump, config.out_dir)])
 
 
-def _compute(args, config, rows, plans, n_cells: int, chash: str, store: ResultStore, address, context, sinks,
-             totals) -> tuple[list, bool]:
+def _compute(
+    args, config, rows, plans, n_cells: int, chash: str, store: ResultStore, address, context, sinks, totals
+) -> tuple[list, bool]:
     """Start Ray if there is work for it, open the store, run what it lacks; (tasks given up, interrupted)."""
     from tqdm import tqdm
 
@@ -158,24 +171,43 @@ def _compute(args, config, rows, plans, n_cells: int, chash: str, store: ResultS
     try:
         if n_todo and config.execution.backend == "local":
             ex = config.execution
-            print(f"backend: local: this process runs every task (no Ray), {ex.cpus_per_worker:g} CPU threads"
-                  + (f", {ex.gpus_per_worker:g} GPU" if ex.gpus_per_worker else ""))
+            print(
+                f"backend: local: this process runs every task (no Ray), {ex.cpus_per_worker:g} CPU threads"
+                + (f", {ex.gpus_per_worker:g} GPU" if ex.gpus_per_worker else "")
+            )
         elif n_todo:
             started = connect(address, config)
             check_resources(config, local=not address)
-        store.open(config.model_dump(mode="json"), chash, n_cells, restart=args.restart,
-                   cells=cell_ids(config, rows, plans, context))
+        store.open(
+            config.model_dump(mode="json"),
+            chash,
+            n_cells,
+            restart=args.restart,
+            cells=cell_ids(config, rows, plans, context),
+        )
         already = n_cells - n_todo
-        print(f"sweep {config.name}: {n_cells} cells; "
-              + (f"{already} already stored in {store.results_dir}, skipping them; " if already else "")
-              + f"{n_todo} to run in {n_tasks} tasks")
+        print(
+            f"sweep {config.name}: {n_cells} cells; "
+            + (f"{already} already stored in {store.results_dir}, skipping them; " if already else "")
+            + f"{n_todo} to run in {n_tasks} tasks"
+        )
         if not n_todo:
             return [], False
         sinks.start()
-        tasks = iter_tasks(iter_cells(config, rows, plans, skip=store.stored_cell_ids(), context=context),
-                           config.execution.batch_size, context)
-        with tqdm(total=n_cells, initial=already, unit="cell", desc=config.name, dynamic_ncols=True,
-                  smoothing=0.1, file=sys.stdout) as progress:
+        tasks = iter_tasks(
+            iter_cells(config, rows, plans, skip=store.stored_cell_ids(), context=context),
+            config.execution.batch_size,
+            context,
+        )
+        with tqdm(
+            total=n_cells,
+            initial=already,
+            unit="cell",
+            desc=config.name,
+            dynamic_ncols=True,
+            smoothing=0.1,
+            file=sys.stdout,
+        ) as progress:
             return run_tasks(tasks, todo, config, store, sinks, progress, totals), False
     except KeyboardInterrupt:
         return [], True
@@ -189,8 +221,9 @@ def _compute(args, config, rows, plans, n_cells: int, chash: str, store: ResultS
             ray.shutdown()
 
 
-def _run(args, config, rows, plans, n_cells: int, chash: str, store: ResultStore, address: str | None,
-         context=None) -> int:
+def _run(
+    args, config, rows, plans, n_cells: int, chash: str, store: ResultStore, address: str | None, context=None
+) -> int:
     totals = {"computed": 0, "t0": time.perf_counter()}
     sinks = _sinks(config, chash)
     given_up, interrupted = _compute(args, config, rows, plans, n_cells, chash, store, address, context, sinks, totals)
@@ -199,13 +232,20 @@ def _run(args, config, rows, plans, n_cells: int, chash: str, store: ResultStore
     elapsed = time.perf_counter() - totals["t0"]
     if interrupted:
         sinks.fail()
-        print(f"\ninterrupted: {done} of {n_cells} cells are stored in {store.results_dir}; "
-              "run the same command again to resume")
+        print(
+            f"\ninterrupted: {done} of {n_cells} cells are stored in {store.results_dir}; "
+            "run the same command again to resume"
+        )
         return 130
-    end = sinks.finish(End(df, {"cells_done": done, "cells_total": n_cells, "cells_computed": totals["computed"],
-                                "elapsed_s": elapsed}))
-    print(f"\n{done} of {n_cells} cells stored ({totals['computed']} computed now, in {elapsed:.1f} s): "
-          f"{store.results_dir}")
+    end = sinks.finish(
+        End(
+            df, {"cells_done": done, "cells_total": n_cells, "cells_computed": totals["computed"], "elapsed_s": elapsed}
+        )
+    )
+    print(
+        f"\n{done} of {n_cells} cells stored ({totals['computed']} computed now, in {elapsed:.1f} s): "
+        f"{store.results_dir}"
+    )
     for line in made_lines(end.made):
         print(line)
     for line in end.notes:

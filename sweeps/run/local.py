@@ -15,7 +15,8 @@ model that cannot be loaded gives up all its tasks, as a worker that never start
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from ..grid import Task
 
@@ -27,8 +28,9 @@ def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[-1] if lines else ''}".rstrip(": ")
 
 
-def run_here(tasks: Iterable[Task], run: Callable[[dict[str, Any]], dict[str, Any]], done: Done,
-             say: Callable[[str], None]) -> list[Task]:
+def run_here(
+    tasks: Iterable[Task], run: Callable[[dict[str, Any]], dict[str, Any]], done: Done, say: Callable[[str], None]
+) -> list[Task]:
     """Run each task's payload with `run` (a worker's `run`, or `run_task` on an engine) in this
     process and hand its output to done(task, output); returns the tasks that failed."""
     given_up = []
@@ -43,8 +45,15 @@ def run_here(tasks: Iterable[Task], run: Callable[[dict[str, Any]], dict[str, An
     return given_up
 
 
-def run_model(model: str, tasks: Iterator[Task], n_workers: int, ex, settings: dict[str, Any], done: Done,
-              say: Callable[[str], None]) -> list[Task]:
+def run_model(
+    model: str,
+    tasks: Iterator[Task],
+    n_workers: int,
+    ex,
+    settings: dict[str, Any],
+    done: Done,
+    say: Callable[[str], None],
+) -> list[Task]:
     """Run `tasks` (all of `model`) in this process on one worker (`n_workers` is 1: the config
     refuses more for this backend); the scheduler's contract. Torch's thread count is this
     process's again afterwards."""

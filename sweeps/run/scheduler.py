@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from ..grid import Task
 
@@ -86,18 +87,34 @@ def _resources() -> str:
     import ray
 
     total, free = ray.cluster_resources(), ray.available_resources()
-    return (f"the cluster has {total.get('CPU', 0):g} CPU and {total.get('GPU', 0):g} GPU, "
-            f"{free.get('CPU', 0):g} CPU and {free.get('GPU', 0):g} GPU free")
+    return (
+        f"the cluster has {total.get('CPU', 0):g} CPU and {total.get('GPU', 0):g} GPU, "
+        f"{free.get('CPU', 0):g} CPU and {free.get('GPU', 0):g} GPU free"
+    )
 
 
-def run_model(model: str, tasks: Iterator[Task], n_workers: int, ex, settings: dict[str, Any],
-              done: Callable[[Task, dict[str, Any]], None], say: Callable[[str], None]) -> list[Task]:
+def run_model(
+    model: str,
+    tasks: Iterator[Task],
+    n_workers: int,
+    ex,
+    settings: dict[str, Any],
+    done: Callable[[Task, dict[str, Any]], None],
+    say: Callable[[str], None],
+) -> list[Task]:
     """Run `tasks` (all of `model`) on `n_workers` actors, calling done(task, output) for each
     finished task; returns the tasks given up (failed, or left when no actor could run them)."""
     from workers.actor import start_workers
 
-    handles = start_workers(model, settings, n_workers, num_cpus=ex.cpus_per_worker, num_gpus=ex.gpus_per_worker,
-                            max_restarts=ex.max_restarts, max_task_retries=ex.max_task_retries)
+    handles = start_workers(
+        model,
+        settings,
+        n_workers,
+        num_cpus=ex.cpus_per_worker,
+        num_gpus=ex.gpus_per_worker,
+        max_restarts=ex.max_restarts,
+        max_task_retries=ex.max_task_retries,
+    )
     run = _ModelRun(model, handles, tasks, ex, done, say)
     try:
         run.loop()
@@ -109,8 +126,15 @@ def run_model(model: str, tasks: Iterator[Task], n_workers: int, ex, settings: d
 class _ModelRun:
     """The state of one model's run: its actors, the work left, what is in flight."""
 
-    def __init__(self, model: str, handles: list, tasks: Iterator[Task], ex,
-                 done: Callable[[Task, dict[str, Any]], None], say: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        model: str,
+        handles: list,
+        tasks: Iterator[Task],
+        ex,
+        done: Callable[[Task, dict[str, Any]], None],
+        say: Callable[[str], None],
+    ) -> None:
         now = time.monotonic()
         self.model, self.ex, self.done, self.say = model, ex, done, say
         self.actors = [_Actor(i + 1, h, now) for i, h in enumerate(handles)]
@@ -127,9 +151,11 @@ class _ModelRun:
         self.pings[a.ping] = a
 
     def waiting(self, a: _Actor) -> str:
-        return (f"waiting for resources: worker {a.number} of {len(self.actors)} for {self.model} (asks {self.asks}) "
-                f"has not started within {self.ex.placement_timeout_s:g} s ({_resources()}); its share goes to the "
-                "other workers")
+        return (
+            f"waiting for resources: worker {a.number} of {len(self.actors)} for {self.model} (asks {self.asks}) "
+            f"has not started within {self.ex.placement_timeout_s:g} s ({_resources()}); its share goes to the "
+            "other workers"
+        )
 
     def lose(self, a: _Actor, why: str) -> None:
         """The actor is gone or unreachable: its tasks go back to the queue; ask it ready() again."""
@@ -138,7 +164,9 @@ class _ModelRun:
         refs = list(a.tasks)
         a.tasks.clear()
         if a.ready:
-            self.say(f"worker {a.number} of {self.model} lost ({why}); its {len(refs)} task(s) in flight go to other workers")
+            self.say(
+                f"worker {a.number} of {self.model} lost ({why}); its {len(refs)} task(s) in flight go to other workers"
+            )
         a.ready = False
         for ref in refs:
             _, task = self.in_flight.pop(ref)
@@ -148,9 +176,11 @@ class _ModelRun:
                 pass
             self.moves[task.task_id] += 1
             if 0 <= self.ex.max_task_retries < self.moves[task.task_id]:
-                self.say(f"task {task.task_id} ({len(task.cells)} cells of {self.model}) lost its worker "
-                         f"{self.moves[task.task_id]} times: given up (execution.max_task_retries = "
-                         f"{self.ex.max_task_retries})")
+                self.say(
+                    f"task {task.task_id} ({len(task.cells)} cells of {self.model}) lost its worker "
+                    f"{self.moves[task.task_id]} times: given up (execution.max_task_retries = "
+                    f"{self.ex.max_task_retries})"
+                )
                 self.given_up.append(task)
             else:
                 self.work.again.appendleft(task)
@@ -209,8 +239,10 @@ class _ModelRun:
         if all(a.dead for a in actors):
             self.say(f"no worker of {self.model} is left: stopping")
         else:
-            self.say(f"no worker of {self.model} could be placed within execution.placement_timeout_s = "
-                     f"{self.ex.placement_timeout_s:g} s (each asks {self.asks}; {_resources()}): stopping")
+            self.say(
+                f"no worker of {self.model} could be placed within execution.placement_timeout_s = "
+                f"{self.ex.placement_timeout_s:g} s (each asks {self.asks}; {_resources()}): stopping"
+            )
         self.given_up.extend(self.work.drain())
         return True
 

@@ -9,9 +9,10 @@ sink prints one warning and is dropped, and the stored rows are never lost.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 
 @dataclass
@@ -47,8 +48,11 @@ class Peers:
             try:
                 getattr(sink, what)(*args)
             except Exception as exc:  # noqa: BLE001 - a sink must never cost a stored result
-                print(f"warning: {sink.name} {what} failed ({type(exc).__name__}: {exc}); results are safe in the "
-                      f"local store, {sink.name} is off for the rest of this sweep", file=sys.stderr)
+                print(
+                    f"warning: {sink.name} {what} failed ({type(exc).__name__}: {exc}); results are safe in the "
+                    f"local store, {sink.name} is off for the rest of this sweep",
+                    file=sys.stderr,
+                )
                 self.sinks.remove(sink)
 
     def start(self) -> None:

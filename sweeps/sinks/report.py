@@ -64,8 +64,11 @@ def made_lines(made: dict[str, Path]) -> list[str]:
     results.csv first, then each picture (`picture:`) and each table (`table:`, e.g. steering_<model>.csv)."""
     if "table" not in made:
         return []
-    return [f"table:    {made['table']}"] + [f"{'picture:  ' if Path(path).suffix == '.png' else 'table:    '}{path}"
-                                             for key, path in made.items() if key != "table"]
+    return [f"table:    {made['table']}"] + [
+        f"{'picture:  ' if Path(path).suffix == '.png' else 'table:    '}{path}"
+        for key, path in made.items()
+        if key != "table"
+    ]
 
 
 def text_table(df) -> str:
@@ -91,17 +94,25 @@ def check_results(store: ResultStore, df, kind_name: str) -> None:
     missing = [c for c in needed if c not in df.columns]
     if missing:
         renamed = KINDS[kind_name].renamed  # a file written before a rename holds the old name
-        where = _file_with(store, lambda names, types: any(c not in names and c not in
-                                                           [renamed.get(n, n) for n in names] for c in missing))
-        raise ConfigError(f"dir: {where} lacks the column(s) {', '.join(missing)} of a {kind_name} sweep's results "
-                          "(written by another program or version?); move it away to report the rest")
+        where = _file_with(
+            store,
+            lambda names, types: any(c not in names and c not in [renamed.get(n, n) for n in names] for c in missing),
+        )
+        raise ConfigError(
+            f"dir: {where} lacks the column(s) {', '.join(missing)} of a {kind_name} sweep's results "
+            "(written by another program or version?); move it away to report the rest"
+        )
     for c in schema.numbers:
         values = df[c]
         if not (pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values) or values.isna().all()):
             bad = next(v for v in values if v is not None and not isinstance(v, (int, float)))
-            where = _file_with(store, lambda names, types: c in names and types[c] not in ("int", "float", "null", "bool"))
-            raise ConfigError(f"dir: {where}: column {c} holds {type(bad).__name__} values such as {bad!r}, not numbers "
-                              "(written by another program?); move the file away to report the rest")
+            where = _file_with(
+                store, lambda names, types, c=c: c in names and types[c] not in ("int", "float", "null", "bool")
+            )
+            raise ConfigError(
+                f"dir: {where}: column {c} holds {type(bad).__name__} values such as {bad!r}, not numbers "
+                "(written by another program?); move the file away to report the rest"
+            )
 
 
 def _file_with(store: ResultStore, fault) -> Path:
@@ -110,8 +121,12 @@ def _file_with(store: ResultStore, fault) -> Path:
     import pyarrow.parquet as pq
 
     def kind(t) -> str:
-        for name, test in (("int", pa.types.is_integer), ("float", pa.types.is_floating), ("null", pa.types.is_null),
-                           ("bool", pa.types.is_boolean)):
+        for name, test in (
+            ("int", pa.types.is_integer),
+            ("float", pa.types.is_floating),
+            ("null", pa.types.is_null),
+            ("bool", pa.types.is_boolean),
+        ):
             if test(t):
                 return name
         return "other"
@@ -145,7 +160,11 @@ def main(args) -> int:
     print(text_table(df))
     paths = write_report(out_dir, df)
     done = df["cell_id"].nunique()
-    print(f"\n{done} cells stored" + (f" of {total}" if total else "") + f" ({len(store.files())} files in {store.results_dir})")
+    print(
+        f"\n{done} cells stored"
+        + (f" of {total}" if total else "")
+        + f" ({len(store.files())} files in {store.results_dir})"
+    )
     for line in made_lines(paths):
         print(line)
     return 0

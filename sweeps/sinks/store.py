@@ -33,8 +33,9 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from ..config import ConfigError
 
@@ -92,8 +93,9 @@ def check_writable(out_dir: Path) -> None:
 def _holder_text(info: dict[str, Any]) -> str:
     if not info:
         return "another process"
-    return (f"pid {info.get('pid')} on {info.get('host')}, since {info.get('started')}: "
-            f"{info.get('command', '')}").rstrip(": ")
+    return (
+        f"pid {info.get('pid')} on {info.get('host')}, since {info.get('started')}: {info.get('command', '')}"
+    ).rstrip(": ")
 
 
 def _renamed(df):
@@ -109,8 +111,13 @@ def _renamed(df):
 
 
 class ResultStore:
-    def __init__(self, out_dir: str | Path, read_only: bool = False, keys: dict[str, str] | None = None,
-                 config_hash: str | None = None) -> None:
+    def __init__(
+        self,
+        out_dir: str | Path,
+        read_only: bool = False,
+        keys: dict[str, str] | None = None,
+        config_hash: str | None = None,
+    ) -> None:
         self.dir = Path(out_dir)
         self.read_only = read_only  # a damaged file is then skipped, not moved (--dry-run)
         self.results_dir = self.dir / RESULTS
@@ -169,8 +176,10 @@ class ResultStore:
             return None
 
     def busy_message(self, info: dict[str, Any]) -> str:
-        return (f"output.dir: another sweep is running into {self.dir} ({_holder_text(info)}); "
-                "wait for it to finish (or stop it), or choose another output.dir")
+        return (
+            f"output.dir: another sweep is running into {self.dir} ({_holder_text(info)}); "
+            "wait for it to finish (or stop it), or choose another output.dir"
+        )
 
     @staticmethod
     def _read_holder(fh) -> dict[str, Any]:
@@ -200,10 +209,16 @@ class ResultStore:
             raise ConfigError(self.busy_message(info)) from None
         except OSError as exc:  # a file system without locks (some network mounts)
             fh.close()
-            raise ConfigError(f"output.dir: cannot lock {self.lock_path} ({exc.strerror}); "
-                              "use a directory on a file system with locks") from None
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now(),
-              "command": " ".join(["patchscope", *sys.argv[1:]])}
+            raise ConfigError(
+                f"output.dir: cannot lock {self.lock_path} ({exc.strerror}); "
+                "use a directory on a file system with locks"
+            ) from None
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": _now(),
+            "command": " ".join(["patchscope", *sys.argv[1:]]),
+        }
         fh.seek(0)
         fh.truncate()
         fh.write(json.dumps(me))
@@ -220,8 +235,14 @@ class ResultStore:
 
     # ------------------------------------------------------------ opening
 
-    def open(self, config_dump: dict[str, Any], config_hash: str, cells_total: int, restart: bool = False,
-             cells: Iterable[str] | None = None) -> int:
+    def open(
+        self,
+        config_dump: dict[str, Any],
+        config_hash: str,
+        cells_total: int,
+        restart: bool = False,
+        cells: Iterable[str] | None = None,
+    ) -> int:
         """Prepare the directory for a run of this config (`cells`: its cell ids, what `read`
         returns from now on); returns how many of the stored cells it reuses."""
         import pyarrow as pa
@@ -275,11 +296,15 @@ class ResultStore:
         try:
             data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            raise ConfigError(f"output.dir: {self.manifest_path} is damaged ({type(exc).__name__}); "
-                              "move it away to resume, or run with --restart") from None
+            raise ConfigError(
+                f"output.dir: {self.manifest_path} is damaged ({type(exc).__name__}); "
+                "move it away to resume, or run with --restart"
+            ) from None
         if not isinstance(data, dict):
-            raise ConfigError(f"output.dir: {self.manifest_path} is damaged (a JSON {type(data).__name__}, not an "
-                              "object); move it away to resume, or run with --restart")
+            raise ConfigError(
+                f"output.dir: {self.manifest_path} is damaged (a JSON {type(data).__name__}, not an "
+                "object); move it away to resume, or run with --restart"
+            )
         return data
 
     # ------------------------------------------------------------ reading
@@ -305,8 +330,10 @@ class ResultStore:
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         self._stored = None
         if self.read_only:
-            print(f"warning: {path} is damaged ({why}): a run would move it aside and compute its cells again",
-                  file=sys.stderr)
+            print(
+                f"warning: {path} is damaged ({why}): a run would move it aside and compute its cells again",
+                file=sys.stderr,
+            )
             return
         target = self.results_dir / DAMAGED / path.name
         try:

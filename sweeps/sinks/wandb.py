@@ -14,8 +14,9 @@ import math
 import netrc
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 from urllib.parse import urlparse
 
 from ..config import WandbConfig
@@ -42,8 +43,9 @@ def resolve_mode(mode: str) -> str:
     return "online" if has_credentials() else "offline"
 
 
-def table_rows(records: Sequence[dict[str, Any]], ref_columns: Sequence[str] = (),
-               kind: str | None = None) -> tuple[list[str], list[list[Any]]]:
+def table_rows(
+    records: Sequence[dict[str, Any]], ref_columns: Sequence[str] = (), kind: str | None = None
+) -> tuple[list[str], list[list[Any]]]:
     """The W&B table of some result rows: the kind's table columns (records.SCHEMAS)."""
     schema = KINDS[kind or kind_of(records[0] if records else ())].schema
     columns = list(schema.table) + list(ref_columns)
@@ -110,8 +112,11 @@ class WandbSink:
         return self.run is not None
 
     def _fail(self, what: str, exc: BaseException) -> None:
-        print(f"warning: W&B {what} failed ({type(exc).__name__}: {exc}); results are safe in the local store, "
-              "W&B logging is off for the rest of this sweep", file=sys.stderr)
+        print(
+            f"warning: W&B {what} failed ({type(exc).__name__}: {exc}); results are safe in the local store, "
+            "W&B logging is off for the rest of this sweep",
+            file=sys.stderr,
+        )
         run, self.run = self.run, None
         if run is not None:
             try:
@@ -119,7 +124,9 @@ class WandbSink:
             except Exception:  # noqa: BLE001
                 pass
 
-    def log_task(self, records: Sequence[dict[str, Any]], cells_done: int, cells_total: int, cells_per_s: float) -> None:
+    def log_task(
+        self, records: Sequence[dict[str, Any]], cells_done: int, cells_total: int, cells_per_s: float
+    ) -> None:
         """The rows of one finished task, and the progress; called after the store wrote them."""
         if self.run is None or not records:
             return
@@ -135,8 +142,11 @@ class WandbSink:
             for row in table_rows(records, self.ref_columns)[1]:
                 self.live.add_data(*row)
             self.unsent += len(records)
-            progress = {"cells_done": cells_done, "fraction_done": cells_done / max(cells_total, 1),
-                        "cells_per_s": cells_per_s}
+            progress = {
+                "cells_done": cells_done,
+                "fraction_done": cells_done / max(cells_total, 1),
+                "cells_per_s": cells_per_s,
+            }
             # W&B shows only the last 100 increments of a table: send the rows in at most
             # MAX_INCREMENTS batches of the sweep's size, whatever its number of tasks.
             if self.unsent >= math.ceil(cells_total / MAX_INCREMENTS) or cells_done >= cells_total:

@@ -52,8 +52,9 @@ def pin_example(path: Path) -> dict:
 
     config, rows, plans, n_cells, context = plan(str(path))
     ids = [c.cell_id for c in iter_cells(config, rows, plans, context=context)]
-    tasks = itertools.islice(iter_tasks(iter_cells(config, rows, plans, context=context), config.execution.batch_size,
-                                        context), FIRST_TASKS)
+    tasks = itertools.islice(
+        iter_tasks(iter_cells(config, rows, plans, context=context), config.execution.batch_size, context), FIRST_TASKS
+    )
     out, err = io.StringIO(), io.StringIO()
     cwd = os.getcwd()
     os.chdir(_empty_dir())
@@ -62,9 +63,14 @@ def pin_example(path: Path) -> dict:
             rc = main(["sweep", str(path), "--dry-run"])
     finally:
         os.chdir(cwd)
-    return {"config_hash": config_hash(config, rows, context), "n_cells": n_cells, "first_ids": ids[:FIRST_IDS],
-            "ids_digest": digest(ids), "payload_digests": [digest(t.payload()) for t in tasks],
-            "dry_run": {"rc": rc, "stdout": out.getvalue(), "stderr": err.getvalue()}}
+    return {
+        "config_hash": config_hash(config, rows, context),
+        "n_cells": n_cells,
+        "first_ids": ids[:FIRST_IDS],
+        "ids_digest": digest(ids),
+        "payload_digests": [digest(t.payload()) for t in tasks],
+        "dry_run": {"rc": rc, "stdout": out.getvalue(), "stderr": err.getvalue()},
+    }
 
 
 def _empty_dir() -> Path:
@@ -82,32 +88,72 @@ FACTS = [
 ENTITIES = "entity,description\nParis,capital of France\nWater,a liquid\n"
 _OUT = {"wandb": {"mode": "disabled"}}
 RUNS = {
-    "patchscope": ({
-        "name": "golden-patchscope", "models": ["tiny-llama"],
-        "source": {"file": "rows.jsonl", "prompt_column": "entity", "layers": [1, 3], "positions": [-1, 0]},
-        "target": {"prompt_column": "target", "layers": "same", "positions": [-1]},
-        "generation": {"max_new_tokens": 3}, "execution": {"workers": 1, "batch_size": 3}, "output": _OUT,
-    }, {"rows.jsonl": "".join(json.dumps({"entity": e, "target": "x is", "answer": a}) + "\n"
-                              for e, a in (("Paris", "city"), ("Water", "liquid")))}),
-    "intervention": ({
-        "name": "golden-intervention", "kind": "intervention", "models": ["tiny-llama"],
-        "prompts": {"file": "facts.jsonl", "answer_column": "answer", "reference_columns": ["topic"]},
-        "intervention": {"site": "blocks.{layer}.attn.hook_z", "layers": [1], "heads": [0, 2], "kind": ["zero", "mean"]},
-        "generation": {"max_new_tokens": 3, "stop_at_eos": False}, "execution": {"workers": 1, "batch_size": 3},
-        "output": _OUT,
-    }, {"facts.jsonl": "".join(json.dumps(f) + "\n" for f in FACTS)}),
-    "causal_trace": ({
-        "name": "golden-trace", "kind": "causal_trace", "models": ["tiny-llama"],
-        "prompts": {"file": "facts.jsonl", "subject_column": "subject", "answer_column": "answer"},
-        "trace": {"sites": ["resid_post", "mlp_out"], "layers": [0, 2], "positions": [0, -1], "window": 2,
-                  "samples": 2, "seed": 1},
-        "execution": {"workers": 1, "batch_size": 8}, "output": _OUT,
-    }, {"facts.jsonl": "".join(json.dumps(f) + "\n" for f in FACTS)}),
-    "recipe": ({
-        "name": "golden-recipe", "kind": "recipe", "models": ["tiny-llama"],
-        "recipe": {"name": "entity_description", "file": "entities.csv", "layers": [1, 3]},
-        "generation": {"max_new_tokens": 3}, "execution": {"workers": 1, "batch_size": 4}, "output": _OUT,
-    }, {"entities.csv": ENTITIES}),
+    "patchscope": (
+        {
+            "name": "golden-patchscope",
+            "models": ["tiny-llama"],
+            "source": {"file": "rows.jsonl", "prompt_column": "entity", "layers": [1, 3], "positions": [-1, 0]},
+            "target": {"prompt_column": "target", "layers": "same", "positions": [-1]},
+            "generation": {"max_new_tokens": 3},
+            "execution": {"workers": 1, "batch_size": 3},
+            "output": _OUT,
+        },
+        {
+            "rows.jsonl": "".join(
+                json.dumps({"entity": e, "target": "x is", "answer": a}) + "\n"
+                for e, a in (("Paris", "city"), ("Water", "liquid"))
+            )
+        },
+    ),
+    "intervention": (
+        {
+            "name": "golden-intervention",
+            "kind": "intervention",
+            "models": ["tiny-llama"],
+            "prompts": {"file": "facts.jsonl", "answer_column": "answer", "reference_columns": ["topic"]},
+            "intervention": {
+                "site": "blocks.{layer}.attn.hook_z",
+                "layers": [1],
+                "heads": [0, 2],
+                "kind": ["zero", "mean"],
+            },
+            "generation": {"max_new_tokens": 3, "stop_at_eos": False},
+            "execution": {"workers": 1, "batch_size": 3},
+            "output": _OUT,
+        },
+        {"facts.jsonl": "".join(json.dumps(f) + "\n" for f in FACTS)},
+    ),
+    "causal_trace": (
+        {
+            "name": "golden-trace",
+            "kind": "causal_trace",
+            "models": ["tiny-llama"],
+            "prompts": {"file": "facts.jsonl", "subject_column": "subject", "answer_column": "answer"},
+            "trace": {
+                "sites": ["resid_post", "mlp_out"],
+                "layers": [0, 2],
+                "positions": [0, -1],
+                "window": 2,
+                "samples": 2,
+                "seed": 1,
+            },
+            "execution": {"workers": 1, "batch_size": 8},
+            "output": _OUT,
+        },
+        {"facts.jsonl": "".join(json.dumps(f) + "\n" for f in FACTS)},
+    ),
+    "recipe": (
+        {
+            "name": "golden-recipe",
+            "kind": "recipe",
+            "models": ["tiny-llama"],
+            "recipe": {"name": "entity_description", "file": "entities.csv", "layers": [1, 3]},
+            "generation": {"max_new_tokens": 3},
+            "execution": {"workers": 1, "batch_size": 4},
+            "output": _OUT,
+        },
+        {"entities.csv": ENTITIES},
+    ),
 }
 
 

@@ -13,9 +13,10 @@ data with the recipe's settings and fit windows.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Union
+from typing import Annotated, Any, Union
 
 from pydantic import BeforeValidator, Field
 
@@ -29,8 +30,9 @@ from ..base import KindDefaults, Schema, check_generates, digest, generation_key
 from . import attribute_extraction, cross_model, entity_description, multi_hop, token_identity
 
 # Every recipe's sweep side, by recipe name (the names of patchscope_core.recipes.RECIPES).
-PARTS = {m.PART.name: m.PART for m in (token_identity, attribute_extraction, entity_description, cross_model,
-                                       multi_hop)}
+PARTS = {
+    m.PART.name: m.PART for m in (token_identity, attribute_extraction, entity_description, cross_model, multi_hop)
+}
 RECIPE_SECTIONS = {name: part.Section for name, part in PARTS.items()}
 
 
@@ -41,24 +43,72 @@ def _known_name(v: Any) -> Any:
     return v
 
 
-RecipeSection = Annotated[Union[tuple(RECIPE_SECTIONS.values())], Field(discriminator="name"),  # noqa: UP007
-                          BeforeValidator(_known_name)]
+RecipeSection = Annotated[
+    Union[tuple(RECIPE_SECTIONS.values())],  # noqa: UP007 - a union built from the registry at run time
+    Field(discriminator="name"),
+    BeforeValidator(_known_name),
+]
 
 RECIPE_COLUMNS = (
-    "cell_id", "model", "recipe", "row", "role", "method", "relation", "subject", "source_model", "source_prompt",
-    "source_layer", "source_position", "target_prompt", "target_layer", "target_position", "prompt", "expected",
+    "cell_id",
+    "model",
+    "recipe",
+    "row",
+    "role",
+    "method",
+    "relation",
+    "subject",
+    "source_model",
+    "source_prompt",
+    "source_layer",
+    "source_position",
+    "target_prompt",
+    "target_layer",
+    "target_position",
+    "prompt",
+    "expected",
     "control",
 )
 # A recipe's probe: its score by the recipe's metric and what it produced (patchscope_core.recipes).
 RECIPE_RESULTS = (
-    "score", "control_score", "surprisal", "predicted_token_id", "expected_token_id", "predicted_token",
-    "expected_token", "generated_text", "generated_token_ids", "top_token_ids", "top_logprobs",
-    "source_position_abs", "target_position_abs", "max_new_tokens",
+    "score",
+    "control_score",
+    "surprisal",
+    "predicted_token_id",
+    "expected_token_id",
+    "predicted_token",
+    "expected_token",
+    "generated_text",
+    "generated_token_ids",
+    "top_token_ids",
+    "top_logprobs",
+    "source_position_abs",
+    "target_position_abs",
+    "max_new_tokens",
 )
 RECIPE_TABLE = (
-    "cell_id", "model", "recipe", "row", "role", "method", "relation", "subject", "source_layer", "target_layer",
-    "source_position", "score", "control_score", "surprisal", "predicted_token", "expected_token", "expected",
-    "generated_text", "source_prompt", "target_prompt", "prompt", "generated_token_ids",
+    "cell_id",
+    "model",
+    "recipe",
+    "row",
+    "role",
+    "method",
+    "relation",
+    "subject",
+    "source_layer",
+    "target_layer",
+    "source_position",
+    "score",
+    "control_score",
+    "surprisal",
+    "predicted_token",
+    "expected_token",
+    "expected",
+    "generated_text",
+    "source_prompt",
+    "target_prompt",
+    "prompt",
+    "generated_token_ids",
 )
 
 
@@ -75,8 +125,18 @@ class RecipeCell:
 
     @property
     def cell_id(self) -> str:
-        return digest(["recipe", self.model, self.recipe, self.probe.to_dict(), self.relation, self.subject,
-                       self.source_model, self.key])
+        return digest(
+            [
+                "recipe",
+                self.model,
+                self.recipe,
+                self.probe.to_dict(),
+                self.relation,
+                self.subject,
+                self.source_model,
+                self.key,
+            ]
+        )
 
     @property
     def group(self) -> str:
@@ -85,12 +145,26 @@ class RecipeCell:
     def params(self) -> dict[str, Any]:
         p = self.probe
         s, t = p.source, p.target
-        return {"cell_id": self.cell_id, "model": self.model, "recipe": self.recipe, "row": p.row, "role": p.role,
-                "method": p.method, "relation": self.relation, "subject": self.subject,
-                "source_model": self.source_model or self.model, "source_prompt": s and s.prompt,
-                "source_layer": s and s.layer, "source_position": s and s.position, "target_prompt": t and t.prompt,
-                "target_layer": t and t.layer, "target_position": t and t.positions[0], "prompt": p.prompt,
-                "expected": p.expected, "control": p.control}
+        return {
+            "cell_id": self.cell_id,
+            "model": self.model,
+            "recipe": self.recipe,
+            "row": p.row,
+            "role": p.role,
+            "method": p.method,
+            "relation": self.relation,
+            "subject": self.subject,
+            "source_model": self.source_model or self.model,
+            "source_prompt": s and s.prompt,
+            "source_layer": s and s.layer,
+            "source_position": s and s.position,
+            "target_prompt": t and t.prompt,
+            "target_layer": t and t.layer,
+            "target_position": t and t.positions[0],
+            "prompt": p.prompt,
+            "expected": p.expected,
+            "control": p.control,
+        }
 
 
 def _fit_vectors(src, fit: list[str]) -> None:
@@ -98,8 +172,10 @@ def _fit_vectors(src, fit: list[str]) -> None:
     n = sum(len(tokenize(src, t)) - int(src.prepend_bos) for t in fit)
     need = 2 * (src.d_model + 1)
     if n < need:
-        raise ConfigError(f"recipe.fit_windows: {len(fit)} windows give {n} vectors on {src.name}, fewer than "
-                          f"2 x (d_model + 1) = {need}; a least-squares map needs thousands (give more fit_windows)")
+        raise ConfigError(
+            f"recipe.fit_windows: {len(fit)} windows give {n} vectors on {src.name}, fewer than "
+            f"2 x (d_model + 1) = {need}; a least-squares map needs thousands (give more fit_windows)"
+        )
 
 
 def _check_rows(config, part, plan: ModelPlan, src, recipe, rows: list[dict[str, Any]]) -> None:
@@ -133,8 +209,14 @@ class RecipeKind(KindDefaults):
     sections = {"recipe": RecipeSection}
     tagged = {"recipe": RECIPE_SECTIONS}
     operation = "recipe"
-    schema = Schema(RECIPE_COLUMNS, RECIPE_RESULTS, RECIPE_TABLE, ("generated_token_ids",),
-                    ("row", "source_layer", "target_layer", "score", "control_score"), ("recipe", "role", "method"))
+    schema = Schema(
+        RECIPE_COLUMNS,
+        RECIPE_RESULTS,
+        RECIPE_TABLE,
+        ("generated_token_ids",),
+        ("row", "source_layer", "target_layer", "score", "control_score"),
+        ("recipe", "role", "method"),
+    )
     marks = frozenset({"role", "score"})
 
     def check_config(self, config) -> None:
@@ -179,10 +261,16 @@ class RecipeKind(KindDefaults):
     def context(self, config, rows: list[dict[str, Any]], base: Path | None) -> dict[str, Any]:
         """The recipe's name and settings per model, its fit windows and its source model."""
         part = PARTS[config.recipe.name]
-        settings = {name: part.build(config, model_info_for(name, f"models[{i}]")).settings()
-                    for i, name in enumerate(config.models)}
-        context = {"recipe": config.recipe.name, "settings": settings, "fit_texts": part.fit_windows(config, base),
-                   "source_model": getattr(config.recipe, "source_model", None)}
+        settings = {
+            name: part.build(config, model_info_for(name, f"models[{i}]")).settings()
+            for i, name in enumerate(config.models)
+        }
+        context = {
+            "recipe": config.recipe.name,
+            "settings": settings,
+            "fit_texts": part.fit_windows(config, base),
+            "source_model": getattr(config.recipe, "source_model", None),
+        }
         return {**context, "key": digest([context["settings"], context["fit_texts"], context["source_model"]])}
 
     def science(self, science, config, rows, context):
@@ -204,14 +292,20 @@ class RecipeKind(KindDefaults):
             for row, item in enumerate(rows):
                 labels = dict(relation=item.get(relation_key), subject=item.get(subject_key))
                 for probe in recipe.probes(row, item, _tokens(plans[model])):
-                    yield RecipeCell(model, context["recipe"], probe, source_model=context["source_model"], key=key,
-                                     **labels)
+                    yield RecipeCell(
+                        model, context["recipe"], probe, source_model=context["source_model"], key=key, **labels
+                    )
 
     def payload(self, task) -> dict[str, Any]:
         ctx = task.context
-        return {"kind": self.operation, "recipe": ctx["recipe"], "settings": ctx["settings"][task.model],
-                "fit_texts": ctx["fit_texts"], "source_model": ctx["source_model"],
-                "probes": [c.probe.to_dict() for c in task.cells]}
+        return {
+            "kind": self.operation,
+            "recipe": ctx["recipe"],
+            "settings": ctx["settings"][task.model],
+            "fit_texts": ctx["fit_texts"],
+            "source_model": ctx["source_model"],
+            "probes": [c.probe.to_dict() for c in task.cells],
+        }
 
     def to_rows(self, task, output: dict[str, Any]) -> list[dict[str, Any]]:
         rows = []
@@ -227,8 +321,11 @@ class RecipeKind(KindDefaults):
     def describe(self, config, plan: ModelPlan, context) -> str:
         settings = context["settings"][plan.info.name]
         layers = {k: v for k, v in settings.items() if "layers" in k and v is not None}
-        return (f"{config.recipe.name}: " + " x ".join(f"{k} {v}" for k, v in layers.items())
-                + f" ({len(context['fit_texts'])} fit windows)")
+        return (
+            f"{config.recipe.name}: "
+            + " x ".join(f"{k} {v}" for k, v in layers.items())
+            + f" ({len(context['fit_texts'])} fit windows)"
+        )
 
     def report(self, out_dir: Path, df, settings: dict | None = None) -> dict[str, Path]:
         """Every recipe's picture and table, per model."""

@@ -22,7 +22,9 @@ SHIPPED_LRE = Path(__file__).resolve().parents[2] / "examples" / "lre"
 
 class AttributeExtractionRecipe(RecipeSection):
     name: Literal["attribute_extraction"]
-    data: str | None = Field(None, description="the LRE data directory (default: the four relations in sweeps/examples/lre)")
+    data: str | None = Field(
+        None, description="the LRE data directory (default: the four relations in sweeps/examples/lre)"
+    )
     relations: list[str] = Field(min_length=1)
     subjects: int | None = Field(None, ge=1, description="subjects per relation (default: all)")
     contexts: int = Field(1, ge=1, description="source contexts per subject")
@@ -43,14 +45,28 @@ def attribute_summary(df: pd.DataFrame) -> pd.DataFrame:
         by_source = grid.groupby(["source_layer", "row"])["score"].max().groupby("source_layer").mean()
         by_target = grid.groupby(["target_layer", "row"])["score"].max().groupby("target_layer").mean()
         control = layer_grid(grid, "control_score")
-        out.append({"relation": relation, "facts": grid["row"].nunique(), "subjects": grid["subject"].nunique(),
-                    "known_subjects": float(asked.mean()), "best_l": int(bl), "best_l_star": int(bt), "best_cell": best,
-                    "best_source_layer": int(by_source.idxmax()), "best_source_layer_any_l_star": float(by_source.max()),
-                    "best_target_layer": int(by_target.idxmax()), "best_target_layer_any_l": float(by_target.max()),
-                    "any_cell": any_cell(grid), "any_cell_known": any_cell(grid[known]),
-                    "any_cell_unknown": any_cell(grid[~known]), "known_facts": int(grid[known]["row"].nunique()),
-                    "control_best_cell": float(control.stack().max()), "control_any_cell": any_cell(grid, "control_score"),
-                    "question_control": float(r[r["role"] == "question"]["control_score"].mean())})
+        out.append(
+            {
+                "relation": relation,
+                "facts": grid["row"].nunique(),
+                "subjects": grid["subject"].nunique(),
+                "known_subjects": float(asked.mean()),
+                "best_l": int(bl),
+                "best_l_star": int(bt),
+                "best_cell": best,
+                "best_source_layer": int(by_source.idxmax()),
+                "best_source_layer_any_l_star": float(by_source.max()),
+                "best_target_layer": int(by_target.idxmax()),
+                "best_target_layer_any_l": float(by_target.max()),
+                "any_cell": any_cell(grid),
+                "any_cell_known": any_cell(grid[known]),
+                "any_cell_unknown": any_cell(grid[~known]),
+                "known_facts": int(grid[known]["row"].nunique()),
+                "control_best_cell": float(control.stack().max()),
+                "control_any_cell": any_cell(grid, "control_score"),
+                "question_control": float(r[r["role"] == "question"]["control_score"].mean()),
+            }
+        )
     return pd.DataFrame(out)
 
 
@@ -68,8 +84,11 @@ class AttributeExtractionPart(RecipePart):
         return AttributeExtraction(*layer_pairs(config, info, info), config.generation.max_new_tokens)
 
     def prompts(self, config, row, recipe) -> list[tuple[str, str, bool]]:
-        return [("recipe.relations", row["source"], False), ("recipe.relations", row["target"], True),
-                ("recipe.relations", row["question"], True)]
+        return [
+            ("recipe.relations", row["source"], False),
+            ("recipe.relations", row["target"], True),
+            ("recipe.relations", row["question"], True),
+        ]
 
     def draw(self, df: pd.DataFrame, model: str, out: Path) -> dict[str, Path]:
         summary = attribute_summary(df)
@@ -77,21 +96,31 @@ class AttributeExtractionPart(RecipePart):
         fig, axes = pictures.plt().subplots(len(rel), 2, figsize=(10, 3.8 * len(rel)), squeeze=False)
         for (ax1, ax2), s in zip(axes, summary.itertuples()):
             grid = df[(df["relation"] == s.relation) & (df["role"] == "patchscope")]
-            heat(ax1, layer_grid(grid), f"{s.relation}: accuracy ({s.facts} facts; any (l, l*): {s.any_cell:.2f}, "
-                                        f"known {s.any_cell_known:.2f}, unknown {s.any_cell_unknown:.2f}; plain "
-                                        f"question {s.known_subjects:.2f})")
-            heat(ax2, layer_grid(grid, "control_score"), f"{s.relation}: shuffled-label control (another subject's "
-                                                         f"object; any (l, l*): {s.control_any_cell:.2f})")
+            heat(
+                ax1,
+                layer_grid(grid),
+                f"{s.relation}: accuracy ({s.facts} facts; any (l, l*): {s.any_cell:.2f}, "
+                f"known {s.any_cell_known:.2f}, unknown {s.any_cell_unknown:.2f}; plain "
+                f"question {s.known_subjects:.2f})",
+            )
+            heat(
+                ax2,
+                layer_grid(grid, "control_score"),
+                f"{s.relation}: shuffled-label control (another subject's "
+                f"object; any (l, l*): {s.control_any_cell:.2f})",
+            )
         fig.suptitle(f"{model}: attribute extraction", fontsize=10)
         key = f"recipe_{pictures.safe_name(model)}_attribute_extraction"
         summary.to_csv(out / f"{key}.csv", index=False)
         return {key: pictures.save(fig, out / f"{key}.png"), f"{key}_table": out / f"{key}.csv"}
 
     def summary(self, g: pd.DataFrame) -> list[str]:
-        return [f"  {s.relation}: best (l={s.best_l}, l*={s.best_l_star}) {s.best_cell:.2f}; any (l, l*) "
-                f"{s.any_cell:.2f} (known {s.any_cell_known:.2f}, unknown {s.any_cell_unknown:.2f}); "
-                f"plain question {s.known_subjects:.2f}; control any {s.control_any_cell:.2f}"
-                for s in attribute_summary(g).itertuples()]
+        return [
+            f"  {s.relation}: best (l={s.best_l}, l*={s.best_l_star}) {s.best_cell:.2f}; any (l, l*) "
+            f"{s.any_cell:.2f} (known {s.any_cell_known:.2f}, unknown {s.any_cell_unknown:.2f}); "
+            f"plain question {s.known_subjects:.2f}; control any {s.control_any_cell:.2f}"
+            for s in attribute_summary(g).itertuples()
+        ]
 
 
 PART = AttributeExtractionPart()

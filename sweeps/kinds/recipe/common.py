@@ -30,7 +30,9 @@ from ...config.files import locate
 class RecipeSection(Strict):
     """What every recipe section takes (`recipe.name` picks the recipe; patchscope_core.recipes)."""
 
-    seed: int = Field(0, ge=0, le=MAX_SEED, description="orders windows and subjects, and pairs rows for the shuffled-label control")
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED, description="orders windows and subjects, and pairs rows for the shuffled-label control"
+    )
 
 
 class CorpusSection(RecipeSection):
@@ -43,7 +45,9 @@ class CorpusSection(RecipeSection):
 def corpus(config, base: Path | None) -> tuple[list[str], list[str]]:
     """(evaluated windows, fit windows) of a corpus recipe."""
     rs = config.recipe
-    text = pydoc_text() if rs.corpus == "pydoc" else read_text(locate(rs.corpus, base, "recipe.corpus"), "recipe.corpus")
+    text = (
+        pydoc_text() if rs.corpus == "pydoc" else read_text(locate(rs.corpus, base, "recipe.corpus"), "recipe.corpus")
+    )
     try:
         return corpus_windows(text, rs.words, rs.windows, rs.fit_windows, rs.seed, "recipe.corpus")
     except PatchscopeError as exc:
@@ -91,8 +95,10 @@ def layer_pairs(config, source: ModelInfo, target: ModelInfo) -> tuple[tuple[int
     from ...config.models import checked_layers
 
     rs = config.recipe
-    return (tuple(checked_layers(rs.source_layers, source, "recipe.source_layers")),
-            tuple(checked_layers(rs.target_layers, target, "recipe.target_layers")))
+    return (
+        tuple(checked_layers(rs.source_layers, source, "recipe.source_layers")),
+        tuple(checked_layers(rs.target_layers, target, "recipe.target_layers")),
+    )
 
 
 def target_prompt_fits(config, info: ModelInfo, new_tokens: int) -> None:
@@ -122,8 +128,15 @@ def heat(ax, pivot: pd.DataFrame, title: str, vmax: float = 1.0, annotate: bool 
         for i in range(m.shape[0]):
             for j in range(m.shape[1]):
                 if np.isfinite(m[i, j]):
-                    ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=5.5,
-                            color="white" if m[i, j] < 0.5 * vmax else "black")
+                    ax.text(
+                        j,
+                        i,
+                        f"{m[i, j]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=5.5,
+                        color="white" if m[i, j] < 0.5 * vmax else "black",
+                    )
     ax.figure.colorbar(im, ax=ax, fraction=0.046)
 
 

@@ -46,17 +46,26 @@ class CrossModelPart(RecipePart):
 
     def check_after(self, config, src, info, name: str, rows: list, fit: list[str]) -> None:
         if src.prepend_bos != info.prepend_bos:
-            raise ConfigError(f"recipe.source_model: {src.name} and {name} differ in prepending a BOS token; "
-                              "cross-model patching here needs the same tokens at the same positions")
+            raise ConfigError(
+                f"recipe.source_model: {src.name} and {name} differ in prepending a BOS token; "
+                "cross-model patching here needs the same tokens at the same positions"
+            )
         _aligned(src, info, [r["text"] for r in rows] + fit, "recipe.corpus")
 
     def draw(self, df: pd.DataFrame, model: str, out: Path) -> dict[str, Path]:
         source = df["source_model"].iloc[0]
-        table = df.groupby(["source_layer", "target_layer"]).agg(precision_at_1=("score", "mean"),
-                                                                 surprisal=("surprisal", "mean")).reset_index()
+        table = (
+            df.groupby(["source_layer", "target_layer"])
+            .agg(precision_at_1=("score", "mean"), surprisal=("surprisal", "mean"))
+            .reset_index()
+        )
         fig, ax = pictures.plt().subplots(figsize=(6.5, 5))
-        heat(ax, layer_grid(df), f"{source} -> {model}: precision@1 through least-squares affine maps, "
-                                 f"{df.groupby(['row', 'source_position']).ngroups} positions")
+        heat(
+            ax,
+            layer_grid(df),
+            f"{source} -> {model}: precision@1 through least-squares affine maps, "
+            f"{df.groupby(['row', 'source_position']).ngroups} positions",
+        )
         key = f"recipe_{pictures.safe_name(model)}_cross_model"
         table.to_csv(out / f"{key}.csv", index=False)
         return {key: pictures.save(fig, out / f"{key}.png"), f"{key}_table": out / f"{key}.csv"}

@@ -17,7 +17,7 @@ from ... import pictures
 from ...config import Layers, TargetLayers
 from ...config.files import locate
 from ...config.models import checked_layers
-from .common import RecipePart, RecipeSection, heat, layer_grid, grid_lines, target_prompt_fits
+from .common import RecipePart, RecipeSection, grid_lines, heat, layer_grid, target_prompt_fits
 
 
 class EntityDescriptionRecipe(RecipeSection):
@@ -26,8 +26,10 @@ class EntityDescriptionRecipe(RecipeSection):
     source_template: str = "{entity}"
     layers: Layers = "all"
     target_layers: TargetLayers = "same"
-    target_prompt: str = ("Syria: Country in the Middle East, Leonardo DiCaprio: American actor, Samsung: South Korean "
-                          "multinational major appliance and consumer electronics corporation, x")
+    target_prompt: str = (
+        "Syria: Country in the Middle East, Leonardo DiCaprio: American actor, Samsung: South Korean "
+        "multinational major appliance and consumer electronics corporation, x"
+    )
 
     @field_validator("source_template", mode="after")
     @classmethod
@@ -42,14 +44,27 @@ def _by_layer(df: pd.DataFrame, table: pd.DataFrame, model: str, key: str, out: 
     """RougeL by layer beside the control, and each entity's description by layer."""
     entities = list(dict.fromkeys(df.sort_values("row")["subject"]))
     layers = sorted(df["source_layer"].unique())
-    fig, (ax1, ax2) = pictures.plt().subplots(2, 1, figsize=(min(16, max(8, 0.55 * len(layers))), 3 + 0.3 * len(entities)),
-                                              gridspec_kw={"height_ratios": [1, max(1.5, len(entities) / 6)]})
+    fig, (ax1, ax2) = pictures.plt().subplots(
+        2,
+        1,
+        figsize=(min(16, max(8, 0.55 * len(layers))), 3 + 0.3 * len(entities)),
+        gridspec_kw={"height_ratios": [1, max(1.5, len(entities) / 6)]},
+    )
     ax1.plot(table["source_layer"], table["rouge_l"], marker="o", ms=3, label="Patchscope description vs reference")
-    ax1.plot(table["source_layer"], table["control_rouge_l"], marker="o", ms=3, ls="--",
-             label="control: vs another entity's reference")
-    ax1.set(xlabel="layer l (l* = l)", ylabel="RougeL",
-            ylim=(0, max(0.05, float(table[["rouge_l", "control_rouge_l"]].max().max())) * 1.15),
-            title=f"{model}: entity description, {len(entities)} entities")
+    ax1.plot(
+        table["source_layer"],
+        table["control_rouge_l"],
+        marker="o",
+        ms=3,
+        ls="--",
+        label="control: vs another entity's reference",
+    )
+    ax1.set(
+        xlabel="layer l (l* = l)",
+        ylabel="RougeL",
+        ylim=(0, max(0.05, float(table[["rouge_l", "control_rouge_l"]].max().max())) * 1.15),
+        title=f"{model}: entity description, {len(entities)} entities",
+    )
     ax1.legend(fontsize=7)
     pivot = df.pivot_table(index="subject", columns="source_layer", values="score", aggfunc="mean").reindex(entities)
     ax2.imshow(pivot.to_numpy(dtype=float), aspect="auto", cmap="viridis", vmin=0, vmax=1)
@@ -75,9 +90,17 @@ class EntityDescriptionPart(RecipePart):
 
     def build(self, config, info) -> EntityDescription:
         rs = config.recipe
-        targets = None if rs.target_layers == "same" else tuple(checked_layers(rs.target_layers, info, "recipe.target_layers"))
-        return EntityDescription(tuple(checked_layers(rs.layers, info, "recipe.layers")), targets,
-                                 config.generation.max_new_tokens, rs.target_prompt)
+        targets = (
+            None
+            if rs.target_layers == "same"
+            else tuple(checked_layers(rs.target_layers, info, "recipe.target_layers"))
+        )
+        return EntityDescription(
+            tuple(checked_layers(rs.layers, info, "recipe.layers")),
+            targets,
+            config.generation.max_new_tokens,
+            rs.target_prompt,
+        )
 
     def prompts(self, config, row, recipe) -> list[tuple[str, str, bool]]:
         return [("recipe.file", row["source"], False)]
@@ -87,9 +110,11 @@ class EntityDescriptionPart(RecipePart):
 
     def draw(self, df: pd.DataFrame, model: str, out: Path) -> dict[str, Path]:
         key = f"recipe_{pictures.safe_name(model)}_entity_description"
-        table = df.groupby(["source_layer", "target_layer"]).agg(rouge_l=("score", "mean"),
-                                                                 control_rouge_l=("control_score", "mean"),
-                                                                 entities=("score", "size")).reset_index()
+        table = (
+            df.groupby(["source_layer", "target_layer"])
+            .agg(rouge_l=("score", "mean"), control_rouge_l=("control_score", "mean"), entities=("score", "size"))
+            .reset_index()
+        )
         table.to_csv(out / f"{key}.csv", index=False)
         if (df["target_layer"] != df["source_layer"]).any():  # a grid of (l, l*)
             fig, ax = pictures.plt().subplots(figsize=(6.5, 5))

@@ -46,16 +46,26 @@ def multihop_summary(df: pd.DataFrame) -> tuple[pd.DataFrame, set]:
     on = lambda d: d[d["row"].isin(right)]  # noqa: E731
     best = layer_grid(on(grid)).stack() if right else pd.Series(dtype=float)
     control_best = layer_grid(on(control)).stack() if right and len(control) else pd.Series(dtype=float)
-    summary = pd.DataFrame([{
-        "chains": len(rows), "hop1_right": int((hop["hop1"] > 0).sum()), "hop2_right": int((hop["hop2"] > 0).sum()),
-        "right_hop_by_hop": len(right), "vanilla_all": float(hop["vanilla"].mean()),
-        "vanilla_on_right": float(hop["vanilla"][list(right)].mean()) if right else float("nan"),
-        "patchscope_any_cell_on_right": any_cell(on(grid)), "patchscope_any_cell_all": any_cell(grid),
-        "patchscope_best_cell_on_right": float(best.max()) if len(best) else float("nan"),
-        "best_l": int(best.idxmax()[0]) if len(best) else None, "best_l_star": int(best.idxmax()[1]) if len(best) else None,
-        "control_any_cell_on_right": any_cell(on(control)), "control_any_cell_all": any_cell(control),
-        "control_best_cell_on_right": float(control_best.max()) if len(control_best) else float("nan"),
-    }])
+    summary = pd.DataFrame(
+        [
+            {
+                "chains": len(rows),
+                "hop1_right": int((hop["hop1"] > 0).sum()),
+                "hop2_right": int((hop["hop2"] > 0).sum()),
+                "right_hop_by_hop": len(right),
+                "vanilla_all": float(hop["vanilla"].mean()),
+                "vanilla_on_right": float(hop["vanilla"][list(right)].mean()) if right else float("nan"),
+                "patchscope_any_cell_on_right": any_cell(on(grid)),
+                "patchscope_any_cell_all": any_cell(grid),
+                "patchscope_best_cell_on_right": float(best.max()) if len(best) else float("nan"),
+                "best_l": int(best.idxmax()[0]) if len(best) else None,
+                "best_l_star": int(best.idxmax()[1]) if len(best) else None,
+                "control_any_cell_on_right": any_cell(on(control)),
+                "control_any_cell_all": any_cell(control),
+                "control_best_cell_on_right": float(control_best.max()) if len(control_best) else float("nan"),
+            }
+        ]
+    )
     return summary, right
 
 
@@ -70,8 +80,14 @@ class MultiHopPart(RecipePart):
 
     def build(self, config, info) -> MultiHop:
         rs = config.recipe
-        return MultiHop(*layer_pairs(config, info, info), config.generation.max_new_tokens, rs.source_template, rs.target_template, rs.hop1_template,
-                        rs.hop2_template)
+        return MultiHop(
+            *layer_pairs(config, info, info),
+            config.generation.max_new_tokens,
+            rs.source_template,
+            rs.target_template,
+            rs.hop1_template,
+            rs.hop2_template,
+        )
 
     def prompts(self, config, row, recipe) -> list[tuple[str, str, bool]]:
         q = recipe.prompts(row)
@@ -83,25 +99,36 @@ class MultiHopPart(RecipePart):
         on = df[df["row"].isin(right)] if right else df
         which = "chains right hop by hop" if right else "all chains (none is right hop by hop)"
         fig, axes = pictures.plt().subplots(1, 2, figsize=(11, 4.6))
-        heat(axes[0], layer_grid(on[on["role"] == "patchscope"]),
-             f"CoT Patchscope accuracy on {on['row'].nunique()} {which} (vanilla {s.vanilla_on_right:.2f}; "
-             f"any (l, l*) {s.patchscope_any_cell_on_right:.2f}; best cell {s.patchscope_best_cell_on_right:.2f})")
+        heat(
+            axes[0],
+            layer_grid(on[on["role"] == "patchscope"]),
+            f"CoT Patchscope accuracy on {on['row'].nunique()} {which} (vanilla {s.vanilla_on_right:.2f}; "
+            f"any (l, l*) {s.patchscope_any_cell_on_right:.2f}; best cell {s.patchscope_best_cell_on_right:.2f})",
+        )
         control = on[on["role"] == "control"]
         if len(control):
-            heat(axes[1], layer_grid(control), f"control: another chain's question patched in (any (l, l*) "
-                                               f"{s.control_any_cell_on_right:.2f}; best cell "
-                                               f"{s.control_best_cell_on_right:.2f})")
-        fig.suptitle(f"{model}: multi-hop, {int(s.chains)} chains, {int(s.right_hop_by_hop)} right hop by hop", fontsize=10)
+            heat(
+                axes[1],
+                layer_grid(control),
+                f"control: another chain's question patched in (any (l, l*) "
+                f"{s.control_any_cell_on_right:.2f}; best cell "
+                f"{s.control_best_cell_on_right:.2f})",
+            )
+        fig.suptitle(
+            f"{model}: multi-hop, {int(s.chains)} chains, {int(s.right_hop_by_hop)} right hop by hop", fontsize=10
+        )
         key = f"recipe_{pictures.safe_name(model)}_multi_hop"
         summary.to_csv(out / f"{key}.csv", index=False)
         return {key: pictures.save(fig, out / f"{key}.png"), f"{key}_table": out / f"{key}.csv"}
 
     def summary(self, g: pd.DataFrame) -> list[str]:
         s = multihop_summary(g)[0].iloc[0]
-        return [f"  {int(s.right_hop_by_hop)} of {int(s.chains)} chains right hop by hop; vanilla {s.vanilla_on_right:.2f}; "
-                f"CoT Patchscope any (l, l*) {s.patchscope_any_cell_on_right:.2f}, best cell "
-                f"{s.patchscope_best_cell_on_right:.2f}; control any {s.control_any_cell_on_right:.2f}, best cell "
-                f"{s.control_best_cell_on_right:.2f}"]
+        return [
+            f"  {int(s.right_hop_by_hop)} of {int(s.chains)} chains right hop by hop; vanilla {s.vanilla_on_right:.2f}; "
+            f"CoT Patchscope any (l, l*) {s.patchscope_any_cell_on_right:.2f}, best cell "
+            f"{s.patchscope_best_cell_on_right:.2f}; control any {s.control_any_cell_on_right:.2f}, best cell "
+            f"{s.control_best_cell_on_right:.2f}"
+        ]
 
 
 PART = MultiHopPart()

@@ -26,8 +26,11 @@ class TokenIdentityRecipe(CorpusSection):
     target_prompt: str = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
 
 
-METHOD_STYLE = {"patchscope": ("Patchscope (token identity)", "C0"), "logit_lens": ("logit lens", "C1"),
-                "tuned_lens": ("tuned lens (affine, least squares)", "C2")}
+METHOD_STYLE = {
+    "patchscope": ("Patchscope (token identity)", "C0"),
+    "logit_lens": ("logit lens", "C1"),
+    "tuned_lens": ("tuned lens (affine, least squares)", "C2"),
+}
 
 
 class TokenIdentityPart(RecipePart):
@@ -42,8 +45,13 @@ class TokenIdentityPart(RecipePart):
 
     def build(self, config, info) -> TokenIdentity:
         rs = config.recipe
-        return TokenIdentity(tuple(checked_layers(rs.layers, info, "recipe.layers")), rs.positions, rs.min_context,
-                             tuple(rs.baselines), rs.target_prompt)
+        return TokenIdentity(
+            tuple(checked_layers(rs.layers, info, "recipe.layers")),
+            rs.positions,
+            rs.min_context,
+            tuple(rs.baselines),
+            rs.target_prompt,
+        )
 
     def prompts(self, config, row, recipe) -> list[tuple[str, str, bool]]:
         return [("recipe.corpus", row["text"], False)]
@@ -56,17 +64,23 @@ class TokenIdentityPart(RecipePart):
         positions_in(n_tokens, rs.positions, rs.min_context, f"recipe.positions (window {k + 1})")
 
     def draw(self, df: pd.DataFrame, model: str, out: Path) -> dict[str, Path]:
-        table = df.groupby(["method", "source_layer"]).agg(precision_at_1=("score", "mean"),
-                                                           surprisal=("surprisal", "mean"),
-                                                           positions=("score", "size")).reset_index()
+        table = (
+            df.groupby(["method", "source_layer"])
+            .agg(precision_at_1=("score", "mean"), surprisal=("surprisal", "mean"), positions=("score", "size"))
+            .reset_index()
+        )
         fig, axes = pictures.plt().subplots(1, 2, figsize=(10, 3.6))
         for method, g in table.groupby("method", sort=False):
             label, colour = METHOD_STYLE.get(method, (method, None))
             axes[0].plot(g["source_layer"], g["precision_at_1"], marker="o", ms=3, label=label, color=colour)
             axes[1].plot(g["source_layer"], g["surprisal"], marker="o", ms=3, label=label, color=colour)
         n = int(table["positions"].max())
-        axes[0].set(xlabel="layer l (l* = l)", ylabel="precision@1", ylim=(-0.02, 1.02),
-                    title=f"{model}: next-token decoding, {n} positions")
+        axes[0].set(
+            xlabel="layer l (l* = l)",
+            ylabel="precision@1",
+            ylim=(-0.02, 1.02),
+            title=f"{model}: next-token decoding, {n} positions",
+        )
         axes[1].set(xlabel="layer l (l* = l)", ylabel="surprisal (nats)", title="surprisal of the top token")
         axes[0].legend(fontsize=7)
         key = f"recipe_{pictures.safe_name(model)}_token_identity"
