@@ -25,9 +25,9 @@ import torch
 from transformer_lens.tools.analysis.attribution_patching import attribution_patch
 
 from patchscope_core import Engine, load_model
-from patchscope_core.attribution import Attributor
-from patchscope_core.patcher import Patcher
-from patchscope_core.patching import Pair, check_pair, make_cells
+from patchscope_core.methods.attribution import Attributor
+from patchscope_core.methods.patcher import Patcher
+from patchscope_core.methods.patching import Pair, check_pair, make_cells
 
 SITES = [
     "attn.hook_z",

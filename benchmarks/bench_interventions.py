@@ -18,7 +18,7 @@ import torch
 from common import side_by_side, smollm2_and_plain_hf
 
 from patchscope_core import Decoding, Engine, Intervention, InterventionRun, Site, Zero
-from patchscope_core.hooks import left_pad
+from patchscope_core.forward.hooks import left_pad
 
 ENTITY = (
     "Syria: Country in the Middle East, Leonardo DiCaprio: American actor, Samsung: South Korean "

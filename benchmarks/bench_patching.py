@@ -28,8 +28,8 @@ import torch
 import transformer_lens.patching as tlp
 
 from patchscope_core import Engine, load_model
-from patchscope_core.patcher import Patcher
-from patchscope_core.patching import Pair, check_pair, make_cells
+from patchscope_core.methods.patcher import Patcher
+from patchscope_core.methods.patching import Pair, check_pair, make_cells
 
 PAIR = Pair(
     "When Mary and John went to the store, John gave a drink to",

@@ -36,7 +36,7 @@ import torch
 from common import side_by_side
 
 from patchscope_core import Decoding, Patchscope, PatchscopeEngine, Source, Target, load_model, tokenize
-from patchscope_core.readings import input_device
+from patchscope_core.forward.readings import input_device
 
 ENTITY = (
     "Syria: Country in the Middle East, Leonardo DiCaprio: American actor, Samsung: South Korean "

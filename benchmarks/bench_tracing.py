@@ -26,7 +26,7 @@ import time
 import torch
 
 from patchscope_core import Engine, load_model
-from patchscope_core.tracing import Fact, Tracer, TraceSettings
+from patchscope_core.methods.tracing import Fact, Tracer, TraceSettings
 
 FACTS = [  # (prompt, subject, answer): 7, 9 and 11 tokens with BOS, subject late, early and early
     Fact("The capital city of France is", "France", " Paris"),

@@ -38,8 +38,8 @@ def smollm2_and_plain_hf(doc: str, add_args=None):
     from transformers import AutoModelForCausalLM
 
     from patchscope_core import load_model
+    from patchscope_core.forward.readings import input_device
     from patchscope_core.models import smollm2_dir
-    from patchscope_core.readings import input_device
 
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)

@@ -24,10 +24,10 @@ import pandas as pd
 
 from patchscope_core import load_model, model_info
 from patchscope_core.engine import Engine
-from patchscope_core.patcher import Patcher
-from patchscope_core.patching import Pair, check_pair, make_cells
-from patchscope_core.patching_summary import draw_layer_head, draw_layer_position, summarize, top_heads
-from patchscope_core.spec import tokenize
+from patchscope_core.methods.patcher import Patcher
+from patchscope_core.methods.patching import Pair, check_pair, make_cells
+from patchscope_core.methods.patching_summary import draw_layer_head, draw_layer_position, summarize, top_heads
+from patchscope_core.models.tokens import tokenize
 
 PAIRS = Path(__file__).resolve().parent.parent / "sweeps" / "examples" / "ioi_pairs.csv"
 SITES = ["hook_resid_pre", "hook_attn_out", "hook_mlp_out", "attn.hook_z"]

@@ -19,9 +19,9 @@ import torch
 
 from benchmarks.bench_attribution import pairs
 from patchscope_core import Engine, load_model
-from patchscope_core.attribution import Attributor
-from patchscope_core.attribution_verify import summarise, verify
-from patchscope_core.patcher import Patcher
+from patchscope_core.methods.attribution import Attributor
+from patchscope_core.methods.attribution_verify import summarise, verify
+from patchscope_core.methods.patcher import Patcher
 
 
 def grid(engine, ps, site, positions, nodes):

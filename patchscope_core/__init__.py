@@ -1,33 +1,17 @@
 """patchscope_core: the science of Patchscopes and interventions, with no Ray and no W&B in it."""
 
-from .engine import (
-    Decoding,
-    Engine,
-    InterventionResult,
-    PatchscopeEngine,
-    PatchscopeResult,
-    resid_post,
-    run_patchscopes,
-)
-from .errors import InputError, PatchscopeError, UnknownModelError
-from .hooks import HookContext
-from .interventions import (
-    KINDS,
-    Add,
-    Intervention,
-    InterventionRun,
-    Mean,
-    Noise,
-    Positions,
-    Replace,
-    Resample,
-    Scale,
-    Zero,
-)
-from .mapping import Affine, Identity
-from .models import ALIASES, ModelInfo, cache_dir, info_of, load_model, model_info
-from .sites import SITES, Site
-from .spec import Patchscope, Source, Target, resolve, tokenize
+from .base.errors import InputError, PatchscopeError, UnknownModelError
+from .engine import Decoding, Engine, InterventionResult
+from .forward.hooks import HookContext
+from .interventions.kinds import Add, Mean, Noise, Positions, Replace, Resample, Scale, Zero
+from .interventions.registry import KINDS
+from .interventions.runs import Intervention, InterventionRun
+from .methods.mapping import Affine, Identity
+from .methods.patchscope import Patchscope, PatchscopeEngine, PatchscopeResult, Source, Target, resolve, run_patchscopes
+from .models.info import ModelInfo, info_of
+from .models.loading import ALIASES, cache_dir, load_model, model_info
+from .models.sites import SITES, Site, resid_post
+from .models.tokens import tokenize
 
 __all__ = [
     "ALIASES",

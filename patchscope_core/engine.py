@@ -4,17 +4,19 @@
 returns, per run: the generated tokens, the first token's top-k, the answer's teacher-forced
 log-probabilities, and the clean baseline of the same prompt (computed once per distinct
 prompt). Rows of one batch may differ in prompt, site, kind, indices, positions and values:
-one hook per (module, side) dispatches the rows (`dispatch.py`).
+one hook per (module, side) dispatches the rows (`forward/dispatch.py`).
 
 The hard point (docs/interventions.md): with the KV cache on, the prefill sees the whole
 left-padded prompt and every later step one new token. Hooks learn the absolute position of
-each column from the running cache length (`hooks.py`), so an intervention at prompt positions
+each column from the running cache length (`forward/hooks.py`), so an intervention at prompt positions
 is written once, in the prefill, and every later token reads it through the cached keys and
 values; one at generated positions acts on each new token as it is decoded. Both equal
 uncached generation that re-applies them at every step (the tests prove it).
 
-`PatchscopeEngine` runs Patchscopes on the same path: a Patchscope is `Replace(vector=f(h))` at
-`blocks.{l*}.hook_resid_post` and the target positions, h read from the source run.
+Place in the core: the layer above `forward/` (hooks, dispatch, readings, clean starts) and below
+`methods/`: `PatchscopeEngine` (`methods/patchscope.py`) runs Patchscopes on this same path, a
+Patchscope being `Replace(vector=f(h))` at `blocks.{l*}.hook_resid_post` and the target
+positions, h read from the source run.
 """
 
 from __future__ import annotations
@@ -29,38 +31,18 @@ from typing import Any
 
 import torch
 
-from .clean_start import CleanStates, first_layer
-from .dispatch import dispatch
-from .errors import PatchscopeError
-from .hooks import HookFn, attached_hooks, cached_length, hooked, left_pad, position_ids_from_mask
-from .interventions import (
-    Action,
-    Add,
-    Intervention,
-    InterventionRun,
-    Positions,
-    Replace,
-    ResolvedIntervention,
-    ResolvedRun,
-    resolve_run,
-)
-from .knockout import group_by_layer, knockout_hooks
-from .models import ModelInfo, info_of
-from .readings import SiteReader, input_device
-from .sites import ResolvedSite, Site, plain_modules, resid_post, resolve_site
-from .spec import Patchscope, ResolvedPatchscope, resolve_all, tokenize
-from .values import check_seed
-
-__all__ = [
-    "Decoding",
-    "Engine",
-    "InterventionResult",
-    "PatchscopeEngine",
-    "PatchscopeResult",
-    "info_of",
-    "resid_post",
-    "run_patchscopes",
-]
+from .base.errors import PatchscopeError
+from .base.values import check_seed
+from .forward.clean_start import CleanStates, first_layer
+from .forward.dispatch import dispatch
+from .forward.hooks import HookFn, attached_hooks, cached_length, hooked, left_pad, position_ids_from_mask
+from .forward.knockout import group_by_layer, knockout_hooks
+from .forward.readings import SiteReader, input_device
+from .interventions.kinds import Action, Add
+from .interventions.runs import InterventionRun, ResolvedIntervention, ResolvedRun, resolve_run
+from .models.info import ModelInfo, info_of
+from .models.sites import ResolvedSite, Site, plain_modules, resolve_site
+from .models.tokens import tokenize
 
 
 @dataclass(frozen=True)
@@ -188,7 +170,7 @@ class Engine:
         self._clean: dict[tuple, _Output] = {}  # clean baselines by (prompt, answer, max_new_tokens)
         self.share_prefixes = True  # rows of one prompt compute the prefix no intervention touches once
         self.batch_tokens: int | None = None  # a batch holds at most this many tokens (rows x longest sequence)
-        self.start_at_first_layer = True  # scoring rows start at their first touched layer (clean_start.py)
+        self.start_at_first_layer = True  # scoring rows start at their first touched layer (forward/clean_start.py)
         self.start_spread = 2  # ... in batches whose first layers spread by at most this many layers
         self.states = CleanStates(self)
 
@@ -365,7 +347,7 @@ class Engine:
         """Outputs of resolved runs, batched by prompt length (at most batch_size rows, and at most
         `batch_tokens` tokens when set); results in input order. A batch that runs out of memory
         is halved and the halves run instead. Rows that only score go in batches of nearby first
-        layers (`start_spread`), each starting at its lowest row's layer (clean_start.py)."""
+        layers (`start_spread`), each starting at its lowest row's layer (forward/clean_start.py)."""
         starts = [first_layer(r) if self.start_at_first_layer and not r.max_new_tokens else 0 for r in resolved]
         order = sorted(
             range(len(resolved)), key=lambda i: (len(resolved[i].prompt_ids) + len(resolved[i].answer_ids), starts[i])
@@ -416,7 +398,7 @@ class Engine:
         by_site: dict[str, list[tuple[int, ResolvedIntervention, Action]]] = defaultdict(list)
         for b, (r, acts) in enumerate(zip(batch, actions)):
             for iv, act in zip(r.interventions, acts):
-                if iv.edges is None:  # a knockout writes no value: its edges go to the attention (knockout.py)
+                if iv.edges is None:  # a knockout writes no value: its edges go to the attention (forward/knockout.py)
                     by_site[iv.site.site.hook].append((b, iv, act))
         knockouts = group_by_layer([[iv.edges for iv in r.interventions if iv.edges is not None] for r in batch])
         return [(entries[0][1].site, dispatch(entries)) for entries in by_site.values()] + knockout_hooks(
@@ -588,169 +570,3 @@ def _clean_key(r: ResolvedRun) -> tuple:
 
 def _p_first(out: _Output) -> float | None:
     return float(torch.tensor(out.answer_logprobs[0]).exp()) if out.answer_logprobs else None
-
-
-# ---------------------------------------------------------------------- Patchscopes
-
-
-@dataclass
-class PatchscopeResult:
-    patchscope: Patchscope
-    source_token_ids: list[int]
-    target_token_ids: list[int]
-    source_position: int
-    target_positions: list[int]
-    generated_token_ids: list[int]
-    generated_text: str
-    top_token_ids: list[int]  # the first generated token's top-k under the patched target
-    top_logprobs: list[float]
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def to_record(self) -> dict[str, Any]:
-        """A flat, JSON- and Parquet-friendly dict."""
-        s, t = self.patchscope.source, self.patchscope.target
-        record = {
-            "source_model": s.model,
-            "source_prompt": s.prompt,
-            "source_layer": s.layer,
-            "source_position": self.source_position,
-            "target_model": t.model,
-            "target_prompt": t.prompt,
-            "target_layer": t.layer,
-            "target_positions": self.target_positions,
-            "mapping": getattr(self.patchscope.mapping, "name", repr(self.patchscope.mapping)),
-            "max_new_tokens": self.patchscope.max_new_tokens,
-        }
-        record.update(
-            {
-                k: v
-                for k, v in asdict(self).items()
-                if k not in ("patchscope", "source_position", "target_positions", "timings")
-            }
-        )
-        record.update({f"time_{k}": v for k, v in self.timings.items()})
-        return record
-
-
-class PatchscopeEngine(Engine):
-    """Runs lists of Patchscopes on loaded models, in batches.
-
-    model: the target model M* (a TransformerBridge); source_model: M (default: the same).
-    Patchscopes whose `source.model` / `target.model` is None are recorded with these names.
-    """
-
-    def __init__(
-        self,
-        model,
-        source_model=None,
-        *,
-        name: str | None = None,
-        source_name: str | None = None,
-        decoding: Decoding = Decoding(),
-        top_k: int = 10,
-    ) -> None:
-        super().__init__(model, name=name, decoding=decoding, top_k=top_k)
-        self.target_model = model
-        self.source_model = source_model if source_model is not None else model
-        if source_model is None:
-            self.source_info, self.source_reader = info_of(model, source_name or name), self.reader
-        else:
-            warn_attached_hooks(source_model, "source_model")
-            self.source_info = info_of(source_model, source_name)
-            self.source_reader = SiteReader(source_model, plain_modules(source_model), self.source_info)
-
-    def _describe(self) -> str:
-        if self.source_model is self.target_model:
-            return super()._describe()
-        return f"{super()._describe()}; source {self.source_info.name} ({self.source_info.n_layers} layers)"
-
-    def resolve(self, patchscopes: Sequence[Patchscope]) -> list[ResolvedPatchscope]:  # type: ignore[override]
-        return resolve_all(patchscopes, self.source_info, self.target_info)
-
-    def run(self, patchscopes: Sequence[Patchscope], batch_size: int = 32) -> list[PatchscopeResult]:  # type: ignore[override]
-        """One result per Patchscope, in input order. Validates everything before any forward pass."""
-        if batch_size < 1:
-            raise PatchscopeError(f"batch_size: expected an integer >= 1, got {batch_size}")
-        resolved = self.resolve(patchscopes)
-        if not resolved:
-            return []
-        t0 = time.perf_counter()
-        sources = self.extract_sources(resolved, batch_size)
-        extract_s = time.perf_counter() - t0
-        vectors = [sources[(r.source_token_ids, r.spec.source.layer, r.source_position)] for r in resolved]
-        results = self.generate(resolved, vectors, batch_size)
-        for res in results:
-            res.timings["extract_s"] = extract_s
-        return results
-
-    def generate(
-        self, resolved: Sequence[ResolvedPatchscope], vectors: Sequence[torch.Tensor], batch_size: int = 32
-    ) -> list[PatchscopeResult]:
-        """Patched generation given each Patchscope's source vector h: `Replace(f(h))` at
-        `blocks.{l*}.hook_resid_post` and the target positions, as an intervention run."""
-        runs, actions = [], []
-        for r, h in zip(resolved, vectors):
-            site = resolve_site(Site(resid_post(r.spec.target.layer)), self.target_info, "target.layer")
-            write = Intervention(site.site, Replace(vector=r.spec.mapping(h)), Positions(indices=r.target_positions))
-            runs.append(
-                ResolvedRun(
-                    r,
-                    r.target_token_ids,
-                    (),
-                    (ResolvedIntervention(write, site, write.positions),),
-                    r.spec.max_new_tokens,
-                )
-            )
-            actions.append([write.kind.prepare(site, self.reader)])
-        results = []
-        for r, out in zip(resolved, self.execute(runs, actions, batch_size)):
-            results.append(
-                PatchscopeResult(
-                    patchscope=self._named(r.spec),
-                    source_token_ids=list(r.source_token_ids),
-                    target_token_ids=list(r.target_token_ids),
-                    source_position=r.source_position,
-                    target_positions=list(r.target_positions),
-                    generated_token_ids=out.generated,
-                    generated_text=self.model.tokenizer.decode(out.generated, skip_special_tokens=True),
-                    top_token_ids=out.top_ids,
-                    top_logprobs=out.top_logprobs,
-                    timings={k: v for k, v in out.timings.items() if k != "batch_score_s"},
-                )
-            )
-        return results
-
-    def extract_sources(
-        self, resolved: Sequence[ResolvedPatchscope], batch_size: int = 32
-    ) -> dict[tuple, torch.Tensor]:
-        """h for every distinct (source prompt, layer, position): batched forward passes of the
-        source model over the distinct source prompts, reading only the layers asked for."""
-        sites = {
-            r.spec.source.layer: resolve_site(Site(resid_post(r.spec.source.layer)), self.source_info, "source.layer")
-            for r in resolved
-        }
-        self.source_reader.batch_size = batch_size
-        values = self.source_reader.read(
-            list(sites.values()), [r.source_token_ids for r in resolved], purpose="sources", keep=False
-        )
-        return {
-            (r.source_token_ids, r.spec.source.layer, r.source_position): values[
-                (resid_post(r.spec.source.layer), r.source_token_ids)
-            ][r.source_position]
-            for r in resolved
-        }
-
-    def _named(self, spec: Patchscope) -> Patchscope:
-        """The spec with its model names filled in from the engine."""
-        if spec.source.model is None:
-            spec = replace(spec, source=replace(spec.source, model=self.source_info.name))
-        if spec.target.model is None:
-            spec = replace(spec, target=replace(spec.target, model=self.target_info.name))
-        return spec
-
-
-def run_patchscopes(
-    model, patchscopes: Sequence[Patchscope], batch_size: int = 32, **engine_kwargs
-) -> list[PatchscopeResult]:
-    """Shortcut: PatchscopeEngine(model, **engine_kwargs).run(patchscopes, batch_size)."""
-    return PatchscopeEngine(model, **engine_kwargs).run(patchscopes, batch_size)

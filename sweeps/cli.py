@@ -29,9 +29,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         model_info,
         resolve,
     )
-    from patchscope_core.mapping import Affine, Identity
+    from patchscope_core.base.values import check_seed, number_problem
+    from patchscope_core.methods.mapping import Affine, Identity
     from patchscope_core.models import check_device
-    from patchscope_core.values import check_seed, number_problem
 
     if args.seed is not None:
         check_seed(args.seed, "--seed")
@@ -80,7 +80,7 @@ def _read_prompts(path: str | None, field: str) -> tuple[str, ...]:
     from pathlib import Path
 
     from patchscope_core import InputError
-    from patchscope_core.textfiles import read_lines
+    from patchscope_core.base.textfiles import read_lines
 
     if path is None:
         return ()
@@ -95,8 +95,8 @@ def _kind(args: argparse.Namespace):
     from dataclasses import fields
 
     from patchscope_core import KINDS, InputError
+    from patchscope_core.base.values import check_seed
     from patchscope_core.interventions import load_vector
-    from patchscope_core.values import check_seed
 
     given = {
         "vector": ("--vector", lambda: load_vector(args.vector, "--vector") if args.vector else None),

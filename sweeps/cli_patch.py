@@ -56,9 +56,9 @@ def _words(words: list[str], field: str, named: tuple[str, ...]):
 
 def run(args: argparse.Namespace) -> int:
     from patchscope_core import Engine, InputError, load_model, model_info
+    from patchscope_core.methods.patcher import Patcher
+    from patchscope_core.methods.patching import Pair, check_directions, check_metrics, check_pair, make_cells
     from patchscope_core.models import check_device
-    from patchscope_core.patcher import Patcher
-    from patchscope_core.patching import Pair, check_directions, check_metrics, check_pair, make_cells
 
     pair = Pair(args.clean, args.corrupted, args.answer, args.wrong_answer)
     info = model_info(args.model)

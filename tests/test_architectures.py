@@ -31,7 +31,7 @@ from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_AR
 
 from patchscope_core import SITES, Add, Decoding, Intervention, InterventionRun, PatchscopeError, Scale, Site, Zero
 from patchscope_core.engine import Engine
-from patchscope_core.models import _load_tokenizer, _tiny_tokenizer_dir
+from patchscope_core.models.loading import _load_tokenizer, _tiny_tokenizer_dir
 from tests.reference import compare_tokens, hooked_logits, reference_hooks, site_values, uncached_generation
 from tests.test_core_interventions import hf_greedy
 

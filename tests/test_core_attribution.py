@@ -9,8 +9,8 @@ import torch
 from transformer_lens.tools.analysis.attribution_patching import Node, attribution_patch
 
 from patchscope_core import Engine, InputError, model_info
-from patchscope_core.attribution import Attributor, check_attribution
-from patchscope_core.patching import Pair, check_pair
+from patchscope_core.methods.attribution import Attributor, check_attribution
+from patchscope_core.methods.patching import Pair, check_pair
 
 PAIRS = [
     Pair("The fox jumps over the", "The fix jumps over the", " dog", " cat"),
@@ -241,8 +241,8 @@ def test_smollm2_ioi_equals_transformer_lens(smollm2):
 
 
 def test_verify_patches_top_k_and_random_nodes_and_the_statistics_hold(engines):
-    from patchscope_core.attribution_verify import pearson, spearman, summarise, upper_rate, verify
-    from patchscope_core.patcher import Patcher
+    from patchscope_core.methods.attribution_verify import pearson, spearman, summarise, upper_rate, verify
+    from patchscope_core.methods.patcher import Patcher
 
     engine = engines["tiny-llama"]
     results = Attributor(engine).attribute(PAIRS, ["attn.hook_z", "hook_mlp_out"], method=["atp", "atp_star"])
@@ -284,7 +284,7 @@ def test_verify_patches_top_k_and_random_nodes_and_the_statistics_hold(engines):
 
 
 def test_verify_refuses_bad_fields(engines):
-    from patchscope_core.attribution_verify import verify
+    from patchscope_core.methods.attribution_verify import verify
 
     with pytest.raises(InputError, match=r"^verify.top_k:"):
         verify(None, [], [], top_k=-1)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from patchscope_core import Affine, Decoding, Identity, Patchscope, PatchscopeEngine, Source, Target, tokenize
-from patchscope_core.engine import info_of
+from patchscope_core.models.info import info_of
 from tests.reference import compare_tokens, source_vector, uncached_patched_generation
 
 TINY = ["tiny-gpt2", "tiny-llama"]
@@ -222,7 +222,7 @@ def test_tokenize_matches_the_bridge(tiny_models, name):
 
 def test_local_model_directory_loads_like_the_alias(tiny_models, tmp_path):
     from patchscope_core import load_model, model_info
-    from patchscope_core.models import _tiny_hf_model
+    from patchscope_core.models.loading import _tiny_hf_model
 
     hf, tok = _tiny_hf_model("tiny-llama")
     hf.save_pretrained(tmp_path)

@@ -28,7 +28,7 @@ from patchscope_core import (
 )
 from patchscope_core.engine import Engine
 from patchscope_core.interventions import ACTIVATION_KINDS, resolve_run
-from patchscope_core.models import _tiny_hf_model
+from patchscope_core.models.loading import _tiny_hf_model
 from tests.reference import compare_tokens, hooked_logits, reference_hooks, uncached_generation
 
 TINY = ["tiny-gpt2", "tiny-llama"]

@@ -11,8 +11,8 @@ import torch
 from patchscope_core import Decoding, Intervention, InterventionRun, PatchscopeError, Site, Zero, model_info
 from patchscope_core.engine import Engine
 from patchscope_core.interventions import Knockout, resolve_run, run_from_dict, run_to_dict
-from patchscope_core.models import _load_tokenizer, _tiny_hf_model, _tiny_tokenizer_dir
-from patchscope_core.tracing import subject_span
+from patchscope_core.models.loading import _load_tokenizer, _tiny_hf_model, _tiny_tokenizer_dir
+from patchscope_core.models.tokens import subject_span
 from tests.reference import compare_tokens
 
 N_NEW = 6

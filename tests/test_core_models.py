@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from patchscope_core import Decoding, Patchscope, PatchscopeEngine, Source, Target, load_model, model_info, tokenize
-from patchscope_core.models import _load_tokenizer, _tiny_tokenizer_dir, info_of
+from patchscope_core.models import info_of
+from patchscope_core.models.loading import _load_tokenizer, _tiny_tokenizer_dir
 from tests.reference import compare_tokens, source_vector, uncached_patched_generation
 
 

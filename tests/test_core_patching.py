@@ -9,8 +9,8 @@ import torch
 import transformer_lens.patching as tlp
 
 from patchscope_core import Engine, InputError, model_info
-from patchscope_core.patcher import Patcher
-from patchscope_core.patching import Cell, Pair, check_pair, make_cells
+from patchscope_core.methods.patcher import Patcher
+from patchscope_core.methods.patching import Cell, Pair, check_pair, make_cells
 
 TINY_PAIR = Pair("The fox jumps over the", "The fix jumps over the", " dog", " cat")
 IOI_PAIR = Pair(

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from patchscope_core.patching_summary import (
+from patchscope_core.methods.patching_summary import (
     bootstrap_draws,
     draw_layer_head,
     draw_layer_position,

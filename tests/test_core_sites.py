@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from patchscope_core import Decoding, PatchscopeEngine
-from patchscope_core.sites import block, plain_modules
+from patchscope_core.models.sites import block, plain_modules
 from tests.test_core_engine import cases, check_against_uncached
 
 
@@ -45,7 +45,7 @@ def test_accelerate_dispatched_model_runs_bridged_and_stays_right():
     from accelerate.hooks import ModelHook, add_hook_to_module
     from transformer_lens.model_bridge import TransformerBridge
 
-    from patchscope_core.models import _tiny_hf_model
+    from patchscope_core.models.loading import _tiny_hf_model
 
     hf, tokenizer = _tiny_hf_model("tiny-llama")
     add_hook_to_module(hf.model.layers[0], ModelHook())  # as from_pretrained(device_map=...) does
@@ -64,8 +64,8 @@ def test_an_instance_forward_the_view_cannot_rebind_runs_bridged_with_one_warnin
     import pytest
     from transformer_lens.model_bridge import TransformerBridge
 
-    from patchscope_core import sites
-    from patchscope_core.models import _tiny_hf_model
+    from patchscope_core.models import sites
+    from patchscope_core.models.loading import _tiny_hf_model
 
     hf, tokenizer = _tiny_hf_model("tiny-llama")
     layer = hf.model.layers[1]

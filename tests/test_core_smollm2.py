@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from patchscope_core import Decoding, Patchscope, PatchscopeEngine, Source, Target, tokenize
-from patchscope_core.engine import info_of
+from patchscope_core.models.info import info_of
 from tests.reference import compare_tokens, source_vector, uncached_patched_generation
 
 pytestmark = pytest.mark.smollm2

@@ -7,7 +7,9 @@ import torch
 
 from patchscope_core import Engine, Intervention, InterventionRun, Noise, PatchscopeError, Resample, Site, model_info
 from patchscope_core.interventions import noise_at
-from patchscope_core.tracing import Fact, Tracer, TraceSettings, subject_span, window_layers
+from patchscope_core.methods.tracing import Fact, Tracer, TraceSettings
+from patchscope_core.models.sites import window_layers
+from patchscope_core.models.tokens import subject_span
 
 TINY = ["tiny-gpt2", "tiny-llama"]
 REFERENCE = ("Paris is the capital of France.", "Tokyo is the largest city of Japan.", "Water is a liquid.")
@@ -174,7 +176,7 @@ def test_restoring_every_position_at_layer_0_gives_the_clean_probability(tiny_mo
 
 
 def engine_site(engine, site):
-    from patchscope_core.sites import resolve_site
+    from patchscope_core.models.sites import resolve_site
 
     return resolve_site(site, engine.info)
 

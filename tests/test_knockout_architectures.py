@@ -31,7 +31,7 @@ import torch
 from patchscope_core import Decoding, Intervention, InterventionRun, PatchscopeError, Site
 from patchscope_core.engine import Engine
 from patchscope_core.interventions import Knockout
-from patchscope_core.sites import resolve_site
+from patchscope_core.models.sites import resolve_site
 from tests.test_architectures import _SKIPS, ARCHITECTURES, PROMPT, tiny_model
 
 N_NEW = 4

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from patchscope_core import PatchscopeEngine, PatchscopeError
+from patchscope_core.methods.patchscope import Source, Target
 from patchscope_core.recipes import (
     ENTITY_PROMPT,
     IDENTITY_PROMPT,
@@ -40,7 +41,6 @@ from patchscope_core.recipes import (
     shuffled_labels,
     surprisal,
 )
-from patchscope_core.spec import Source, Target
 from tests.reference import hooked_logits, site_values
 
 LRE = Path(__file__).resolve().parents[1] / "sweeps" / "examples" / "lre"

@@ -28,7 +28,7 @@ def test_layer_l_is_hf_hidden_states_l_plus_1_except_the_last_which_hf_norms(tin
     """What the README says is what the model does: the tool's layer l (read as a Patchscope reads
     its source) is hidden_states[l + 1] for l < n_layers - 1; the last is the residual stream
     before the final norm, and Hugging Face's last hidden state is that stream normed."""
-    from patchscope_core.sites import Site, resid_post, resolve_site
+    from patchscope_core.models.sites import Site, resid_post, resolve_site
 
     bridge = tiny_models["tiny-llama"]
     engine = Engine(bridge, name="tiny-llama")
@@ -59,7 +59,7 @@ def local_model_config(tmp_path_factory):
     elsewhere."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from patchscope_core.models import _load_tokenizer, _tiny_tokenizer_dir
+    from patchscope_core.models.loading import _load_tokenizer, _tiny_tokenizer_dir
 
     root = tmp_path_factory.mktemp("byom")
     model_dir = root / "study" / "tiny-qwen2"

@@ -119,7 +119,7 @@ def test_query_heads_range_over_every_head(tmp_path, capsys, no_weights):
 
 def test_the_sweep_equals_transformer_lens_resumes_and_reports(tmp_path, capsys, tiny_models):
     from patchscope_core import Engine
-    from patchscope_core.patching import Pair, check_pair
+    from patchscope_core.methods.patching import Pair, check_pair
     from sweeps.sinks.store import ResultStore
     from tests.golden.common import run_in_process
 

@@ -115,7 +115,7 @@ def _tl_scores(bridge, checked):
 
 def test_the_sweep_equals_transformer_lens_and_exact_patching_resumes_and_reports(tmp_path, capsys, tiny_models):
     from patchscope_core import Engine
-    from patchscope_core.patching import Pair, check_pair
+    from patchscope_core.methods.patching import Pair, check_pair
     from sweeps.sinks.store import ResultStore
     from tests.golden.common import run_in_process
 

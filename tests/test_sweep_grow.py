@@ -17,7 +17,7 @@ pytestmark = pytest.mark.ray
 
 
 def local_model(path: Path) -> Path:
-    from patchscope_core.models import _tiny_hf_model
+    from patchscope_core.models.loading import _tiny_hf_model
 
     hf, tok = _tiny_hf_model("tiny-llama")
     hf.save_pretrained(path)

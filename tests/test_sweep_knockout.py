@@ -17,7 +17,8 @@ import pandas as pd
 import pytest
 import torch
 
-from patchscope_core.tracing import subject_span, window_layers
+from patchscope_core.models.sites import window_layers
+from patchscope_core.models.tokens import subject_span
 from sweeps.config import ConfigError
 from tests.configs import write_yaml
 from tests.golden.common import run_in_process

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from patchscope_core import Engine, Intervention, InterventionRun, Mean, Site, Zero
-from patchscope_core.tracing import Fact, Tracer, TraceSettings
+from patchscope_core.methods.tracing import Fact, Tracer, TraceSettings
 from sweeps import cli
 from sweeps.sinks.store import ResultStore
 from tests.configs import changed, write_yaml

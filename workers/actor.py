@@ -27,7 +27,7 @@ from typing import Any
 
 from patchscope_core import Decoding, Patchscope, PatchscopeEngine, load_model
 from patchscope_core.interventions import run_from_dict
-from patchscope_core.tracing import Fact, Tracer, TraceSettings
+from patchscope_core.methods.tracing import Fact, Tracer, TraceSettings
 
 from .recipes import recipe_records
 
@@ -169,8 +169,8 @@ def intervention_records(engine, payload: dict[str, Any], batch_size: int) -> li
 def patching_record(engine, payload: dict[str, Any], batch_size: int) -> dict[str, Any]:
     """One pair's activation patching (issue 16): its clean and corrupted runs once, every cell's
     patched value (in the payload's order), the metrics of both runs and the clean tokens."""
-    from patchscope_core.patcher import Patcher
-    from patchscope_core.patching import Cell, Pair
+    from patchscope_core.methods.patcher import Patcher
+    from patchscope_core.methods.patching import Cell, Pair
 
     t0 = time.perf_counter()
     cells = [tuple(c) for c in payload["cells"]]
@@ -193,10 +193,10 @@ def attribution_records(engine, payload: dict[str, Any], batch_size: int) -> lis
     """Attribution patching of a batch of pairs (issue 17): each pair's estimates and scores per
     (method, site), flat ([layers, positions, units] and [layers, units]), and with `verify` the
     exact effects of its verified nodes, keyed by flat index."""
-    from patchscope_core.attribution import Attributor, units
-    from patchscope_core.attribution_verify import verify
-    from patchscope_core.patcher import Patcher
-    from patchscope_core.patching import Pair
+    from patchscope_core.methods.attribution import Attributor, units
+    from patchscope_core.methods.attribution_verify import verify
+    from patchscope_core.methods.patcher import Patcher
+    from patchscope_core.methods.patching import Pair
 
     t0 = time.perf_counter()
     pairs = [Pair(p["clean"], p["corrupted"], p["answer"], p["wrong_answer"]) for p in payload["pairs"]]

@@ -18,11 +18,11 @@ from collections.abc import Sequence
 
 import torch
 
-from ..errors import PatchscopeError
-from ..mapping import Affine
-from ..readings import SiteReader
-from ..sites import Site, resid_post, resolve_site
-from ..spec import tokenize
+from ..base.errors import PatchscopeError
+from ..forward.readings import SiteReader
+from ..methods.mapping import Affine
+from ..models.sites import Site, resid_post, resolve_site
+from ..models.tokens import tokenize
 
 
 @torch.no_grad()
@@ -66,7 +66,7 @@ def fit_affine(X: torch.Tensor, Y: torch.Tensor) -> Affine:
     return solve(sums.xtx, sums.xty[0])
 
 
-def _aligned(src_info, tgt_info, texts: Sequence[str], field_name: str) -> tuple[list, list]:
+def aligned_tokens(src_info, tgt_info, texts: Sequence[str], field_name: str) -> tuple[list, list]:
     """Each text's token ids for both models; the tokens after a prepended BOS must agree."""
     src_rows, tgt_rows = [], []
     for i, text in enumerate(texts):
@@ -96,7 +96,7 @@ def fit_affine_maps(
     pairs = list(dict.fromkeys(pairs))
     if not pairs or not texts:
         return {}
-    src_rows, tgt_rows = _aligned(source.info, target.info, texts, field_name)
+    src_rows, tgt_rows = aligned_tokens(source.info, target.info, texts, field_name)
     src_sites = {l: resolve_site(Site(resid_post(l)), source.info, f"{field_name}.layer") for l, _ in pairs}
     tgt_sites = {l: resolve_site(Site(resid_post(l)), target.info, f"{field_name}.layer") for _, l in pairs}
     wanted: dict[int, set[int]] = {}

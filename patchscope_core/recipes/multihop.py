@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..errors import PatchscopeError
-from ..spec import Source, Target
-from ..textfiles import read_csv
+from ..base.errors import PatchscopeError
+from ..base.textfiles import read_csv
+from ..methods.patchscope import Source, Target
 from .metrics import shuffled_labels
 from .probes import Probe, Recipe
 

@@ -30,8 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..errors import PatchscopeError
-from ..spec import Source, Target
+from ..base.errors import PatchscopeError
+from ..methods.patchscope import Source, Target
 from .probes import Probe, Recipe
 
 IDENTITY_PROMPT = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"

@@ -27,12 +27,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..engine import PatchscopeEngine
-from ..errors import PatchscopeError
-from ..interventions import InterventionRun
-from ..mapping import Identity
-from ..sites import Site, resid_post, resolve_site
-from ..spec import Patchscope, Source, Target, resolve_position, tokenize
+from ..base.errors import PatchscopeError
+from ..interventions.runs import InterventionRun
+from ..methods.mapping import Identity
+from ..methods.patchscope import Patchscope, PatchscopeEngine, Source, Target
+from ..models.sites import Site, resid_post, resolve_site
+from ..models.tokens import resolve_position, tokenize
 from . import metrics
 from .lenses import final_logprobs, fit_affine_maps
 

@@ -18,7 +18,7 @@ def read_table(path: Path, field_name: str = "source.file") -> list[dict[str, An
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
         from patchscope_core import PatchscopeError
-        from patchscope_core.textfiles import read_csv
+        from patchscope_core.base.textfiles import read_csv
 
         try:
             return read_csv(path, field_name, delimiter="\t" if suffix == ".tsv" else ",")

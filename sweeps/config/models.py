@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from patchscope_core import ALIASES, ModelInfo, PatchscopeError, model_info
-from patchscope_core.spec import check_layer
+from patchscope_core.models.sites import check_layer
 
 from .errors import ConfigError
 from .fields import expand_layers

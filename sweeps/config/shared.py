@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from patchscope_core.values import MAX_SEED
+from patchscope_core.base.values import MAX_SEED
 
 from .errors import ConfigError
 from .fields import Strict

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from patchscope_core import Engine, load_model, model_info
-from patchscope_core.patcher import Patcher
-from patchscope_core.patching import Pair
+from patchscope_core.methods.patcher import Patcher
+from patchscope_core.methods.patching import Pair
 
 TEMPLATES = [
     "When {a} and {b} went to the store, {s} gave a drink to",

@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from patchscope_core import PatchscopeError
-from patchscope_core.patching import DIRECTIONS, METRICS, Pair, check_pair, make_cells, site_name
+from patchscope_core.methods.patching import DIRECTIONS, METRICS, Pair, check_pair, make_cells, site_name
 
 from ..config import ConfigError, Layers, Strict
 from ..config.files import checked_columns, locate, read_table
@@ -262,7 +262,7 @@ def patching_report(out_dir: Path, df) -> dict[str, Path]:
     """Per model, direction, metric and site: the layer x position heatmap of mean recovered (first
     pair's tokens), for head sites the layer x head heatmap and top heads; per-pair values and
     bootstrap 95% intervals over pairs as CSV."""
-    from patchscope_core import patching_summary as ps
+    from patchscope_core.methods import patching_summary as ps
 
     from .. import pictures
 

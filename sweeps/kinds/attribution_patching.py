@@ -26,8 +26,8 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from patchscope_core import PatchscopeError
-from patchscope_core.attribution import METHODS, SITE_NOTES, check_attribution, units
-from patchscope_core.patching import METRICS, PATCH_SITES
+from patchscope_core.methods.attribution import METHODS, SITE_NOTES, check_attribution, units
+from patchscope_core.methods.patching import METRICS, PATCH_SITES
 
 from ..config import ConfigError, Layers, Strict
 from ..config.models import ModelPlan, checked_layers, model_info_for
@@ -208,7 +208,7 @@ def attribution_summary(df) -> Any:
     `attribution_verify.summary_table` and the site's caveat (`note`); None without `exact`."""
     import pandas as pd
 
-    from patchscope_core.attribution_verify import summary_table
+    from patchscope_core.methods.attribution_verify import summary_table
 
     out = []
     for model, mdf in df.groupby("model", sort=True):
@@ -235,8 +235,8 @@ def attribution_report(out_dir: Path, df) -> dict[str, Path]:
     import torch
     from matplotlib.figure import Figure
 
-    from patchscope_core import patching_summary as ps
-    from patchscope_core.attribution_verify import pearson
+    from patchscope_core.methods import patching_summary as ps
+    from patchscope_core.methods.attribution_verify import pearson
 
     from .. import pictures
 

@@ -19,8 +19,8 @@ import numpy as np
 from pydantic import Field
 
 from patchscope_core import PatchscopeError
-from patchscope_core.spec import resolve_position
-from patchscope_core.values import MAX_SEED
+from patchscope_core.base.values import MAX_SEED
+from patchscope_core.models.tokens import resolve_position
 
 from .. import pictures
 from ..config import ConfigError, Layers, Positions, Strict
@@ -103,8 +103,9 @@ class TraceCell:
 def _check_facts(config, plan: ModelPlan, rows: list[PromptRow]) -> None:
     """Every subject in its prompt, every answer with tokens, positions and sites, on one model."""
     from patchscope_core import Site
-    from patchscope_core.sites import resolve_site
-    from patchscope_core.tracing import TRACE_SITES, subject_span
+    from patchscope_core.methods.tracing import TRACE_SITES
+    from patchscope_core.models.sites import resolve_site
+    from patchscope_core.models.tokens import subject_span
 
     info, tr = plan.info, config.trace
     for row in rows:

@@ -22,7 +22,7 @@ from pydantic import Field, field_validator, model_validator
 
 from patchscope_core import KINDS as INTERVENTION_KINDS
 from patchscope_core import PatchscopeError
-from patchscope_core.values import number_problem, seed_problem, template_problem
+from patchscope_core.base.values import number_problem, seed_problem, template_problem
 
 from .. import pictures
 from ..config import ConfigError, Layers, Strict, axis
@@ -361,7 +361,7 @@ def _check_model(config, plan: ModelPlan, rows: list[PromptRow], kinds) -> None:
     """Sites, heads and neurons, positions and every kind on every prompt, on one model."""
     from patchscope_core import Intervention, InterventionRun, Positions, Site
     from patchscope_core.interventions import make_kind, resolve_run
-    from patchscope_core.sites import resolve_site
+    from patchscope_core.models.sites import resolve_site
 
     iv, info = config.intervention, plan.info
     grid = _hooks_and_units(config, plan)  # heads where a site has them (attn.hook_z), neurons likewise (mlp.hook_post)

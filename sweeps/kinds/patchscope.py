@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from patchscope_core import Patchscope, PatchscopeError, Source, Target, tokenize
-from patchscope_core.spec import context_problem, resolve_position
+from patchscope_core.models.tokens import context_problem, resolve_position
 
 from .. import pictures
 from ..config import ConfigError, Layers, Positions, Strict, TargetLayers, TargetPositions

@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from patchscope_core import tokenize
-from patchscope_core.spec import context_problem
+from patchscope_core.models.tokens import context_problem
 
 from ..config import ConfigError, Strict
 from ..config.files import checked_columns, locate, read_table, ref_value

@@ -21,8 +21,8 @@ from typing import Annotated, Any, Union
 from pydantic import BeforeValidator, Field
 
 from patchscope_core import PatchscopeError, tokenize
+from patchscope_core.models.tokens import context_problem
 from patchscope_core.recipes import RECIPES, Probe
-from patchscope_core.spec import context_problem
 
 from ...config import ConfigError
 from ...config.models import ModelPlan, model_info_for

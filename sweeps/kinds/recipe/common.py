@@ -20,8 +20,8 @@ import pandas as pd
 from pydantic import Field
 
 from patchscope_core import ModelInfo, PatchscopeError
+from patchscope_core.base.values import MAX_SEED
 from patchscope_core.recipes import Recipe, corpus_windows, pydoc_text
-from patchscope_core.values import MAX_SEED
 
 from ...config import ConfigError, Strict, read_text
 from ...config.files import locate
@@ -104,7 +104,7 @@ def layer_pairs(config, source: ModelInfo, target: ModelInfo) -> tuple[tuple[int
 def target_prompt_fits(config, info: ModelInfo, new_tokens: int) -> None:
     """recipe.target_prompt plus new_tokens must fit the model's context."""
     from patchscope_core import tokenize
-    from patchscope_core.spec import context_problem
+    from patchscope_core.models.tokens import context_problem
 
     n = len(tokenize(info, config.recipe.target_prompt, "recipe.target_prompt"))
     problem = context_problem(n, new_tokens, info)

@@ -10,7 +10,7 @@ import pandas as pd
 from pydantic import Field
 
 from patchscope_core.recipes import CrossModel
-from patchscope_core.recipes.lenses import _aligned
+from patchscope_core.recipes.lenses import aligned_tokens
 
 from ... import pictures
 from ...config import ConfigError, Layers
@@ -50,7 +50,7 @@ class CrossModelPart(RecipePart):
                 f"recipe.source_model: {src.name} and {name} differ in prepending a BOS token; "
                 "cross-model patching here needs the same tokens at the same positions"
             )
-        _aligned(src, info, [r["text"] for r in rows] + fit, "recipe.corpus")
+        aligned_tokens(src, info, [r["text"] for r in rows] + fit, "recipe.corpus")
 
     def draw(self, df: pd.DataFrame, model: str, out: Path) -> dict[str, Path]:
         source = df["source_model"].iloc[0]

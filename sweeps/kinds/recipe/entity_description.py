@@ -10,8 +10,8 @@ from typing import Any, Literal
 import pandas as pd
 from pydantic import Field, field_validator
 
+from patchscope_core.base.values import template_problem
 from patchscope_core.recipes import EntityDescription, description_of, load_entities
-from patchscope_core.values import template_problem
 
 from ... import pictures
 from ...config import Layers, TargetLayers

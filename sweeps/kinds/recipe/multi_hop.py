@@ -9,9 +9,9 @@ from typing import Any, Literal
 import pandas as pd
 from pydantic import Field, field_validator
 
+from patchscope_core.base.values import template_problem
 from patchscope_core.recipes import MultiHop, load_chains
 from patchscope_core.recipes.multihop import COLUMNS
-from patchscope_core.values import template_problem
 
 from ... import pictures
 from ...config import Layers

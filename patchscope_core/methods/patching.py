@@ -33,11 +33,10 @@ from typing import Any
 
 import torch
 
-from .errors import PatchscopeError
-from .models import ModelInfo
-from .sites import Site, resolve_site
-from .spec import resolve_position, tokenize
-from .tracing import window_layers
+from ..base.errors import PatchscopeError
+from ..models.info import ModelInfo
+from ..models.sites import Site, resolve_site, window_layers
+from ..models.tokens import resolve_position, tokenize
 
 # Sites a cell may patch (the hook name inside block l) and what their `head` indexes.
 PATCH_SITES = {
@@ -51,7 +50,11 @@ PATCH_SITES = {
     "attn.hook_v": "key/value",
     "mlp.hook_post": "neuron",
 }
+
+
 DIRECTIONS = ("denoising", "noising")
+
+
 METRICS = ("logit_diff", "logprob", "prob", "kl")
 
 
@@ -122,9 +125,6 @@ class PairResult:
     clean_values: dict[str, float]  # metric -> value of the clean run
     corrupted_values: dict[str, float]
     cells: list[CellResult] = field(default_factory=list)
-
-
-# ---------------------------------------------------------------- validation (no weights needed)
 
 
 def site_name(site: str, field_name: str) -> str:
@@ -289,9 +289,6 @@ def make_cells(
             seen.add(cell.site)
             check_cell(cell, info, n_tokens, f"{field_name}.cells[{i}]")
     return cells
-
-
-# ---------------------------------------------------------------- metrics
 
 
 def metric_values(

@@ -22,22 +22,22 @@ Work every cell of a fact would repeat is done once (docs/causal_tracing.md):
 
 from __future__ import annotations
 
-import copy
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from .dispatch import dispatch
-from .errors import PatchscopeError
-from .hooks import hooked, position_ids_from_mask
-from .interventions import Action, Intervention, Noise, Positions, Resample, ResolvedIntervention
-from .models import ModelInfo
-from .readings import input_device
-from .sites import ResolvedSite, Site, resolve_site
-from .spec import tokenize
+from ..base.errors import PatchscopeError
+from ..forward.dispatch import dispatch
+from ..forward.hooks import hooked, position_ids_from_mask
+from ..forward.partial import batches_by_position, forward_from
+from ..forward.readings import input_device
+from ..interventions.kinds import Action, Noise, Positions, Resample
+from ..interventions.runs import Intervention, ResolvedIntervention
+from ..models.info import ModelInfo
+from ..models.sites import ResolvedSite, Site, resolve_site, window_layers
+from ..models.tokens import subject_span, tokenize
 
 TRACE_SITES = {
     "resid_post": "blocks.{l}.hook_resid_post",
@@ -72,29 +72,6 @@ class TraceSettings:
                 raise PatchscopeError(f"{field_name}.{name}: expected an integer >= {low}, got {value!r}")
         if not isinstance(self.noise, (int, float)) or self.noise < 0:
             raise PatchscopeError(f"{field_name}.noise: expected a number >= 0, got {self.noise!r}")
-
-
-def window_layers(site: str, layer: int, window: int, n_layers: int) -> list[int]:
-    """The layers a cell restores: l for resid_post, else ROME's window around l."""
-    if site == "resid_post":
-        return [layer]
-    return list(range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2))))
-
-
-def subject_span(info: ModelInfo, prompt: str, subject: str, field_name: str = "subject") -> tuple[int, int]:
-    """[start, end) of the subject's tokens in the prompt as the model sees it (BOS counted):
-    every token that overlaps the subject's first occurrence."""
-    if not isinstance(subject, str) or not subject.strip():
-        raise PatchscopeError(f"{field_name}: empty subject")
-    at = prompt.find(subject)
-    if at < 0:
-        raise PatchscopeError(f"{field_name}: {subject!r} does not occur in the prompt {prompt!r}")
-    enc = info.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
-    bos = len(tokenize(info, prompt)) - len(enc["input_ids"])
-    inside = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < at + len(subject) and b > at and b > a]
-    if not inside:
-        raise PatchscopeError(f"{field_name}: {subject!r} covers no token of the prompt")
-    return bos + inside[0], bos + inside[-1] + 1
 
 
 @dataclass
@@ -313,90 +290,3 @@ class Tracer:
             return False
         want = float(corrupt["p"][0])
         return all(abs(g - want) < 1e-4 for g in got)
-
-
-def batches_by_position(rows, m: int, batch_size: int, max_spread: int) -> list[list[int]]:
-    """Row indices in batches for `forward_from`: rows (with .position, the first position they
-    change, and .start, the first layer) of one position p, ordered by start layer, up to
-    batch_size x m tokens (a row computes m - p of them), cut where the start layers would
-    spread by more than max_spread layers (a batch recomputes the layers between its lowest
-    start and each row's own)."""
-    by_position: dict[int, list[int]] = defaultdict(list)
-    for i, row in enumerate(rows):
-        by_position[row.position].append(i)
-    batches = []
-    for p, idx in by_position.items():
-        idx.sort(key=lambda i: rows[i].start)
-        limit = max(1, batch_size * m // max(1, m - p))
-        current: list[int] = []
-        for i in idx:
-            if current and (len(current) >= limit or rows[i].start - rows[current[0]].start > max_spread):
-                batches.append(current)
-                current = []
-            current.append(i)
-        if current:
-            batches.append(current)
-    return batches
-
-
-def forward_from(
-    engine,
-    ids: Sequence[int],
-    hooks,
-    inputs: dict[int, torch.Tensor],
-    cache,
-    samples: torch.Tensor,
-    p: int,
-    start: int,
-    keep: int = 1,
-) -> torch.Tensor:
-    """Logits [rows, keep, vocab] of rows that equal stored base runs below layer `start` and
-    before position p: row r starts from base run samples[r]'s input to block `start` (inputs:
-    layer -> [runs, tokens, d_model]) and its KV cache cropped to positions < p, and computes
-    only positions p.. of layers start.., with `hooks` (writes at absolute positions)."""
-    n = len(samples)
-    cache = copy.deepcopy(cache)
-    cache.batch_select_indices(samples)
-    cache.crop(p - len(ids))  # keep positions < p
-    hidden = inputs[start][samples, p:]
-    t = torch.tensor([list(ids)[p:]] * n, device=input_device(engine.model))
-    mask = torch.ones(n, len(ids), dtype=torch.long, device=t.device)
-    # hooks first: they find their modules by path, which the shortened block list would shift
-    with (
-        hooked(engine.modules, engine.model, hooks, [0] * n, [len(ids)] * n),
-        starting_at(engine.modules, engine.info, start, hidden),
-    ):
-        out = engine.modules(
-            input_ids=t,
-            attention_mask=mask,
-            past_key_values=cache,
-            use_cache=True,
-            position_ids=torch.arange(p, len(ids), device=t.device)[None].expand(n, -1),
-            logits_to_keep=keep,
-        )
-    return out.logits
-
-
-@contextmanager
-def starting_at(modules: torch.nn.Module, info: ModelInfo, layer: int, hidden: torch.Tensor) -> Iterator[None]:
-    """Run only blocks `layer`.. of `modules`, the first of them fed `hidden` [batch, chunk, d_model]
-    instead of what the blocks below would give (the bridge's component mapping names the blocks)."""
-    path = info.components["blocks"].name
-    parent_path, _, name = path.rpartition(".")
-    parent = modules.get_submodule(parent_path) if parent_path else modules
-    blocks = parent._modules[name]
-    first = blocks[layer]
-
-    def feed(module, args, kwargs):
-        if args:
-            return (hidden,) + tuple(args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": hidden}
-
-    # prepended: a write at this block's own input (hook_resid_pre) must act on `hidden`
-    handle = first.register_forward_pre_hook(feed, with_kwargs=True, prepend=True)
-    parent._modules[name] = torch.nn.ModuleList(list(blocks)[layer:])
-    try:
-        yield
-    finally:
-        parent._modules[name] = blocks
-        handle.remove()

@@ -22,6 +22,8 @@ import numpy as np
 import pandas as pd
 
 CELL = ["site", "layer", "position", "head", "direction", "metric"]
+
+
 COLUMNS = ["row", *CELL, "token", "patched", "clean_value", "corrupted_value", "recovered"]
 
 

@@ -3,7 +3,7 @@
 `Engine._score` runs each row's prompt + answer once, teacher-forced. A row whose interventions
 all sit at layer >= l (its sites' layers, a knockout's first layer) equals the clean run of the
 same tokens below block l: nothing it does reaches the layers below. So, as causal tracing and
-activation patching do (`tracing.starting_at`), it starts from the clean run's stored input to
+activation patching do (`partial.starting_at`), it starts from the clean run's stored input to
 block l and computes only blocks l.. (a row without interventions needs only the last block).
 `kind: intervention` head-ablation grids gain most: a row ablating a head of layer l no longer
 recomputes the l layers below it (BENCHMARKS.md). Rows that change nothing run the plain way.
@@ -27,11 +27,11 @@ from collections.abc import Sequence
 
 import torch
 
+from ..interventions.runs import ResolvedRun
+from ..models.sites import Site, resolve_site
 from .hooks import hooked, left_pad, position_ids_from_mask
-from .interventions import ResolvedRun
+from .partial import starting_at
 from .readings import input_device
-from .sites import Site, resolve_site
-from .tracing import starting_at
 
 MAX_ELEMENTS = 2**26  # floats kept over all stored sequences (256 MB in float32)
 

@@ -1,9 +1,9 @@
 """Attention knockout on Hugging Face's own attention: where the `knockout` kind acts.
 
-Place in the flow: `resolve_run` turns a `Knockout` (interventions.py) into each row's `Edges`
-(`resolve_edges`); `Engine` groups a batch's edges by layer (`knockout_hooks`) into one edge
-function per layer, a hook on the site `blocks.{l}.attn`; `hooks.hooked` installs each with
-`attach`, which gives that layer's attention module a copy of its config (the config object is
+Place in the flow: `resolve_run` turns a `Knockout` (interventions/knockout.py) into each row's
+`Edges` (`resolve_edges`); `Engine` groups a batch's edges by layer (`knockout_hooks`) into one
+edge function per layer, a hook on the site `blocks.{l}.attn`; `hooks.hooked` lets each install
+itself (`_LayerEdges.attach`, so the hooks layer never names this module): `attach` gives that layer's attention module a copy of its config (the config object is
 shared with the TransformerBridge and every other layer) naming the attention function
 registered here with transformers' `AttentionInterface`. That function wraps the module's own
 implementation (eager or sdpa): it adds the dtype's minimum to the chosen (row, head, query,
@@ -25,10 +25,7 @@ and a generated query when it is decoded; the keys it reads are the cache's colu
 from __future__ import annotations
 
 import copy
-import inspect
 import sys
-import types
-import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,71 +34,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import PatchscopeError
-from .interventions import Knockout, Positions
-from .models import ModelInfo
-from .sites import ResolvedSite, Site, resolve_site
-from .spec import resolve_position
+from ..base.errors import PatchscopeError
+from ..interventions.knockout import Edges, code_names, refusal
+from ..models.info import ModelInfo
+from ..models.sites import ResolvedSite, Site, resolve_site
 
 NAME = "patchscope_knockout"  # the attention function's name in transformers' AttentionInterface
-
-
-# ---------------------------------------------------------------- which edges: one prompt
-
-
-@dataclass(frozen=True)
-class Edges:
-    """A knockout resolved on one prompt: query positions (absolute; and/or every generated token),
-    key positions (absolute prompt positions), whether every key before the query is blocked too,
-    the heads (empty: all) and the layers."""
-
-    queries: Positions
-    keys: tuple[int, ...]
-    all_previous: bool
-    heads: tuple[int, ...]
-    layers: tuple[int, ...]
-
-
-def resolve_edges(kind: Knockout, info: ModelInfo, prompt: str, n_prompt: int, layer: int, field_name: str) -> Edges:
-    """The edges `kind` blocks on a prompt of n_prompt tokens (BOS counted); refuses a knockout that
-    leaves a query no key at all. Empty `from` or `to`: no edge."""
-    from .tracing import subject_span, window_layers  # the subject as causal tracing finds it; ROME's window
-
-    queries = {
-        resolve_position(-1 if q == "last" else q, n_prompt, f"{field_name}.from")
-        for q in kind.from_
-        if q != "generated"
-    }
-    span = (0, 0)
-    if any(v in ("subject", "non_subject") for v in kind.to):
-        span = subject_span(info, prompt, kind.subject, f"{field_name}.subject")
-    bos = n_prompt - len(info.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    keys: set[int] = set()
-    for v in kind.to:
-        if v == "subject":
-            keys |= set(range(*span))
-        elif v == "non_subject":
-            keys |= set(range(bos, n_prompt - 1)) - set(range(*span))
-        elif v == "last":
-            keys.add(n_prompt - 1)
-        elif v != "all_previous":
-            keys.add(resolve_position(v, n_prompt, f"{field_name}.to"))
-    previous = "all_previous" in kind.to
-    for q in sorted(queries):
-        if kind.to and all(k in keys or (previous and k < q) for k in range(q + 1)):
-            raise PatchscopeError(f"{field_name}.to: blocks every key of query position {q}; a query must keep one")
-    blocks = bool(kind.to) and bool(keys or previous)
-    layers = tuple(window_layers("attn_out", layer, kind.window, info.n_layers))
-    return Edges(
-        Positions(tuple(sorted(queries)) if blocks else (), generated=blocks and "generated" in kind.from_),
-        tuple(sorted(keys)),
-        previous,
-        tuple(kind.heads),
-        layers,
-    )
-
-
-# ---------------------------------------------------------------- which edges: a batch at one layer
 
 
 class _LayerEdges:
@@ -128,6 +66,10 @@ class _LayerEdges:
                 t.to(device) for t in (self.rows, self.heads, self.queries, self.keys, self.generated, self.previous)
             )
         return self._placed[device]
+
+    def attach(self, modules: nn.Module, site: ResolvedSite, tracker) -> Callable[[], None]:
+        """Install these edges on the attention of `site` (what `hooks.hooked` calls)."""
+        return attach(modules, site, self, tracker)
 
     def __call__(self, ctx, key_pos: torch.Tensor) -> torch.Tensor | None:
         rows, heads, queries, keys, generated, previous = self._on(key_pos.device)
@@ -168,82 +110,6 @@ def group_by_layer(rows: Sequence[Sequence[Edges | None]]) -> dict[int, list[tup
                 for layer in e.layers:
                     by_layer[layer].append((b, e))
     return by_layer
-
-
-# ---------------------------------------------------------------- which attention modules can carry one
-
-
-def _code_names(fn: Callable) -> set[str]:
-    """The global and attribute names a function's code (and its nested code) refers to."""
-    code = getattr(inspect.unwrap(fn), "__code__", None)
-    names: set[str] = set()
-    stack = [code] if code is not None else []
-    while stack:
-        c = stack.pop()
-        names |= set(c.co_names)
-        stack += [k for k in c.co_consts if isinstance(k, types.CodeType)]
-    return names
-
-
-def refusal(cls: type) -> str | None:
-    """Why a knockout cannot act on attention modules of class `cls`, or None: its forward must
-    look up the attention function transformers' AttentionInterface names (ALL_ATTENTION_FUNCTIONS)."""
-    if "ALL_ATTENTION_FUNCTIONS" not in _code_names(cls.forward):
-        return (
-            f"{cls.__name__} computes its attention scores itself instead of calling the function transformers' "
-            "AttentionInterface names (config._attn_implementation), so a knockout cannot reach them"
-        )
-    return None
-
-
-_META: dict[int, tuple[Any, nn.Module | None]] = {}  # id(hf_config) -> (hf_config, its model on the meta device)
-
-
-def _meta_model(hf_config) -> nn.Module | None:
-    """The model of a Hugging Face config built on the meta device (no weights, no memory), or
-    None where transformers cannot build it so (then `attach` decides at run time)."""
-    if id(hf_config) not in _META:
-        import transformers
-
-        model = None
-        try:
-            config = copy.deepcopy(hf_config)  # building a model may set fields of its config
-            arch = (getattr(config, "architectures", None) or [""])[0]
-            cls = getattr(transformers, arch, None)
-            with warnings.catch_warnings(), torch.device("meta"):
-                warnings.simplefilter("ignore")
-                model = cls(config) if cls is not None else transformers.AutoModelForCausalLM.from_config(config)
-        except Exception:  # noqa: BLE001 - no early check; attach refuses at run time
-            model = None
-        _META[id(hf_config)] = (hf_config, model)
-    return _META[id(hf_config)][1]
-
-
-def _architecture(hf_config) -> str:
-    return (getattr(hf_config, "architectures", None) or [type(hf_config).__name__])[0]
-
-
-def check_attention(info: ModelInfo, layers: Sequence[int], field_name: str) -> None:
-    """Refuse, before any weights load, a knockout on layers whose attention module bypasses the
-    AttentionInterface (the modules' classes read from a meta-device copy of the model)."""
-    model = _meta_model(info.hf_config) if info.hf_config is not None else None
-    if model is None:
-        return
-    for layer in layers:
-        path = resolve_site(Site(f"blocks.{layer}.attn"), info).module
-        try:
-            module = model.get_submodule(path)
-        except AttributeError:
-            continue
-        reason = refusal(type(module))
-        if reason:
-            raise PatchscopeError(
-                f"{field_name}: knockout is not supported on {_architecture(info.hf_config)} "
-                f"(blocks.{layer}.attn is {path}): {reason}"
-            )
-
-
-# ---------------------------------------------------------------- where: the attention function
 
 
 @dataclass
@@ -313,7 +179,7 @@ def _own_implementation(module: nn.Module) -> Callable:
             raise PatchscopeError("knockout: GPT-2's reorder_and_upcast_attn path bypasses the attention function")
         scope = vars(sys.modules[type(module).__module__])  # the eager function its forward falls back to
         eager = sorted(
-            n for n in _code_names(type(module).forward) if n.endswith("eager_attention_forward") and n in scope
+            n for n in code_names(type(module).forward) if n.endswith("eager_attention_forward") and n in scope
         )
         if not eager:
             raise PatchscopeError(f"knockout: {type(module).__name__} names no eager attention function to wrap")

@@ -29,8 +29,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .errors import PatchscopeError
-from .models import ModelInfo
+from ..base.errors import PatchscopeError
+from .components import module_boundary
+from .info import ModelInfo
 
 # The sites an intervention may name ({l}: a layer), what they hold, and their index kind.
 SITES = {
@@ -42,7 +43,11 @@ SITES = {
     "blocks.{l}.attn.hook_z": ("each query head's output before the output projection", "head"),
     "blocks.{l}.mlp.hook_post": ("MLP hidden activations (the down projection's input)", "neuron"),
 }
-ATTENTION = "blocks.{l}.attn"  # block l's attention itself: where a knockout blocks edges (knockout.py)
+
+
+ATTENTION = "blocks.{l}.attn"  # block l's attention itself: where a knockout blocks edges (forward/knockout.py)
+
+
 # Query, key and value heads: sites of activation patching (`resolve_site(..., qkv=True)`), on
 # architectures with their own q/k/v projections; under grouped-query attention k and v have
 # fewer (key/value) heads. GPT-2's are split by the bridge from one fused c_attn: refused.
@@ -51,6 +56,8 @@ QKV_SITES = {
     "blocks.{l}.attn.hook_k": ("each key/value head's key (before rotary)", "kv_head"),
     "blocks.{l}.attn.hook_v": ("each key/value head's value", "kv_head"),
 }
+
+
 _FORM = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
@@ -95,7 +102,7 @@ class ResolvedSite:
 
     site: Site
     module: str  # Hugging Face module path in the bridged model, e.g. model.layers.8.self_attn.o_proj
-    side: Literal["input", "output", "attention"]  # attention: the attention function itself (knockout.py)
+    side: Literal["input", "output", "attention"]  # attention: the attention function itself (forward/knockout.py)
     shape: tuple[
         int, ...
     ]  # one position's activation as TransformerLens shows it: (d_model,), (n_heads, d_head), (d_mlp,)
@@ -197,65 +204,6 @@ def _refuse_whole_mlp_output(info: ModelInfo, site: Site, module: str, side: str
     )
 
 
-def module_boundary(components: dict, name: str) -> tuple[str, Literal["input", "output"], float]:
-    """(Hugging Face module path, 'input' or 'output', scale) of a TransformerLens hook name, read
-    from the bridge adapter's component mapping and the components' hook aliases. scale is 1
-    except at a block's own contribution hook points (Granite: `hook_attn_out` is the attention
-    output x the block's residual multiplier)."""
-    from transformer_lens.model_bridge.bridge_core import BridgeCore
-
-    return _walk(components, BridgeCore.hook_aliases, name.split("."), "", None)
-
-
-def _walk(children: dict, aliases: dict, parts: list[str], path: str, component):
-    head, rest = parts[0], parts[1:]
-    if component is not None and head in ("hook_in", "hook_out") and not rest:
-        if component.name is None:  # a container the bridge declares without a module of its own
-            raise LookupError(head)
-        return path, "input" if head == "hook_in" else "output", 1.0
-    if head in aliases and not rest:  # an alias: a path relative to this component
-        targets = aliases[head] if isinstance(aliases[head], list) else [aliases[head]]
-        for target in targets:
-            try:
-                return _walk(children, aliases, target.split("."), path, component)
-            except LookupError:
-                continue
-        raise LookupError(head)
-    if not rest and component is not None and head not in children:
-        return _contribution(children, component, head, path)
-    child = children[head]
-    if child.name is None:  # no container module: its parts are named relative to the parent
-        if component is None or not rest:
-            raise LookupError(head)
-        child_path = path
-    else:
-        child_path = child.name if component is None else f"{path}.{child.name}"
-    if getattr(child, "is_list_item", False):  # blocks: the next part is the layer index
-        if not rest or not rest[0].isdigit():
-            raise LookupError(head)
-        child_path, rest = f"{child_path}.{rest[0]}", rest[1:]
-    if not rest:
-        raise LookupError(head)
-    return _walk(child.submodules or {}, getattr(child, "hook_aliases", {}) or {}, rest, child_path, child)
-
-
-def _contribution(children: dict, component, head: str, path: str):
-    """A real hook point a block declares for a scaled sublayer output (TransformerLens'
-    ScaledResidualBlockBridge: `hook_attn_out` / `hook_mlp_out` fire on the sublayer module's
-    output x `residual_contribution_scale`)."""
-    from transformer_lens.model_bridge.generalized_components.block import ScaledResidualBlockBridge
-
-    if not isinstance(component, ScaledResidualBlockBridge):
-        raise LookupError(head)
-    sub = {"hook_attn_out": component.scaled_attn_submodule, "hook_mlp_out": component.scaled_mlp_submodule}.get(head)
-    if sub is None or sub not in children or children[sub].name is None:
-        raise LookupError(head)
-    return f"{path}.{children[sub].name}", "output", float(component.residual_contribution_scale)
-
-
-# ---------------------------------------------------------------- the modules the engine runs on
-
-
 class _Unpeelable(Exception):
     """A module whose forward is tied to the bridged original in a way a view cannot follow."""
 
@@ -337,3 +285,21 @@ def boundary_module(modules: nn.Module, bridge, site: ResolvedSite) -> tuple[nn.
 def block(modules: nn.Module, bridge, layer: int) -> nn.Module:
     """The module whose output is `blocks.{layer}.hook_resid_post`, inside `modules`."""
     return modules.get_submodule(bridge.blocks[layer].name)
+
+
+def check_layer(layer: int, info: ModelInfo, field_name: str) -> int:
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise PatchscopeError(f"{field_name}: expected an integer, got {layer!r}")
+    if not 0 <= layer < info.n_layers:
+        raise PatchscopeError(
+            f"{field_name}: {layer} is out of range 0 .. {info.n_layers - 1} for {info.name} "
+            f"({info.n_layers} layers; layer l is the residual stream after block l)"
+        )
+    return layer
+
+
+def window_layers(site: str, layer: int, window: int, n_layers: int) -> list[int]:
+    """The layers a cell restores: l for resid_post, else ROME's window around l."""
+    if site == "resid_post":
+        return [layer]
+    return list(range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2))))

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..base.errors import PatchscopeError
 from .attribution import PairAttribution
-from .errors import PatchscopeError
 from .patching import PATCH_SITES, Cell
 
 

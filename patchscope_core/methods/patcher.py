@@ -18,10 +18,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .dispatch import dispatch
-from .errors import PatchscopeError
-from .hooks import hooked, position_ids_from_mask
-from .interventions import Action, Intervention, InterventionRun, Positions, Resample, ResolvedIntervention
+from ..base.errors import PatchscopeError
+from ..forward.dispatch import dispatch
+from ..forward.hooks import hooked, position_ids_from_mask
+from ..forward.partial import batches_by_position, forward_from
+from ..forward.readings import input_device
+from ..interventions.kinds import Action, Positions, Resample
+from ..interventions.runs import Intervention, InterventionRun, ResolvedIntervention
+from ..models.sites import ResolvedSite, Site, resolve_site
 from .patching import (
     Cell,
     CellResult,
@@ -34,9 +38,6 @@ from .patching import (
     check_pair,
     metric_values,
 )
-from .readings import input_device
-from .sites import ResolvedSite, Site, resolve_site
-from .tracing import batches_by_position, forward_from
 
 
 @dataclass

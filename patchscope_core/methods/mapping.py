@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import PatchscopeError
-from .values import check_finite, quiet_torch_load
+from ..base.errors import PatchscopeError
+from ..base.values import check_finite, quiet_torch_load
 
 
 class Identity:

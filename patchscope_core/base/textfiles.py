@@ -1,7 +1,8 @@
 """Reading the text files that inputs name (prompt lists, CSV / TSV tables, corpora), in one
 place: UTF-8 only, no binary files, a CSV row with more fields than its header refused. Every
 error is a `PatchscopeError` naming the field, the file and the line (the sweep's config stage
-turns it into a `ConfigError`)."""
+turns it into a `ConfigError`).
+"""
 
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 random generator here takes (`MAX_SEED`), numbers that are finite (the first bad index of a
 tensor), `str.format` templates that use only the fields they may, and `quiet_torch_load`
 (tensor files read without unpickling code or printing torch's warnings). Each returns a problem
-or raises a `PatchscopeError` naming the field; callers add where the value came from."""
+or raises a `PatchscopeError` naming the field; callers add where the value came from.
+"""
 
 from __future__ import annotations
 

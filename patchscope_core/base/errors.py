@@ -5,6 +5,8 @@ option, a spec) causes; the CLI turns exactly these into exit status 2 with one 
 exception is a bug and keeps its traceback.
 """
 
+from __future__ import annotations
+
 
 class InputError(ValueError):
     """Input that cannot run: the message names the field and the allowed range."""

@@ -15,10 +15,10 @@ from collections.abc import Sequence
 
 import torch
 
+from ..models.info import ModelInfo
+from ..models.sites import ResolvedSite
+from ..models.tokens import tokenize
 from .hooks import HookContext, hooked, left_pad, position_ids_from_mask
-from .models import ModelInfo
-from .sites import ResolvedSite
-from .spec import tokenize
 
 
 class _Stop(Exception):

@@ -35,19 +35,25 @@ from typing import Any
 
 import torch
 
-from .errors import PatchscopeError
-from .hooks import hooked
-from .models import ModelInfo
+from ..base.errors import PatchscopeError
+from ..forward.hooks import hooked
+from ..forward.readings import input_device
+from ..models.info import ModelInfo
+from ..models.sites import Site, resolve_site
 from .patching import METRICS, PATCH_SITES, CheckedPair, Pair, check_pair, metric_values, site_name
-from .readings import input_device
-from .sites import Site, resolve_site
 
 METHODS = ("atp", "atp_star")
+
+
 QK_SITES = ("attn.hook_q", "attn.hook_k")
+
+
 SITE_NOTES = {
     "hook_resid_pre": "AtP is poor on the residual stream (a large, non-local change: Kramar et al. 2024); "
     "verify these estimates by exact patching"
 }
+
+
 NAME = "patchscope_attribution"  # the attention function's name in transformers' AttentionInterface
 
 
@@ -116,9 +122,6 @@ def contract(site: str, delta: torch.Tensor, grad: torch.Tensor, info: ModelInfo
     prod = delta.float() * grad.float()
     b, n = prod.shape[:2]
     return prod.reshape(b, n, units(site, info), -1).sum(-1)
-
-
-# ---------------------------------------------------------------- the attention function (patterns)
 
 
 def _additive(mask, query: torch.Tensor, k_len: int) -> torch.Tensor:
@@ -235,9 +238,6 @@ def qk_estimates(deltas: dict, grad: torch.Tensor, m: int, n_kv: int) -> dict[st
     k = (deltas["k"] * g).sum((-1, -2)).reshape(m, b, n_kv, h // n_kv).sum(-1).permute(1, 0, 2)  # [b, m, kv]
     k_all = (deltas["k_all"] * g).sum((-1, -2)).reshape(b, n_kv, h // n_kv).sum(-1)
     return {"attn.hook_q": (q, q.sum(1)), "attn.hook_k": (k, k_all)}
-
-
-# ---------------------------------------------------------------- the runs
 
 
 class Attributor:

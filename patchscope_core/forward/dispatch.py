@@ -17,8 +17,9 @@ from collections.abc import Sequence
 
 import torch
 
+from ..interventions.kinds import Action, noise_at
+from ..interventions.runs import ResolvedIntervention
 from .hooks import HookContext, HookFn
-from .interventions import Action, ResolvedIntervention, noise_at
 
 
 class _Round:

@@ -1,8 +1,8 @@
 """What an intervention does (its kind), where (a site) and when (positions).
 
-Every kind is a frozen dataclass with typed fields, registered by name in `KINDS` (the sweep
-config and the CLI read it; pyvene's idea, with typed fields instead of `**kwargs`). Adding a
-kind is one class here: `check` refuses bad values before any weights load, `prepare` turns the
+Every kind is a frozen dataclass with typed fields, registered by name in `KINDS` (`registry.py`; the
+sweep config and the CLI read it; pyvene's idea, with typed fields instead of `**kwargs`).
+Adding a kind is one class here and its line in the registry: `check` refuses bad values before any weights load, `prepare` turns the
 kind into an `Action` on the site's activation `x` (one position's features, flattened):
 
     x' = scale * x + shift + table[position] + sigma * noise(seed, position)
@@ -13,7 +13,8 @@ prompts, a std, another prompt's activations) come from a reader that computes e
 
 One kind writes no value: `Knockout` blocks attention edges (query -> key positions, per head,
 over a window of layers) at the site `blocks.{l}.attn`, inside Hugging Face's attention
-(knockout.py); `ACTIVATION_KINDS` are the others.
+(`knockout.py` here, `forward/knockout.py`); `ACTIVATION_KINDS` are the others. A kind resolves
+itself on a prompt (`Kind.resolve`), so a run never asks which kind it holds.
 
 A Patchscope is `Replace(vector=f(h))` at `blocks.{l*}.hook_resid_post` and the target positions.
 """
@@ -22,18 +23,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 import torch
 
-from .errors import PatchscopeError
-from .models import ModelInfo
-from .sites import ResolvedSite, Site, resolve_site
-from .spec import resolve_position, tokenize
-from .values import check_finite, check_seed, quiet_torch_load
-
-# ---------------------------------------------------------------- when: positions
+from ..base.errors import PatchscopeError
+from ..base.values import check_finite, check_seed, quiet_torch_load
+from ..models.info import ModelInfo
+from ..models.sites import ResolvedSite
+from ..models.tokens import resolve_position, tokenize
 
 
 @dataclass(frozen=True)
@@ -77,9 +76,6 @@ class Positions:
             return "all"
         words = [str(i) for i in self.indices] + ["prompt"] * self.prompt + ["generated"] * self.generated
         return ",".join(words)
-
-
-# ---------------------------------------------------------------- what: kinds
 
 
 @dataclass(frozen=True)
@@ -169,6 +165,23 @@ class Kind:
 
     def prepare(self, site: ResolvedSite, reader: Reader) -> Action:
         raise NotImplementedError
+
+    def resolve(
+        self,
+        site: ResolvedSite,
+        info: ModelInfo,
+        prompt: str,
+        n_prompt: int,
+        positions: Positions,
+        layer: int,
+        where: str,
+    ) -> tuple[Positions, Any]:
+        """Check this kind at `site` on a prompt of n_prompt tokens (BOS counted) and give the
+        absolute positions it acts at, with what else it needs there (None here; a knockout
+        gives its blocked edges). `where` is the intervention's field, for messages."""
+        resolved = positions.resolve(n_prompt, f"{where}.positions")
+        self.check(site, info, resolved, f"{where}.{self.name}")
+        return resolved, None
 
     edits_attention: ClassVar[bool] = False  # True: acts on attention edges at blocks.{l}.attn, not on a value
 
@@ -315,282 +328,3 @@ class Add(Kind):
         else:
             v = reader.mean(site, tuple(self.positive)) - reader.mean(site, tuple(self.negative))
         return Action(scale=1.0, shift=float(self.alpha) * v)
-
-
-# A knockout's positions: queries (`from`) and keys (`to`), as the config and the CLI write them.
-QUERY_WORDS = ("last", "generated")
-KEY_WORDS = ("subject", "non_subject", "last", "all_previous")
-
-
-def _words(value: Any) -> tuple:
-    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
-
-
-@dataclass(frozen=True)
-class Knockout(Kind):
-    """Attention knockout (Geva et al. 2023): queries at `from` may not attend to keys at `to`, in
-    `heads` (all by default), at site blocks.{l}.attn and the `window` layers centred on l (ROME's
-    and Geva's window, clipped at the model's ends). The chosen (head, query, key) scores get the
-    dtype's minimum added before the softmax (knockout.py).
-
-    from: `last` (the last prompt token), prompt positions (ints; negative from the end), `generated`
-        (every generated token, blocked as it is decoded; in a scoring run: every answer token).
-    to: prompt positions (ints), `subject` (the tokens of `subject`), `non_subject` (every prompt
-        token that is neither the subject's nor the last one, BOS not counted), `last`, `all_previous`
-        (every key before the query: the query then attends to itself alone).
-    Empty `from` or `to`: nothing is blocked (bit-identical to no knockout)."""
-
-    from_: tuple = field(default=("last",), metadata={"key": "from"})
-    to: tuple = ()
-    heads: tuple[int, ...] = ()
-    window: int = 1
-    subject: str | None = None
-    name: ClassVar[str] = "knockout"
-    edits_attention: ClassVar[bool] = True
-
-    def __post_init__(self) -> None:
-        for name in ("from_", "to", "heads"):
-            value = getattr(self, name)
-            object.__setattr__(self, name, () if value is None else _words(value))
-
-    def check(self, site, info, positions, field_name):
-        for key, values, words in (("from", self.from_, QUERY_WORDS), ("to", self.to, KEY_WORDS)):
-            for v in values:
-                if not (v in words or (isinstance(v, int) and not isinstance(v, bool))):
-                    raise PatchscopeError(
-                        f"{field_name}.{key}: expected prompt positions (integers) or {', '.join(words)}; got {v!r}"
-                    )
-        for h in self.heads:
-            if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < info.n_heads:
-                raise PatchscopeError(
-                    f"{field_name}.heads: {h!r} is out of range 0 .. {info.n_heads - 1} for {info.name}"
-                )
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
-            raise PatchscopeError(f"{field_name}.window: expected an integer >= 1, got {self.window!r}")
-        if any(v in ("subject", "non_subject") for v in self.to) and self.subject is None:
-            raise PatchscopeError(
-                f"{field_name}.subject: to: subject / non_subject needs the subject (a substring of the prompt)"
-            )
-
-    def prepare(self, site, reader):
-        return Action()  # nothing is written: the edges are blocked inside the attention (knockout.py)
-
-
-KINDS: dict[str, type[Kind]] = {k.name: k for k in (Replace, Add, Scale, Zero, Mean, Resample, Noise, Knockout)}
-ACTIVATION_KINDS = {name: k for name, k in KINDS.items() if not k.edits_attention}  # kinds that write a site's value
-
-
-# ---------------------------------------------------------------- an intervention and a run
-
-
-@dataclass(frozen=True)
-class Intervention:
-    """Do `kind` at `site` at `positions` (default: every prompt position and generated token)."""
-
-    site: Site
-    kind: Kind
-    positions: Positions = Positions(prompt=True, generated=True)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.site, str):
-            object.__setattr__(self, "site", Site(self.site))
-        object.__setattr__(self, "positions", Positions.parse(self.positions))
-
-
-@dataclass(frozen=True)
-class InterventionRun:
-    """A prompt run with interventions: what it generates (max_new_tokens, 0 for none) and,
-    with an answer, the answer's teacher-forced log-probability."""
-
-    prompt: str
-    interventions: tuple[Intervention, ...] = ()
-    answer: str | None = None
-    max_new_tokens: int = 20
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "interventions", tuple(self.interventions))
-
-
-@dataclass(frozen=True)
-class ResolvedIntervention:
-    intervention: Intervention
-    site: ResolvedSite
-    positions: Positions  # absolute (a knockout's: its queries)
-    edges: Any = None  # a knockout's blocked edges on this prompt (knockout.Edges)
-
-
-@dataclass(frozen=True)
-class ResolvedRun:
-    """A run checked against its model: token ids and absolute positions."""
-
-    run: Any  # the InterventionRun (or Patchscope) it came from
-    prompt_ids: tuple[int, ...]
-    answer_ids: tuple[int, ...]
-    interventions: tuple[ResolvedIntervention, ...]
-    max_new_tokens: int
-
-
-def resolve_run(run: InterventionRun, info: ModelInfo, field_name: str = "run") -> ResolvedRun:
-    """Validate a run against the model; raises PatchscopeError naming the field."""
-    n = run.max_new_tokens
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise PatchscopeError(f"{field_name}.max_new_tokens: expected an integer >= 0, got {n!r}")
-    prompt = tokenize(info, run.prompt, f"{field_name}.prompt")
-    answer: tuple[int, ...] = ()
-    if run.answer is not None:
-        if not isinstance(run.answer, str) or not run.answer:
-            raise PatchscopeError(f"{field_name}.answer: empty answer")
-        answer = tuple(info.tokenizer(run.answer, add_special_tokens=False)["input_ids"])
-        if not answer:
-            raise PatchscopeError(f"{field_name}.answer: {run.answer!r} has no tokens")
-    if info.n_ctx and len(prompt) > info.n_ctx:
-        raise PatchscopeError(
-            f"{field_name}.prompt: {len(prompt)} tokens exceed {info.name}'s context of {info.n_ctx} tokens"
-        )
-    if len(prompt) + max(n, len(answer)) > info.n_ctx:
-        raise PatchscopeError(
-            f"{field_name}.max_new_tokens: {len(prompt)} prompt tokens + {max(n, len(answer))} more exceed "
-            f"{info.name}'s context of {info.n_ctx} tokens"
-        )
-    resolved = []
-    for i, iv in enumerate(run.interventions):
-        where = f"{field_name}.interventions[{i}]"
-        if not isinstance(iv.kind, Kind):
-            raise PatchscopeError(f"{where}.kind: expected one of {', '.join(KINDS)}, got {iv.kind!r}")
-        site = resolve_site(iv.site, info, f"{where}.site")
-        if (site.side == "attention") != iv.kind.edits_attention:
-            raise PatchscopeError(
-                f"{where}.site: {iv.kind.name} acts on "
-                + (
-                    "blocks.{l}.attn (attention edges)"
-                    if iv.kind.edits_attention
-                    else f"a value, not on {iv.site.hook}; only knockout acts on blocks.{{l}}.attn"
-                )
-            )
-        if iv.kind.edits_attention:
-            if iv.positions != Positions(prompt=True, generated=True):
-                raise PatchscopeError(
-                    f"{where}.positions: a knockout's queries are its `from` field; leave positions unset"
-                )
-            iv.kind.check(site, info, iv.positions, f"{where}.{iv.kind.name}")
-            from .knockout import check_attention, resolve_edges  # the knockout's machinery builds on this module
-
-            edges = resolve_edges(iv.kind, info, run.prompt, len(prompt), iv.site.layer, f"{where}.{iv.kind.name}")
-            check_attention(info, edges.layers, f"{where}.site")
-            resolved.append(ResolvedIntervention(iv, site, edges.queries, edges))
-            continue
-        positions = iv.positions.resolve(len(prompt), f"{where}.positions")
-        iv.kind.check(site, info, positions, f"{where}.{iv.kind.name}")
-        resolved.append(ResolvedIntervention(iv, site, positions))
-    return ResolvedRun(run, prompt, answer, tuple(resolved), n)
-
-
-def kind_fields(name: str) -> list[str]:
-    """The typed fields of a registered kind (for the CLI and the sweep config)."""
-    from dataclasses import fields
-
-    return [_key(f) for f in fields(KINDS[name])]
-
-
-def _key(f) -> str:
-    """A field's config key (`from` for Knockout.from_, a Python keyword)."""
-    return f.metadata.get("key", f.name)
-
-
-def make_kind(name: str, values: dict[str, Any], field_name: str = "kind") -> Kind:
-    """A registered kind from plain data (what travels to a sweep's workers): vectors as lists of
-    numbers, prompt sets as lists of strings; fields the kind does not take are refused."""
-    from dataclasses import fields
-
-    if name not in KINDS:
-        raise PatchscopeError(f"{field_name}: unknown kind {name!r} (allowed: {', '.join(KINDS)})")
-    takes = set(kind_fields(name))
-    extra = sorted(set(values) - takes)
-    if extra:
-        raise PatchscopeError(
-            f"{field_name}: {name} takes {', '.join(sorted(takes)) or 'no fields'}, not {', '.join(extra)}"
-        )
-    typed = {}
-    for key, value in values.items():
-        if key == "vector" and value is not None and not isinstance(value, torch.Tensor):
-            value = torch.tensor(value, dtype=torch.float32)
-        elif key in ("reference", "positive", "negative", "from", "to", "heads") and value is not None:
-            value = tuple(value)
-        typed[key] = value
-    attrs = {_key(f): f.name for f in fields(KINDS[name])}
-    return KINDS[name](**{attrs[k]: v for k, v in typed.items()})
-
-
-def kind_values(kind: Kind) -> dict[str, Any]:
-    """The plain data of a kind, the inverse of `make_kind` (vectors as lists)."""
-    from dataclasses import fields
-
-    out = {}
-    for f in fields(kind):
-        value = getattr(kind, f.name)
-        if isinstance(value, torch.Tensor):
-            value = value.tolist()
-        elif isinstance(value, tuple):
-            value = list(value)
-        out[_key(f)] = value
-    return out
-
-
-def run_to_dict(run: InterventionRun) -> dict[str, Any]:
-    """Plain data of a run (what travels to a sweep's workers)."""
-    return {
-        "prompt": run.prompt,
-        "answer": run.answer,
-        "max_new_tokens": run.max_new_tokens,
-        "interventions": [
-            {
-                "site": iv.site.hook,
-                "head": list(iv.site.head),
-                "neuron": list(iv.site.neuron),
-                "kind": iv.kind.name,
-                "values": kind_values(iv.kind),
-                "positions": {
-                    "indices": list(iv.positions.indices),
-                    "prompt": iv.positions.prompt,
-                    "generated": iv.positions.generated,
-                },
-            }
-            for iv in run.interventions
-        ],
-    }
-
-
-def run_from_dict(data: dict[str, Any]) -> InterventionRun:
-    ivs = [
-        Intervention(
-            Site(d["site"], head=tuple(d["head"]), neuron=tuple(d["neuron"])),
-            make_kind(d["kind"], d["values"]),
-            Positions(tuple(d["positions"]["indices"]), d["positions"]["prompt"], d["positions"]["generated"]),
-        )
-        for d in data["interventions"]
-    ]
-    return InterventionRun(data["prompt"], tuple(ivs), data["answer"], data["max_new_tokens"])
-
-
-__all__ = [
-    "ACTIVATION_KINDS",
-    "Action",
-    "Add",
-    "Intervention",
-    "InterventionRun",
-    "KINDS",
-    "Kind",
-    "Knockout",
-    "Mean",
-    "Noise",
-    "Positions",
-    "Replace",
-    "Resample",
-    "ResolvedIntervention",
-    "ResolvedRun",
-    "Scale",
-    "Zero",
-    "noise_at",
-    "resolve_run",
-    "site_vector",
-]

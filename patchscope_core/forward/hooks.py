@@ -24,12 +24,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .sites import ResolvedSite, boundary_module
+from ..models.sites import ResolvedSite, boundary_module
 
 
 def attached_hooks(bridge) -> list[str]:
     """The bridge's hook points that hooks were added to (`bridge.add_hook`, `bridge.hooks(...)`):
-    those do not act inside the engine's runs, which run on the plain modules (`sites.py`)."""
+    those do not act inside the engine's runs, which run on the plain modules (`models/sites.py`)."""
     from transformer_lens.hook_points import HookPoint
 
     points = getattr(bridge, "hook_dict", None) or dict(bridge.named_modules())
@@ -164,15 +164,15 @@ def hooked(
     prompt_lengths: Sequence[int],
 ) -> Iterator[_Tracker]:
     """Run `modules` with `hooks` on a left-padded batch (pads, prompt_lengths per row). A hook on
-    an attention site (blocks.{l}.attn) is a knockout's edge function, installed by knockout.py."""
+    an attention site (blocks.{l}.attn) acts inside the attention, not on a module's input or
+    output: it installs itself (`fn.attach(modules, site, tracker)` returns what undoes it; a
+    knockout's edges, `forward/knockout.py`)."""
     tracker = _Tracker(torch.tensor(list(pads)), torch.tensor(list(prompt_lengths)))
     with ExitStack() as stack:
         stack.callback(modules.register_forward_pre_hook(tracker, with_kwargs=True).remove)
         for site, fn in hooks:
-            if site.side == "attention":  # a knockout's edges (knockout.py): fn(ctx, key positions)
-                from .knockout import attach
-
-                stack.callback(attach(modules, site, fn, tracker))
+            if site.side == "attention":  # fn(ctx, key positions) -> blocked edges; it knows where it goes
+                stack.callback(fn.attach(modules, site, tracker))
                 continue
             module, side, scale = boundary_module(modules, bridge, site)
             stack.callback(_attach(module, side, site, fn, tracker, scale).remove)

@@ -1,0 +1,82 @@
+"""Tokens and positions as the model sees them: the one tokenizer call, positions and spans.
+
+`tokenize` gives a prompt's token ids with BOS where the model prepends one (TransformerLens'
+rule, read from the model's config by `models/info.py`); every position in this project indexes
+those ids, BOS counted, negative from the end (`resolve_position`). `subject_span` finds a
+subject's tokens (causal tracing, knockout); `context_problem` says when a prompt and the tokens
+to generate exceed the model's context.
+"""
+
+from __future__ import annotations
+
+from ..base.errors import PatchscopeError
+from .info import ModelInfo
+
+
+def tokenize(info: ModelInfo, prompt: str, field_name: str = "prompt") -> tuple[int, ...]:
+    """Token ids as the model sees the prompt: BOS first when the model prepends one.
+
+    `info`: a `ModelInfo` (`model_info(name)`, no weights) or a loaded model (`load_model`'s
+    TransformerBridge). The same ids as `TransformerBridge.to_tokens(prompt)` (a test checks it),
+    computed from the tokenizer alone so that validation needs no weights.
+    """
+    if isinstance(info, ModelInfo):
+        tok, prepend_bos = info.tokenizer, info.prepend_bos
+    elif getattr(info, "tokenizer", None) is not None and hasattr(getattr(info, "cfg", None), "n_layers"):
+        tok, prepend_bos = info.tokenizer, bool(getattr(info.cfg, "default_prepend_bos", True))  # a bridge
+    else:
+        raise PatchscopeError(
+            f"info: tokenize takes a ModelInfo (model_info(name)) or a loaded model "
+            f"(load_model(name)), got {type(info).__name__}"
+        )
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise PatchscopeError(f"{field_name}: empty prompt")
+    ids = list(tok(prompt, add_special_tokens=False)["input_ids"])
+    if prepend_bos and tok.bos_token_id is not None:
+        ids = [tok.bos_token_id] + ids
+    return tuple(ids)
+
+
+def resolve_position(position: int, n_tokens: int, field_name: str) -> int:
+    """Absolute index of `position` (negative counts from the end) in a prompt of n_tokens."""
+    if isinstance(position, bool) or not isinstance(position, int):
+        raise PatchscopeError(f"{field_name}: expected an integer, got {position!r}")
+    if not -n_tokens <= position < n_tokens:
+        raise PatchscopeError(
+            f"{field_name}: {position} is out of range for a prompt of {n_tokens} tokens "
+            f"(allowed {-n_tokens} .. {n_tokens - 1})"
+        )
+    return position % n_tokens
+
+
+def context_problem(n_prompt: int, max_new_tokens: int, info: ModelInfo) -> str | None:
+    """What is wrong when a prompt, and the tokens generated after it, do not fit the model's
+    context (n_ctx; 0: unknown); None when they fit."""
+    if not info.n_ctx or n_prompt + max_new_tokens <= info.n_ctx:
+        return None
+    if n_prompt > info.n_ctx or not max_new_tokens:
+        return f"{n_prompt} tokens exceed {info.name}'s context of {info.n_ctx} tokens"
+    return f"{n_prompt} prompt tokens + {max_new_tokens} new tokens exceed {info.name}'s context of {info.n_ctx} tokens"
+
+
+def check_context(n_prompt: int, max_new_tokens: int, info: ModelInfo, field_name: str) -> None:
+    """Raise naming the prompt when it alone is too long for the context, else max_new_tokens."""
+    problem = context_problem(n_prompt, max_new_tokens, info)
+    if problem:
+        raise PatchscopeError(f"{field_name if n_prompt > info.n_ctx else 'max_new_tokens'}: {problem}")
+
+
+def subject_span(info: ModelInfo, prompt: str, subject: str, field_name: str = "subject") -> tuple[int, int]:
+    """[start, end) of the subject's tokens in the prompt as the model sees it (BOS counted):
+    every token that overlaps the subject's first occurrence."""
+    if not isinstance(subject, str) or not subject.strip():
+        raise PatchscopeError(f"{field_name}: empty subject")
+    at = prompt.find(subject)
+    if at < 0:
+        raise PatchscopeError(f"{field_name}: {subject!r} does not occur in the prompt {prompt!r}")
+    enc = info.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    bos = len(tokenize(info, prompt)) - len(enc["input_ids"])
+    inside = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < at + len(subject) and b > at and b > a]
+    if not inside:
+        raise PatchscopeError(f"{field_name}: {subject!r} covers no token of the prompt")
+    return bos + inside[0], bos + inside[-1] + 1
