@@ -1,11 +1,12 @@
-"""Render the README's architecture x site table from tests/test_architectures.py's results.
+"""Render the documentation's architecture x site table from tests/test_architectures.py's results.
 
     PATCHSCOPE_ARCH_RESULTS=arch.json python -m pytest -q tests/test_architectures.py
-    python -m tests.architecture_table arch.json --readme README.md
+    python -m tests.architecture_table arch.json --page docs/architectures.md
 
-prints the markdown table and, with --readme, replaces the table between the README's
-`<!-- architectures:begin -->` and `<!-- architectures:end -->` markers. Nothing here is typed
-by hand: every cell is what the test recorded for that architecture and site.
+prints the markdown table and, with --page, replaces the table between that page's
+`<!-- architectures:begin -->` and `<!-- architectures:end -->` markers (docs/architectures.md,
+"Architectures, as tested" on the documentation site). Nothing here is typed by hand: every
+cell is what the test recorded for that architecture and site.
 """
 
 from __future__ import annotations
@@ -65,16 +66,16 @@ def table(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path)
-    parser.add_argument("--readme", type=Path)
+    parser.add_argument("--page", type=Path, help="the markdown page whose table to replace (docs/architectures.md)")
     args = parser.parse_args()
     text = table(json.loads(args.results.read_text()))
     print(text)
-    if args.readme:
-        readme = args.readme.read_text()
+    if args.page:
+        page = args.page.read_text()
         block = f"{BEGIN}\n{text}\n{END}"
-        if BEGIN not in readme:
-            raise SystemExit(f"{args.readme}: no {BEGIN} marker")
-        args.readme.write_text(re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, readme, flags=re.S))
+        if BEGIN not in page:
+            raise SystemExit(f"{args.page}: no {BEGIN} marker")
+        args.page.write_text(re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, page, flags=re.S))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ where the config has them, the project's tiny tokenizer) and, at every site of `
 An architecture the bridge (or transformers) cannot build is skipped with its reason. A site
 the engine refuses must be refused with a message that starts with the field. With
 PATCHSCOPE_ARCH_RESULTS=path each architecture's outcome per site is written to that JSON file;
-`python -m tests.architecture_table path` renders the README's table from it.
+`python -m tests.architecture_table path --page docs/architectures.md` renders the table of
+the documentation's "Architectures, as tested" page from it.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ LAYER, HEAD, N_NEW = 1, 1, 4
 PROMPT = "The capital city of x is"
 ARCHITECTURES = sorted(a for a in SUPPORTED_ARCHITECTURES if a.endswith(("ForCausalLM", "LMHeadModel")))
 # Sites that still disagree with the bridge, each with what is known; the test fails when one
-# of them starts to agree (remove it here then) and records them as gaps in the README table.
+# of them starts to agree (remove it here then) and records them as gaps in docs/architectures.md's table.
 KNOWN_GAPS = {
     (
         "DeepseekV2ForCausalLM",

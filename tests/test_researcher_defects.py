@@ -1,8 +1,8 @@
 """The defects found by trying the tool as a new researcher would (issue 19, section 4), one test
-each: the README's layer convention against Hugging Face's hidden states, relative model
-directories beside the config, clean output names for local models, `patchscope report`
-listing a steering table as a table, `tokenize` on a loaded model, short reprs, and a warning
-for a bridge handed to the engine with hooks attached."""
+each: the documented layer convention (docs/conventions.md) against Hugging Face's hidden
+states, relative model directories beside the config, clean output names for local models,
+`patchscope report` listing a steering table as a table, `tokenize` on a loaded model, short
+reprs, and a warning for a bridge handed to the engine with hooks attached."""
 
 from __future__ import annotations
 
@@ -21,13 +21,14 @@ from sweeps.sinks.store import ResultStore
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# ---------------------------------------------------------------- the README's layer convention
+# ---------------------------------------------------------------- the documented layer convention
 
 
 def test_layer_l_is_hf_hidden_states_l_plus_1_except_the_last_which_hf_norms(tiny_models):
-    """What the README says is what the model does: the tool's layer l (read as a Patchscope reads
-    its source) is hidden_states[l + 1] for l < n_layers - 1; the last is the residual stream
-    before the final norm, and Hugging Face's last hidden state is that stream normed."""
+    """What the docs say (docs/conventions.md, the layer bullet) is what the model does: the
+    tool's layer l (read as a Patchscope reads its source) is hidden_states[l + 1] for
+    l < n_layers - 1; the last is the residual stream before the final norm, and Hugging Face's
+    last hidden state is that stream normed."""
     from patchscope_core.models.sites import Site, resid_post, resolve_site
 
     bridge = tiny_models["tiny-llama"]
@@ -43,8 +44,8 @@ def test_layer_l_is_hf_hidden_states_l_plus_1_except_the_last_which_hf_norms(tin
     with torch.no_grad():
         assert torch.allclose(bridge.original_model.model.norm(tool[-1]), hf[n][0], atol=1e-5)
 
-    readme = (ROOT / "README.md").read_text()
-    bullet = re.search(r"- \*\*Layer `l`\*\*.*?(?=\n- )", readme, re.S).group(0)
+    conventions = (ROOT / "docs" / "conventions.md").read_text()
+    bullet = re.search(r"- \*\*Layer `l`\*\*.*?(?=\n- )", conventions, re.S).group(0)
     assert "hidden_states[l+1]` for every layer but the last" in bullet, bullet
     assert "final" in bullet and "before that norm" in bullet, bullet
 
