@@ -1,4 +1,4 @@
-"""The IOI patching grid on SmolLM2 in-process (patchscope_core.patching, no Ray, no W&B): a probe
+"""The IOI patching grid on SmolLM2 in-process (patchscope_core.methods.patching, no Ray, no W&B): a probe
 of what the `activation_patching` sweep kind's example will show, before the sweep kind exists.
 
 For the first --pairs pairs of sweeps/examples/ioi_pairs.csv: blocks.{l}.hook_resid_pre,

@@ -139,7 +139,7 @@ class _Recorder:
 
 
 def warn_attached_hooks(bridge, field_name: str) -> None:
-    """Hooks added to the bridge itself do not act inside the engine's runs (README): a bridge
+    """Hooks added to the bridge itself do not act inside the engine's runs (docs/python-api.md): a bridge
     handed over with some attached gets a warning naming them."""
     names = attached_hooks(bridge)
     if names:

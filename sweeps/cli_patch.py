@@ -1,7 +1,7 @@
 """`patchscope patch`: activation patching of one clean/corrupted pair, the grid as one JSON object.
 
-Everything is checked against the model's config and tokenizer (`patchscope_core.patching`)
-before the weights load; the grid then runs on `patchscope_core.patcher.Patcher`.
+Everything is checked against the model's config and tokenizer (`patchscope_core.methods.patching`)
+before the weights load; the grid then runs on `patchscope_core.methods.patcher.Patcher`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Scoring rows that start at their first touched layer (patchscope_core/clean_start.py): the
+"""Scoring rows that start at their first touched layer (patchscope_core/forward/clean_start.py): the
 same tokens and scores as the plain path (every row through every layer) and as the bridge's own
 hook points (`run_with_hooks`, tests/reference.py), a batch equal to its rows one at a time, and
 the layers below a batch's first touched layer not run again."""

@@ -39,7 +39,7 @@ _YamlLoader.add_implicit_resolver(
 
 
 def read_text(path: Path, field_name: str, encoding: str = "utf-8") -> str:
-    """A text file as UTF-8 (`patchscope_core.textfiles.read_text`, the one reader of text
+    """A text file as UTF-8 (`patchscope_core.base.textfiles.read_text`, the one reader of text
     files); other bytes or a binary file are a ConfigError naming the field, the file and the line."""
     from patchscope_core import PatchscopeError
     from patchscope_core.base.textfiles import read_text as core_read_text

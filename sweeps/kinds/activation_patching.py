@@ -4,10 +4,10 @@ corrupted prompt pairs, sections `prompts` (a file of pairs) and `patching`.
 A `PatchCell` is one point of model x pair x site x layer x position x head x direction x metric
 (each list in `patching` is a grid axis). A task holds every cell of one pair, so the pair's clean
 and corrupted runs happen once; the worker (`workers.actor`, operation `activation_patching`) runs
-them on `patchscope_core.patcher.Patcher` in batches of `execution.batch_size` rows. Every setting
+them on `patchscope_core.methods.patcher.Patcher` in batches of `execution.batch_size` rows. Every setting
 is checked against each model's config and tokenizer before any weights load
-(`patchscope_core.patching`: pairs, sites, heads, positions). The report
-(`patchscope_core.patching_summary`) draws per site a layer x position heatmap of the mean
+(`patchscope_core.methods.patching`: pairs, sites, heads, positions). The report
+(`patchscope_core.methods.patching_summary`) draws per site a layer x position heatmap of the mean
 `recovered` over pairs, for head sites a layer x head heatmap and a top-heads table, and writes
 the per-pair values and the bootstrap 95% intervals over pairs.
 """

@@ -5,7 +5,7 @@ sections `prompts` (the pairs, as `activation_patching`) and `attribution`.
 An `AttributionCell` is one row of the results: model x pair x site x layer x position (or the sum
 over positions: position null) x head or neuron x method. A task holds every cell of up to
 `attribution.batch_pairs` pairs of one token length: the worker (`workers.actor`, operation
-`attribution_patching`) attributes them in one batch (`patchscope_core.attribution.Attributor`:
+`attribution_patching`) attributes them in one batch (`patchscope_core.methods.attribution.Attributor`:
 one clean forward, one corrupted forward and backward, AtP*'s GradDrop backwards), then, with
 `verify`, patches each pair's top-k and random nodes exactly (`attribution_verify.verify`, on the
 activation-patching engine) and fills `exact`. Every setting is checked against each model's
