@@ -51,3 +51,39 @@ def test_the_cli_offers_exactly_the_core_intervention_kinds():
     intervene = next(a for a in parser._subparsers._actions if a.dest == "command").choices["intervene"]
     kind = next(a for a in intervene._actions if a.dest == "kind")
     assert list(kind.choices) == list(INTERVENTION_KINDS)
+
+
+def test_no_kind_imports_another_kind():
+    """What kinds share lives in modules without a KIND (base, prompts, pairs), which they import;
+    a kind's module importing another kind's (the pair kinds did) is refused."""
+    import ast
+    import importlib
+    import pkgutil
+    from pathlib import Path
+
+    import sweeps.kinds
+
+    root = Path(sweeps.kinds.__path__[0])
+    kinds = set()
+    for info in pkgutil.iter_modules(sweeps.kinds.__path__):
+        if hasattr(importlib.import_module(f"sweeps.kinds.{info.name}"), "KIND"):
+            kinds.add(info.name)
+    assert {"activation_patching", "attribution_patching"} <= kinds and "pairs" not in kinds
+    wrong = set()
+    for kind in sorted(kinds):
+        for path in sorted((root / kind).rglob("*.py")) if (root / kind).is_dir() else [root / f"{kind}.py"]:
+            package = list(path.relative_to(root.parent.parent).parts[:-1])  # sweeps, kinds[, recipe]
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    targets = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    base = package[: len(package) - node.level + 1] if node.level else []
+                    module = ".".join(base + ([node.module] if node.module else []))
+                    targets = [module] + [f"{module}.{a.name}" for a in node.names]
+                else:
+                    continue
+                for target in targets:
+                    other = target.split(".")[2] if target.startswith("sweeps.kinds.") else None
+                    if other in kinds - {kind}:
+                        wrong.add(f"{path.relative_to(root)} imports sweeps.kinds.{other}")
+    assert not wrong, sorted(wrong)
