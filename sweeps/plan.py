@@ -7,8 +7,8 @@
   `ModelPlan` per model: layers, token counts);
 - `study_context`: what every task shares (a table of kinds, a trace's settings, a recipe's);
 - `config_hash`: the hash of everything that decides the results;
-- `model_keys`: what identifies each model's weights (stored beside each cell: a changed
-  model reuses none of its stored cells).
+- `model_keys`: what identifies each model's weights, and those of the other models the kind
+  reads (stored beside each cell: a changed model reuses none of its stored cells).
 Every error is a `ConfigError` whose message starts with the field.
 """
 
@@ -50,9 +50,9 @@ def config_hash(config, rows: list, context: Any = None) -> str:
 
 def model_keys(config) -> dict[str, str]:
     """{model: weights key} of every model a sweep runs (`patchscope_core.models.model_fingerprint`);
-    a recipe that reads another model's states (cross_model's `source_model`) adds its key."""
+    a kind that reads other models' states (`SweepKind.other_models`: cross_model's source model)
+    adds their keys."""
     from patchscope_core.models import model_fingerprint
 
-    source = getattr(getattr(config, "recipe", None), "source_model", None)
-    extra = f"+{model_fingerprint(source)}" if source else ""
+    extra = "".join(f"+{model_fingerprint(m)}" for m in KINDS[config.kind].other_models(config))
     return {name: model_fingerprint(name) + extra for name in config.models}

@@ -17,6 +17,7 @@ KINDS: dict[str, SweepKind] = {
     m.KIND.name: m.KIND
     for m in (patchscope, intervention, causal_trace, recipe, activation_patching, attribution_patching)
 }
+DEFAULT = patchscope.KIND.name  # the kind of a config that leaves out `kind:`
 
 
 def register(kind: SweepKind) -> SweepKind:
