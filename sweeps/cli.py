@@ -98,6 +98,7 @@ def _kind(args: argparse.Namespace):
     from patchscope_core.base.values import check_seed
     from patchscope_core.interventions import load_vector
 
+    cls = KINDS[args.kind]
     given = {
         "vector": ("--vector", lambda: load_vector(args.vector, "--vector") if args.vector else None),
         "alpha": ("--alpha", lambda: args.alpha),
@@ -115,10 +116,10 @@ def _kind(args: argparse.Namespace):
         "from_": ("--from", lambda: _words(args.from_) if args.from_ else None),
         "to": ("--to", lambda: _words(args.to) if args.to else None),
         "subject": ("--subject", lambda: args.subject),
-        "heads": ("--head", lambda: tuple(args.head) if args.head and args.kind == "knockout" else None),
+        # --head: the heads of a kind on attention edges; else the site's (`_site`)
+        "heads": ("--head", lambda: tuple(args.head) if args.head and cls.edits_attention else None),
         "window": ("--layers", lambda: _layer_range(args.layers)[1] if args.layers else None),
     }
-    cls = KINDS[args.kind]
     takes = {f.name for f in fields(cls)}
     values = {}
     for name, (option, read) in given.items():
@@ -134,7 +135,16 @@ def _kind(args: argparse.Namespace):
 
 
 def _cmd_intervene(args: argparse.Namespace) -> int:
-    from patchscope_core import Decoding, Engine, Intervention, InterventionRun, Positions, load_model, model_info
+    from patchscope_core import (
+        KINDS,
+        Decoding,
+        Engine,
+        Intervention,
+        InterventionRun,
+        Positions,
+        load_model,
+        model_info,
+    )
     from patchscope_core.interventions import resolve_run
     from patchscope_core.models import check_device
 
@@ -161,7 +171,7 @@ def _cmd_intervene(args: argparse.Namespace) -> int:
     tok = model.tokenizer
     where = (
         f"from {' '.join(args.from_ or ['last'])} to {' '.join(args.to or [])} layers {args.layers}"
-        if args.kind == "knockout"
+        if KINDS[args.kind].edits_attention
         else f"positions {positions}"
     )
     print(f"intervention  {args.kind} at {site} {where} on {args.model}")
@@ -178,17 +188,19 @@ def _cmd_intervene(args: argparse.Namespace) -> int:
 
 
 def _site(args: argparse.Namespace):
-    """--site, or for a knockout blocks.{l}.attn at the centre of --layers (a..b or l)."""
-    from patchscope_core import InputError, Site
+    """--site, or for a kind that edits attention edges (`edits_attention`: knockout)
+    blocks.{l}.attn at the centre of --layers (a..b or l)."""
+    from patchscope_core import KINDS, InputError, Site
 
-    if args.kind == "knockout":
+    if KINDS[args.kind].edits_attention:
         if args.site is not None or not args.layers:
-            raise InputError("--layers: a knockout takes --layers (a..b or l) instead of --site")
+            raise InputError(f"--layers: a {args.kind} takes --layers (a..b or l) instead of --site")
         return Site(f"blocks.{_layer_range(args.layers)[0]}.attn")
     if args.site is None:
         raise InputError("--site: required (a TransformerLens hook name)")
     if args.layers:
-        raise InputError(f"--layers: not used by --kind {args.kind} (only knockout takes it)")
+        takers = ", ".join(name for name, kind in KINDS.items() if kind.edits_attention)
+        raise InputError(f"--layers: not used by --kind {args.kind} (only {takers} takes it)")
     return Site(args.site, head=tuple(args.head or ()), neuron=tuple(args.neuron or ()))
 
 

@@ -124,9 +124,9 @@ def test_every_cell_equals_eager_attention_with_the_edges_masked_by_hand(tmp_pat
 def test_the_example_is_geva_et_al_s_study(no_weights):
     from sweeps.run.driver import plan
 
-    cfg, rows, plans, n_cells, context = plan("sweeps/examples/attention_knockout.yaml")
-    assert sorted(v["to"] for _, v in context.values()) == [["last"], ["non_subject"], ["subject"]]
-    assert {v["window"] for _, v in context.values()} == {9} and n_cells == len(rows) * 30 * 3
+    p = plan("sweeps/examples/attention_knockout.yaml")
+    assert sorted(v["to"] for _, v in p.context.values()) == [["last"], ["non_subject"], ["subject"]]
+    assert {v["window"] for _, v in p.context.values()} == {9} and p.n_cells == len(p.rows) * 30 * 3
 
 
 @pytest.mark.parametrize(

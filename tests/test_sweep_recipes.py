@@ -157,9 +157,9 @@ def test_attribute_extraction_reads_the_shipped_relations_without_data(tmp_path,
     monkeypatch.chdir(tmp_path)
     cfg = dict(TOKEN_IDENTITY, name="tiny-shipped-lre", generation={"max_new_tokens": 6})
     section = changed(RECIPES["attribute_extraction"], data=None, relations=["product_by_company"], contexts=1)
-    _, rows, _, n_cells, _ = plan(str(write(tmp_path, cfg, section)))
-    assert len(rows) == 2 and {r["relation"] for r in rows} == {"product_by_company"}
-    assert n_cells == 2 * (2 * 2 + 1)  # subjects x ((l, l*) + question)
+    p = plan(str(write(tmp_path, cfg, section)))
+    assert len(p.rows) == 2 and {r["relation"] for r in p.rows} == {"product_by_company"}
+    assert p.n_cells == 2 * (2 * 2 + 1)  # subjects x ((l, l*) + question)
 
 
 @pytest.mark.parametrize(
@@ -174,7 +174,7 @@ def test_attribute_extraction_reads_the_shipped_relations_without_data(tmp_path,
 )
 def test_the_example_configs_are_valid_and_count_their_grids(example, cells, monkeypatch, no_weights, tmp_path):
     monkeypatch.chdir(tmp_path)  # the files an example names are found beside it, from anywhere
-    assert plan(str(EXAMPLES / example))[3] == cells
+    assert plan(str(EXAMPLES / example)).n_cells == cells
 
 
 # ---------------------------------------------------------------- every recipe through the sweep's grid, worker and records
@@ -182,7 +182,8 @@ def test_the_example_configs_are_valid_and_count_their_grids(example, cells, mon
 
 def run_in_process(config: Path, engine) -> pd.DataFrame:
     """The sweep's own path without Ray: grid -> task payloads -> the worker's run_task -> records."""
-    cfg, rows, plans, n_cells, context = plan(str(config))
+    p = plan(str(config))
+    cfg, rows, plans, n_cells, context = p.config, p.rows, p.models, p.n_cells, p.context
     out = []
     for task in iter_tasks(iter_cells(cfg, rows, plans, context=context), cfg.execution.batch_size, context):
         out += records(task, run_task(engine, task.payload(), cfg.execution.batch_size))

@@ -1,11 +1,11 @@
 """The sweep config: the shared sections (`sweeps.config.shared`) plus the sections of every
 registered sweep kind (`sweeps.kinds.KINDS`), validated with pydantic before anything runs.
 
-`kind` says what the sweep runs (`patchscope` by default); a kind's sections are required for
-it and refused for the others. Three stages, all before any weights load: here `load_config`
-(UTF-8, YAML syntax, types: unknown keys rejected, layer specs parsed); the kind's rows; its
-checks against each model's config and tokenizer (`sweeps.plan`). Every error is a
-`ConfigError` whose message starts with the field, e.g.
+`kind` says what the sweep runs (`sweeps.kinds.DEFAULT`, patchscope, when left out); a kind's
+sections are required for it and refused for the others. Three stages, all before any weights
+load: here `load_config` (UTF-8, YAML syntax, types: unknown keys rejected, layer specs parsed);
+the kind's rows; its checks against each model's config and tokenizer (`sweeps.plan`). Every
+error is a `ConfigError` whose message starts with the field, e.g.
 `source.layers: 31 is out of range 0 .. 29 for smollm2-135m (...)`.
 """
 
@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from ..kinds import KINDS
+from ..kinds import DEFAULT, KINDS
 from .errors import ConfigError, format_errors
 from .loader import read_yaml
 from .models import beside_config
@@ -78,7 +78,7 @@ def sweep_config_model() -> type:
     if names not in _MODELS:
         fields: dict[str, Any] = {
             "name": (str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")),
-            "kind": (Literal[names], "patchscope"),
+            "kind": (Literal[names], DEFAULT),
             "models": (list[str], Field(min_length=1)),
         }
         fields.update({key: (model | None, None) for key, model in _all_sections().items()})

@@ -3,6 +3,8 @@ that implements the `SweepKind` protocol (`sweeps/kinds/base.py`) for it. The co
 the grid, the records, the sinks and the driver look a kind up here and never name one.
 
 To add a kind: one module beside these with a `KIND` object, listed below (docs/architecture.md).
+The modules without a `KIND` hold what kinds share and are no kinds: `base` (the protocol),
+`prompts` (the `prompts` section and its rows), `pairs` (the two pair kinds' common part).
 A test may register a kind of its own with `register`.
 """
 
@@ -15,6 +17,7 @@ KINDS: dict[str, SweepKind] = {
     m.KIND.name: m.KIND
     for m in (patchscope, intervention, causal_trace, recipe, activation_patching, attribution_patching)
 }
+DEFAULT = patchscope.KIND.name  # the kind of a config that leaves out `kind:`
 
 
 def register(kind: SweepKind) -> SweepKind:

@@ -1,5 +1,7 @@
 """`kind: activation_patching` (issue 16): TransformerLens's patching grids between clean and
-corrupted prompt pairs, sections `prompts` (a file of pairs) and `patching`.
+corrupted prompt pairs, sections `prompts` (a file of pairs) and `patching`. What it shares with
+`attribution_patching` (the pairs and their checks, the cells' first fields and id, the kind
+object's common part) is in `sweeps.kinds.pairs`.
 
 A `PatchCell` is one point of model x pair x site x layer x position x head x direction x metric
 (each list in `patching` is a grid axis). A task holds every cell of one pair, so the pair's clean
@@ -14,7 +16,6 @@ the per-pair values and the bootstrap 95% intervals over pairs.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +24,12 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from patchscope_core import PatchscopeError
-from patchscope_core.methods.patching import DIRECTIONS, METRICS, Pair, check_pair, make_cells, site_name
+from patchscope_core.methods.patching import DIRECTIONS, METRICS, make_cells, site_name
 
-from ..config import ConfigError, Layers, Strict
-from ..config.files import checked_columns, locate, read_table
-from ..config.models import ModelPlan, checked_layers, model_info_for
-from .base import KindDefaults, Schema, digest, run_columns
+from ..config import ConfigError
+from ..config.models import ModelPlan
+from .base import Schema, run_columns
+from .pairs import PAIR_PARAMS, PairCell, PairKind, PairRow, PairSites, check_pair_row, choices
 from .prompts import PromptsConfig
 
 
@@ -37,22 +38,17 @@ def axis(value: Any) -> list:
     return [value] if isinstance(value, str) else list(value)
 
 
-def _one_or_list(value: Any, allowed: tuple[str, ...], what: str) -> list[str]:
-    values = [value] if isinstance(value, str) else value
-    if not isinstance(values, list) or not values or any(v not in allowed for v in values):
-        raise ValueError(f"expected {' | '.join(allowed)} or a list of them, got {value!r}")
-    return list(dict.fromkeys(values))
+Directions = choices(DIRECTIONS)
+Metrics = choices(METRICS)
 
 
-class PatchingConfig(Strict):
+class PatchingConfig(PairSites):
     """Activation patching: sites x layers x positions x heads x directions x metrics."""
 
-    sites: list[str] = Field(..., min_length=1, description="TransformerLens hook names, blocks.{layer}.<hook>")
-    layers: Layers = "all"
     positions: Any = Field("each", description="each | all | a list (BOS counted, negatives from the end)")
     heads: Any = Field("all", description="head sites: all or a list of heads")
-    direction: Any = "denoising"
-    metric: Any = "logit_diff"
+    direction: Directions = "denoising"
+    metric: Metrics = "logit_diff"
     window: int = Field(1, ge=1, description="patch a window of layers centred on the layer")
 
     @field_validator("positions")
@@ -75,128 +71,26 @@ class PatchingConfig(Strict):
             raise ValueError(f"expected all or a non-empty list of integer heads, got {v!r}")
         return list(dict.fromkeys(v))
 
-    @field_validator("direction")
-    @classmethod
-    def _direction(cls, v):
-        return _one_or_list(v, DIRECTIONS, "direction")
 
-    @field_validator("metric")
-    @classmethod
-    def _metric(cls, v):
-        return _one_or_list(v, METRICS, "metric")
-
-
-@dataclass(frozen=True)
-class PairRow:
-    clean: str
-    corrupted: str
-    answer: str
-    wrong_answer: str | None
-    where: str
-    index: int
-
-    def pair(self) -> Pair:
-        return Pair(self.clean, self.corrupted, self.answer, self.wrong_answer)
-
-
-PATCH_COLUMNS = (
-    "cell_id",
-    "model",
-    "row",
-    "clean",
-    "corrupted",
-    "answer",
-    "wrong_answer",
-    "site",
-    "layer",
-    "position",
-    "token",
-    "head",
-    "direction",
-    "metric",
-)
+PATCH_COLUMNS = (*PAIR_PARAMS, "head", "direction", "metric")
 PATCH_RESULTS = ("patched", "clean_value", "corrupted_value", "recovered")
 
 
 @dataclass(frozen=True)
-class PatchCell:
-    model: str
-    row: int
-    clean: str
-    corrupted: str
-    answer: str
-    wrong_answer: str | None
-    site: str  # a PATCH_SITES name: hook_resid_pre, attn.hook_z, ...
-    layer: int
-    position: int | None  # absolute (BOS counted); None: every position at once
+class PatchCell(PairCell):
+    """A `PairCell` (position None: every position at once) with its head, direction, metric, window."""
+
     head: int | None
     direction: str
     metric: str
     window: int = 1
     KIND = "activation_patching"
-
-    @property
-    def cell_id(self) -> str:
-        return digest(
-            [
-                "activation_patching",
-                self.model,
-                self.clean,
-                self.corrupted,
-                self.answer,
-                self.wrong_answer,
-                self.site,
-                self.layer,
-                self.position,
-                self.head,
-                self.direction,
-                self.metric,
-                self.window,
-            ]
-        )
-
-    @property
-    def group(self) -> str:
-        return json.dumps([self.clean, self.corrupted, self.answer, self.wrong_answer])
+    ID_FIELDS = ("head", "direction", "metric", "window")
 
     def params(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in PATCH_COLUMNS if k != "token"}
         out["cell_id"] = self.cell_id
         return out
-
-
-def load_pairs(config, base: Path | None) -> list[PairRow]:
-    """The pairs, from prompts.file or prompts.rows, every named column present and non-empty."""
-    pc = config.prompts
-    where, table = "prompts.rows", pc.rows
-    if pc.file is not None:
-        path = locate(pc.file, base, "prompts.file")
-        table, where = read_table(path, "prompts.file"), "prompts.file"
-        if not table:
-            raise ConfigError(f"prompts.file: {path} has no rows")
-    names = ("clean_column", "corrupted_column", "answer_column", "wrong_answer_column")
-    checked_columns(
-        list(dict.fromkeys(c for rec in table for c in rec)),
-        [(f"prompts.{n}", getattr(pc, n)) for n in names],
-        [],
-        "prompts",
-        where,
-    )
-    rows = []
-    for i, rec in enumerate(table):
-        at = f"{where} row {i + 1}"
-        values = []
-        for name in names:
-            col = getattr(pc, name)
-            v = rec.get(col) if col is not None else None
-            if col is not None and (not isinstance(v, str) or not v.strip()):
-                raise ConfigError(f"prompts.{name}: {at} has an empty or missing {col} ({v!r})")
-            values.append(v)
-        clean, corrupted, answer, wrong = values
-        if wrong is not None and wrong == answer:
-            raise ConfigError(f"prompts.wrong_answer_column: {at} has the wrong answer equal to the answer {answer!r}")
-        rows.append(PairRow(clean, corrupted, answer, wrong, at, i))
-    return rows
 
 
 def _grid(config, plan: ModelPlan, row: PairRow) -> list:
@@ -212,36 +106,6 @@ def _grid(config, plan: ModelPlan, row: PairRow) -> list:
         pt.window,
         field_name="patching",
     )
-
-
-def check_pair_row(plan: ModelPlan, row: PairRow, metrics: list[str]) -> None:
-    """One pair against one model (same token count, answers that tokenize), its clean token count
-    noted in the plan; shared with `attribution_patching`."""
-    if "logit_diff" in metrics and row.wrong_answer is None:
-        raise ConfigError(f"prompts.wrong_answer_column: metric logit_diff needs a wrong answer ({row.where})")
-    try:
-        checked = check_pair(row.pair(), plan.info, metrics, f"prompts ({row.where})")
-    except PatchscopeError as exc:
-        msg = str(exc)
-        if "same number of tokens" in msg:
-            raise ConfigError(f"prompts.corrupted_column: {msg}") from None
-        raise ConfigError(f"prompts.answer_column: {msg}") from None
-    plan.n_tokens[row.clean] = len(checked.clean_ids)
-
-
-def pair_science(science: dict[str, Any], rows: list[PairRow]) -> dict[str, Any]:
-    """What a pair kind's config hash covers of its prompts: the pairs themselves, not the file
-    that held them."""
-    science["prompts"].pop("file", None)
-    science["rows"] = [[r.clean, r.corrupted, r.answer, r.wrong_answer] for r in rows]
-    return science
-
-
-def check_pair_columns(config, kind: str) -> None:
-    """The `prompts` columns a pair needs."""
-    for col in ("clean_column", "corrupted_column", "answer_column"):
-        if getattr(config.prompts, col) is None:
-            raise ValueError(f"prompts.{col}: an {kind} sweep needs it")
 
 
 # ---------------------------------------------------------------- the report
@@ -293,63 +157,37 @@ def patching_report(out_dir: Path, df) -> dict[str, Path]:
     return out
 
 
-class ActivationPatchingKind(KindDefaults):
+class ActivationPatchingKind(PairKind):
     name = "activation_patching"
+    section = "patching"
     sections = {"prompts": PromptsConfig, "patching": PatchingConfig}
     operation = "activation_patching"
     schema = Schema(PATCH_COLUMNS, PATCH_RESULTS, PATCH_COLUMNS + PATCH_RESULTS, ())
     marks = frozenset({"recovered", "corrupted_value"})
     order = ("model", "row", "direction", "metric", "site", "layer", "position", "head")
-    one_task = True  # a pair's cells share its clean and corrupted runs
 
     def check_config(self, config) -> None:
-        check_pair_columns(config, self.name)
+        super().check_config(config)
         for i, site in enumerate(config.patching.sites):
             try:
                 site_name(site, f"patching.sites[{i}]")
             except PatchscopeError as exc:
                 raise ValueError(str(exc)) from None
 
-    def load_rows(self, config, base: Path | None) -> list[PairRow]:
-        return load_pairs(config, base)
-
-    def check(self, config, rows: list[PairRow], base: Path | None) -> dict[str, ModelPlan]:
-        plans = {}
-        for i, name in enumerate(config.models):
-            info = model_info_for(name, f"models[{i}]")
-            plan = ModelPlan(info, checked_layers(config.patching.layers, info, "patching.layers"), None)
-            for row in rows:
-                check_pair_row(plan, row, axis(config.patching.metric))
-                try:
-                    _grid(config, plan, row)
-                except PatchscopeError as exc:
-                    raise ConfigError(f"{exc} ({row.where}, on {name})") from None
-            plans[name] = plan
-        return plans
-
-    def science(self, science, config, rows, context):
-        return pair_science(science, rows)
+    def check_model(self, config, name: str, plan: ModelPlan, rows: list[PairRow]) -> None:
+        for row in rows:
+            check_pair_row(plan, row, axis(config.patching.metric))
+            try:
+                _grid(config, plan, row)
+            except PatchscopeError as exc:
+                raise ConfigError(f"{exc} ({row.where}, on {name})") from None
 
     def _pair_cells(self, config, plan, model: str, row: PairRow) -> Iterator[PatchCell]:
         pt = config.patching
         for c in _grid(config, plan, row):
             for direction in axis(pt.direction):
                 for metric in axis(pt.metric):
-                    yield PatchCell(
-                        model,
-                        row.index,
-                        row.clean,
-                        row.corrupted,
-                        row.answer,
-                        row.wrong_answer,
-                        c.site,
-                        c.layer,
-                        c.position,
-                        c.head,
-                        direction,
-                        metric,
-                        c.window,
-                    )
+                    yield PatchCell.at(model, row, c.site, c.layer, c.position, c.head, direction, metric, c.window)
 
     def group_sizes(self, config, rows, plans, context) -> Iterator[tuple[str, int]]:
         per = len(axis(config.patching.direction)) * len(axis(config.patching.metric))
@@ -366,7 +204,7 @@ class ActivationPatchingKind(KindDefaults):
         c = task.cells[0]
         return {
             "kind": self.operation,
-            "pair": {"clean": c.clean, "corrupted": c.corrupted, "answer": c.answer, "wrong_answer": c.wrong_answer},
+            "pair": c.pair_payload(),
             "cells": [[x.site, x.layer, x.position, x.head, x.window, x.direction, x.metric] for x in task.cells],
         }
 
@@ -378,7 +216,7 @@ class ActivationPatchingKind(KindDefaults):
             clean, corrupted = rec["clean_value"][cell.metric], rec["corrupted_value"][cell.metric]
             den = clean - corrupted
             row.update(
-                token=None if cell.position is None else rec["tokens"][cell.position],
+                token=cell.token_in(rec),
                 patched=patched,
                 clean_value=clean,
                 corrupted_value=corrupted,

@@ -1,6 +1,7 @@
 """`kind: attribution_patching` (issue 17): AtP and AtP* estimates of every node's effect between
 clean and corrupted prompt pairs, checked against exact activation patching in the same sweep;
-sections `prompts` (the pairs, as `activation_patching`) and `attribution`.
+sections `prompts` (the pairs, as `activation_patching`: both build on `sweeps.kinds.pairs`) and
+`attribution`.
 
 An `AttributionCell` is one row of the results: model x pair x site x layer x position (or the sum
 over positions: position null) x head or neuron x method. A task holds every cell of up to
@@ -29,10 +30,10 @@ from patchscope_core import PatchscopeError
 from patchscope_core.methods.attribution import METHODS, SITE_NOTES, check_attribution, units
 from patchscope_core.methods.patching import METRICS, PATCH_SITES
 
-from ..config import ConfigError, Layers, Strict
-from ..config.models import ModelPlan, checked_layers, model_info_for
-from .activation_patching import PairRow, check_pair_columns, check_pair_row, load_pairs, pair_science
-from .base import KindDefaults, Schema, digest, run_columns
+from ..config import ConfigError, Strict
+from ..config.models import ModelPlan
+from .base import Schema, digest, run_columns
+from .pairs import PAIR_PARAMS, PairCell, PairKind, PairRow, PairSites, check_pair_row, choices
 from .prompts import PromptsConfig
 
 
@@ -52,23 +53,16 @@ class VerifyConfig(Strict):
         return v
 
 
-class AttributionConfig(Strict):
+Methods = choices(METHODS)
+
+
+class AttributionConfig(PairSites):
     """Attribution patching: sites x layers x methods, one metric, an optional exact check."""
 
-    sites: list[str] = Field(..., min_length=1, description="TransformerLens hook names, blocks.{layer}.<hook>")
-    layers: Layers = "all"
-    method: Any = "atp"
+    method: Methods = "atp"
     metric: str = "logit_diff"
     verify: VerifyConfig | None = None
     batch_pairs: int = Field(8, ge=1, description="pairs attributed in one batch (one task)")
-
-    @field_validator("method")
-    @classmethod
-    def _method(cls, v):
-        values = [v] if isinstance(v, str) else v
-        if not isinstance(values, list) or not values or any(m not in METHODS for m in values):
-            raise ValueError(f"expected {' | '.join(METHODS)} or a list of them, got {v!r}")
-        return list(dict.fromkeys(values))
 
     @field_validator("metric")
     @classmethod
@@ -78,63 +72,22 @@ class AttributionConfig(Strict):
         return v
 
 
-ATTRIBUTION_COLUMNS = (
-    "cell_id",
-    "model",
-    "row",
-    "clean",
-    "corrupted",
-    "answer",
-    "wrong_answer",
-    "site",
-    "layer",
-    "position",
-    "token",
-    "head",
-    "neuron",
-    "method",
-    "metric",
-)
+ATTRIBUTION_COLUMNS = (*PAIR_PARAMS, "head", "neuron", "method", "metric")
 ATTRIBUTION_RESULTS = ("estimate", "exact", "score", "verified", "clean_value", "corrupted_value")
 
 
 @dataclass(frozen=True)
-class AttributionCell:
-    model: str
-    row: int
-    clean: str
-    corrupted: str
-    answer: str
-    wrong_answer: str | None
-    site: str  # a PATCH_SITES name: attn.hook_z, hook_mlp_out, ...
-    layer: int
-    position: int | None  # absolute (BOS counted); None: summed over the prompt's positions
+class AttributionCell(PairCell):
+    """A `PairCell` (position None: summed over the prompt's positions) with its unit, method,
+    metric, settings and batch."""
+
     unit: int  # the head (head sites), the neuron (mlp.hook_post), 0 for the d_model sites
     method: str
     metric: str
     settings: str  # digest of what else decides `exact`: the layers, the methods, verify
     batch: str  # the task group: the pairs attributed together
     KIND = "attribution_patching"
-
-    @property
-    def cell_id(self) -> str:
-        return digest(
-            [
-                "attribution_patching",
-                self.model,
-                self.clean,
-                self.corrupted,
-                self.answer,
-                self.wrong_answer,
-                self.site,
-                self.layer,
-                self.position,
-                self.unit,
-                self.method,
-                self.metric,
-                self.settings,
-            ]
-        )
+    ID_FIELDS = ("unit", "method", "metric", "settings")
 
     @property
     def group(self) -> str:
@@ -173,7 +126,7 @@ def _batches(config, plan: ModelPlan, rows: list[PairRow]) -> list[list[PairRow]
 
 def pair_seed(seed: int, cell) -> int:
     """A pair's seed for verify's random sample: the same whatever pairs share its task."""
-    return (seed + int(digest([cell.clean, cell.corrupted, cell.answer, cell.wrong_answer]), 16)) % 2**31
+    return (seed + int(digest(cell.texts()), 16)) % 2**31
 
 
 def _per_pair(config, plan: ModelPlan, row: PairRow) -> int:
@@ -289,39 +242,28 @@ def attribution_report(out_dir: Path, df) -> dict[str, Path]:
     return out
 
 
-class AttributionPatchingKind(KindDefaults):
+class AttributionPatchingKind(PairKind):
     name = "attribution_patching"
+    section = "attribution"
     sections = {"prompts": PromptsConfig, "attribution": AttributionConfig}
     operation = "attribution_patching"
     schema = Schema(ATTRIBUTION_COLUMNS, ATTRIBUTION_RESULTS, ATTRIBUTION_COLUMNS + ATTRIBUTION_RESULTS, ())
     marks = frozenset({"estimate", "exact"})
     order = ("model", "row", "method", "site", "layer", "position", "head", "neuron")
-    one_task = True  # the pairs of a task are attributed in one batch
+    # one_task (PairKind): the pairs of a task are attributed in one batch
 
-    def check_config(self, config) -> None:
-        check_pair_columns(config, self.name)
-
-    def load_rows(self, config, base: Path | None) -> list[PairRow]:
-        return load_pairs(config, base)
-
-    def check(self, config, rows: list[PairRow], base: Path | None) -> dict[str, ModelPlan]:
+    def check_model(self, config, name: str, plan: ModelPlan, rows: list[PairRow]) -> None:
         at = config.attribution
-        plans = {}
-        for i, name in enumerate(config.models):
-            info = model_info_for(name, f"models[{i}]")
-            plan = ModelPlan(info, checked_layers(at.layers, info, "attribution.layers"), None)
-            try:
-                check_attribution(info, at.sites, plan.source_layers, at.method, at.metric)
-            except PatchscopeError as exc:
-                raise ConfigError(f"{exc} (on {name})") from None
-            for row in rows:
-                check_pair_row(plan, row, [at.metric])
-            plans[name] = plan
-        return plans
+        try:
+            check_attribution(plan.info, at.sites, plan.source_layers, at.method, at.metric)
+        except PatchscopeError as exc:
+            raise ConfigError(f"{exc} (on {name})") from None
+        for row in rows:
+            check_pair_row(plan, row, [at.metric])
 
     def science(self, science, config, rows, context):
         science["attribution"].pop("batch_pairs", None)  # how pairs are batched: not what the rows hold
-        return pair_science(science, rows)
+        return super().science(science, config, rows, context)
 
     def _batch_cells(self, config, plan: ModelPlan, model: str, batch: list[PairRow]) -> Iterator[AttributionCell]:
         at, info = config.attribution, plan.info
@@ -335,21 +277,8 @@ class AttributionPatchingKind(KindDefaults):
                     for layer in plan.source_layers:
                         for position in [*range(m), None]:
                             for unit in range(units(site, info)):
-                                yield AttributionCell(
-                                    model,
-                                    row.index,
-                                    row.clean,
-                                    row.corrupted,
-                                    row.answer,
-                                    row.wrong_answer,
-                                    site,
-                                    layer,
-                                    position,
-                                    unit,
-                                    method,
-                                    at.metric,
-                                    settings,
-                                    key,
+                                yield AttributionCell.at(
+                                    model, row, site, layer, position, unit, method, at.metric, settings, key
                                 )
 
     def group_sizes(self, config, rows, plans, context) -> Iterator[tuple[str, int]]:
@@ -373,14 +302,7 @@ class AttributionPatchingKind(KindDefaults):
         for c in task.cells:
             if c.row not in pairs:
                 seed = None if verify is None else pair_seed(verify["seed"], c)
-                pairs[c.row] = {
-                    "row": c.row,
-                    "clean": c.clean,
-                    "corrupted": c.corrupted,
-                    "answer": c.answer,
-                    "wrong_answer": c.wrong_answer,
-                    "seed": seed,
-                }
+                pairs[c.row] = {"row": c.row, **c.pair_payload(), "seed": seed}
         return {
             "kind": self.operation,
             "pairs": list(pairs.values()),
@@ -415,7 +337,7 @@ class AttributionPatchingKind(KindDefaults):
                     verified = "all" if check["full"] else ("random" if flat in check["sampled"] else "top")
             row = cell.params()
             row.update(
-                token=None if cell.position is None else rec["tokens"][cell.position],
+                token=cell.token_in(rec),
                 estimate=estimate,
                 exact=exact,
                 score=score,

@@ -9,7 +9,8 @@ config -> rows -> checks -> grid -> tasks -> workers -> records -> sinks it decl
 - rows: `load_rows` (its input rows, from the config or the files it names);
 - checks: `check` (every setting against each model's config and tokenizer, no weights: one
   `ModelPlan` per model) and `context` (what every task shares: a table of kinds, settings);
-- identity: `science` (the part of the config its config hash covers);
+- identity: `science` (the part of the config its config hash covers) and `other_models` (models
+  besides the sweep's whose weights decide its results: their keys join each model's);
 - grid: `group_sizes` (cells per task group, counted without building a cell), `cells` (every
   cell, lazily, the cells of a task group together), `cell_ids` (the same ids, possibly faster)
   and `one_task` (a task group is one task, whatever batch_size);
@@ -127,6 +128,9 @@ class SweepKind(Protocol):
         """`science` (the config's kind, models, generation and this kind's sections, as JSON)
         with what else decides the results (the rows, the context): what the config hash covers."""
 
+    def other_models(self, config) -> tuple[str, ...]:
+        """Models besides `config.models` whose weights decide the results (a recipe's source model)."""
+
     def group_sizes(self, config, rows: list, plans: dict, context: Any) -> Iterator[tuple[str, int]]: ...
 
     def cells(self, config, rows: list, plans: dict, context: Any) -> Iterator[Any]: ...
@@ -162,6 +166,9 @@ class KindDefaults:
 
     def context(self, config, rows: list, base: Path | None) -> Any:
         return None
+
+    def other_models(self, config) -> tuple[str, ...]:
+        return ()
 
     def cell_ids(self, config, rows: list, plans: dict, context: Any) -> Iterator[str]:
         return (c.cell_id for c in self.cells(config, rows, plans, context))

@@ -1,7 +1,8 @@
 """The sweep driver (`patchscope sweep CONFIG`): config -> grid -> tasks -> workers -> store, W&B.
 
 1. Load and validate the config against every model's config and tokenizer (no weights);
-   count the grid arithmetically and refuse one larger than execution.max_cells.
+   count the grid arithmetically and refuse one larger than execution.max_cells: one frozen
+   `sweeps.plan.Plan`, which every later step reads.
 2. Check what the run would refuse before starting anything or writing anything: an
    output.dir that cannot be written or holds another config's results, GPUs this machine
    lacks, an --address where no Ray cluster answers. `--dry-run` stops here, saying what the
@@ -31,8 +32,7 @@ from typing import Any
 from ..config import ConfigError
 from ..config.sweep import load_config
 from ..grid import cell_ids, count_cells, count_todo, iter_cells, iter_tasks, worker_settings
-from ..kinds import KINDS
-from ..plan import check_against_models, config_hash, load_rows, model_keys, study_context
+from ..plan import Plan, check_against_models, config_hash, load_rows, model_keys, study_context
 from ..records import records as result_rows
 from ..sinks.base import End, Peers
 from ..sinks.report import made_lines
@@ -41,10 +41,10 @@ from . import local, scheduler
 from .cluster import check_local_gpus, check_reachable, check_resources, connect
 
 
-def plan(config_path: str):
-    """Config, rows, per-model plans, the number of cells and what every task shares (the kind's
-    context); raises ConfigError before any weights load, and before expanding a grid past
-    execution.max_cells."""
+def plan(config_path: str) -> Plan:
+    """The sweep's plan (config, rows, per-model plans, what every task shares, the number of
+    cells, the config hash), to be run on this machine; raises ConfigError before any weights
+    load, and before expanding a grid past execution.max_cells."""
     config = load_config(config_path)
     holder = ResultStore(config.out_dir).holder()  # a busy output.dir is refused first, in a moment
     if holder is not None:
@@ -59,7 +59,12 @@ def plan(config_path: str):
             f"kind: this {config.kind} grid has no cells (an empty list or file?); every axis needs at least one value"
         )
     config.execution.check_cells(n_cells)  # the kinds' checks count their grids first too, before building anything
-    return config, rows, plans, n_cells, context
+    return Plan(config, rows, plans, context, n_cells, config_hash(config, rows, context))
+
+
+def _todo(p: Plan, stored: set[str] | frozenset) -> dict[str, tuple[int, int]]:
+    """{model: (cells, tasks)} of the plan's grid not in `stored`."""
+    return count_todo(p.config, p.rows, p.models, stored, p.context)
 
 
 def run_tasks(
@@ -84,17 +89,17 @@ def run_tasks(
     return given_up
 
 
-def _describe(config, rows, plans, n_cells: int, context=None) -> None:
-    ex = config.execution
-    grid = count_todo(config, rows, plans, set(), context)  # {model: (cells, tasks)} of the whole grid
+def _describe(p: Plan) -> None:
+    config, ex = p.config, p.config.execution
+    grid = _todo(p, set())  # {model: (cells, tasks)} of the whole grid
     print(
-        f"sweep {config.name} ({config.kind}): {n_cells} cells in {sum(t for _, t in grid.values())} tasks "
+        f"sweep {config.name} ({config.kind}): {p.n_cells} cells in {sum(t for _, t in grid.values())} tasks "
         f"(batch size {ex.batch_size})"
     )
-    for name, p in plans.items():
+    for name, mp in p.models.items():
         n, t = grid.get(name, (0, 0))
         print(
-            f"  {name}: {p.info.n_layers} layers; {len(rows)} prompt row(s) x {KINDS[config.kind].describe(config, p, context)} "
+            f"  {name}: {mp.info.n_layers} layers; {len(p.rows)} prompt row(s) x {p.kind.describe(config, mp, p.context)} "
             f"= {n} cells, {t} tasks"
         )
     if ex.backend == "local":
@@ -109,7 +114,8 @@ def _describe(config, rows, plans, n_cells: int, context=None) -> None:
         )
 
 
-def _dry_run(config, rows, plans, n_cells: int, store: ResultStore, restart: bool, context=None) -> int:
+def _dry_run(p: Plan, store: ResultStore, restart: bool) -> int:
+    n_cells = p.n_cells
     holder = store.holder()
     if holder is not None:
         raise ConfigError(store.busy_message(holder))  # what the real run would say
@@ -117,9 +123,11 @@ def _dry_run(config, rows, plans, n_cells: int, store: ResultStore, restart: boo
     stored, n_stored = reader.stored_cell_ids(), reader.stored_count()
     if restart and n_stored:
         print(f"--restart: the {n_stored} cells stored in {store.results_dir} would be deleted first")
-    todo = count_todo(config, rows, plans, set() if restart else stored, context)
+    todo = _todo(p, set() if restart else stored)
     cells, tasks = sum(c for c, _ in todo.values()), sum(t for _, t in todo.values())
-    print(f"output: {config.out_dir}: {n_cells - cells} of these cells already stored, {cells} to run in {tasks} tasks")
+    print(
+        f"output: {p.config.out_dir}: {n_cells - cells} of these cells already stored, {cells} to run in {tasks} tasks"
+    )
     if n_stored and not restart:
         print(
             f"stored: {n_stored} cells in {store.results_dir}: {n_cells - cells} reused by this config, "
@@ -130,42 +138,39 @@ def _dry_run(config, rows, plans, n_cells: int, store: ResultStore, restart: boo
 
 
 def main(args) -> int:
-    config, rows, plans, n_cells, context = plan(args.config)
-    address = args.address or os.environ.get("RAY_ADDRESS")  # set by `ray job submit`
-    config = config.model_copy(update={"execution": config.execution.resolved(local=not address)})
+    p = plan(args.config).at(args.address or os.environ.get("RAY_ADDRESS"))  # set by `ray job submit`
     if args.dry_run:
-        _describe(config, rows, plans, n_cells, context)
-    chash = config_hash(config, rows, context)
-    store = ResultStore(config.out_dir, keys=model_keys(config), config_hash=chash)
+        _describe(p)
+    store = ResultStore(p.config.out_dir, keys=model_keys(p.config), config_hash=p.config_hash)
     # Everything the run would refuse (a dry run too: it says what the run would do), before
     # anything starts or is written.
-    store.check(chash, restart=args.restart)
-    if address:
-        check_reachable(address)
+    store.check(p.config_hash, restart=args.restart)
+    if p.address:
+        check_reachable(p.address)
     else:
-        check_local_gpus(config)
+        check_local_gpus(p.config)
     if args.dry_run:
-        return _dry_run(config, rows, plans, n_cells, store, args.restart, context)
+        return _dry_run(p, store, args.restart)
     with store.lock():
-        return _run(args, config, rows, plans, n_cells, chash, store, address, context)
+        return _run(p, store, args.restart)
 
 
-def _sinks(config, chash: str) -> Peers:
+def _sinks(p: Plan) -> Peers:
     """The peers of the store: the report, then W&B (which gets the report's pictures)."""
     from ..sinks.report import ReportSink
     from ..sinks.wandb import WandbPeer
 
-    dump = {**config.model_dump(mode="json"), "config_hash": chash}
+    config = p.config
+    dump = {**config.model_dump(mode="json"), "config_hash": p.config_hash}
     return Peers([ReportSink(config.out_dir), WandbPeer(config.output.wandb, config.name, dump, config.out_dir)])
 
 
-def _compute(
-    args, config, rows, plans, n_cells: int, chash: str, store: ResultStore, address, context, sinks, totals
-) -> tuple[list, bool]:
+def _compute(p: Plan, store: ResultStore, restart: bool, sinks: Peers, totals: dict[str, Any]) -> tuple[list, bool]:
     """Start Ray if there is work for it, open the store, run what it lacks; (tasks given up, interrupted)."""
     from tqdm import tqdm
 
-    todo = count_todo(config, rows, plans, set() if args.restart else store.stored_cell_ids(), context)
+    config, n_cells = p.config, p.n_cells
+    todo = _todo(p, set() if restart else store.stored_cell_ids())
     n_todo, n_tasks = sum(c for c, _ in todo.values()), sum(t for _, t in todo.values())
     started = False
     try:
@@ -176,14 +181,14 @@ def _compute(
                 + (f", {ex.gpus_per_worker:g} GPU" if ex.gpus_per_worker else "")
             )
         elif n_todo:
-            started = connect(address, config)
-            check_resources(config, local=not address)
+            started = connect(p.address, config)
+            check_resources(config, local=not p.address)
         store.open(
             config.model_dump(mode="json"),
-            chash,
+            p.config_hash,
             n_cells,
-            restart=args.restart,
-            cells=cell_ids(config, rows, plans, context),
+            restart=restart,
+            cells=cell_ids(config, p.rows, p.models, p.context),
         )
         already = n_cells - n_todo
         print(
@@ -195,9 +200,9 @@ def _compute(
             return [], False
         sinks.start()
         tasks = iter_tasks(
-            iter_cells(config, rows, plans, skip=store.stored_cell_ids(), context=context),
+            iter_cells(config, p.rows, p.models, skip=store.stored_cell_ids(), context=p.context),
             config.execution.batch_size,
-            context,
+            p.context,
         )
         with tqdm(
             total=n_cells,
@@ -221,12 +226,11 @@ def _compute(
             ray.shutdown()
 
 
-def _run(
-    args, config, rows, plans, n_cells: int, chash: str, store: ResultStore, address: str | None, context=None
-) -> int:
+def _run(p: Plan, store: ResultStore, restart: bool) -> int:
+    n_cells = p.n_cells
     totals = {"computed": 0, "t0": time.perf_counter()}
-    sinks = _sinks(config, chash)
-    given_up, interrupted = _compute(args, config, rows, plans, n_cells, chash, store, address, context, sinks, totals)
+    sinks = _sinks(p)
+    given_up, interrupted = _compute(p, store, restart, sinks, totals)
     df = store.read()
     done = len(df)
     elapsed = time.perf_counter() - totals["t0"]

@@ -40,8 +40,14 @@ def _api():
     from sweeps.grid import iter_cells, iter_tasks
     from sweeps.plan import config_hash
     from sweeps.records import records
-    from sweeps.run.driver import plan
+    from sweeps.run.driver import plan as make_plan
     from sweeps.sinks.store import ResultStore
+
+    def plan(path: str) -> tuple:
+        """(config, rows, model plans, cells, context), as the fixtures read it (`Plan` since the
+        driver hands one object; a tuple before)."""
+        p = make_plan(path)
+        return p if isinstance(p, tuple) else (p.config, p.rows, p.models, p.n_cells, p.context)
 
     return plan, config_hash, iter_cells, iter_tasks, records, ResultStore
 

@@ -273,6 +273,11 @@ class RecipeKind(KindDefaults):
         }
         return {**context, "key": digest([context["settings"], context["fit_texts"], context["source_model"]])}
 
+    def other_models(self, config) -> tuple[str, ...]:
+        """cross_model's source model: the states it reads decide the results too."""
+        source = getattr(config.recipe, "source_model", None)
+        return (source,) if source else ()
+
     def science(self, science, config, rows, context):
         science["rows"] = rows  # the recipe's rows as read from its data (plain data)
         science["context"] = context
