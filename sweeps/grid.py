@@ -2,9 +2,12 @@
 arithmetically (`count_cells`, `count_todo`) and expanded lazily (`iter_cells`, `iter_tasks`),
 so a grid of millions of cells is sized and planned without holding it in memory.
 
-A `Task` holds cells of one model and one task group (a source prompt, a prompt, a fact, a
-recipe row), at most batch_size of them (a kind with `one_task`: the whole group). What travels
-to a worker is plain data (`Task.payload`, `worker_settings`): workers import `patchscope_core`
+A `Task` holds cells of one model. Tasks are sized for the device, not for a task group: a kind
+whose operation batches any cells together (`packs`: Patchscopes, intervention runs, recipe
+probes) gets tasks of up to `execution.batch_size x execution.batches_per_task` cells across many
+groups (source prompts, prompts, recipe rows), so a task is several full forward batches, not
+one group's few rows; a kind whose cells share per-group work (`one_task`: a fact's causal
+trace, a pair's runs) gets one task per group. What travels to a worker is plain data (`Task.payload`, `worker_settings`): workers import `patchscope_core`
 only. `context` is what every task of a sweep shares (`sweeps.plan.study_context`).
 """
 
@@ -23,10 +26,11 @@ from .kinds.base import digest
 
 @dataclass(frozen=True)
 class Task:
-    """Cells of one model and one group (a source prompt, a prompt, a fact), in cell order."""
+    """Cells of one model, in cell order: of one group (a source prompt, a prompt, a fact), or of
+    consecutive groups where the kind `packs`."""
 
     model: str
-    source_prompt: str  # the group
+    source_prompt: str  # the group (the first cell's, where the task packs several)
     cells: tuple[Any, ...]
     context: Any = None  # what every cell of the task shares (the table of kinds, trace settings)
 
@@ -73,14 +77,39 @@ def _tasks_of(n: int, one_task: bool, batch_size: int) -> int:
     return (1 if n else 0) if one_task else math.ceil(n / batch_size)
 
 
+def per_task(config, n_cells: int) -> int | None:
+    """Cells of one task of a model with n_cells to run, where the sweep's kind packs groups (None:
+    it does not): `execution.batches_per_task` forward batches of `execution.batch_size` rows, or
+    fewer where that would leave a worker without a task to start with (never less than a batch)."""
+    if not KINDS[config.kind].packs:
+        return None
+    ex = config.execution
+    batches = math.ceil(n_cells / (ex.workers * ex.max_in_flight_per_worker) / ex.batch_size)
+    return ex.batch_size * max(1, min(ex.batches_per_task, batches))
+
+
+def _count(config, rows, plans, context, stored_ids=None) -> dict[str, tuple[int, int]]:
+    """{model: (cells, tasks)}: of the whole grid, or of the cells whose ids are not in the set
+    `stored_ids` (when given and not empty)."""
+    ids = cell_ids(config, rows, plans, context) if stored_ids else None
+    packs = KINDS[config.kind].packs
+    out: dict[str, tuple[int, int]] = {}
+    for model, n, one_task in group_sizes(config, rows, plans, context):
+        if ids is not None:
+            n = sum(1 for cid in itertools.islice(ids, n) if cid not in stored_ids)
+        cells, tasks = out.get(model, (0, 0))
+        out[model] = (cells + n, tasks + (0 if packs else _tasks_of(n, one_task, config.execution.batch_size)))
+    if packs:  # a model's cells are cut into tasks across groups
+        out = {m: (n, math.ceil(n / per_task(config, n)) if n else 0) for m, (n, _) in out.items()}
+    return out
+
+
 def count_cells(config, rows: list, plans: dict[str, ModelPlan], context: Any = None) -> int:
     return sum(n for _, n, _ in group_sizes(config, rows, plans, context))
 
 
 def count_tasks(config, rows: list, plans: dict[str, ModelPlan], context: Any = None) -> int:
-    return sum(
-        _tasks_of(n, one, config.execution.batch_size) for _, n, one in group_sizes(config, rows, plans, context)
-    )
+    return sum(t for _, t in _count(config, rows, plans, context).values())
 
 
 def count_todo(
@@ -88,14 +117,7 @@ def count_todo(
 ) -> dict[str, tuple[int, int]]:
     """{model: (cells, tasks)} of what is not in `stored` yet, without building any cell (and
     without a look at a single cell when nothing is stored)."""
-    ids = cell_ids(config, rows, plans, context) if stored else None
-    out: dict[str, tuple[int, int]] = {}
-    for model, n, one_task in group_sizes(config, rows, plans, context):
-        if ids is not None:
-            n = sum(1 for cid in itertools.islice(ids, n) if cid not in stored)
-        cells, tasks = out.get(model, (0, 0))
-        out[model] = (cells + n, tasks + _tasks_of(n, one_task, config.execution.batch_size))
-    return out
+    return _count(config, rows, plans, context, stored)
 
 
 def cell_ids(config, rows: list, plans: dict[str, ModelPlan], context: Any = None) -> Iterator[str]:
@@ -116,10 +138,18 @@ def expand(config, rows: list, plans: dict[str, ModelPlan], context: Any = None)
     return list(iter_cells(config, rows, plans, context=context))
 
 
-def iter_tasks(cells: Iterable[Any], batch_size: int, context: Any = None) -> Iterator[Task]:
-    """Cut a stream of cells, whose (model, group) groups come together, into tasks of at most
-    batch_size cells (a kind with `one_task`: one task per group; batch_size is then rows per
-    forward pass)."""
+def iter_tasks(
+    cells: Iterable[Any], batch_size: int, context: Any = None, per_task: dict[str, int] | None = None
+) -> Iterator[Task]:
+    """Cut a stream of cells, whose (model, group) groups come together, into tasks: with
+    `per_task` ({model: cells a task}, `grid.per_task`), tasks of that many cells of one model
+    across groups; else tasks of at most batch_size cells of one group (a kind with `one_task`:
+    one task per group; batch_size is then rows per forward pass)."""
+    if per_task:
+        for model, stream in itertools.groupby(cells, key=lambda c: c.model):
+            while batch := tuple(itertools.islice(stream, per_task[model])):
+                yield Task(model, batch[0].group, batch, context)
+        return
     for (model, key), group in itertools.groupby(cells, key=lambda c: (c.model, c.group)):
         first = next(group)
         group = itertools.chain([first], group)
@@ -128,9 +158,11 @@ def iter_tasks(cells: Iterable[Any], batch_size: int, context: Any = None) -> It
             yield Task(model, key, batch, context)
 
 
-def make_tasks(cells: Iterable[Any], batch_size: int, context: Any = None) -> list[Task]:
+def make_tasks(
+    cells: Iterable[Any], batch_size: int, context: Any = None, per_task: dict[str, int] | None = None
+) -> list[Task]:
     """Group cells by (model, group), in first-seen order, and cut them into tasks (iter_tasks)."""
     groups: dict[tuple[str, str], list] = {}
     for cell in cells:
         groups.setdefault((cell.model, cell.group), []).append(cell)
-    return list(iter_tasks(itertools.chain.from_iterable(groups.values()), batch_size, context))
+    return list(iter_tasks(itertools.chain.from_iterable(groups.values()), batch_size, context, per_task))

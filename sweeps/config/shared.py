@@ -46,7 +46,14 @@ class ExecutionConfig(Strict):
         description="local: every task in this process, one worker per model, no Ray; ray: Ray actors; "
         "auto: local for a local sweep of one worker, ray for more workers or --address",
     )
-    batch_size: int = Field(16, ge=1, description="cells per task (and per generate batch)")
+    batch_size: int = Field(16, ge=1, description="rows per forward pass (a generate batch)")
+    batches_per_task: int = Field(
+        8,
+        ge=1,
+        description="forward batches a task carries where the kind packs the cells of many source prompts "
+        "(patchscope, intervention, recipe): a task of batch_size x batches_per_task cells is seconds of "
+        "work, not one prompt's few rows",
+    )
     batch_tokens: int | None = Field(
         None,
         ge=1,

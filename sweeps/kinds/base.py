@@ -13,7 +13,8 @@ config -> rows -> checks -> grid -> tasks -> workers -> records -> sinks it decl
   besides the sweep's whose weights decide its results: their keys join each model's);
 - grid: `group_sizes` (cells per task group, counted without building a cell), `cells` (every
   cell, lazily, the cells of a task group together), `cell_ids` (the same ids, possibly faster)
-  and `one_task` (a task group is one task, whatever batch_size);
+  `one_task` (a task group is one task, whatever batch_size) and `packs` (a task may carry the
+  cells of many groups: the operation batches any of its cells together);
 - tasks: `operation` (the worker operation, `workers.actor.OPERATIONS`, that runs its
   payloads) and `payload` (a task as plain data);
 - records: `schema` (its result columns), `to_rows` (a worker's output -> one row per cell) and
@@ -111,6 +112,7 @@ class SweepKind(Protocol):
     marks: frozenset[str]
     order: tuple[str, ...]
     one_task: bool
+    packs: bool
     report_metrics: tuple[str, ...]
     renamed: dict[str, str]
 
@@ -157,6 +159,7 @@ class KindDefaults:
 
     tagged: ClassVar[dict[str, dict[str, type]]] = {}
     one_task: ClassVar[bool] = False
+    packs: ClassVar[bool] = False
     order: ClassVar[tuple[str, ...]] = STUDY_ORDER
     report_metrics: ClassVar[tuple[str, ...]] = ()  # the measures `report.metric` may name (none: no report section)
     renamed: ClassVar[dict[str, str]] = {}  # result columns renamed since: old name -> new, applied on reading

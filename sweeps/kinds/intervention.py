@@ -2,8 +2,8 @@
 `prompts` and `intervention` (the intervention kinds are `patchscope_core.interventions.KINDS`).
 
 An `InterventionCell` is one point of model x prompt row x site x layer x head or neuron x kind
-x strength; a task holds cells of one prompt, at most batch_size of them (one batch, one clean
-baseline). The context is the grid's table of kinds (by the digest of their values; vectors and
+x strength; a task holds cells of many prompts (`packs`: up to batches_per_task forward batches,
+`sweeps.grid`; the engine computes each prompt's clean baseline once). The context is the grid's table of kinds (by the digest of their values; vectors and
 prompt files read before any weights load). The report draws layer x head (or layer x site)
 heatmaps, per kind and strength, of the config's `report` measure (default: the mean change in
 the answer's log-probability; `report.contrast`: a difference of two groups of prompts), the top
@@ -619,6 +619,7 @@ def intervention_report(out_dir: Path, df, settings: dict | None = None) -> dict
 
 class InterventionKind(KindDefaults):
     name = "intervention"
+    packs = True  # its cells batch together whatever their group: tasks span many groups
     sections = {"prompts": PromptsConfig, "intervention": InterventionConfig}
     operation = "intervention"
     schema = Schema(

@@ -1,9 +1,9 @@
 """`kind: patchscope` (the default): a Patchscope grid, sections `source` and `target`.
 
 A `Cell` is one point of model x (source prompt, target prompt) row x source layer x source
-position x target layer x target position; a task holds cells of one model and one source
-prompt, at most batch_size of them, so the worker extracts that prompt's hidden states once per
-task. Rows come from `source.prompts` or `source.file` (with `target.prompt` or a per-row
+position x target layer x target position; a task holds cells of one model across many source
+prompts (`packs`: up to batches_per_task forward batches, `sweeps.grid`), and the worker extracts
+each source prompt's hidden states once per task, all layers in one forward pass. Rows come from `source.prompts` or `source.file` (with `target.prompt` or a per-row
 `target.prompt_column`); every prompt is checked against each model's context and positions.
 The report draws source prompt x source layer (and source x target layer) heatmaps, coloured by
 the share of generations containing the row's reference value, else the first token's
@@ -384,6 +384,7 @@ def _heatmaps(out_dir: Path, model: str, mdf, metric: str, label: str) -> dict[s
 class PatchscopeKind(KindDefaults):
     name = "patchscope"
     sections = {"source": SourceConfig, "target": TargetConfig}
+    packs = True  # its cells batch together whatever their group: tasks span many groups
     operation = "patchscope"
     schema = Schema(PARAM_COLUMNS, RESULT_COLUMNS, TABLE_COLUMNS, TOKEN_COLUMNS)
     marks = frozenset()  # what no other kind's rows are

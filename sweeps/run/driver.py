@@ -31,7 +31,7 @@ from typing import Any
 
 from ..config import ConfigError
 from ..config.sweep import load_config
-from ..grid import cell_ids, count_cells, count_todo, iter_cells, iter_tasks, worker_settings
+from ..grid import cell_ids, count_cells, count_todo, iter_cells, iter_tasks, per_task, worker_settings
 from ..plan import Plan, check_against_models, config_hash, load_rows, model_keys, study_context
 from ..records import records as result_rows
 from ..sinks.base import End, Peers
@@ -89,12 +89,23 @@ def run_tasks(
     return given_up
 
 
+def _sizes(config, todo: dict[str, tuple[int, int]]) -> dict[str, int] | None:
+    """{model: cells a task} where the kind packs groups into tasks (None: one group a task)."""
+    sizes = {m: per_task(config, n) for m, (n, _) in todo.items()}
+    return None if any(s is None for s in sizes.values()) else sizes
+
+
+def _packed(config, todo: dict[str, tuple[int, int]]) -> str:
+    sizes = sorted(set((_sizes(config, todo) or {}).values()))
+    return f", up to {'/'.join(map(str, sizes))} cells a task" if sizes else ""
+
+
 def _describe(p: Plan) -> None:
     config, ex = p.config, p.config.execution
     grid = _todo(p, set())  # {model: (cells, tasks)} of the whole grid
     print(
         f"sweep {config.name} ({config.kind}): {p.n_cells} cells in {sum(t for _, t in grid.values())} tasks "
-        f"(batch size {ex.batch_size})"
+        f"(batch size {ex.batch_size}{_packed(config, grid)})"
     )
     for name, mp in p.models.items():
         n, t = grid.get(name, (0, 0))
@@ -203,6 +214,7 @@ def _compute(p: Plan, store: ResultStore, restart: bool, sinks: Peers, totals: d
             iter_cells(config, p.rows, p.models, skip=store.stored_cell_ids(), context=p.context),
             config.execution.batch_size,
             p.context,
+            _sizes(config, todo),
         )
         with tqdm(
             total=n_cells,

@@ -2,7 +2,11 @@
 
 - One file per finished task (`task-<task_id>.parquet`), written under a temporary name,
   flushed to disk (fsync) and renamed into place, so a file is either complete or absent (a
-  crash leaves at most a `.tmp-*` file, removed at the next start).
+  crash leaves at most a `.tmp-*` file, removed at the next start). Few, large files at scale:
+  every `COMPACT_EVERY` task files a run has written are merged into one `part-*.parquet` (from
+  the tables still in memory, written the same atomic way) and then removed, so a sweep of
+  millions of cells leaves hundreds of files, not tens of thousands; a crash between the two
+  leaves some rows twice, which reading counts once, as always.
 - `manifest.json`: the current config, its hash, the grid size, each model's weights key and
   the history of the configs run into this directory. `results/` is a cache: a changed config
   computes only the cells it does not find (a cell's id hashes every setting that decides its
@@ -44,6 +48,7 @@ DAMAGED = "damaged"
 MANIFEST = "manifest.json"
 CELLS = "cells.parquet"
 LOCK = "sweep.lock"
+COMPACT_EVERY = 64  # task files merged into one part file
 _VIRTUAL = ("/proc", "/sys", "/dev")  # kernel file systems: nothing can be stored there
 
 
@@ -130,6 +135,7 @@ class ResultStore:
         self.config_hash = config_hash
         self._stored: set[str] | None = None
         self._every: set[str] = set()  # every stored id, any config or weights (stored_cell_ids)
+        self._recent: list[tuple[Path, Any]] = []  # (task file, its table) written since the last compaction
 
     # ------------------------------------------------------------ checks (write nothing)
 
@@ -310,7 +316,9 @@ class ResultStore:
     # ------------------------------------------------------------ reading
 
     def files(self) -> list[Path]:
-        return sorted(self.results_dir.glob("task-*.parquet")) if self.results_dir.is_dir() else []
+        if not self.results_dir.is_dir():
+            return []
+        return sorted([*self.results_dir.glob("part-*.parquet"), *self.results_dir.glob("task-*.parquet")])
 
     def _table(self, path: Path, columns: list[str] | None = None):
         """The Parquet table in `path`, or None after moving a damaged file aside."""
@@ -433,4 +441,28 @@ class ResultStore:
         _atomic_write(final, lambda fh: pq.write_table(table, fh))
         stored.update(seen)
         self._every.update(seen)
+        self._recent.append((final, table))
+        if len(self._recent) >= COMPACT_EVERY:
+            self.compact()
         return new
+
+    def compact(self) -> None:
+        """Merge the task files this store wrote since the last compaction into one part file
+        (from their tables in memory), then remove them."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if len(self._recent) < 2:
+            self._recent = []
+            return
+        try:  # a column with ints in one task and floats in another becomes floats
+            merged = pa.concat_tables([t for _, t in self._recent], promote_options="permissive")
+        except pa.ArrowException:  # types that do not merge: the task files stay as they are
+            self._recent = []
+            return
+        part = self.results_dir / f"part-{uuid.uuid4().hex[:16]}.parquet"
+        _atomic_write(part, lambda fh: pq.write_table(merged, fh))
+        for path, _ in self._recent:
+            path.unlink(missing_ok=True)
+        _fsync_dir(self.results_dir)
+        self._recent = []

@@ -4,8 +4,8 @@ listed in `PARTS`).
 
 The recipe, with each model's layers, turns each input row into probes: Patchscopes over
 (l, l*), lenses, plain questions, controls. A `RecipeCell` is one probe of one model; a task
-holds probes of one model and one row, at most batch_size of them, so the worker reads the row's
-hidden states once per task. Rows are counted with the recipe's arithmetic `count` and expanded
+holds probes of one model across many rows (`packs`: up to batches_per_task forward batches,
+`sweeps.grid`), and the worker reads each row's hidden states once per task. Rows are counted with the recipe's arithmetic `count` and expanded
 one row at a time. A cell's id is a digest of its probe, its model, the recipe's settings and fit
 windows (`context["key"]`) and the generation settings; a task's payload is the probes as plain
 data with the recipe's settings and fit windows.
@@ -206,6 +206,7 @@ def _tokens(plan: ModelPlan):
 
 class RecipeKind(KindDefaults):
     name = "recipe"
+    packs = True  # its cells batch together whatever their group: tasks span many groups
     sections = {"recipe": RecipeSection}
     tagged = {"recipe": RECIPE_SECTIONS}
     operation = "recipe"

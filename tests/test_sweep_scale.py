@@ -1,0 +1,171 @@
+"""The framework at scale: tasks sized for the device (the cells of many groups), few large store
+files, and the local backend storing while it computes.
+
+- A kind that packs (`SweepKind.packs`) gets tasks of up to batch_size x batches_per_task cells
+  across source prompts; every cell is in exactly one task, in grid order; the counts the dry run
+  shows are those of the tasks run; a small grid is still spread over the workers.
+- A packed sweep stores, cell for cell, what the same sweep stores one source prompt a task.
+- The store merges every COMPACT_EVERY task files into one part file; reading counts each cell
+  once, also when a crash left a part file beside the task files it merged.
+- The local backend's background store: every finished task is stored, in order, and a failure
+  of storing is raised, not lost.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from sweeps import cli
+from sweeps.grid import count_todo, iter_cells, iter_tasks, per_task
+from sweeps.run.driver import plan
+from sweeps.run.local import run_here
+from sweeps.sinks import store as store_module
+from sweeps.sinks.store import ResultStore
+from tests.configs import write_yaml
+from tests.golden import common
+
+IDENTITY = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
+
+
+def grid_config(tmp_path, n_prompts=30, batch_size=4, batches_per_task=3, workers=1, **output):
+    cfg = {
+        "name": "packed",
+        "models": ["tiny-llama"],
+        "source": {"prompts": [f"I saw a word{i}" for i in range(n_prompts)], "layers": "all", "positions": [-1]},
+        "target": {"prompt": IDENTITY, "layers": "same", "positions": [-1]},
+        "generation": {"max_new_tokens": 2},
+        "execution": {"workers": workers, "batch_size": batch_size, "batches_per_task": batches_per_task},
+        "output": {"dir": str(tmp_path / "out"), "wandb": {"mode": "disabled"}, **output},
+    }
+    return write_yaml(cfg, tmp_path / "sweep.yaml")
+
+
+def test_a_packing_kind_gets_tasks_of_many_source_prompts(tmp_path, no_weights):
+    p = plan(str(grid_config(tmp_path)))
+    cells = list(iter_cells(p.config, p.rows, p.models, context=p.context))
+    todo = count_todo(p.config, p.rows, p.models, set(), p.context)
+    size = per_task(p.config, len(cells))
+    assert size == 12  # batch_size 4 x batches_per_task 3
+    tasks = list(iter_tasks(iter(cells), p.config.execution.batch_size, p.context, {"tiny-llama": size}))
+    assert [c.cell_id for t in tasks for c in t.cells] == [c.cell_id for c in cells], "each cell once, in order"
+    assert all(len(t.cells) <= 12 for t in tasks) and len(tasks) == todo["tiny-llama"][1] == 10
+    assert max(len({c.group for c in t.cells}) for t in tasks) == 3, "a task spans source prompts"
+    assert len({t.task_id for t in tasks}) == len(tasks)
+
+
+def test_a_small_grid_still_gives_every_worker_a_task(tmp_path, no_weights):
+    """120 cells, 2 workers with 2 tasks in flight each: tasks of 32 cells (whole batches), not one of 120."""
+    p = plan(str(grid_config(tmp_path, batch_size=16, batches_per_task=100, workers=2)))
+    p = p.at(None)
+    assert per_task(p.config, p.n_cells) == 32
+    assert count_todo(p.config, p.rows, p.models, set(), p.context)["tiny-llama"] == (120, 4)
+
+
+def test_the_pair_and_trace_kinds_keep_one_group_a_task(tmp_path, no_weights):
+    from sweeps.kinds import KINDS
+
+    assert not KINDS["causal_trace"].packs and KINDS["causal_trace"].one_task
+    assert not KINDS["activation_patching"].packs and not KINDS["attribution_patching"].packs
+    assert KINDS["patchscope"].packs and KINDS["intervention"].packs and KINDS["recipe"].packs
+
+
+def test_a_packed_sweep_stores_what_one_prompt_a_task_stores(tmp_path, capsys):
+    """The same grid, tasks of 12 cells across prompts against tasks of one prompt's cells."""
+    packed, single = tmp_path / "packed", tmp_path / "single"
+    packed.mkdir(), single.mkdir()
+    assert cli.main(["sweep", str(grid_config(packed, n_prompts=12))]) == 0
+    assert "48 to run in 4 tasks" in capsys.readouterr().out
+    assert cli.main(["sweep", str(grid_config(single, n_prompts=12, batches_per_task=1, batch_size=4))]) == 0
+    a, b = ResultStore(packed / "out").read(), ResultStore(single / "out").read()
+    assert len(a) == len(b) == 48
+    assert a["task_id"].nunique() == 4 and b["task_id"].nunique() == 12
+    assert common.same_rows(common.stable(a), common.stable(b), rel=1e-5, abs_=1e-6) == []
+
+
+def _rows(task: int, n: int = 5) -> list[dict]:
+    return [{"cell_id": f"c{task:03d}-{i}", "model": "m", "value": float(task * 10 + i)} for i in range(n)]
+
+
+def test_the_store_merges_task_files_into_part_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "COMPACT_EVERY", 3)
+    store = ResultStore(tmp_path)
+    for t in range(7):
+        store.write(f"t{t}", _rows(t))
+    names = sorted(f.name for f in store.files())
+    assert sum(n.startswith("part-") for n in names) == 2 and names[-1] == "task-t6.parquet"
+    assert sum(pq.read_metadata(f).num_rows for f in store.files()) == 35
+    df = store.read(current=False)
+    assert sorted(df["cell_id"]) == sorted(r["cell_id"] for t in range(7) for r in _rows(t))
+    assert dict(zip(df["cell_id"], df["value"])) == {r["cell_id"]: r["value"] for t in range(7) for r in _rows(t)}
+    assert ResultStore(tmp_path).stored_cell_ids() == set(df["cell_id"])
+
+
+def test_a_crash_between_the_part_file_and_removing_its_task_files_counts_each_cell_once(tmp_path):
+    store = ResultStore(tmp_path)
+    store.write("t0", _rows(0))
+    store.write("t1", _rows(1))
+    kept = {f: f.read_bytes() for f in store.files()}
+    store.compact()
+    for f, data in kept.items():  # as if the driver died before removing them
+        f.write_bytes(data)
+    assert len(store.files()) == 3
+    again = ResultStore(tmp_path)
+    assert len(again.read(current=False)) == 10 and again.stored_count() == 10
+
+
+def test_compaction_leaves_task_files_whose_columns_do_not_merge(tmp_path):
+    store = ResultStore(tmp_path)
+    store.write("t0", [{"cell_id": "a", "model": "m", "x": 1}])
+    store.write("t1", [{"cell_id": "b", "model": "m", "x": "text"}])
+    store.compact()
+    assert sorted(f.name for f in store.files()) == ["task-t0.parquet", "task-t1.parquet"]
+    assert pa.types.is_string(pq.read_table(store.files()[1]).schema.field("x").type)
+
+
+class _Task:
+    def __init__(self, i: int) -> None:
+        self.task_id, self.model, self.cells = f"t{i}", "m", (i,)
+
+    def payload(self) -> dict:
+        return {"i": self.task_id}
+
+
+def test_the_local_backend_stores_every_finished_task_in_order_while_the_next_runs():
+    seen = []
+    assert run_here([_Task(i) for i in range(5)], lambda p: p, lambda t, o: seen.append(o["i"]), print, True) == []
+    assert seen == ["t0", "t1", "t2", "t3", "t4"]
+
+
+def test_an_interrupted_local_run_still_stores_the_task_it_finished():
+    seen = []
+
+    def run(payload):
+        if payload["i"] == "t2":
+            raise KeyboardInterrupt
+        return payload
+
+    with pytest.raises(KeyboardInterrupt):
+        run_here([_Task(i) for i in range(5)], run, lambda t, o: seen.append(o["i"]), print, True)
+    assert seen == ["t0", "t1"]
+
+
+def test_a_failure_to_store_is_raised_not_lost():
+    def done(task, output):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        run_here([_Task(i) for i in range(3)], lambda p: p, done, print, True)
+
+
+def test_the_config_says_what_a_task_carries():
+    from sweeps.config.shared import ExecutionConfig
+
+    field = ExecutionConfig.model_fields["batches_per_task"]
+    assert field.default == 8 and "batch_size x batches_per_task" in field.description
+    with pytest.raises(ValueError):
+        ExecutionConfig(batches_per_task=0)
+    assert json.dumps(ExecutionConfig().model_dump())  # plain data for the manifest
