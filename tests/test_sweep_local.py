@@ -146,12 +146,12 @@ def test_a_failing_task_is_given_up_and_the_others_stored(tmp_path, capsys, monk
         return real(engine, payload, batch_size)
 
     monkeypatch.setitem(workers.actor.OPERATIONS, "patchscope", once_broken)
-    config = write_run(tmp_path, "patchscope", "out")  # 8 cells in tasks of 3: 3 tasks
+    config = write_run(tmp_path, "patchscope", "out")  # 8 cells, batches of 3, two tasks of 2 batches
     assert cli.main(["sweep", str(config)]) == 1
     captured = capsys.readouterr()
-    assert f"task {calls[0]} (3 cells of tiny-llama) failed: RuntimeError: broken task" in captured.out
-    assert "error: 3 cells (1 task) were not computed; run the same command again" in captured.err
-    assert len(ResultStore(tmp_path / "out").read()) == 5
+    assert f"task {calls[0]} (6 cells of tiny-llama) failed: RuntimeError: broken task" in captured.out
+    assert "error: 6 cells (1 task) were not computed; run the same command again" in captured.err
+    assert len(ResultStore(tmp_path / "out").read()) == 2
     assert cli.main(["sweep", str(config)]) == 0
     assert len(ResultStore(tmp_path / "out").read()) == 8
 

@@ -169,3 +169,15 @@ def test_the_config_says_what_a_task_carries():
     with pytest.raises(ValueError):
         ExecutionConfig(batches_per_task=0)
     assert json.dumps(ExecutionConfig().model_dump())  # plain data for the manifest
+
+
+def test_tokenize_many_gives_what_tokenize_gives_one_prompt_at_a_time(no_weights):
+    from patchscope_core import model_info, tokenize
+    from patchscope_core.models import tokenize_many
+
+    for name in ("tiny-llama", "tiny-gpt2", "smollm2-135m"):
+        info = model_info(name)
+        prompts = ["I saw a cat", " leading space", "x", "Über straße 12 ->", IDENTITY]
+        assert tokenize_many(info, prompts) == [tokenize(info, p) for p in prompts], name
+    with pytest.raises(ValueError, match=r"source.prompts\[1\]: empty prompt"):
+        tokenize_many(info, ["a", " "], "source.prompts")

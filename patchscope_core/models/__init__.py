@@ -46,7 +46,7 @@ from .sites import (
     valid_sites,
     window_layers,
 )
-from .tokens import check_context, context_problem, resolve_position, subject_span, tokenize
+from .tokens import check_context, context_problem, resolve_position, subject_span, tokenize, tokenize_many
 
 __all__ = [
     "ACCEPTED",
@@ -86,6 +86,7 @@ __all__ = [
     "smollm2_dir",
     "subject_span",
     "tokenize",
+    "tokenize_many",
     "valid_sites",
     "window_layers",
 ]

@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from patchscope_core import Patchscope, PatchscopeError, Source, Target, tokenize
-from patchscope_core.models.tokens import context_problem, resolve_position
+from patchscope_core.models.tokens import context_problem, resolve_position, tokenize_many
 
 from .. import pictures
 from ..config import ConfigError, Layers, Positions, Strict, TargetLayers, TargetPositions
@@ -235,14 +235,18 @@ def _check_context(config, info, row: Row, role: str, n: int) -> None:
 def _check_rows(config, plan: ModelPlan, rows: list[Row], name: str) -> None:
     """Every prompt's token count, context and positions on one model (filling plan.n_tokens)."""
     info = plan.info
+    distinct = [p for p in dict.fromkeys(p for r in rows for p in (r.source_prompt, r.target_prompt)) if p.strip()]
+    for chunk in range(0, len(distinct), 10_000):  # the tokenizer's batch path, in bounded pieces
+        part = distinct[chunk : chunk + 10_000]
+        plan.n_tokens.update(zip(part, map(len, tokenize_many(info, part))))
     for row in rows:
         for prompt, role, positions in (
             (row.source_prompt, "source", config.source.positions),
             (row.target_prompt, "target", config.target.positions),
         ):
-            if prompt in plan.n_tokens and role == "target":
+            if prompt in plan.n_tokens:
                 n = plan.n_tokens[prompt]
-            else:
+            else:  # an empty prompt: tokenize names the field
                 n = len(tokenize(info, prompt, f"{role}.prompt"))
                 plan.n_tokens[prompt] = n
             _check_context(config, info, row, role, n)
