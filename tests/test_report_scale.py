@@ -1,0 +1,155 @@
+"""Reports at scale: past the readable size (`pictures.READABLE_ROWS` source prompts) the
+patchscope report draws per-layer means with 95% intervals, the top prompts and a sample of
+generations instead of one square per prompt, and its pictures stay small."""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sweeps import pictures
+from sweeps.sinks.report import write_report
+from sweeps.sinks.store import ResultStore
+from tests.big_store import patchscope_rows, write_store
+
+Z = statistics.NormalDist().inv_cdf(0.975)
+
+
+def match(rows: pd.DataFrame) -> np.ndarray:
+    """match_answer, computed here: the generation contains the reference, ignoring case."""
+    return np.array([a.strip().lower() in t.lower() for a, t in zip(rows["ref_answer"], rows["generated_text"])])
+
+
+def expected_means(df: pd.DataFrame) -> dict[tuple[int, int], tuple[float, float, float, int]]:
+    """Per (source layer, source position): the mean over prompts of each prompt's share of
+    matching generations, and mean ± z · sd / sqrt(n), with numpy alone."""
+    df = df.assign(m=match(df).astype(float))
+    out = {}
+    for (layer, pos), g in df.groupby(["source_layer", "source_position"]):
+        per_prompt = np.array([g.loc[g["source_prompt"] == p, "m"].mean() for p in dict.fromkeys(g["source_prompt"])])
+        mean, sd = per_prompt.mean(), per_prompt.std(ddof=1)
+        half = Z * sd / np.sqrt(len(per_prompt))
+        out[(int(layer), int(pos))] = (mean, mean - half, mean + half, len(per_prompt))
+    return out
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    """2,000 source prompts x 4 layers, and the report of it."""
+    out = tmp_path_factory.mktemp("big") / "out"
+    write_store(out, patchscope_rows(2000, layers=(0, 1, 2, 3)))
+    return out, write_report(out)
+
+
+def test_past_the_readable_size_the_report_draws_means_and_top_prompts_in_small_pictures(big):
+    out, made = big
+    assert not (out / "heatmap_tiny-llama_prompt_x_layer.png").exists(), "one square per prompt past the readable size"
+    pngs = [p for p in made.values() if Path(p).suffix == ".png"]
+    assert {Path(p).name for p in pngs} == {"means_tiny-llama_by_layer.png", "heatmap_tiny-llama_top_prompts.png"}
+    for p in pngs:
+        assert 1000 < p.stat().st_size < 300_000, (p, p.stat().st_size)
+
+
+def test_the_means_and_intervals_are_those_of_the_stored_rows(big):
+    out, made = big
+    got = pd.read_csv(made["tiny-llama_by_layer_table"])
+    want = expected_means(ResultStore(out).read())
+    assert len(got) == len(want) == 4
+    for r in got.itertuples():
+        mean, low, high, n = want[(r.source_layer, r.source_position)]
+        assert (r.mean, r.low, r.high) == pytest.approx((mean, low, high), abs=1e-12) and r.prompts == n == 2000
+    assert got["mean"].is_monotonic_increasing, "the rows were made to match more often at later layers"
+
+
+def test_the_top_prompts_are_those_of_highest_mean(big):
+    out, made = big
+    df = ResultStore(out).read()
+    per_prompt = df.assign(m=match(df)).groupby("source_prompt")["m"].mean()
+    top = pd.read_csv(made["tiny-llama_top_prompts_table"])
+    chosen = list(dict.fromkeys(top["source_prompt"]))
+    assert len(chosen) == pictures.TOP_ROWS and len(top) == pictures.TOP_ROWS * 4
+    assert per_prompt[chosen].min() >= per_prompt.drop(chosen).max()
+    assert list(per_prompt[chosen]) == sorted(per_prompt[chosen], reverse=True), "highest first"
+
+
+def test_the_sample_of_generations_is_seeded_in_grid_order_and_from_the_store(big, tmp_path):
+    out, made = big
+    sample = pd.read_csv(made["tiny-llama_generations_sample"])
+    assert len(sample) == pictures.SAMPLE_ROWS
+    stored = ResultStore(out).read().set_index(["source_prompt", "source_layer"])["generated_text"]
+    assert all(stored[(r.source_prompt, r.source_layer)] == r.generated_text for r in sample.itertuples())
+    assert list(sample[["row", "source_layer"]].itertuples(index=False)) == sorted(
+        sample[["row", "source_layer"]].itertuples(index=False)
+    )
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    assert pd.read_csv(write_report(again)["tiny-llama_generations_sample"]).equals(sample)
+
+
+def test_up_to_the_readable_size_each_prompt_keeps_its_row(tmp_path):
+    n = pictures.READABLE_ROWS
+    for prompts, one_each in ((n, True), (n + 1, False)):
+        out = tmp_path / str(prompts)
+        write_store(out, patchscope_rows(prompts, layers=(0, 1)))
+        made = write_report(out)
+        assert ("tiny-llama_prompt_x_layer" in made) == one_each
+        assert ("tiny-llama_by_layer" in made) == (not one_each)
+        assert "tiny-llama_by_layer_table" in made, "the means table is always written (W&B logs it)"
+
+
+def test_means_count_each_prompt_once_whatever_its_cells():
+    """A prompt with three cells in a group weighs as much as one with a single cell."""
+    df = pd.DataFrame(
+        {
+            "layer": [0, 0, 0, 0, 0, 1, 1],
+            "prompt": ["a", "a", "a", "b", "c", "a", "b"],
+            "v": [1.0, 1.0, 4.0, 0.0, 3.0, 5.0, np.nan],
+        }
+    )
+    got = pictures.means_by(df, ["layer"], "prompt", "v").set_index("layer")
+    units = np.array([2.0, 0.0, 3.0])  # a: mean of 1, 1, 4
+    half = Z * units.std(ddof=1) / np.sqrt(3)
+    assert tuple(got.loc[0, ["mean", "low", "high", "n"]]) == pytest.approx(
+        (units.mean(), units.mean() - half, units.mean() + half, 3)
+    )
+    assert tuple(got.loc[1, ["mean", "low", "high", "n"]]) == pytest.approx((5.0, 5.0, 5.0, 1)), "NaN is no value"
+
+
+def entity_rows(n: int, layers=(0, 1, 2)) -> pd.DataFrame:
+    """An entity_description recipe's rows (l* = l), entity i scoring i / n at every layer."""
+    return pd.DataFrame(
+        [
+            {
+                "row": i,
+                "subject": f"Entity {i}",
+                "source_layer": layer,
+                "target_layer": layer,
+                "score": i / n,
+                "control_score": 0.1,
+                "generated_text": f"a description of entity {i} at layer {layer}",
+            }
+            for i in range(n)
+            for layer in layers
+        ]
+    )
+
+
+def test_past_the_readable_size_the_entity_description_draws_the_top_entities_and_a_sample(tmp_path):
+    from sweeps.kinds.recipe import PARTS
+
+    key = "recipe_m_entity_description"
+    few = PARTS["entity_description"].draw(entity_rows(pictures.READABLE_ROWS), "m", tmp_path)
+    assert f"{key}_sample" not in few
+    big = tmp_path / "big"
+    big.mkdir()
+    df = entity_rows(2000)
+    made = PARTS["entity_description"].draw(df, "m", big)
+    assert made[key].stat().st_size < 300_000
+    sample = pd.read_csv(made[f"{key}_sample"])
+    assert len(sample) == pictures.SAMPLE_ROWS
+    assert set(sample["generated_text"]) <= set(df["generated_text"])
