@@ -1,22 +1,26 @@
 """Reports at scale: past the readable size (`pictures.READABLE_ROWS` source prompts) the
 patchscope report draws per-layer means with 95% intervals, the top prompts and a sample of
-generations instead of one square per prompt, and its pictures stay small."""
+generations instead of one square per prompt, and its pictures stay small; the report reads only
+the columns it draws (and results.csv is what it was)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import statistics
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
-from sweeps import pictures
+from sweeps import cli, pictures
 from sweeps.sinks.report import write_report
 from sweeps.sinks.store import ResultStore
 from tests.big_store import patchscope_rows, write_store
 
+GOLDEN = Path(__file__).resolve().parent / "golden" / "stores"
 Z = statistics.NormalDist().inv_cdf(0.975)
 
 
@@ -153,3 +157,70 @@ def test_past_the_readable_size_the_entity_description_draws_the_top_entities_an
     sample = pd.read_csv(made[f"{key}_sample"])
     assert len(sample) == pictures.SAMPLE_ROWS
     assert set(sample["generated_text"]) <= set(df["generated_text"])
+
+
+# ---------------------------------------------------------------- only the columns drawn
+
+
+def test_the_report_reads_only_the_columns_it_draws_and_results_csv_is_whole(tmp_path, monkeypatch, capsys):
+    """A store with a large column no report draws: every read of a result file names its
+    columns, never that one; results.csv is what the in-memory report (every column) writes."""
+    rows = patchscope_rows(80, layers=(0, 1))
+    for r in rows:
+        r["debug_blob"] = "x" * 20_000  # 3.2 MB of text in all
+    out = tmp_path / "out"
+    write_store(out, rows, per_file=40)
+    whole = tmp_path / "whole"
+    shutil.copytree(out, whole)
+    want = write_report(whole, ResultStore(whole).read())
+
+    calls = []
+    real = pq.read_table
+
+    def spy(source, *args, **kwargs):
+        calls.append((str(source), kwargs.get("columns")))
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(pq, "read_table", spy)
+    assert cli.main(["report", str(out)]) == 0
+    assert "160 cells stored" in capsys.readouterr().out
+    reads = [(s, c) for s, c in calls if Path(s).name.startswith("task-")]
+    assert reads, "the report read the result files"
+    assert all(c is not None and "debug_blob" not in c for _, c in reads), reads
+    assert all("top_token_ids" not in c and "worker_pid" not in c for _, c in reads)
+    assert (out / "results.csv").read_bytes() == (whole / "results.csv").read_bytes()
+    assert sorted(Path(p).name for p in want.values()) == sorted(
+        p.name for p in out.iterdir() if p.suffix in (".csv", ".png")
+    )
+
+
+@pytest.mark.parametrize("kind", ["patchscope", "intervention", "causal_trace", "recipe"])
+def test_reading_columns_from_the_store_gives_the_report_of_every_row(kind, tmp_path):
+    """Each kind's stored run (tests/golden/stores): the report from the store, column by column,
+    writes the files the report of every row in memory writes, the tables byte for byte."""
+    by_columns, in_memory = tmp_path / "columns", tmp_path / "memory"
+    shutil.copytree(GOLDEN / kind / "out", by_columns)
+    shutil.copytree(GOLDEN / kind / "out", in_memory)
+    got = write_report(by_columns)
+    want = write_report(in_memory, ResultStore(in_memory).read())
+    assert sorted(got) == sorted(want) and "table" in got
+    for key, path in want.items():
+        if Path(path).suffix == ".csv":
+            assert Path(got[key]).read_bytes() == Path(path).read_bytes(), key
+
+
+def test_reading_columns_keeps_only_the_current_cells_of_this_runs_weights(tmp_path):
+    from sweeps.sinks.columns import read_columns
+
+    rows = patchscope_rows(6, layers=(0, 1))
+    store = ResultStore(tmp_path, keys={"tiny-llama": "k1"})
+    store.write("a", rows[:8])
+    ResultStore(tmp_path, keys={"tiny-llama": "k2"}).write("b", rows[8:])  # other weights
+    manifest = {"config": {"kind": "patchscope"}, "model_keys": {"tiny-llama": "k1"}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    current = [r["cell_id"] for r in rows[2:]]
+    pq.write_table(__import__("pyarrow").table({"cell_id": current}), tmp_path / "cells.parquet")
+    want = ResultStore(tmp_path).read()
+    got = read_columns(ResultStore(tmp_path), ["source_prompt", "source_layer"])
+    assert list(got["cell_id"]) == list(want["cell_id"]) == [r["cell_id"] for r in rows[2:8]]
+    assert list(got.columns) == ["cell_id", "source_prompt", "source_layer"]

@@ -441,7 +441,21 @@ class PatchscopeKind(KindDefaults):
     name = "patchscope"
     sections = {"source": SourceConfig, "target": TargetConfig}
     operation = "patchscope"
-    schema = Schema(PARAM_COLUMNS, RESULT_COLUMNS, TABLE_COLUMNS, TOKEN_COLUMNS)
+    schema = Schema(
+        PARAM_COLUMNS,
+        RESULT_COLUMNS,
+        TABLE_COLUMNS,
+        TOKEN_COLUMNS,
+        needs=(  # what the report and summary read (with the ref_ columns: match_)
+            "source_prompt",
+            "source_layer",
+            "source_position",
+            "target_layer",
+            "target_position",
+            "generated_text",
+        ),
+        optional=("row", "target_prompt", "top1_logprob"),  # top1_logprob: from top_logprobs
+    )
     marks = frozenset()  # what no other kind's rows are
     order = ("model", "row", "source_prompt", "source_layer", "source_position", "target_layer", "target_position")
 
