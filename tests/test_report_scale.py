@@ -1,10 +1,12 @@
-"""Reports at scale: past the readable size (`pictures.READABLE_ROWS` source prompts) the
+"""Reports and W&B at scale: past the readable size (`pictures.READABLE_ROWS` source prompts) the
 patchscope report draws per-layer means with 95% intervals, the top prompts and a sample of
 generations instead of one square per prompt, and its pictures stay small; the report reads only
-the columns it draws (and results.csv is what it was)."""
+the columns it draws (and results.csv is what it was); W&B's per-cell tables hold at most
+`output.wandb.max_table_rows` rows, a seeded sample, and the sweep says so once."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import statistics
@@ -14,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from sweeps import cli, pictures
 from sweeps.sinks.report import write_report
@@ -224,3 +227,92 @@ def test_reading_columns_keeps_only_the_current_cells_of_this_runs_weights(tmp_p
     got = read_columns(ResultStore(tmp_path), ["source_prompt", "source_layer"])
     assert list(got["cell_id"]) == list(want["cell_id"]) == [r["cell_id"] for r in rows[2:8]]
     assert list(got.columns) == ["cell_id", "source_prompt", "source_layer"]
+
+
+# ---------------------------------------------------------------- W&B
+
+
+def sample_key(cell_id: str) -> int:
+    """The key docs/outputs.md states: the first 8 bytes of sha256("0:<cell_id>")."""
+    return int.from_bytes(hashlib.sha256(f"0:{cell_id}".encode()).digest()[:8], "big")
+
+
+def offline_summary(run_dir: Path) -> dict:
+    from tests.test_sweep_ray import read_wandb_records
+
+    (log,) = run_dir.glob("run-*.wandb")
+    summary = {}
+    for r in read_wandb_records(log):
+        if r.WhichOneof("record_type") == "summary":
+            for item in r.summary.update:
+                summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return summary
+
+
+def test_a_sweep_of_more_cells_than_max_table_rows_logs_a_stated_sample(tmp_path, capsys):
+    from tests.test_sweep_ray import read_offline_run
+
+    config = {
+        "name": "tiny-sampled",
+        "models": ["tiny-llama"],
+        "source": {"prompts": ["Paris", "The quick brown fox", "Python"], "layers": [0, 1, 2, 3], "positions": [-1, 0]},
+        "target": {"prompt": "x is a", "positions": [-1]},
+        "generation": {"max_new_tokens": 2},
+        "execution": {"workers": 1, "backend": "local", "batch_size": 4},
+        "output": {
+            "dir": str(tmp_path / "out"),
+            "wandb": {"project": "patchscope-tests", "mode": "offline", "max_table_rows": 5},
+        },
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert cli.main(["sweep", str(path)]) == 0
+    printed = capsys.readouterr().out
+    out = tmp_path / "out"
+    df = ResultStore(out).read()
+    assert len(df) == 24
+    wb = read_offline_run(out)
+
+    (final,) = [h for h in wb["history"] if "results" in h]
+    logged = wb["table"](final["results"])
+    assert len(logged) == 5
+    want = sorted(df["cell_id"], key=sample_key)[:5]
+    assert {r["cell_id"] for r in logged} == set(want)
+    grid = [c for c in pd.read_csv(out / "results.csv")["cell_id"] if c in set(want)]
+    assert [r["cell_id"] for r in logged] == grid, "in grid order"
+    stored = df.set_index("cell_id")
+    assert all(r["generated_text"] == stored.loc[r["cell_id"], "generated_text"] for r in logged)
+
+    live = [row["cell_id"] for h in wb["history"] if "cells" in h for row in wb["table"](h["cells"])]
+    assert len(live) == len(set(live)) <= 5
+    assert all(sample_key(c) < (5 << 64) // 24 for c in live)
+
+    assert offline_summary(wb["dir"])["results_table_sampled"] == "5 of 24 rows (seeded sample)"
+    assert printed.count("5 of 24 rows (seeded sample)") == 1, printed
+    assert "table/tiny-llama_by_layer_table" in final, "the aggregated table is logged whole"
+    assert len(wb["table"](final["table/tiny-llama_by_layer_table"])) == 8
+
+
+def test_a_sweep_within_max_table_rows_logs_every_row_and_says_nothing(tmp_path):
+    from sweeps.config import WandbConfig
+    from sweeps.sinks.wandb import WandbSink
+    from tests.test_sweep_ray import read_offline_run
+
+    sink = WandbSink(WandbConfig(project="patchscope-tests", mode="offline", max_table_rows=30), "few", {}, tmp_path)
+    for i in range(30):
+        sink.log_task([{"cell_id": f"c{i}", "model": "m", "generated_text": str(i)}], i + 1, 30, 1.0)
+    sink.finish([], {}, {"cells_done": 30})
+    wb = read_offline_run(tmp_path)
+    live = [row["cell_id"] for h in wb["history"] if "cells" in h for row in wb["table"](h["cells"])]
+    assert sorted(live) == sorted(f"c{i}" for i in range(30))
+    assert "results_table_sampled" not in offline_summary(wb["dir"])
+
+
+def test_max_table_rows_is_a_count_of_at_least_one():
+    from pydantic import ValidationError
+
+    from sweeps.config import WandbConfig
+
+    assert WandbConfig().max_table_rows == 100_000
+    with pytest.raises(ValidationError, match="greater than or equal to 1"):
+        WandbConfig(max_table_rows=0)
