@@ -47,9 +47,10 @@ def expected_means(df: pd.DataFrame) -> dict[tuple[int, int], tuple[float, float
 
 @pytest.fixture(scope="module")
 def big(tmp_path_factory):
-    """2,000 source prompts x 4 layers, and the report of it."""
+    """2,000 source prompts x 4 layers, stored out of grid order (as tasks finish), and the report of it."""
     out = tmp_path_factory.mktemp("big") / "out"
-    write_store(out, patchscope_rows(2000, layers=(0, 1, 2, 3)))
+    rows = patchscope_rows(2000, layers=(0, 1, 2, 3))
+    write_store(out, [rows[i] for i in np.random.default_rng(1).permutation(len(rows))])
     return out, write_report(out)
 
 
