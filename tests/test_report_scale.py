@@ -317,3 +317,21 @@ def test_max_table_rows_is_a_count_of_at_least_one():
     assert WandbConfig().max_table_rows == 100_000
     with pytest.raises(ValidationError, match="greater than or equal to 1"):
         WandbConfig(max_table_rows=0)
+
+
+def test_a_store_w_and_b_cannot_read_at_the_end_warns_and_closes_the_run(tmp_path, monkeypatch, capsys):
+    from sweeps.config import WandbConfig
+    from sweeps.sinks.base import End
+    from sweeps.sinks.wandb import WandbPeer
+    from tests.test_sweep_ray import read_offline_run, read_wandb_records
+
+    peer = WandbPeer(WandbConfig(project="patchscope-tests", mode="offline"), "unreadable", {}, tmp_path)
+    peer.start()
+    monkeypatch.setattr(WandbPeer, "rows", lambda self: 1 / 0)
+    end = End(None, {"cells_done": 1})
+    peer.finish(end)
+    assert "warning: W&B finish failed (ZeroDivisionError" in capsys.readouterr().err
+    assert not peer.run.active and not end.notes
+    (log,) = read_offline_run(tmp_path)["dir"].glob("run-*.wandb")
+    (done,) = [r.exit for r in read_wandb_records(log) if r.WhichOneof("record_type") == "exit"]
+    assert done.exit_code == 1

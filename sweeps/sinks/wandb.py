@@ -264,7 +264,11 @@ class WandbPeer:
 
     def finish(self, end) -> None:
         images = {k: v for k, v in end.made.items() if k != "table"}
-        records, sampled = self.rows() if end.summary["cells_done"] and self.run.active else ([], None)
+        try:
+            records, sampled = self.rows() if end.summary["cells_done"] and self.run.active else ([], None)
+        except Exception as exc:  # noqa: BLE001 - reading the store for W&B must not leave the run open
+            self.run._fail("finish", exc)
+            return
         summary = {**end.summary, **({"results_table_sampled": sampled} if sampled else {})}
         run_dir = self.run.finish(records, images, summary)
         if run_dir and sampled:
