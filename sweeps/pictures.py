@@ -1,6 +1,15 @@
 """Drawing helpers every kind's report shares (matplotlib without a display, text as it is):
 `plt`, `safe_name` (a model or variant name in a file name), `literal` (no math text),
-`short`/`note` (text that fits a tick or a square) and `heatmap` (an annotated matrix)."""
+`short`/`note` (text that fits a tick or a square) and `heatmap` (an annotated matrix).
+
+The readable size, one rule for every kind: a picture draws one line per input row (a prompt,
+an entity) only while there are at most `READABLE_ROWS` of them (`readable`). Past it a report
+draws aggregates instead: per layer (and position) the mean over rows with a 95% interval
+(`means_by`, `draw_means`: a normal approximation, mean ± 1.96 standard errors), the
+`TOP_ROWS` rows of highest mean (`top_rows`), and writes a seeded sample of `SAMPLE_ROWS`
+generations as CSV (`sample`). Kinds that draw one picture per row (causal_trace's facts) draw
+at most `TOP_ROWS` of them.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +17,12 @@ import re
 import textwrap
 from pathlib import Path
 from typing import Any
+
+READABLE_ROWS = 60  # input rows a picture shows one by one; past it, aggregates (see the module docstring)
+TOP_ROWS = 20  # rows of highest mean drawn past READABLE_ROWS; per-row pictures at most
+SAMPLE_ROWS = 200  # generations in a report's seeded sample (CSV) past READABLE_ROWS
+SAMPLE_SEED = 0  # the seed of that sample
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile: mean ± Z95 standard errors
 
 
 def plt():
@@ -89,3 +104,64 @@ def save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt().close(fig)
     return path
+
+
+# ---------------------------------------------------------------- past the readable size
+
+
+def readable(n_rows: int) -> bool:
+    """Whether a picture may show `n_rows` input rows one by one (at most READABLE_ROWS)."""
+    return n_rows <= READABLE_ROWS
+
+
+def means_by(df, by: list[str], unit: str, value: str):
+    """Per group of `by`: the mean of `value` over units (each `unit`, e.g. a prompt, counts
+    once: its values in the group are averaged first), its 95% interval by the normal
+    approximation (mean ± Z95 · s / sqrt(n), s the units' standard deviation with n - 1; one
+    unit: the mean itself), and n, the units with a value. Columns: *by, mean, low, high, n."""
+    import numpy as np
+
+    per_unit = df[df[value].notna()].groupby([*by, unit], sort=True, dropna=False)[value].mean()
+    g = per_unit.astype(float).groupby(level=list(range(len(by))), sort=True, dropna=False)
+    out = g.agg(mean="mean", sd="std", n="count").reset_index()
+    half = Z95 * out["sd"].fillna(0.0) / np.sqrt(out["n"])
+    out["low"], out["high"] = out["mean"] - half, out["mean"] + half
+    return out[[*by, "mean", "low", "high", "n"]]
+
+
+def top_rows(df, unit: str, value: str, k: int = TOP_ROWS) -> list:
+    """The `k` units of highest mean `value` over their cells, highest first (ties: first seen)."""
+    means = df.groupby(unit, sort=False)[value].mean().astype(float)
+    return list(means.sort_values(ascending=False, kind="stable").index[:k])
+
+
+def sample(df, n: int = SAMPLE_ROWS, seed: int = SAMPLE_SEED):
+    """A seeded random sample of `n` rows of `df` (all of them when fewer), in df's order (its
+    positions, whatever its index)."""
+    import numpy as np
+
+    if len(df) <= n:
+        return df
+    return df.iloc[np.sort(np.random.default_rng(seed).choice(len(df), size=n, replace=False))]
+
+
+def draw_means(means, x: str, line: str | None, ylabel: str, title: str, path: Path) -> Path:
+    """`means` (from `means_by`) as lines against `x`, one per value of `line`, each with its 95% band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    with matplotlib.rc_context({"text.parse_math": False}):
+        pyplot = plt()
+        fig, ax = pyplot.subplots(figsize=(7, 3.8))
+        groups = means.groupby(line, sort=True) if line else [(None, means)]
+        for key, g in groups:
+            g = g.sort_values(x)
+            label = None if key is None else f"{line} {key}"
+            ax.plot(g[x], g["mean"], marker="o", ms=3, label=label)
+            ax.fill_between(g[x], g["low"], g["high"], alpha=0.2)
+        ax.set_xlabel(x.replace("_", " "))
+        ax.set_ylabel(short(ylabel, 48))
+        ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=9)
+        if line and means[line].nunique() > 1:
+            ax.legend(fontsize=7, ncol=2)
+        return save(fig, path)

@@ -14,7 +14,18 @@ from typing import Any
 from .kinds import KINDS, kind_of
 from .kinds.base import RUN_COLUMNS, Schema
 
-__all__ = ["RUN_COLUMNS", "Schema", "enrich", "kind_of", "records", "schema_of", "token_text", "top1_logprob"]
+__all__ = [
+    "RUN_COLUMNS",
+    "Schema",
+    "arrow_token_text",
+    "arrow_top1_logprob",
+    "enrich",
+    "kind_of",
+    "records",
+    "schema_of",
+    "token_text",
+    "top1_logprob",
+]
 
 
 def records(task, output: dict[str, Any]) -> list[dict[str, Any]]:
@@ -49,3 +60,30 @@ def enrich(df):
 
 def token_text(ids) -> str:
     return " ".join(str(int(t)) for t in ids)
+
+
+def arrow_token_text(column):
+    """`token_text` of every row of a pyarrow column of token-id lists, computed by Arrow: the ids
+    as decimal text joined by spaces (an empty or null list: empty text)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
+        return column
+    text = pc.binary_join(pc.cast(column, pa.list_(pa.string())), " ")
+    return pc.fill_null(text, "")
+
+
+def arrow_top1_logprob(column):
+    """`top1_logprob` of every row of a pyarrow column of log-probability lists: the first value
+    as a float, NaN for an empty or null list."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
+        return pc.fill_null(pc.cast(column, pa.float64()), float("nan"))
+    values = pc.cast(column, pa.list_(pa.float64()))
+    filled = pc.if_else(
+        pc.greater(pc.fill_null(pc.list_value_length(values), 0), 0), values, pa.scalar([float("nan")], values.type)
+    )
+    return pc.fill_null(pc.list_element(filled, 0), float("nan"))

@@ -125,7 +125,8 @@ def _last_position(df):
 def patching_report(out_dir: Path, df) -> dict[str, Path]:
     """Per model, direction, metric and site: the layer x position heatmap of mean recovered (first
     pair's tokens), for head sites the layer x head heatmap and top heads; per-pair values and
-    bootstrap 95% intervals over pairs as CSV."""
+    bootstrap 95% intervals over pairs as CSV. Every picture is a mean over pairs, whatever their
+    number: none draws one line per pair."""
     from patchscope_core.methods import patching_summary as ps
 
     from .. import pictures
@@ -134,8 +135,9 @@ def patching_report(out_dir: Path, df) -> dict[str, Path]:
     df = df.astype({"position": "float", "head": "float"})
     for (model, direction, metric), mdf in df.groupby(["model", "direction", "metric"], sort=True):
         stem = f"{pictures.safe_name(model)}_{direction}_{metric}"
-        summary = ps.summarize(mdf)
-        summary.to_csv(out_dir / f"patching_{stem}_summary.csv", index=False)
+        summary = ps.summarize(mdf)  # the aggregate over pairs (W&B logs it; per_pair.csv stays on disk)
+        out[f"patching_{stem}_summary"] = out_dir / f"patching_{stem}_summary.csv"
+        summary.to_csv(out[f"patching_{stem}_summary"], index=False)
         ps.per_pair(mdf).to_csv(out_dir / f"patching_{stem}_per_pair.csv")
         for site in dict.fromkeys(mdf["site"]):
             sdf = mdf[mdf["site"] == site]

@@ -22,7 +22,12 @@ config -> rows -> checks -> grid -> tasks -> workers -> records -> sinks it decl
 - sinks: `marks` (columns that tell its stored rows apart), `order` (how results.csv is sorted),
   `report` (its pictures and extra tables, for `patchscope report` and W&B, measuring what the
   config's `report` section names where the kind declares `report_metrics`) and `summary` (what
-  the terminal shows first);
+  the terminal shows first). Both get only the columns the kind declares they read
+  (`report_columns`: its schema's `numbers`, `needs` and `optional`, with `cell_id`, `model`,
+  `marks`, `order` and the `ref_<name>` columns; `top_logprobs` arrives as `top1_logprob`): the
+  report reads those columns of the store and no other (results.csv, the full table, is
+  written from `schema.table` batch by batch). Past the readable size (`pictures.READABLE_ROWS`
+  input rows) `report` draws aggregates, not one line per row;
 - `describe`: one model's grid in words, for `--dry-run`.
 
 A cell is a frozen dataclass with `KIND` (its kind's name), `model`, `group` (its task group),
@@ -68,6 +73,23 @@ class Schema:
     tokens: tuple[str, ...]  # token-id lists, shown as text in tables
     numbers: tuple[str, ...] = ()  # columns every stored row has, as numbers (`patchscope report` checks them)
     needs: tuple[str, ...] = ()  # other columns the report and summary read (`patchscope report` checks them)
+    optional: tuple[str, ...] = ()  # columns the report and summary read where a store holds them
+
+
+def report_columns(kind, names) -> list[str]:
+    """The stored columns `kind`'s report and summary read, of a store whose files hold `names`:
+    cell_id, model, its marks, its order, its schema's numbers, needs and optional (a kind that
+    declares none of these three: its table and token columns) and every ref_<name> column
+    (match_<name> derives from it; `report.contrast` names one). Columns the store lacks are left
+    out (`patchscope report` names the missing ones it needs)."""
+    schema = kind.schema
+    declared = (*schema.numbers, *schema.needs, *schema.optional) or (*schema.table, *schema.tokens)
+    wanted = ["cell_id", "model", *sorted(kind.marks), *kind.order, *declared]
+    wanted += [c for c in names if c.startswith("ref_")]
+    if "top1_logprob" in wanted:  # derived from the first of top_logprobs
+        wanted.append("top_logprobs")
+    present = set(names)
+    return [c for c in dict.fromkeys(wanted) if c in present]
 
 
 def digest(obj: Any, n: int = 16) -> str:

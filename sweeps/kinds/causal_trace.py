@@ -196,8 +196,9 @@ def _fact(fdf, sites, layers, grouped) -> tuple[dict, list[str]]:
     return matrices, labels
 
 
-def trace_report(out_dir: Path, df, max_facts: int = 20) -> dict[str, Path]:
-    """Per fact and averaged, layer x position heatmaps of the indirect effect for each site."""
+def trace_report(out_dir: Path, df, max_facts: int = pictures.TOP_ROWS) -> dict[str, Path]:
+    """Per fact (the first `max_facts` rows: one picture each) and averaged over every fact (by
+    ROME's position groups), layer x position heatmaps of the indirect effect for each site."""
     plt = pictures.plt()
     out: dict[str, Path] = {}
     for model, mdf in df.groupby("model", sort=False):

@@ -641,6 +641,8 @@ class InterventionKind(KindDefaults):
             "baseline_answer_logprob",
         ),
         ("prompt", "site", "kind"),
+        # knockout curves, the measures `report.metric` may name, the steering table
+        ("knockout", *REPORT_METRICS, "generated_text", "baseline_generated_text"),
     )
     marks = frozenset({"delta_logprob"})
     report_metrics = REPORT_METRICS  # what `report.metric` may name

@@ -7,7 +7,8 @@ each source prompt's hidden states once per task, all layers in one forward pass
 `target.prompt_column`); every prompt is checked against each model's context and positions.
 The report draws source prompt x source layer (and source x target layer) heatmaps, coloured by
 the share of generations containing the row's reference value, else the first token's
-log-probability.
+log-probability; past the readable size (`pictures.READABLE_ROWS` source prompts) the means per
+layer and position with 95% intervals, the top prompts and a sample of generations instead.
 """
 
 from __future__ import annotations
@@ -347,31 +348,60 @@ def metric_of(df) -> tuple[str, str]:
 
 
 def _heatmaps(out_dir: Path, model: str, mdf, metric: str, label: str) -> dict[str, Path]:
-    """Source prompt x source layer (annotated when each square holds one cell) and, with
-    several target layers per source layer, source layer x target layer."""
+    """Per layer and position the mean over source prompts with its 95% interval (a table, always);
+    up to the readable size (`pictures.READABLE_ROWS` source prompts) source prompt x source layer
+    (annotated when each square holds one cell), past it the means as lines with their bands, the
+    top prompts' heatmap and a sample of generations; with several target layers per source
+    layer, source layer x target layer."""
     out = {}
-    pivot = mdf.pivot_table(index="source_prompt", columns="source_layer", values=metric, aggfunc="mean")
-    pivot = pivot.reindex(list(dict.fromkeys(mdf["source_prompt"])))
-    one_each = not mdf.duplicated(["source_prompt", "source_layer"]).any()
-    notes = None
-    if one_each:
-        text = mdf.set_index(["source_prompt", "source_layer"])["generated_text"]
-        notes = [[pictures.note(text.get((p, l), "")) for l in pivot.columns] for p in pivot.index]
-    key = f"{pictures.safe_name(model, 'model')}_prompt_x_layer"
-    out[key] = pictures.heatmap(
-        pivot.to_numpy(dtype=float),
-        list(pivot.index),
-        list(pivot.columns),
-        f"{model}: {label}" + ("" if one_each else " (mean over positions / target layers)"),
-        "source layer",
-        "source prompt",
-        metric,
-        out_dir / f"heatmap_{key}.png",
-        notes,
-    )
+    stem = pictures.safe_name(model, "model")
+    prompts = list(dict.fromkeys(mdf["source_prompt"]))
+    means = pictures.means_by(mdf, ["source_layer", "source_position"], "source_prompt", metric)
+    out[f"{stem}_by_layer_table"] = out_dir / f"means_{stem}_by_layer.csv"
+    means.rename(columns={"n": "prompts"}).to_csv(out[f"{stem}_by_layer_table"], index=False)
+    if pictures.readable(len(prompts)):
+        out.update(_prompt_heatmap(out_dir, model, mdf, metric, label, prompts, f"{stem}_prompt_x_layer", ""))
+    else:
+        averaged = mdf.duplicated(["source_prompt", "source_layer", "source_position"]).any()
+        positions = list(dict.fromkeys(mdf["source_position"]))
+        out[f"{stem}_by_layer"] = pictures.draw_means(
+            means,
+            "source_layer",
+            "source_position",
+            metric,
+            f"{model}: {label}, mean over {len(prompts)} source prompts"
+            + (f" at source position {positions[0]}" if len(positions) == 1 else "")
+            + (" (each prompt's target layers / positions averaged first)" if averaged else "")
+            + " with a 95% interval (normal approximation)",
+            out_dir / f"means_{stem}_by_layer.png",
+        )
+        top = pictures.top_rows(mdf, "source_prompt", metric)
+        best = mdf[mdf["source_prompt"].isin(top)]
+        out.update(
+            _prompt_heatmap(
+                out_dir,
+                model,
+                best,
+                metric,
+                label,
+                top,
+                f"{stem}_top_prompts",
+                f"the {len(top)} of {len(prompts)} source prompts of highest mean {metric}; ",
+                notes=False,
+            )
+        )
+        columns = ["row", "source_prompt", "target_prompt", "source_layer", "source_position", "target_layer"]
+        columns += ["target_position", *sorted(c for c in mdf.columns if c.startswith("ref_")), "generated_text"]
+        columns = [c for c in dict.fromkeys([*columns, metric]) if c in mdf.columns]
+        rank = {p: i for i, p in enumerate(top)}
+        best = best.iloc[sorted(range(len(best)), key=lambda i: rank[best["source_prompt"].iloc[i]])]
+        out[f"{stem}_top_prompts_table"] = out_dir / f"top_{stem}_prompts.csv"
+        best[columns].to_csv(out[f"{stem}_top_prompts_table"], index=False)
+        out[f"{stem}_generations_sample"] = out_dir / f"generations_{stem}_sample.csv"
+        pictures.sample(mdf)[columns].to_csv(out[f"{stem}_generations_sample"], index=False)
     if mdf.groupby("source_layer")["target_layer"].nunique().max() > 1:
         st = mdf.pivot_table(index="source_layer", columns="target_layer", values=metric, aggfunc="mean")
-        key = f"{pictures.safe_name(model, 'model')}_source_x_target_layer"
+        key = f"{stem}_source_x_target_layer"
         out[key] = pictures.heatmap(
             st.to_numpy(dtype=float),
             [str(i) for i in st.index],
@@ -385,12 +415,52 @@ def _heatmaps(out_dir: Path, model: str, mdf, metric: str, label: str) -> dict[s
     return out
 
 
+def _prompt_heatmap(
+    out_dir: Path, model: str, mdf, metric: str, label: str, prompts: list, key: str, what: str, notes: bool = True
+):
+    """Source prompt (in the order of `prompts`) x source layer, annotated (with `notes`) when each
+    square holds one cell."""
+    pivot = mdf.pivot_table(index="source_prompt", columns="source_layer", values=metric, aggfunc="mean")
+    pivot = pivot.reindex(prompts)
+    one_each = not mdf.duplicated(["source_prompt", "source_layer"]).any()
+    squares = None
+    if one_each and notes:
+        text = mdf.set_index(["source_prompt", "source_layer"])["generated_text"]
+        squares = [[pictures.note(text.get((p, l), "")) for l in pivot.columns] for p in pivot.index]
+    path = pictures.heatmap(
+        pivot.to_numpy(dtype=float),
+        list(pivot.index),
+        list(pivot.columns),
+        f"{model}: {what}{label}" + ("" if one_each else " (mean over positions / target layers)"),
+        "source layer",
+        "source prompt",
+        metric,
+        out_dir / f"heatmap_{key}.png",
+        squares,
+    )
+    return {key: path}
+
+
 class PatchscopeKind(KindDefaults):
     name = "patchscope"
     sections = {"source": SourceConfig, "target": TargetConfig}
     packs = True  # its cells batch together whatever their group: tasks span many groups
     operation = "patchscope"
-    schema = Schema(PARAM_COLUMNS, RESULT_COLUMNS, TABLE_COLUMNS, TOKEN_COLUMNS)
+    schema = Schema(
+        PARAM_COLUMNS,
+        RESULT_COLUMNS,
+        TABLE_COLUMNS,
+        TOKEN_COLUMNS,
+        needs=(  # what the report and summary read (with the ref_ columns: match_)
+            "source_prompt",
+            "source_layer",
+            "source_position",
+            "target_layer",
+            "target_position",
+            "generated_text",
+        ),
+        optional=("row", "target_prompt", "top1_logprob"),  # top1_logprob: from top_logprobs
+    )
     marks = frozenset()  # what no other kind's rows are
     order = ("model", "row", "source_prompt", "source_layer", "source_position", "target_layer", "target_position")
 

@@ -1,7 +1,12 @@
 """Tables and pictures from a sweep's stored results (`patchscope report DIR`, and the end of a
 sweep): reads only the Parquet store, so it works on a finished sweep, a stopped one, or one
 copied from a cluster. Writes `results.csv` (one row per cell: the kind's table columns, then
-ref_<name> and match_<name>) and the kind's pictures and tables (`SweepKind.report`)."""
+ref_<name> and match_<name>) and the kind's pictures and tables (`SweepKind.report`).
+
+Reading the store it reads only what it writes: results.csv from the table's columns (token ids
+turned to text by Arrow, the file written in batches), the pictures and the summary from the
+columns the kind's report declares (`kinds.base.report_columns`), never the rest (`columns.py`).
+"""
 
 from __future__ import annotations
 
@@ -10,15 +15,55 @@ from pathlib import Path
 
 from ..config import ConfigError
 from ..kinds import KINDS, kind_of
+from ..kinds.base import report_columns
 from ..records import enrich, token_text
+from .columns import kind_of_store, read_columns, store_columns
 from .store import ResultStore
+
+CSV_BATCH = 50_000  # rows of results.csv formatted at once
 
 
 def write_report(out_dir: str | Path, df=None) -> dict[str, Path]:
-    """results.csv and the kind's pictures; returns {name: path} (the table under 'table')."""
+    """results.csv and the kind's pictures; returns {name: path} (the table under 'table').
+    Without `df` (the end of a sweep): from the store, reading only the columns each needs; with
+    it (rows in memory: a notebook's, a test's): both from `df`."""
     out_dir = Path(out_dir)
-    if df is None:
-        df = ResultStore(out_dir).read()
+    if df is not None:
+        return _from_frame(out_dir, df)
+    store = ResultStore(out_dir)
+    names = store_columns(store)
+    if not names:
+        return {}
+    kind = KINDS[kind_of_store(store.manifest() or {}, names)]
+    return _report(out_dir, store, kind, read_report_frame(store, kind, names))
+
+
+def read_report_frame(store: ResultStore, kind, names: list[str] | None = None):
+    """The store's current rows with only the columns `kind`'s report and summary read."""
+    return read_columns(store, report_columns(kind, store_columns(store) if names is None else names))
+
+
+def _settings(out_dir: Path) -> dict | None:
+    return ((ResultStore(out_dir).manifest() or {}).get("config") or {}).get("report")
+
+
+def _draw(out_dir: Path, kind, df) -> dict[str, Path]:
+    """The kind's pictures and tables from `df` (sorted as results.csv is)."""
+    df = enrich(df)
+    df = df.sort_values([c for c in kind.order if c in df.columns], kind="stable")
+    return kind.report(out_dir, df, _settings(out_dir))
+
+
+def _report(out_dir: Path, store: ResultStore, kind, frame) -> dict[str, Path]:
+    if frame.empty:
+        return {}
+    out: dict[str, Path] = {"table": out_dir / "results.csv"}
+    write_table(store, kind, out["table"])
+    out.update(_draw(out_dir, kind, frame))
+    return out
+
+
+def _from_frame(out_dir: Path, df) -> dict[str, Path]:
     if df.empty:
         return {}
     df = enrich(df)
@@ -29,12 +74,35 @@ def write_report(out_dir: str | Path, df=None) -> dict[str, Path]:
     columns += [c for c in schema.tokens if c not in columns and c in df.columns]
     table = df[columns].copy()
     for c in schema.tokens:
-        table[c] = [token_text(v) for v in table[c]]
+        if c in table.columns:
+            table[c] = [token_text(v) for v in table[c]]
     out: dict[str, Path] = {"table": out_dir / "results.csv"}
     table.to_csv(out["table"], index=False)
-    settings = ((ResultStore(out_dir).manifest() or {}).get("config") or {}).get("report")
-    out.update(kind.report(out_dir, df, settings))
+    out.update(kind.report(out_dir, df, _settings(out_dir)))
     return out
+
+
+def write_table(store: ResultStore, kind, path: Path) -> int:
+    """results.csv from the store: the columns it shows (`_from_frame`'s, in the same order and
+    form), read with pyarrow (token ids as text), written CSV_BATCH rows at a time; returns the rows."""
+    schema = kind.schema
+    names = store_columns(store)
+    wanted = [*kind.order, *schema.table, *schema.tokens, "generated_text"]
+    wanted += [c for c in names if c.startswith("ref_")]
+    if "top1_logprob" in schema.table:
+        wanted.append("top_logprobs")
+    df = read_columns(store, [c for c in wanted if c in names], tokens=schema.tokens)
+    if df.empty:
+        path.write_text("")
+        return 0
+    df = enrich(df)
+    df = df.sort_values([c for c in kind.order if c in df.columns], kind="stable")
+    columns = [c for c in schema.table if c in df.columns] + [c for c in df.columns if c.startswith(("ref_", "match_"))]
+    columns += [c for c in schema.tokens if c not in columns and c in df.columns]
+    with open(path, "w", newline="") as fh:
+        for start in range(0, len(df), CSV_BATCH):
+            df.iloc[start : start + CSV_BATCH][columns].to_csv(fh, header=start == 0, index=False)
+    return len(df)
 
 
 class ReportSink:
@@ -52,8 +120,8 @@ class ReportSink:
         return None
 
     def finish(self, end) -> None:
-        if end.summary["cells_done"]:
-            end.made.update(write_report(self.out_dir, end.df))
+        if end.summary["cells_done"]:  # from the store, only the columns drawn (not end.df's every column)
+            end.made.update(write_report(self.out_dir))
 
     def fail(self) -> None:
         return None
@@ -71,16 +139,9 @@ def made_lines(made: dict[str, Path]) -> list[str]:
     ]
 
 
-def text_table(df) -> str:
+def text_table(df, kind: str | None = None) -> str:
     """What to read first in the terminal (the kind's summary)."""
-    return KINDS[kind_of(df.columns)].summary(enrich(df))
-
-
-def _kind_of_store(manifest: dict, df) -> str:
-    """The sweep's kind: the manifest's config says it; else the stored columns."""
-    config = manifest.get("config")
-    kind = config.get("kind") if isinstance(config, dict) else None
-    return kind if kind in KINDS else kind_of(df.columns)
+    return KINDS[kind or kind_of(df.columns)].summary(enrich(df))
 
 
 def check_results(store: ResultStore, df, kind_name: str) -> None:
@@ -151,14 +212,16 @@ def main(args) -> int:
         manifest = store.manifest() or {}
     except ConfigError as exc:
         raise ConfigError(f"dir: {str(exc).removeprefix('output.dir: ')}") from None
-    df = store.read()
+    names = store_columns(store)
+    kind_name = kind_of_store(manifest, names)
+    df = read_report_frame(store, KINDS[kind_name], names)  # only the columns the report reads
     if df.empty:
         print(f"error: dir: {store.results_dir} holds no result files yet", file=sys.stderr)
         return 2
-    check_results(store, df, _kind_of_store(manifest, df))
+    check_results(store, df, kind_name)
     total = manifest.get("cells_total")
-    print(text_table(df))
-    paths = write_report(out_dir, df)
+    print(text_table(df, kind_name))
+    paths = _report(out_dir, store, KINDS[kind_name], df)
     done = df["cell_id"].nunique()
     print(
         f"\n{done} cells stored"

@@ -217,6 +217,8 @@ class RecipeKind(KindDefaults):
         ("generated_token_ids",),
         ("row", "source_layer", "target_layer", "score", "control_score"),
         ("recipe", "role", "method"),
+        # what the recipes' pictures and summaries read besides (`RecipePart.draw`, `summary`)
+        ("relation", "subject", "source_model", "source_position", "surprisal", "generated_text"),
     )
     marks = frozenset({"role", "score"})
 

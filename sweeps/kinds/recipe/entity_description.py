@@ -40,9 +40,14 @@ class EntityDescriptionRecipe(RecipeSection):
         return v
 
 
-def _by_layer(df: pd.DataFrame, table: pd.DataFrame, model: str, key: str, out: Path) -> Path:
-    """RougeL by layer beside the control, and each entity's description by layer."""
-    entities = list(dict.fromkeys(df.sort_values("row")["subject"]))
+def _by_layer(df: pd.DataFrame, table: pd.DataFrame, model: str, key: str, out: Path) -> dict[str, Path]:
+    """RougeL by layer beside the control, and each entity's description by layer; past the
+    readable size (`pictures.READABLE_ROWS` entities) the curves get their 95% intervals over
+    entities, only the top entities (highest mean RougeL) get a row, and a seeded sample of the
+    descriptions goes to `<key>_sample.csv`."""
+    everyone = list(dict.fromkeys(df.sort_values("row")["subject"]))
+    few = pictures.readable(len(everyone))
+    entities = everyone if few else pictures.top_rows(df.sort_values("row"), "subject", "score")
     layers = sorted(df["source_layer"].unique())
     fig, (ax1, ax2) = pictures.plt().subplots(
         2,
@@ -59,11 +64,16 @@ def _by_layer(df: pd.DataFrame, table: pd.DataFrame, model: str, key: str, out: 
         ls="--",
         label="control: vs another entity's reference",
     )
+    if not few:
+        for value in ("score", "control_score"):
+            band = pictures.means_by(df, ["source_layer"], "row", value)
+            ax1.fill_between(band["source_layer"], band["low"], band["high"], alpha=0.2)
     ax1.set(
         xlabel="layer l (l* = l)",
         ylabel="RougeL",
         ylim=(0, max(0.05, float(table[["rouge_l", "control_rouge_l"]].max().max())) * 1.15),
-        title=f"{model}: entity description, {len(entities)} entities",
+        title=f"{model}: entity description, {len(everyone)} entities"
+        + ("" if few else " (95% intervals over entities, normal approximation)"),
     )
     ax1.legend(fontsize=7)
     pivot = df.pivot_table(index="subject", columns="source_layer", values="score", aggfunc="mean").reindex(entities)
@@ -75,8 +85,16 @@ def _by_layer(df: pd.DataFrame, table: pd.DataFrame, model: str, key: str, out: 
             ax2.text(j, i, pictures.literal(note), ha="center", va="center", fontsize=3.6, color="white")
     ax2.set_xticks(range(len(layers)), [str(int(l)) for l in layers], fontsize=7)
     ax2.set_yticks(range(len(entities)), [pictures.literal(e) for e in entities], fontsize=7)
-    ax2.set_xlabel("layer l (l* = l); colour: RougeL, text: the description generated")
-    return pictures.save(fig, out / f"{key}.png")
+    ax2.set_xlabel(
+        "layer l (l* = l); colour: RougeL, text: the description generated"
+        + ("" if few else f"\nthe {len(entities)} of {len(everyone)} entities of highest mean RougeL")
+    )
+    made = {key: pictures.save(fig, out / f"{key}.png")}
+    if not few:
+        columns = ["row", "subject", "source_layer", "target_layer", "score", "control_score", "generated_text"]
+        made[f"{key}_sample"] = out / f"{key}_sample.csv"
+        pictures.sample(df)[[c for c in columns if c in df.columns]].to_csv(made[f"{key}_sample"], index=False)
+    return made
 
 
 class EntityDescriptionPart(RecipePart):
@@ -120,7 +138,7 @@ class EntityDescriptionPart(RecipePart):
             fig, ax = pictures.plt().subplots(figsize=(6.5, 5))
             heat(ax, layer_grid(df), f"{model}: entity description RougeL", vmax=float(df["score"].max() or 1))
             return {key: pictures.save(fig, out / f"{key}.png"), f"{key}_table": out / f"{key}.csv"}
-        return {key: _by_layer(df, table, model, key, out), f"{key}_table": out / f"{key}.csv"}
+        return {**_by_layer(df, table, model, key, out), f"{key}_table": out / f"{key}.csv"}
 
     def summary(self, g: pd.DataFrame) -> list[str]:
         return grid_lines(g)
