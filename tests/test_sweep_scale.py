@@ -102,6 +102,7 @@ def test_the_store_merges_task_files_into_part_files(tmp_path, monkeypatch):
     assert sorted(df["cell_id"]) == sorted(r["cell_id"] for t in range(7) for r in _rows(t))
     assert dict(zip(df["cell_id"], df["value"])) == {r["cell_id"]: r["value"] for t in range(7) for r in _rows(t)}
     assert ResultStore(tmp_path).stored_cell_ids() == set(df["cell_id"])
+    assert ResultStore(tmp_path).current_count() == len(df) == 35  # the end of a run counts ids, reads no rows
 
 
 def test_a_crash_between_the_part_file_and_removing_its_task_files_counts_each_cell_once(tmp_path):

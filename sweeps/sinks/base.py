@@ -17,9 +17,10 @@ from typing import Any, Protocol
 
 @dataclass
 class End:
-    """What `finish` gets: every stored row, the counts, and what earlier sinks made."""
+    """What `finish` gets: the counts and what earlier sinks made (a sink reads the rows it needs
+    from the store, only the columns it draws: `sinks/columns.py`)."""
 
-    df: Any  # the stored rows (a DataFrame)
+    df: Any  # None: the rows are not read for the sinks (kept for sinks written against it)
     summary: dict[str, Any]  # cells_done, cells_total, cells_computed, elapsed_s
     made: dict[str, Path] = field(default_factory=dict)  # files earlier sinks wrote (the report's table, pictures)
     notes: list[str] = field(default_factory=list)  # lines for the terminal

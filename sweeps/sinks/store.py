@@ -384,6 +384,17 @@ class ResultStore:
         self.stored_cell_ids()
         return len(self._every)
 
+    def current_count(self) -> int:
+        """How many cells of the config run last are stored with its models' weights (what
+        `read()` would return, counted from the id columns alone)."""
+        if self.keys is None:
+            self.keys = (self.manifest() or {}).get("model_keys")
+            self.config_hash = self.config_hash or (self.manifest() or {}).get("config_hash")
+            self._stored = None
+        stored = self.stored_cell_ids()
+        cells = self.current_cells()
+        return len(stored) if cells is None else len(cells & stored)
+
     def current_cells(self) -> set[str] | None:
         """The cell ids of the config run last (None: not recorded, every stored cell counts)."""
         import pyarrow.parquet as pq
