@@ -7,9 +7,11 @@ planning and resuming grids of millions of cells. Side by side in one run on one
     Through the sweep: `patchscope sweep` with 1 worker (backend auto: local) and 2 Ray workers,
     W&B offline; cells/s is the marginal rate between an N-cell and a 2N-cell sweep, so start-up
     and model loads cancel out.
-(b) planning and resume: `patchscope sweep --dry-run` on grids of 10^6 and 10^7 cells (no
-    weights load: the count, the cell ids, the tasks), and again with every cell of the grid
-    already stored (ids read, matched, nothing left to run): seconds and peak memory of the process.
+(b) planning and resume: `patchscope sweep --dry-run` on product grids of 10^6 and 10^7 cells
+    (prompts x layers x source positions x target positions; no weights load: the count, the
+    checks, the tasks), and again with every cell of the grid already stored (every id read from
+    the store, every grid id computed and matched, nothing left to run): seconds and peak memory
+    of the process.
 
     .venv/bin/python benchmarks/bench_sweep_scale.py [--cells 100000] [--skip-sweep] [--skip-plan]
 """
@@ -19,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -96,14 +97,71 @@ def engine_rate(n_sources: int, batch_size: int) -> float:
     return len(specs) / (time.perf_counter() - t0)
 
 
+MEASURE = (
+    "import resource, subprocess, sys, time; t0 = time.perf_counter(); "
+    "out = subprocess.run(sys.argv[1:], capture_output=True, text=True, check=True).stdout; "
+    "print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+    "print([ln for ln in out.splitlines() if ln.startswith('output:')][0])"
+)
+
+
 def measured(cmd: list[str], env: dict) -> tuple[float, float, str]:
-    """(seconds, peak resident MiB of the child, its last line of output)."""
-    t0 = time.perf_counter()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    out = subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    lines = [ln for ln in out.stdout.splitlines() if ln.strip()]
-    return time.perf_counter() - t0, max(peak, before) / 1024, lines[-1] if lines else ""
+    """(seconds, peak resident MiB, the dry run's `output:` line) of `cmd` in a fresh process."""
+    out = subprocess.run([sys.executable, "-c", MEASURE, *cmd], check=True, env=env, capture_output=True, text=True)
+    first, line = out.stdout.splitlines()[-2:]
+    secs, kib = first.split()
+    return float(secs), int(kib) / 1024, line
+
+
+def plan_config(path: Path, n_cells: int, out: Path) -> Path:
+    """A product grid of n_cells: n_cells / 200 source prompts x 4 layers x 5 source positions x
+    10 target positions (a grid researchers run: every position of a source, many target slots)."""
+    n_sources = n_cells // 200
+    prompts = path.parent / f"plan-sources-{n_sources}.csv"
+    if not prompts.exists():
+        prompts.write_text("prompt\n" + "".join(f"The word that I saw on the page was {w}\n" for w in words(n_sources)))
+    path.write_text(
+        f"""name: plan-{n_cells}
+models: [tiny-llama]
+source: {{file: {prompts}, prompt_column: prompt, layers: all, positions: [-1, -2, -3, -4, -5]}}
+target: {{prompt: {IDENTITY!r}, layers: same, positions: [-1, -2, -3, -4, -5, -6, -7, -8, -9, -10]}}
+generation: {{max_new_tokens: 1}}
+execution: {{workers: 2, batch_size: 256}}
+output: {{dir: {out}, wandb: {{mode: disabled}}}}
+"""
+    )
+    return path
+
+
+def fill_store(cfg: Path) -> int:
+    """Store every cell of the grid as computed (the id columns only, in part files of 10^6 rows), as a
+    finished sweep of this config leaves them: what a resume reads and matches."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from patchscope_core.models import model_fingerprint
+    from sweeps.grid import cell_ids
+    from sweeps.run.driver import plan
+    from sweeps.sinks.store import ResultStore
+
+    p = plan(str(cfg))
+    store = ResultStore(p.config.out_dir, keys={"tiny-llama": model_fingerprint("tiny-llama")})
+    store.open(p.config.model_dump(mode="json"), p.config_hash, p.n_cells, restart=True)
+    key, n, chunk = model_fingerprint("tiny-llama"), 0, []
+
+    def flush() -> None:
+        table = pa.table({"cell_id": chunk, "model": ["tiny-llama"] * len(chunk), "model_key": [key] * len(chunk)})
+        pq.write_table(table, store.results_dir / f"part-{n:012d}.parquet")
+
+    for cid in cell_ids(p.config, p.rows, p.models, p.context):
+        chunk.append(cid)
+        n += 1
+        if len(chunk) == 1_000_000:
+            flush()
+            chunk = []
+    if chunk:
+        flush()
+    return n
 
 
 def main() -> None:
@@ -112,6 +170,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--skip-plan", action="store_true")
+    ap.add_argument("--plan-cells", type=int, nargs="+", default=[10**6, 10**7])
     args = ap.parse_args()
     import torch
 
@@ -140,13 +199,19 @@ def main() -> None:
                     f"-> {marginal:,.0f} cells/s marginal = {marginal / rate:.2f}x the engine in-process"
                 )
         if not args.skip_plan:
-            print("\n(b) planning and resume (--dry-run: no weights), seconds and peak memory of the process")
-            for n in (10**6, 10**7):
-                cfg = config(tmp / f"p{n}.yaml", n // LAYERS, 2, args.batch_size, tmp / f"o-p{n}")
-                secs, mib, last = measured([str(BIN / "patchscope"), "sweep", str(cfg), "--dry-run"], env)
-                print(f"  {n:>12,} cells, nothing stored: {secs:6.1f} s, {mib:6.0f} MiB peak  | {last}")
-                if "--store-all" in sys.argv:  # filled below when the store can be written cheaply
-                    pass
+            print("\n(b) planning and resume: `patchscope sweep --dry-run` (no weights), seconds and peak memory")
+            for n in args.plan_cells:
+                cfg = plan_config(tmp / f"p{n}.yaml", n, tmp / f"o-p{n}")
+                cmd = [str(BIN / "patchscope"), "sweep", str(cfg), "--dry-run"]
+                secs, mib, line = measured(cmd, env)
+                print(f"  {n:>12,} cells, nothing stored: {secs:6.1f} s, {mib:6.0f} MiB  | {line}")
+                t0 = time.perf_counter()
+                stored = fill_store(cfg)
+                fill = time.perf_counter() - t0
+                secs, mib, line = measured(cmd, env)
+                print(
+                    f"  {n:>12,} cells, all {stored:,} stored ({fill:.0f} s to write): {secs:6.1f} s, {mib:6.0f} MiB  | {line}"
+                )
 
 
 if __name__ == "__main__":
