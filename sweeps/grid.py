@@ -54,7 +54,8 @@ def worker_settings(config) -> dict[str, Any]:
     return {
         "decoding": {f: getattr(decoding, f) for f in ("do_sample", "temperature", "top_p", "seed", "stop_at_eos")},
         "top_k": gen.top_logprobs,
-        "batch_size": ex.batch_size,
+        "batch_size": ex.batch_size,  # "auto": the worker sizes its batches (`workers.actor`)
+        "batch_rows": ex.batch_rows,
         "batch_tokens": ex.batch_tokens,
         "gpus_per_worker": ex.gpus_per_worker,
         "cpus_per_worker": ex.cpus_per_worker,
@@ -84,8 +85,8 @@ def per_task(config, n_cells: int) -> int | None:
     if not KINDS[config.kind].packs:
         return None
     ex = config.execution
-    batches = math.ceil(n_cells / (ex.workers * ex.max_in_flight_per_worker) / ex.batch_size)
-    return ex.batch_size * max(1, min(ex.batches_per_task, batches))
+    batches = math.ceil(n_cells / (ex.workers * ex.max_in_flight_per_worker) / ex.batch_rows)
+    return ex.batch_rows * max(1, min(ex.batches_per_task, batches))
 
 
 def _count(config, rows, plans, context, stored_ids=None) -> dict[str, tuple[int, int]]:
@@ -98,7 +99,7 @@ def _count(config, rows, plans, context, stored_ids=None) -> dict[str, tuple[int
         if ids is not None:
             n = sum(1 for cid in itertools.islice(ids, n) if cid not in stored_ids)
         cells, tasks = out.get(model, (0, 0))
-        out[model] = (cells + n, tasks + (0 if packs else _tasks_of(n, one_task, config.execution.batch_size)))
+        out[model] = (cells + n, tasks + (0 if packs else _tasks_of(n, one_task, config.execution.batch_rows)))
     if packs:  # a model's cells are cut into tasks across groups
         out = {m: (n, math.ceil(n / per_task(config, n)) if n else 0) for m, (n, _) in out.items()}
     return out

@@ -210,10 +210,11 @@ def test_example_config_is_the_issue_yaml_and_dry_runs(capsys, tmp_path, monkeyp
     )
     assert cli.main(["sweep", str(EXAMPLE), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    # 4 prompts x 10 layers (0, 3, ..., 27) x 1 position x l* = l x 1 position; one task per prompt
-    assert "40 cells in 4 tasks" in out
+    # 4 prompts x 10 layers (0, 3, ..., 27) x 1 position x l* = l x 1 position; tasks of one batch
+    # of 16 cells across prompts, so that 2 workers x 2 tasks in flight all start with work
+    assert "40 cells in 3 tasks (batch size 16, up to 16 cells a task)" in out
     assert "source layers [0, 3, 6, 9, 12, 15, 18, 21, 24, 27]" in out
-    assert "0 of these cells already stored, 40 to run in 4 tasks" in out
+    assert "0 of these cells already stored, 40 to run in 3 tasks" in out
     assert "dry run: nothing computed" in out
     assert not (tmp_path / "runs").exists()
 
@@ -284,7 +285,7 @@ def test_grid_is_counted_without_expanding_and_expanded_lazily_with_the_same_ids
     a cell's id is still the digest of the JSON list it always was (stored results resume)."""
     import hashlib
 
-    from sweeps.grid import count_cells, count_tasks, count_todo, iter_cells, iter_tasks
+    from sweeps.grid import count_cells, count_tasks, count_todo, iter_cells, iter_tasks, per_task
     from sweeps.kinds.patchscope import Cell
 
     cfg = _with(
@@ -297,7 +298,12 @@ def test_grid_is_counted_without_expanding_and_expanded_lazily_with_the_same_ids
     plans = check_against_models(config, rows)
     ids = [c.cell_id for c in cells]
     assert len(ids) == len(set(ids)) == count_cells(config, rows, plans)
-    assert count_tasks(config, rows, plans) == len(make_tasks(cells, 4)) == len(list(iter_tasks(iter(cells), 4)))
+    sizes = {m: per_task(config, sum(c.model == m for c in cells)) for m in config.models}  # tasks across prompts
+    packed = make_tasks(cells, 4, per_task=sizes)
+    assert count_tasks(config, rows, plans) == len(packed) == len(list(iter_tasks(iter(cells), 4, per_task=sizes)))
+    assert [t.task_id for t in iter_tasks(iter_cells(config, rows, plans), 4, per_task=sizes)] == [
+        t.task_id for t in packed
+    ]
     assert [t.task_id for t in iter_tasks(iter_cells(config, rows, plans), 4)] == [
         t.task_id for t in make_tasks(cells, 4)
     ]
@@ -550,8 +556,8 @@ def test_unquoted_slice_in_yaml_is_a_slice_not_a_base_60_number(tmp_path):
 @pytest.mark.parametrize(
     "example,expected",
     [
-        ("entity_file.yaml", "120 cells in 8 tasks"),  # 8 rows x 15 layers
-        ("cluster_gpu.yaml", "810 cells in 14 tasks"),  # every layer x every token of 8 entities (27 tokens)
+        ("entity_file.yaml", "120 cells in 4 tasks"),  # 8 rows x 15 layers, tasks of 2 batches of 16
+        ("cluster_gpu.yaml", "810 cells in 7 tasks"),  # every layer x every token of 8 entities (27 tokens)
     ],
 )
 def test_file_examples_dry_run_from_anywhere(capsys, monkeypatch, tmp_path, example, expected):

@@ -28,6 +28,7 @@ from typing import Any
 from patchscope_core import Decoding, Patchscope, PatchscopeEngine, load_model
 from patchscope_core.interventions import run_from_dict
 from patchscope_core.methods.tracing import Fact, Tracer, TraceSettings
+from patchscope_core.models import batch_rows_for
 
 from .recipes import recipe_records
 
@@ -59,8 +60,9 @@ def choose_device(gpus_per_worker: float, device_map: str | None) -> tuple[str |
 class PatchscopeWorker:
     """Holds `model` (loaded once, in __init__) and runs tasks of that model.
 
-    settings (plain data): decoding (Decoding's fields), top_k, batch_size, batch_tokens,
-    gpus_per_worker, cpus_per_worker, device_map, dtype.
+    settings (plain data): decoding (Decoding's fields), top_k, batch_size (or "auto", with
+    batch_rows the driver's nominal size), batch_tokens, gpus_per_worker, cpus_per_worker,
+    device_map, dtype.
     """
 
     def __init__(self, model: str, settings: dict[str, Any]) -> None:
@@ -87,14 +89,31 @@ class PatchscopeWorker:
             "worker_pid": os.getpid(),
             "worker_device": self.device or f"device_map={self.device_map}",
         }
+        self.batch_size = self._batch_size(settings)
         self.load_s = time.perf_counter() - t0
+
+    def _batch_size(self, settings: dict[str, Any]) -> int:
+        """execution.batch_size, or for auto on a GPU as many rows as its free memory holds after
+        the weights (`batch_rows_for`, sequences of the model's context up to 512 tokens)."""
+        import torch
+
+        if settings["batch_size"] != "auto":
+            return int(settings["batch_size"])
+        if self.device != "cuda":
+            return int(settings.get("batch_rows", 16))
+        free, _ = torch.cuda.mem_get_info()
+        info = self.engine.info
+        n_tokens = min(info.n_ctx or 512, 512)
+        return batch_rows_for(
+            info, free, n_tokens, torch.finfo(getattr(torch, settings.get("dtype", "float32"))).bits // 8
+        )
 
     def ready(self) -> dict[str, Any]:
         return {**self.where, "model": self.model_name, "load_s": self.load_s}
 
     def run(self, payload: dict[str, Any]) -> dict[str, Any]:
         """One task: a batch of cells of this model -> the engine's record of each, in order."""
-        return run_task(self.engine, payload, self.settings["batch_size"], self.where)
+        return run_task(self.engine, payload, self.batch_size, self.where)
 
 
 def run_task(

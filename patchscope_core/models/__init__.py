@@ -13,7 +13,7 @@
 """
 
 from .components import module_boundary
-from .info import ModelInfo, adapter_for, describe, info_of, mlp_width
+from .info import ModelInfo, adapter_for, batch_rows_for, bytes_per_row, describe, info_of, mlp_width
 from .loading import (
     ACCEPTED,
     ALIASES,
@@ -64,7 +64,9 @@ __all__ = [
     "TINY_SEED",
     "WEIGHT_FILES",
     "adapter_for",
+    "batch_rows_for",
     "block",
+    "bytes_per_row",
     "boundary_module",
     "cache_dir",
     "check_context",

@@ -52,6 +52,27 @@ class ModelInfo:
         )
 
 
+def bytes_per_row(info: ModelInfo, n_tokens: int, bytes_per_value: int) -> int:
+    """Memory one batch row of n_tokens takes beyond the weights: its KV cache (keys and values of
+    every layer: 2 x n_layers x n_kv_heads x d_head per token), the residual stream and the MLP's
+    hidden activations of the widest layer, and the logits over the vocabulary; an estimate that
+    sizes batches, not an exact count (the engine halves a batch that runs out of memory)."""
+    kv = 2 * info.n_layers * (info.n_kv_heads or info.n_heads) * info.d_head * n_tokens
+    live = (4 * info.d_model + 2 * (info.d_mlp or 4 * info.d_model)) * n_tokens
+    vocab = len(info.tokenizer) if info.tokenizer is not None else 0
+    return (kv + live + vocab) * bytes_per_value
+
+
+def batch_rows_for(
+    info: ModelInfo, free_bytes: int, n_tokens: int, bytes_per_value: int, cap: int = 512, headroom: float = 0.8
+) -> int:
+    """Rows per forward pass that fit `free_bytes` (what the device has left after the weights), at
+    most `cap`, a power of two, at least 1."""
+    rows = int(headroom * free_bytes) // max(1, bytes_per_row(info, n_tokens, bytes_per_value))
+    rows = max(1, min(cap, rows))
+    return 1 << (rows.bit_length() - 1)
+
+
 def mlp_width(cfg: Any, hf_config: Any = None) -> int:
     """Width of `mlp.hook_post`. TransformerLens reads the MLP width from `intermediate_size`-like
     fields and otherwise assumes 4 x d_model; OPT and XGLM name it `ffn_dim`, which it does not

@@ -46,7 +46,12 @@ class ExecutionConfig(Strict):
         description="local: every task in this process, one worker per model, no Ray; ray: Ray actors; "
         "auto: local for a local sweep of one worker, ray for more workers or --address",
     )
-    batch_size: int = Field(16, ge=1, description="rows per forward pass (a generate batch)")
+    batch_size: int | Literal["auto"] = Field(
+        "auto",
+        description="rows per forward pass (a generate batch); auto: 16 on a CPU, and on a GPU as many "
+        "rows as its free memory holds after the weights (each row's KV cache, from the model's config), "
+        "at most 512; a batch out of memory is halved",
+    )
     batches_per_task: int = Field(
         8,
         ge=1,
@@ -66,6 +71,21 @@ class ExecutionConfig(Strict):
         description="CPUs (and torch threads) per worker; auto: a local sweep shares the machine's cores "
         "among the workers, a sweep that joins a cluster asks 1",
     )
+
+    @field_validator("batch_size", mode="after")
+    @classmethod
+    def _batch(cls, v: Any) -> Any:
+        if v != "auto" and (isinstance(v, bool) or v < 1):
+            raise ValueError(f"expected 'auto' or an integer >= 1, got {v!r}")
+        return v
+
+    @property
+    def batch_rows(self) -> int:
+        """Rows per forward pass as the driver sizes tasks: batch_size, or for auto 16 without a GPU
+        and 256 with one (each worker then sizes its own batches from its GPU's free memory)."""
+        if self.batch_size != "auto":
+            return self.batch_size
+        return 256 if self.gpus_per_worker > 0 else 16
 
     @field_validator("cpus_per_worker", mode="after")
     @classmethod

@@ -105,7 +105,8 @@ def _describe(p: Plan) -> None:
     grid = _todo(p, set())  # {model: (cells, tasks)} of the whole grid
     print(
         f"sweep {config.name} ({config.kind}): {p.n_cells} cells in {sum(t for _, t in grid.values())} tasks "
-        f"(batch size {ex.batch_size}{_packed(config, grid)})"
+        f"(batch size {ex.batch_rows}{' (auto)' if ex.batch_size == 'auto' and ex.gpus_per_worker else ''}"
+        f"{_packed(config, grid)})"
     )
     for name, mp in p.models.items():
         n, t = grid.get(name, (0, 0))
@@ -212,7 +213,7 @@ def _compute(p: Plan, store: ResultStore, restart: bool, sinks: Peers, totals: d
         sinks.start()
         tasks = iter_tasks(
             iter_cells(config, p.rows, p.models, skip=store.stored_cell_ids(), context=p.context),
-            config.execution.batch_size,
+            config.execution.batch_rows,
             p.context,
             _sizes(config, todo),
         )

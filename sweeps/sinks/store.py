@@ -134,7 +134,7 @@ class ResultStore:
         self.keys = keys
         self.config_hash = config_hash
         self._stored: set[str] | None = None
-        self._every: set[str] = set()  # every stored id, any config or weights (stored_cell_ids)
+        self._every: set[str] = set()  # ids stored for other weights only (stored_cell_ids, stored_count)
         self._recent: list[tuple[Path, Any]] = []  # (task file, its table) written since the last compaction
 
     # ------------------------------------------------------------ checks (write nothing)
@@ -363,26 +363,54 @@ class ResultStore:
             names = set()
         return ["cell_id"] + [c for c in ("model", "model_key") if c in names]
 
+    def _keep_mask(self, table, untagged: dict[str, str]):
+        """`_matches` as an Arrow boolean array (None: every row), computed column-wise: a store of
+        millions of rows is matched without a Python object per row."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if self.keys is None:
+            return None
+        n = table.num_rows
+        models = table.column("model") if "model" in table.column_names else pa.nulls(n, pa.string())
+        if "model_key" in table.column_names:
+            have = table.column("model_key")
+        else:  # rows written before weights keys: the key of the config they were written under
+            have = pa.nulls(n, pa.string())
+            for m, k in untagged.items():
+                have = pc.if_else(pc.equal(models, m), pa.scalar(k, pa.string()), have)
+        want = pa.nulls(n, pa.string())
+        for m, k in self.keys.items():
+            if k is not None:
+                want = pc.if_else(pc.equal(models, m), pa.scalar(k, pa.string()), want)
+        return pc.fill_null(pc.equal(have.cast(pa.string()), want), False)
+
     def stored_cell_ids(self) -> set[str]:
         """The ids of the stored cells this run may reuse (its models' weights)."""
         if self._stored is None:
+            import pyarrow.compute as pc
+
             stored: set[str] = set()
-            every: set[str] = set()
+            other: set[str] = set()  # stored for other weights only (what stored_count adds)
             untagged = self._untagged() if self.keys is not None else {}
             for f in self.files():
                 table = self._table(f, self._key_columns(f))
-                if table is not None:
-                    ids, keep = table.column("cell_id").to_pylist(), self._matches(table, untagged)
-                    every.update(ids)
-                    stored.update(ids if keep is None else (i for i, k in zip(ids, keep) if k))
-            self._stored, self._every = stored, every
+                if table is None:
+                    continue
+                ids, keep = table.column("cell_id"), self._keep_mask(table, untagged)
+                if keep is None or pc.all(keep).as_py():
+                    stored.update(ids.to_pylist())
+                else:
+                    stored.update(ids.filter(keep).to_pylist())
+                    other.update(ids.filter(pc.invert(keep)).to_pylist())
+            self._stored, self._every = stored, other
         return self._stored
 
     def stored_count(self) -> int:
         """Every cell stored in the directory, whatever config or weights it was computed for
         (read in the same pass as `stored_cell_ids`)."""
-        self.stored_cell_ids()
-        return len(self._every)
+        stored = self.stored_cell_ids()
+        return len(stored) + len(self._every - stored)
 
     def current_count(self) -> int:
         """How many cells of the config run last are stored with its models' weights (what
@@ -451,7 +479,6 @@ class ResultStore:
         table = pa.Table.from_pylist(new)
         _atomic_write(final, lambda fh: pq.write_table(table, fh))
         stored.update(seen)
-        self._every.update(seen)
         self._recent.append((final, table))
         if len(self._recent) >= COMPACT_EVERY:
             self.compact()

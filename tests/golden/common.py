@@ -52,6 +52,11 @@ def _api():
     return plan, config_hash, iter_cells, iter_tasks, records, ResultStore
 
 
+def _batch_rows(config) -> int:
+    """Rows per batch as the driver sizes tasks (`batch_size: auto` resolved since it exists)."""
+    return getattr(config.execution, "batch_rows", config.execution.batch_size)
+
+
 def pin_example(path: Path) -> dict:
     plan, config_hash, iter_cells, iter_tasks, _, _ = _api()
     from sweeps.cli import main
@@ -59,7 +64,7 @@ def pin_example(path: Path) -> dict:
     config, rows, plans, n_cells, context = plan(str(path))
     ids = [c.cell_id for c in iter_cells(config, rows, plans, context=context)]
     tasks = itertools.islice(
-        iter_tasks(iter_cells(config, rows, plans, context=context), config.execution.batch_size, context), FIRST_TASKS
+        iter_tasks(iter_cells(config, rows, plans, context=context), _batch_rows(config), context), FIRST_TASKS
     )
     out, err = io.StringIO(), io.StringIO()
     cwd = os.getcwd()
