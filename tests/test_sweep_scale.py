@@ -182,3 +182,31 @@ def test_tokenize_many_gives_what_tokenize_gives_one_prompt_at_a_time(no_weights
         assert tokenize_many(info, prompts) == [tokenize(info, p) for p in prompts], name
     with pytest.raises(ValueError, match=r"source.prompts\[1\]: empty prompt"):
         tokenize_many(info, ["a", " "], "source.prompts")
+
+
+def test_auto_batch_size_fits_the_free_memory_by_the_models_config(no_weights):
+    """Rows per forward pass on a GPU: the largest power of two whose rows (KV cache: 2 x layers x
+    kv heads x d_head per token, activations, logits) fit 80% of the free memory, at most 512."""
+    from patchscope_core import model_info
+    from patchscope_core.models import batch_rows_for, bytes_per_row
+
+    info = model_info("smollm2-135m")
+    tokens, fp = 512, 2  # bfloat16
+    kv = 2 * 30 * 3 * 64 * tokens  # SmolLM2: 30 layers, 3 kv heads of 64
+    per_row = (kv + (4 * 576 + 2 * 1536) * tokens + 49152) * fp
+    assert bytes_per_row(info, tokens, fp) == per_row
+    for free in (10 * 2**30, 2**30, 3 * per_row, per_row // 2):
+        rows = batch_rows_for(info, free, tokens, fp)
+        fits = max(1, int(0.8 * free) // per_row)
+        assert rows == min(512, 2 ** (fits.bit_length() - 1)), free
+    assert batch_rows_for(info, 80 * 2**30, tokens, fp) == 512
+
+
+def test_batch_size_auto_is_16_rows_on_a_cpu_and_256_for_a_gpu_sweeps_tasks():
+    from sweeps.config.shared import ExecutionConfig
+
+    assert ExecutionConfig().batch_size == "auto" and ExecutionConfig().batch_rows == 16
+    assert ExecutionConfig(gpus_per_worker=1).batch_rows == 256
+    assert ExecutionConfig(batch_size=7, gpus_per_worker=1).batch_rows == 7
+    with pytest.raises(ValueError, match="expected 'auto' or an integer >= 1"):
+        ExecutionConfig(batch_size=0)
