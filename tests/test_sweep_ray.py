@@ -167,9 +167,11 @@ def test_every_cell_is_stored_exactly_once_with_its_parameters(e2e):
     assert len(df) == len(expected_cells()) == 24
     assert df["cell_id"].is_unique
     assert {cell_key(r) for r in df.to_dict("records")} == expected_cells()
-    # one Parquet file per finished task: 2 models x 3 prompts x ceil(4 cells / batch 3) = 12
+    # one Parquet file per finished task: tasks of one batch (3 cells) across the 3 prompts, so that
+    # 2 workers x 2 tasks in flight all get work: 2 models x 12 cells / 3 = 8
     files = ResultStore(out).files()
-    assert len(files) == 12 and not list((out / "results").glob(".tmp-*"))
+    assert len(files) == 8 and not list((out / "results").glob(".tmp-*"))
+    assert df.groupby("task_id")["source_prompt"].nunique().max() == 2, "a task spans source prompts"
     for r in df.to_dict("records"):
         info = model_info(r["model"])
         assert list(r["source_token_ids"]) == list(tokenize(info, r["source_prompt"]))
@@ -222,10 +224,10 @@ def test_wandb_offline_run_has_rows_logged_during_the_run_and_the_final_table(e2
     task_steps = [h for h in history if "cells" in h]
     final = [h for h in history if "results" in h]
     # one history row per finished task, logged as it finished, all before the final table
-    assert len(task_steps) == 12 and len(final) == 1
+    assert len(task_steps) == 8 and len(final) == 1
     assert max(h["_step"] for h in task_steps) < final[0]["_step"]
     done = [h["cells_done"] for h in task_steps]
-    assert done == sorted(done) and done[-1] == 24 and len(set(done)) == 12
+    assert done == sorted(done) and done[-1] == 24 and len(set(done)) == 8
     # the live table is incremental: each step's file holds the rows of the task that just finished
     assert all(h["cells"]["log_mode"] == "INCREMENTAL" for h in task_steps)
     logged = [row["cell_id"] for h in task_steps for row in wb["table"](h["cells"])]
@@ -275,8 +277,10 @@ def test_resume_after_a_stop_recomputes_nothing_stored(ray_cluster, tmp_path, mo
     import sweeps.grid
     import sweeps.sinks.store
 
-    config = write_config(tmp_path, "tiny-resume", models=["tiny-llama"], execution__batch_size=2)
-    # 1 model x 3 prompts x 2 layers x 2 positions = 12 cells in 6 tasks of 2
+    config = write_config(
+        tmp_path, "tiny-resume", models=["tiny-llama"], execution__batch_size=2, execution__batches_per_task=1
+    )
+    # 1 model x 3 prompts x 2 layers x 2 positions = 12 cells in 6 tasks of one batch of 2
     real_write = sweeps.sinks.store.ResultStore.write
     writes = []
 
