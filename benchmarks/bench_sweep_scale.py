@@ -12,6 +12,10 @@ planning and resuming grids of millions of cells. Side by side in one run on one
     checks, the tasks), and again with every cell of the grid already stored (every id read from
     the store, every grid id computed and matched, nothing left to run): seconds and peak memory
     of the process.
+(c) a simulated cluster: `ray.cluster_utils.Cluster` with a CPU-only head and 4 nodes declaring
+    one GPU each (tiny models run on the CPU behind them, `execution.gpus_per_worker: 1`), a
+    sweep joining it with `--address`: how busy the 4 workers were (the sum of their task times
+    over 4 x the sweep's compute time) and the driver's own CPU time per cell.
 
     .venv/bin/python benchmarks/bench_sweep_scale.py [--cells 100000] [--skip-sweep] [--skip-plan]
 """
@@ -171,6 +175,8 @@ def main() -> None:
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--skip-plan", action="store_true")
     ap.add_argument("--plan-cells", type=int, nargs="+", default=[10**6, 10**7])
+    ap.add_argument("--skip-cluster", action="store_true")
+    ap.add_argument("--cluster-cells", type=int, default=20_000)
     args = ap.parse_args()
     import torch
 
@@ -212,6 +218,56 @@ def main() -> None:
                 print(
                     f"  {n:>12,} cells, all {stored:,} stored ({fill:.0f} s to write): {secs:6.1f} s, {mib:6.0f} MiB  | {line}"
                 )
+
+        if not args.skip_cluster:
+            simulated_cluster(tmp, args.cluster_cells, args.batch_size, env)
+
+
+CLUSTER_RUN = (
+    "import resource, subprocess, sys, time; t0 = time.perf_counter(); "
+    "out = subprocess.run(sys.argv[1:], capture_output=True, text=True, check=True).stdout; "
+    "r = resource.getrusage(resource.RUSAGE_CHILDREN); print(time.perf_counter() - t0, r.ru_utime + r.ru_stime); "
+    "print([ln for ln in out.splitlines() if 'cells stored' in ln][0])"
+)
+
+
+def simulated_cluster(tmp: Path, n_cells: int, batch_size: int, env: dict) -> None:
+    import pandas as pd
+    import ray
+    from ray.cluster_utils import Cluster
+
+    print(f"\n(c) simulated cluster: a head (0 GPU) and 4 nodes of 1 CPU + 1 GPU (declared), {n_cells:,} cells")
+    env = {**env, "RAY_AUTH_MODE": "disabled"}
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
+    try:
+        for _ in range(4):
+            cluster.add_node(num_cpus=1, num_gpus=1)
+        cluster.wait_for_nodes()
+        cfg = config(tmp / "cluster.yaml", n_cells // LAYERS, 4, batch_size, tmp / "o-cluster")
+        text = cfg.read_text().replace(
+            "execution: {workers: 4", "execution: {workers: 4, gpus_per_worker: 1, cpus_per_worker: 1"
+        )
+        cfg.write_text(text)
+        cmd = [str(BIN / "patchscope"), "sweep", str(cfg), "--restart", "--address", cluster.address]
+        out = subprocess.run(
+            [sys.executable, "-c", CLUSTER_RUN, *cmd], check=True, env=env, capture_output=True, text=True
+        )
+        first, line = out.stdout.splitlines()[-2:]
+        wall, driver_cpu = map(float, first.split())
+        df = pd.read_parquet(tmp / "o-cluster" / "results", columns=["task_id", "worker_pid", "time_task_s"])
+        tasks = df.drop_duplicates("task_id")
+        compute = float(line.split(" in ")[1].split(" s")[0])  # the sweep's own time from start to the last store
+        busy = tasks["time_task_s"].sum() / (4 * compute)
+        per_worker = tasks.groupby("worker_pid")["time_task_s"].sum().round(1).tolist()
+        print(f"  {line.strip()}")
+        print(
+            f"  wall {wall:.1f} s; 4 workers busy {busy:.0%} of the sweep's {compute:.1f} s (task seconds per worker "
+            f"{per_worker}, {len(tasks)} tasks); driver CPU {driver_cpu:.1f} s = {1e6 * driver_cpu / len(df):.0f} us per cell"
+        )
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 if __name__ == "__main__":
