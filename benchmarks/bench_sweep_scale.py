@@ -16,6 +16,10 @@ planning and resuming grids of millions of cells. Side by side in one run on one
     one GPU each (tiny models run on the CPU behind them, `execution.gpus_per_worker: 1`), a
     sweep joining it with `--address`: how busy the 4 workers were (the sum of their task times
     over 4 x the sweep's compute time) and the driver's own CPU time per cell.
+(d) the framework's cost per cell, step by step, on one core (what an 8-GPU node at 30,000 cells/s
+    per GPU would ask of each step): the driver expanding cells and cutting tasks, building a
+    task's payload, the worker reading the payload back and resolving it (before the engine's
+    forward passes), the driver turning a worker's output into rows, and storing them.
 
     .venv/bin/python benchmarks/bench_sweep_scale.py [--cells 100000] [--skip-sweep] [--skip-plan]
 """
@@ -176,6 +180,7 @@ def main() -> None:
     ap.add_argument("--skip-plan", action="store_true")
     ap.add_argument("--plan-cells", type=int, nargs="+", default=[10**6, 10**7])
     ap.add_argument("--skip-cluster", action="store_true")
+    ap.add_argument("--skip-steps", action="store_true")
     ap.add_argument("--cluster-cells", type=int, default=20_000)
     args = ap.parse_args()
     import torch
@@ -221,6 +226,69 @@ def main() -> None:
 
         if not args.skip_cluster:
             simulated_cluster(tmp, args.cluster_cells, args.batch_size, env)
+        if not args.skip_steps:
+            per_cell_steps(tmp, args.batch_size)
+
+
+def per_cell_steps(tmp: Path, batch_size: int, n_sources: int = 5_000) -> None:
+    """Microseconds per cell of each framework step (one process, one thread)."""
+    import torch
+
+    from patchscope_core import Patchscope, PatchscopeEngine, load_model
+    from sweeps.grid import iter_cells, iter_tasks, per_task
+    from sweeps.records import records
+    from sweeps.run.driver import plan
+    from sweeps.sinks.store import ResultStore
+    from workers.actor import run_task
+
+    torch.set_num_threads(1)
+    cfg = config(tmp / "steps.yaml", n_sources, 1, batch_size, tmp / "o-steps")
+    p = plan(str(cfg))
+    size = per_task(p.config, p.n_cells)
+    t0 = time.perf_counter()
+    tasks = list(
+        iter_tasks(
+            iter_cells(p.config, p.rows, p.models, context=p.context), batch_size, p.context, {"tiny-llama": size}
+        )
+    )
+    t_cells = time.perf_counter() - t0
+    n = sum(len(t.cells) for t in tasks)
+    t0 = time.perf_counter()
+    payloads = [t.payload() for t in tasks]
+    t_payload = time.perf_counter() - t0
+    engine = PatchscopeEngine(load_model("tiny-llama", device="cpu"), name="tiny-llama")
+    sample = payloads[:4]
+    t0 = time.perf_counter()
+    for pl in sample:
+        engine.resolve([Patchscope.from_dict(d) for d in pl["patchscopes"]])
+    t_decode = (time.perf_counter() - t0) / sum(len(pl["patchscopes"]) for pl in sample)
+    t0 = time.perf_counter()
+    outputs = [run_task(engine, pl, batch_size, {}) for pl in sample]
+    t_engine = (time.perf_counter() - t0) / sum(len(pl["patchscopes"]) for pl in sample)
+    store = ResultStore(tmp / "o-steps-store")
+    t_rows = t_store = 0.0
+    for k in range(len(tasks)):
+        task, out = tasks[k], outputs[k % len(outputs)]
+        out = {**out, "records": out["records"][: len(task.cells)]}
+        if len(out["records"]) < len(task.cells):
+            continue
+        t0 = time.perf_counter()
+        rows = records(task, out)
+        t_rows += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        store.write(task.task_id, rows)
+        t_store += time.perf_counter() - t0
+    us = 1e6 / n
+    print(f"\n(d) framework cost per cell (1 thread, {n:,} cells in {len(tasks)} tasks of up to {size})")
+    for name, value in (
+        ("driver: expand cells and cut tasks", t_cells * us),
+        ("driver: build the task payloads", t_payload * us),
+        ("worker: read the payload back and resolve", t_decode * 1e6),
+        ("driver: a worker's output -> rows", t_rows * us),
+        ("driver: store the rows (Parquet, fsync, part files)", t_store * us),
+        ("engine: tiny-llama's own forward passes (for scale)", t_engine * 1e6 - t_decode * 1e6),
+    ):
+        print(f"  {name:<55} {value:8.1f} us  -> {1e6 / max(value, 1e-9):>10,.0f} cells/s on one core")
 
 
 CLUSTER_RUN = (

@@ -210,3 +210,10 @@ def test_batch_size_auto_is_16_rows_on_a_cpu_and_256_for_a_gpu_sweeps_tasks():
     assert ExecutionConfig(batch_size=7, gpus_per_worker=1).batch_rows == 7
     with pytest.raises(ValueError, match="expected 'auto' or an integer >= 1"):
         ExecutionConfig(batch_size=0)
+
+
+def test_a_patchscope_tasks_payload_is_each_cells_patchscope_as_plain_data(tmp_path, no_weights):
+    p = plan(str(grid_config(tmp_path, n_prompts=5)))
+    cells = list(iter_cells(p.config, p.rows, p.models, context=p.context))
+    (task,) = iter_tasks(iter(cells), 4, p.context, {"tiny-llama": len(cells)})
+    assert task.payload()["patchscopes"] == [c.patchscope(c.max_new_tokens).to_dict() for c in cells]

@@ -89,14 +89,26 @@ class ResolvedPatchscope:
     target_positions: tuple[int, ...]
 
 
-def resolve(spec: Patchscope, source: ModelInfo, target: ModelInfo) -> ResolvedPatchscope:
-    """Validate `spec` against both models and resolve its positions; raises PatchscopeError."""
+def _token_ids(info: ModelInfo, prompt: str, field_name: str, cache: dict | None) -> tuple[int, ...]:
+    """`tokenize`, once per (model, prompt) where a cache is given (a sweep's task repeats its
+    prompts across layers and positions: tokenizing each cell's costs more than its forward pass)."""
+    if cache is None:
+        return tokenize(info, prompt, field_name)
+    key = (id(info), prompt)
+    if key not in cache:
+        cache[key] = tokenize(info, prompt, field_name)
+    return cache[key]
+
+
+def resolve(spec: Patchscope, source: ModelInfo, target: ModelInfo, tokens: dict | None = None) -> ResolvedPatchscope:
+    """Validate `spec` against both models and resolve its positions; raises PatchscopeError.
+    `tokens`: a cache of token ids shared by the specs resolved together."""
     if not isinstance(spec.max_new_tokens, int) or spec.max_new_tokens < 1:
         raise PatchscopeError(f"max_new_tokens: expected an integer >= 1, got {spec.max_new_tokens!r}")
     check_layer(spec.source.layer, source, "source.layer")
     check_layer(spec.target.layer, target, "target.layer")
-    src_ids = tokenize(source, spec.source.prompt, "source.prompt")
-    tgt_ids = tokenize(target, spec.target.prompt, "target.prompt")
+    src_ids = _token_ids(source, spec.source.prompt, "source.prompt", tokens)
+    tgt_ids = _token_ids(target, spec.target.prompt, "target.prompt", tokens)
     check_context(len(src_ids), 0, source, "source.prompt")
     check_context(len(tgt_ids), spec.max_new_tokens, target, "target.prompt")
     if not spec.target.positions:
@@ -109,10 +121,10 @@ def resolve(spec: Patchscope, source: ModelInfo, target: ModelInfo) -> ResolvedP
 
 def resolve_all(specs: Sequence[Patchscope], source: ModelInfo, target: ModelInfo) -> list[ResolvedPatchscope]:
     """Resolve every spec; the error names the index of the first bad one."""
-    out = []
+    out, tokens = [], {}
     for i, spec in enumerate(specs):
         try:
-            out.append(resolve(spec, source, target))
+            out.append(resolve(spec, source, target, tokens))
         except PatchscopeError as exc:
             raise PatchscopeError(f"patchscopes[{i}].{exc}") from exc
     return out

@@ -516,7 +516,29 @@ class PatchscopeKind(KindDefaults):
         return (w[0] for w in _walk(config, rows, plans))
 
     def payload(self, task) -> dict[str, Any]:
-        return {"kind": self.operation, "patchscopes": [c.patchscope(c.max_new_tokens).to_dict() for c in task.cells]}
+        # Patchscope.to_dict's plain data, written directly (no object per cell: a driver sends
+        # hundreds of thousands of cells a minute); a test checks both give the same
+        return {
+            "kind": self.operation,
+            "patchscopes": [
+                {
+                    "source": {
+                        "prompt": c.source_prompt,
+                        "layer": c.source_layer,
+                        "position": c.source_position,
+                        "model": c.model,
+                    },
+                    "target": {
+                        "prompt": c.target_prompt,
+                        "layer": c.target_layer,
+                        "positions": [c.target_position],
+                        "model": c.model,
+                    },
+                    "max_new_tokens": c.max_new_tokens,
+                }
+                for c in task.cells
+            ],
+        }
 
     def to_rows(self, task, output: dict[str, Any]) -> list[dict[str, Any]]:
         rows = []
