@@ -1004,8 +1004,8 @@ def test_planning_a_million_cells_takes_seconds(tmp_path, capsys):
     elapsed = time.perf_counter() - t0
     out = capsys.readouterr().out
     assert (
-        "1000000 cells in 62500 tasks" in out
-        and "0 of these cells already stored, 1000000 to run in 62500 tasks" in out
+        "1000000 cells in 7813 tasks (batch size 16, up to 128 cells a task)" in out
+        and "0 of these cells already stored, 1000000 to run in 7813 tasks" in out
     )
     assert elapsed < 10, f"planning 10^6 cells took {elapsed:.1f} s"
     print(f"dry run of 10^6 cells: {elapsed:.2f} s")

@@ -202,7 +202,7 @@ def test_example_config_is_the_issue_yaml_and_dry_runs(capsys, tmp_path, monkeyp
         "same",
         [-1],
     )
-    assert (cfg.generation.max_new_tokens, cfg.execution.workers, cfg.execution.batch_size) == (20, 2, 16)
+    assert (cfg.generation.max_new_tokens, cfg.execution.workers, cfg.execution.batch_rows) == (20, 2, 16)
     assert (str(cfg.out_dir), cfg.output.wandb.project, cfg.output.wandb.mode) == (
         "runs/entity-description",
         "patchscope-sweeps",

@@ -185,8 +185,8 @@ def run_in_process(config: Path, engine) -> pd.DataFrame:
     p = plan(str(config))
     cfg, rows, plans, n_cells, context = p.config, p.rows, p.models, p.n_cells, p.context
     out = []
-    for task in iter_tasks(iter_cells(cfg, rows, plans, context=context), cfg.execution.batch_size, context):
-        out += records(task, run_task(engine, task.payload(), cfg.execution.batch_size))
+    for task in iter_tasks(iter_cells(cfg, rows, plans, context=context), cfg.execution.batch_rows, context):
+        out += records(task, run_task(engine, task.payload(), cfg.execution.batch_rows))
     assert len(out) == n_cells and len({r["cell_id"] for r in out}) == n_cells
     return pd.DataFrame(out)
 

@@ -50,7 +50,7 @@ def test_a_packing_kind_gets_tasks_of_many_source_prompts(tmp_path, no_weights):
     todo = count_todo(p.config, p.rows, p.models, set(), p.context)
     size = per_task(p.config, len(cells))
     assert size == 12  # batch_size 4 x batches_per_task 3
-    tasks = list(iter_tasks(iter(cells), p.config.execution.batch_size, p.context, {"tiny-llama": size}))
+    tasks = list(iter_tasks(iter(cells), p.config.execution.batch_rows, p.context, {"tiny-llama": size}))
     assert [c.cell_id for t in tasks for c in t.cells] == [c.cell_id for c in cells], "each cell once, in order"
     assert all(len(t.cells) <= 12 for t in tasks) and len(tasks) == todo["tiny-llama"][1] == 10
     assert max(len({c.group for c in t.cells}) for t in tasks) == 3, "a task spans source prompts"

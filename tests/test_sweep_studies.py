@@ -134,8 +134,10 @@ def test_config_errors_name_the_field_before_any_load(
 def test_dry_run_shows_the_grid(tmp_path, capsys):
     assert cli.main(["sweep", str(write(tmp_path, ABLATION)), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    # 3 prompts x 2 layers x 4 heads x 2 kinds = 48 cells; tasks group one prompt's cells, 8 at most
-    assert "tiny-ablation (intervention): 48 cells in 6 tasks" in out and "2 kind(s)" in out
+    # 3 prompts x 2 layers x 4 heads x 2 kinds = 48 cells; tasks of 2 batches of 8 across prompts,
+    # so that 2 workers x 2 tasks in flight all start with work
+    assert "tiny-ablation (intervention): 48 cells in 3 tasks (batch size 8, up to 16 cells a task)" in out
+    assert "2 kind(s)" in out
     assert cli.main(["sweep", str(write(tmp_path, TRACE)), "--dry-run"]) == 0
     out = capsys.readouterr().out
     # one task per fact; cells: 2 sites x 4 layers x every prompt position of each fact

@@ -209,8 +209,8 @@ def run_in_process(config: Path, engine, out_dir: Path, skip_stored: bool = True
     def fail(line: str) -> None:
         raise AssertionError(line)  # raised while the task's own exception is handled: both are shown
 
-    tasks = iter_tasks(iter_cells(cfg, rows, plans, skip=stored, context=context), cfg.execution.batch_size, context)
-    run_here(tasks, lambda payload: run_task(engine, payload, cfg.execution.batch_size), done, fail)
+    tasks = iter_tasks(iter_cells(cfg, rows, plans, skip=stored, context=context), _batch_rows(cfg), context)
+    run_here(tasks, lambda payload: run_task(engine, payload, _batch_rows(cfg)), done, fail)
     return computed
 
 
