@@ -190,6 +190,7 @@ class Outcome:
     expected: int = 0
     stored: int = 0  # distinct cell ids in the files, read with pyarrow
     rows_in_files: int = 0
+    part_files: int = 0  # merged files (sweeps.sinks.store.COMPACT_EVERY)
     duplicates: int = 0  # rows of a cell id stored more than once across files
     read_unique: bool = False
     equal_to_clean: bool | None = None
@@ -303,6 +304,7 @@ def run_fault(
     # what the files hold, read with pyarrow directly
     ids, by_task = [], {}
     for f in ResultStore(out).files():
+        res.part_files += f.name.startswith("part-")
         t = pq.read_table(f, columns=["cell_id", "task_id"]).to_pydict()
         ids += t["cell_id"]
         for cid, tid in zip(t["cell_id"], t["task_id"]):
