@@ -584,3 +584,19 @@ def test_an_address_where_no_cluster_answers_fails_fast(tmp_path, capsys):
     code = cli.main(["sweep", str(_write(tmp_path, BASE)), "--address", f"127.0.0.1:{port}"])
     assert code == 2
     assert f"error: --address: no Ray cluster answers at 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("section", "allowed"),
+    [("trace", "sites, layers, positions, window"), ("intervention", "site, layers"), ("prompts", "file, rows")],
+)
+def test_an_unknown_key_in_a_kind_section_lists_the_sections_keys(tmp_path, capsys, section, allowed):
+    """A kind's sections are optional (`X | None`): the message still lists their keys (it said
+    `(allowed: )` with an empty list)."""
+    kind = {"trace": "causal_trace", "intervention": "intervention", "prompts": "causal_trace"}[section]
+    cfg = {"name": "t", "kind": kind, "models": ["tiny-llama"], section: {"bogus": 1}}
+    cfg["output"] = {"dir": str(tmp_path / "out"), "wandb": {"mode": "disabled"}}
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert cli.main(["sweep", str(path), "--dry-run"]) == 2
+    assert f"{section}.bogus: unknown key 'bogus' (allowed: {allowed}" in capsys.readouterr().err

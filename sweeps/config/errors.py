@@ -5,6 +5,7 @@ about) and `format_errors`, pydantic's validation errors in that form, e.g.
 from __future__ import annotations
 
 import re
+import typing
 from typing import Any
 
 from pydantic import ValidationError
@@ -29,13 +30,21 @@ def _loc(loc: tuple) -> str:
 def _allowed_keys(root: type, loc: tuple, tagged: dict[str, dict[str, type]]) -> list[str]:
     if len(loc) == 2 and loc[0] in tagged and loc[1] in tagged[loc[0]]:
         return list(tagged[loc[0]][loc[1]].model_fields)
-    model: Any = root
+    model: Any = _section(root)
     for key in loc:
         info = getattr(model, "model_fields", {}).get(key)
         if info is None:
             return []
-        model = info.annotation
+        model = _section(info.annotation)
     return list(getattr(model, "model_fields", {}))
+
+
+def _section(annotation: Any) -> Any:
+    """The model of an annotation: `X | None` (an optional kind section) is X."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if len(args) == 1 and hasattr(args[0], "model_fields"):
+        return args[0]
+    return annotation
 
 
 def format_errors(exc: ValidationError, root: type, tagged: dict[str, dict[str, type]]) -> str:
