@@ -68,9 +68,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(f"target  [{args.model}] layer {args.target_layer}, positions {result.target_positions}")
         print(
             f"first-token top-{len(result.top_token_ids)}: "
-            + ", ".join(
-                f"{tok.decode([t])!r} {lp:.2f}" for t, lp in zip(result.top_token_ids[:5], result.top_logprobs[:5])
-            )
+            + ", ".join(f"{tok.decode([t])!r} {lp:.2f}" for t, lp in zip(result.top_token_ids, result.top_logprobs))
         )
         print(f"generated: {result.generated_text!r}")
     return 0

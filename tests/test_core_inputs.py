@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -121,6 +122,17 @@ def test_cli_inspect_rejects_bad_input_before_loading(no_weights, capsys):
     assert "source.layer: 12 is out of range 0 .. 3" in capsys.readouterr().err
     assert main(inspect_args(**{"--target-prompt": ""})) == 2
     assert "target.prompt: empty prompt" in capsys.readouterr().err
+
+
+def test_cli_inspect_prints_the_top_k_it_names(capsys):
+    """`first-token top-10` lists ten entries (it listed five), the same as --json's top tokens."""
+    assert main(inspect_args()) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("first-token top-"))
+    k = int(line.split(":")[0].removeprefix("first-token top-"))
+    assert main(inspect_args() + ["--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert k == len(record["top_token_ids"]) == 10
+    assert len(re.findall(r"['\"] -?\d+\.\d\d(?:, |$)", line)) == k  # one "'token' logprob" entry per token
 
 
 def test_cli_inspect_json(capsys):
