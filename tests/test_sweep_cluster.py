@@ -144,7 +144,7 @@ def test_a_node_lost_in_the_middle_of_a_sweep_costs_no_cell(tmp_path, two_node_c
     CPU is taken): the sweep moves them to the live worker and finishes with every cell once."""
     info, env, _ = two_node_cluster
     head, second = info["nodes"]
-    rows = "prompt,answer\n" + "".join(f"Entity number {i},{i}\n" for i in range(60))
+    rows = "prompt,answer\n" + "".join(f"Entity number {i},{i}\n" for i in range(150))
     config = _config(
         tmp_path,
         "tiny-node-lost",
@@ -153,7 +153,7 @@ def test_a_node_lost_in_the_middle_of_a_sweep_costs_no_cell(tmp_path, two_node_c
         target__layers="same",
         generation__max_new_tokens=60,
         execution__placement_timeout_s=120,
-        execution__batches_per_task=1,  # 30 tasks of 4 cells: the node dies holding some (4 packed tasks end first)
+        execution__batches_per_task=1,  # 75 tasks of 4 cells: work left when the second node has stored its first
     )
     out = tmp_path / "out"
     log = tmp_path / "sweep.log"
@@ -184,7 +184,7 @@ def test_a_node_lost_in_the_middle_of_a_sweep_costs_no_cell(tmp_path, two_node_c
     assert sweep.returncode == 0, text[-3000:]
     assert "worker 2 of tiny-llama lost (" in text or "worker 1 of tiny-llama lost (" in text, text[-3000:]
     df = ResultStore(out).read()
-    assert len(df) == 120 and df["cell_id"].is_unique  # 60 rows x 2 layers
-    assert killed_at < 120, "the node was killed after the work was done"
+    assert len(df) == 300 and df["cell_id"].is_unique  # 150 rows x 2 layers
+    assert killed_at < 300, "the node was killed after the work was done"
     assert set(df["worker_node"]) == {head["node_id"], second["node_id"]}
-    assert "120 of 120 cells stored" in text
+    assert "300 of 300 cells stored" in text
