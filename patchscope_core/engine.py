@@ -26,7 +26,7 @@ import time
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -100,7 +100,8 @@ class InterventionResult:
 
     def to_record(self) -> dict[str, Any]:
         """A flat, JSON- and Parquet-friendly dict."""
-        record = {k: v for k, v in asdict(self).items() if k not in ("run", "timings")}
+        # read directly: dataclasses.asdict would deep-copy the run (its kinds, their tables) first
+        record = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("run", "timings")}
         record["prompt"] = self.run.prompt
         record["answer"] = self.run.answer
         record["interventions"] = [
