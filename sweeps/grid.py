@@ -89,15 +89,39 @@ def per_task(config, n_cells: int) -> int | None:
     return ex.batch_rows * max(1, min(ex.batches_per_task, batches))
 
 
-def _count(config, rows, plans, context, stored_ids=None) -> dict[str, tuple[int, int]]:
+ID_CHUNK = 1 << 20  # cell ids turned into Arrow strings at a time
+
+
+def _id_chunks(ids: Iterator[str]) -> Iterator[list[str]]:
+    while chunk := list(itertools.islice(ids, ID_CHUNK)):
+        yield chunk
+
+
+def cell_id_array(config, rows: list, plans: dict[str, ModelPlan], context: Any = None):
+    """Every cell id in the grid's order as one Arrow string column, built a chunk at a time (10^7
+    ids: about 200 MB, no Python object per cell kept): what a run matches against the store
+    (`count_todo`) and what the store records as its current cells, computed once per run."""
+    import pyarrow as pa
+
+    chunks = [pa.array(c, pa.string()) for c in _id_chunks(cell_ids(config, rows, plans, context))]
+    return pa.chunked_array(chunks, pa.string())
+
+
+def _count(config, rows, plans, context, stored_ids=None, ids=None) -> dict[str, tuple[int, int]]:
     """{model: (cells, tasks)}: of the whole grid, or of the cells whose ids are not in the set
-    `stored_ids` (when given and not empty)."""
-    ids = cell_ids(config, rows, plans, context) if stored_ids else None
+    `stored_ids` (when given and not empty); `ids`: the grid's `cell_id_array`, if at hand."""
+    if stored_ids:
+        lists = (
+            (c.to_pylist() for c in ids.chunks)
+            if ids is not None
+            else _id_chunks(cell_ids(config, rows, plans, context))
+        )
+        todo = (cid not in stored_ids for chunk in lists for cid in chunk)
     packs = KINDS[config.kind].packs
     out: dict[str, tuple[int, int]] = {}
     for model, n, one_task in group_sizes(config, rows, plans, context):
-        if ids is not None:
-            n = sum(1 for cid in itertools.islice(ids, n) if cid not in stored_ids)
+        if stored_ids:
+            n = sum(itertools.islice(todo, n))
         cells, tasks = out.get(model, (0, 0))
         out[model] = (cells + n, tasks + (0 if packs else _tasks_of(n, one_task, config.execution.batch_rows)))
     if packs:  # a model's cells are cut into tasks across groups
@@ -114,11 +138,12 @@ def count_tasks(config, rows: list, plans: dict[str, ModelPlan], context: Any = 
 
 
 def count_todo(
-    config, rows: list, plans: dict[str, ModelPlan], stored: set[str] | frozenset, context: Any = None
+    config, rows: list, plans: dict[str, ModelPlan], stored: set[str] | frozenset, context: Any = None, ids=None
 ) -> dict[str, tuple[int, int]]:
     """{model: (cells, tasks)} of what is not in `stored` yet, without building any cell (and
-    without a look at a single cell when nothing is stored)."""
-    return _count(config, rows, plans, context, stored)
+    without a look at a single cell when nothing is stored); `ids`: the grid's `cell_id_array`
+    when the caller has it (else the ids are computed here)."""
+    return _count(config, rows, plans, context, stored, ids)
 
 
 def cell_ids(config, rows: list, plans: dict[str, ModelPlan], context: Any = None) -> Iterator[str]:

@@ -31,7 +31,7 @@ from typing import Any
 
 from ..config import ConfigError
 from ..config.sweep import load_config
-from ..grid import cell_ids, count_cells, count_todo, iter_cells, iter_tasks, per_task, worker_settings
+from ..grid import cell_id_array, count_cells, count_todo, iter_cells, iter_tasks, per_task, worker_settings
 from ..plan import Plan, check_against_models, config_hash, load_rows, model_keys, study_context
 from ..records import records as result_rows
 from ..sinks.base import End, Peers
@@ -62,9 +62,9 @@ def plan(config_path: str) -> Plan:
     return Plan(config, rows, plans, context, n_cells, config_hash(config, rows, context))
 
 
-def _todo(p: Plan, stored: set[str] | frozenset) -> dict[str, tuple[int, int]]:
-    """{model: (cells, tasks)} of the plan's grid not in `stored`."""
-    return count_todo(p.config, p.rows, p.models, stored, p.context)
+def _todo(p: Plan, stored: set[str] | frozenset, ids=None) -> dict[str, tuple[int, int]]:
+    """{model: (cells, tasks)} of the plan's grid not in `stored` (`ids`: its `cell_id_array`)."""
+    return count_todo(p.config, p.rows, p.models, stored, p.context, ids)
 
 
 def run_tasks(
@@ -182,7 +182,8 @@ def _compute(p: Plan, store: ResultStore, restart: bool, sinks: Peers, totals: d
     from tqdm import tqdm
 
     config, n_cells = p.config, p.n_cells
-    todo = _todo(p, set() if restart else store.stored_cell_ids())
+    ids = cell_id_array(config, p.rows, p.models, p.context)  # one pass over the grid's ids per run
+    todo = _todo(p, set() if restart else store.stored_cell_ids(), ids)
     n_todo, n_tasks = sum(c for c, _ in todo.values()), sum(t for _, t in todo.values())
     started = False
     try:
@@ -200,8 +201,9 @@ def _compute(p: Plan, store: ResultStore, restart: bool, sinks: Peers, totals: d
             p.config_hash,
             n_cells,
             restart=restart,
-            cells=cell_ids(config, p.rows, p.models, p.context),
+            cells=ids,
         )
+        del ids  # the store wrote them; the run matches against its set of stored ids
         already = n_cells - n_todo
         print(
             f"sweep {config.name}: {n_cells} cells; "

@@ -78,6 +78,7 @@ def read_columns(
     untagged = store._untagged() if store.keys is not None else {}
     renames = _renames()
     only = None if cells is None else pa.array(list(cells), pa.string())
+    current = store.current_cells()
     frames = []
     for f in store.files():
         have = _schema_names(store, f)
@@ -92,9 +93,7 @@ def read_columns(
         table = store._table(f, list(dict.fromkeys([*on_disk.values(), *keys])))
         if table is None:
             continue
-        keep = store._matches(table, untagged)
-        if keep is not None:
-            table = table.filter(pa.array(keep, pa.bool_()))
+        table = store.current_rows(table, untagged, current)
         if only is not None and "cell_id" in table.column_names:
             table = table.filter(pc.is_in(table["cell_id"], value_set=only.cast(table["cell_id"].type)))
         if not table.num_rows:
@@ -111,7 +110,4 @@ def read_columns(
     if not frames:
         return pd.DataFrame()
     df = pd.concat(frames, ignore_index=True).drop_duplicates("cell_id", keep="first")
-    current = store.current_cells()
-    if current is not None:
-        df = df[df["cell_id"].isin(current)]
     return df.reset_index(drop=True)

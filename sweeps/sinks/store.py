@@ -154,18 +154,6 @@ class ResultStore:
             return dict(self.keys)  # a store of an earlier version, resumed with its own config
         return {}
 
-    def _matches(self, table, untagged: dict[str, str]) -> list[bool] | None:
-        """Which rows of a table hold this run's weights (None: all of them); `untagged`: what
-        `_untagged` says, read once per pass over the files."""
-        if self.keys is None:
-            return None
-        models = table.column("model").to_pylist() if "model" in table.column_names else [None] * table.num_rows
-        if "model_key" in table.column_names:
-            have = table.column("model_key").to_pylist()
-        else:
-            have = [untagged.get(m) for m in models]
-        return [h is not None and h == self.keys.get(m) for m, h in zip(models, have)]
-
     def holder(self) -> dict[str, Any] | None:
         """Who is running a sweep into this directory now (None: nobody); the lock is only
         tested, never kept."""
@@ -249,8 +237,9 @@ class ResultStore:
         restart: bool = False,
         cells: Iterable[str] | None = None,
     ) -> int:
-        """Prepare the directory for a run of this config (`cells`: its cell ids, what `read`
-        returns from now on); returns how many of the stored cells it reuses."""
+        """Prepare the directory for a run of this config (`cells`: its cell ids, an Arrow string
+        array or any iterable, what `read` returns from now on); returns how many of the stored
+        cells it reuses."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -278,7 +267,9 @@ class ResultStore:
             "updated": _now(),
         }
         if cells is not None:
-            ids = pa.table({"cell_id": pa.array(list(cells), pa.string())})
+            if not isinstance(cells, (pa.Array, pa.ChunkedArray)):
+                cells = pa.array(list(cells), pa.string())
+            ids = pa.table({"cell_id": cells})
             _atomic_write(self.cells_path, lambda fh: pq.write_table(ids, fh))
         elif self.cells_path.exists():
             self.cells_path.unlink()
@@ -364,8 +355,9 @@ class ResultStore:
         return ["cell_id"] + [c for c in ("model", "model_key") if c in names]
 
     def _keep_mask(self, table, untagged: dict[str, str]):
-        """`_matches` as an Arrow boolean array (None: every row), computed column-wise: a store of
-        millions of rows is matched without a Python object per row."""
+        """Which rows of a table hold this run's weights, as an Arrow boolean array (None: all of
+        them), computed column-wise: a store of millions of rows is matched without a Python
+        object per row; `untagged`: what `_untagged` says, read once per pass over the files."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
@@ -421,15 +413,33 @@ class ResultStore:
             self._stored = None
         stored = self.stored_cell_ids()
         cells = self.current_cells()
-        return len(stored) if cells is None else len(cells & stored)
+        if cells is None:
+            return len(stored)
+        import pyarrow as pa
+        import pyarrow.compute as pc
 
-    def current_cells(self) -> set[str] | None:
-        """The cell ids of the config run last (None: not recorded, every stored cell counts)."""
+        return pc.sum(pc.is_in(cells, value_set=pa.array(list(stored), pa.string()))).as_py() or 0
+
+    def current_cells(self):
+        """The cell ids of the config run last, as an Arrow array (None: not recorded, every
+        stored cell counts); matched with `pyarrow.compute.is_in`, never a Python set of millions."""
         import pyarrow.parquet as pq
 
         if not self.cells_path.is_file():
             return None
-        return set(pq.read_table(self.cells_path).column("cell_id").to_pylist())
+        return pq.read_table(self.cells_path).column("cell_id")
+
+    def current_rows(self, table, untagged: dict[str, str], cells):
+        """The rows of one result file's table that `read()` returns: those of this run's weights
+        (`untagged`: what `_untagged` says) and of the cells `current_cells` gave (None: any)."""
+        import pyarrow.compute as pc
+
+        keep = self._keep_mask(table, untagged)
+        if keep is not None:
+            table = table.filter(keep)
+        if cells is not None and "cell_id" in table.column_names:
+            table = table.filter(pc.is_in(table["cell_id"], value_set=cells.cast(table["cell_id"].type)))
+        return table
 
     def read(self, current: bool = True):
         """The stored cells as one pandas DataFrame, each cell_id once (empty when nothing is
@@ -443,18 +453,15 @@ class ResultStore:
             self._stored = None
         frames = []
         untagged = self._untagged() if current and self.keys is not None else {}
+        cells = self.current_cells() if current else None
         for t in (self._table(f) for f in self.files()):
             if t is None:
                 continue
-            keep = self._matches(t, untagged) if current else None
-            frames.append(_renamed(t.to_pandas() if keep is None else t.to_pandas()[keep]))
+            frames.append(_renamed((self.current_rows(t, untagged, cells) if current else t).to_pandas()))
         frames = [f for f in frames if len(f)]
         if not frames:
             return pd.DataFrame()
         df = pd.concat(frames, ignore_index=True).drop_duplicates("cell_id", keep="first")
-        cells = self.current_cells() if current else None
-        if cells is not None:
-            df = df[df["cell_id"].isin(cells)]
         return df.reset_index(drop=True)
 
     # ------------------------------------------------------------ writing
