@@ -256,5 +256,26 @@ class ActivationPatchingKind(PairKind):
                 break
         return "\n".join(lines)
 
+    def summary_figures(self, df) -> dict[str, Any]:
+        """Per site (prefixed with direction/metric when the sweep has several): the cell whose mean
+        `recovered` over pairs is largest (`max_recovered`, its `_layer`, `_position`, `_head`)
+        and, on a head site, that head as `top_head` (L<layer>H<head>)."""
+        several = df.groupby(["direction", "metric"]).ngroups > 1
+        out: dict[str, Any] = {}
+        for (direction, metric, site), g in df.groupby(["direction", "metric", "site"], sort=True):
+            means = g.groupby(["layer", "position", "head"], dropna=False)["recovered"].mean().dropna()
+            if means.empty:
+                continue
+            (layer, position, head), best = means.idxmax(), float(means.max())
+            p = f"{direction}/{metric}/{site}" if several else site
+            out[f"{p}/max_recovered"] = best
+            out[f"{p}/max_recovered_layer"] = int(layer)
+            if position == position and position is not None:
+                out[f"{p}/max_recovered_position"] = int(position)
+            if head == head and head is not None:
+                out[f"{p}/max_recovered_head"] = int(head)
+                out[f"{p}/top_head"] = f"L{int(layer)}H{int(head)}"
+        return out
+
 
 KIND = ActivationPatchingKind()
