@@ -408,7 +408,8 @@ class AttributionPatchingKind(PairKind):
             means = g.groupby(["layer", "head", "neuron"], dropna=False)["estimate"].mean().dropna()
             if means.empty:
                 continue
-            (layer, head, neuron), value = means.abs().idxmax(), means[means.abs().idxmax()]
+            i = int(means.abs().to_numpy().argmax())  # by position: the index holds NaN (no head, no neuron)
+            (layer, head, neuron), value = means.index[i], means.iloc[i]
             out[f"{site}/{method}/top_node"] = (
                 f"L{int(layer)}"
                 + (f"H{int(head)}" if head is not None and head == head else "")
