@@ -375,7 +375,7 @@ def belongs(key: str, model: str, models: Sequence[str]) -> bool:
     `pictures.safe_name` between underscores; of several that match, the longest), or it names
     no model of the sweep (every run gets it)."""
     padded = f"_{key}_"
-    named = {m: safe_name(m) for m in models if f"_{safe_name(m)}_" in padded or f"_{safe_name(m, 'model')}_" in padded}
+    named = {m: safe_name(m) for m in models if f"_{safe_name(m)}_" in padded}
     if not named:
         return True
     longest = max(len(n) for n in named.values())
@@ -444,7 +444,11 @@ class WandbPeer:
                 r._fail("finish", exc)
             return
         for model, sink in active.items():
-            records, sampled, figures, curves = self._of(read, model)
+            try:
+                records, sampled, figures, curves = self._of(read, model)
+            except Exception as exc:  # noqa: BLE001 - a kind's figures failing must not leave the run open
+                sink._fail("finish", exc)
+                continue
             summary = {**end.summary, **figures, **({"results_table_sampled": sampled} if sampled else {})}
             mine = images if model is None else {k: v for k, v in images.items() if belongs(k, model, self.models)}
             run_dir = sink.finish(records, mine, summary, curves, self.args[3] if read else None, model)
@@ -493,11 +497,6 @@ class WandbPeer:
         df = df.sort_values([c for c in kind.order if c in df.columns], kind="stable")
         frame = enrich(frame).sort_values([c for c in kind.order if c in frame.columns], kind="stable")
         return kind, df, None if chosen is None else sampled_text(len(chosen), len(ids)), frame
-
-    def rows(self) -> tuple[list[dict[str, Any]], str | None]:
-        """The rows of the final results table of every model and what their sample is, in words."""
-        _, df, sampled, _ = self.read()
-        return df.to_dict("records"), sampled
 
     def fail(self) -> None:
         for r in self.runs.values():
