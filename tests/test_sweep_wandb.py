@@ -176,6 +176,30 @@ SWEEPS = {
         },
         "generation": {"max_new_tokens": 1},
     },
+    "head_ablation": {
+        "kind": "intervention",
+        "prompts": {k: v for k, v in FACT_PROMPTS.items() if k != "subject_column"},
+        "intervention": {
+            "site": "blocks.{layer}.attn.hook_z",
+            "layers": [1, 3],
+            "heads": "all",
+            "positions": "all",
+            "kind": "zero",
+        },
+        "generation": {"max_new_tokens": 1},
+    },
+    "token_identity": {
+        "kind": "recipe",
+        "recipe": {
+            "name": "token_identity",
+            "layers": "all",
+            "words": 16,
+            "windows": 3,
+            "positions": 2,
+            "min_context": 4,
+            "fit_windows": 12,
+        },
+    },
 }
 ENTITIES = [
     {"entity": "Paris", "answer": "city"},  # a word, and single letters a random model's text
@@ -239,6 +263,16 @@ def expected_figures(name: str, df: pd.DataFrame) -> dict:
             means = g.groupby("layer")["indirect_effect"].mean()
             out[f"{site}/last_subject_peak"] = means.max()
             out[f"{site}/last_subject_peak_layer"] = int(means.idxmax())
+    elif name == "head_ablation":
+        means = df.groupby(["site", "layer", "head"])["delta_logprob"].mean()
+        (site, layer, head), best = max(means.items(), key=lambda kv: abs(kv[1]))
+        out["largest_effect"] = out["top_head_delta_logprob"] = best
+        out["largest_effect_at"] = out["top_head"] = f"{site} L{layer}H{head} zero"
+    elif name == "token_identity":
+        for method, g in df.groupby("method"):
+            by_layer = g.groupby("source_layer")["score"].mean()
+            out[f"token_identity/{method}/precision_at_1"] = by_layer.max()
+            out[f"token_identity/{method}/best_layer"] = int(by_layer.index[int(np.argmax(by_layer.to_numpy()))])
     elif name == "knockout":
         for edges, g in df.groupby("knockout"):
             means = g.groupby("layer")["p_change_pct"].mean()
