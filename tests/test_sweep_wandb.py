@@ -96,6 +96,11 @@ def logged_tables(run: dict, prefix: str) -> dict[str, pd.DataFrame]:
     }
 
 
+def run_ids(out_dir: Path) -> dict[str, str]:
+    """{model: run id} of output.dir/wandb_runs.json."""
+    return {m: v["id"] for m, v in json.loads((out_dir / "wandb_runs.json").read_text()).items()}
+
+
 def md5_b64(path: Path) -> str:
     return base64.b64encode(hashlib.md5(path.read_bytes()).digest()).decode()
 
@@ -308,7 +313,7 @@ def test_each_kind_s_run_holds_its_figures_tables_curves_and_store(tmp_path, nam
     out = tmp_path / "out"
     df = ResultStore(out).read()
     models = list(dict.fromkeys(df["model"]))
-    ids = json.loads((out / "wandb_runs.json").read_text())
+    ids = run_ids(out)
     runs = runs_of(out)
     assert sorted(ids) == sorted(models) and sorted(runs) == sorted(ids.values()), "one run per model"
     made = write_report(out)  # the report's files again, as the sweep's end wrote them
@@ -400,12 +405,14 @@ def test_an_interrupted_sweep_is_one_run_resumed_updated_and_restarted(tmp_path,
     monkeypatch.setattr(sweeps.sinks.store.ResultStore, "write", real_write)
     assert main(["sweep", str(config)]) == 0
     out = tmp_path / "out"
-    (run_id,) = json.loads((out / "wandb_runs.json").read_text()).values()
+    (run_id,) = run_ids(out).values()
     runs = runs_of(out)
     assert list(runs) == [run_id], "the rerun continued the interrupted run, not a new one"
     stopped, resumed = runs[run_id]
     assert stopped["preempting"] and stopped["exit_code"] != 0
     assert resumed["run"].resume and resumed["exit_code"] == 0
+    steps = [[h["_step"] for h in r["history"]] for r in (stopped, resumed)]
+    assert steps[0] and max(steps[0]) < min(steps[1]), "the resumed history goes on after the stopped one's"
     assert len(resumed["table"](final(resumed)["results/path"])) == 9 == resumed["summary"]["cells_done"]
 
     # shrink the sweep: nothing to compute, and the run still shows the current cells
@@ -420,6 +427,7 @@ def test_an_interrupted_sweep_is_one_run_resumed_updated_and_restarted(tmp_path,
     runs = runs_of(out)
     assert list(runs) == [run_id] and len(runs[run_id]) == 3
     last = runs[run_id][-1]
+    assert min(h["_step"] for h in last["history"]) > max(h["_step"] for h in resumed["history"])
     current = ResultStore(out).read()
     assert len(current) == 3 and last["exit_code"] == 0
     assert set(last["table"](final(last)["results/path"])["cell_id"]) == set(current["cell_id"])
@@ -430,5 +438,5 @@ def test_an_interrupted_sweep_is_one_run_resumed_updated_and_restarted(tmp_path,
 
     # --restart: a new run
     assert main(["sweep", str(shrunk), "--restart"]) == 0
-    (new_id,) = json.loads((out / "wandb_runs.json").read_text()).values()
+    (new_id,) = run_ids(out).values()
     assert new_id != run_id and set(runs_of(out)) == {run_id, new_id}

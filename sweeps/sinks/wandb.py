@@ -139,30 +139,49 @@ def logged_config(config, config_hash: str) -> dict[str, Any]:
     return {**{k: v for k, v in dump.items() if k in keep and v is not None}, "config_hash": config_hash}
 
 
-def run_ids(out_dir: Path, models: Sequence[str], restart: bool) -> dict[str, str]:
-    """{model: run id}: the ids output.dir/wandb_runs.json holds (none with --restart), new ones
-    for the models it lacks; written back (ids of models no longer swept are kept)."""
+def read_runs(out_dir: Path) -> dict[str, dict[str, Any]]:
+    """{model: {"id": run id, "step": the next history step}} of output.dir/wandb_runs.json ({}
+    when absent or damaged: new runs)."""
     import json
+
+    path = Path(out_dir) / RUNS_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {
+        str(m): {"id": str(v["id"]), "step": int(v.get("step", 0))}
+        for m, v in data.items()
+        if isinstance(v, dict) and isinstance(v.get("id"), str) and isinstance(v.get("step", 0), int)
+    }
+
+
+def write_runs(out_dir: Path, runs: dict[str, dict[str, Any]]) -> None:
+    """Write output.dir/wandb_runs.json whole (a temporary file renamed into place)."""
+    import json
+
+    path = Path(out_dir) / RUNS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(runs, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def run_ids(out_dir: Path, models: Sequence[str], restart: bool) -> dict[str, dict[str, Any]]:
+    """{model: {"id", "step"}}: the runs output.dir/wandb_runs.json holds (none with --restart),
+    new ones (step 0) for the models it lacks; written back (models no longer swept are kept)."""
     import secrets
     import string
 
     def new_id() -> str:  # as W&B's own run ids: 8 of [a-z0-9]
         return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
-    path = Path(out_dir) / RUNS_FILE
-    known: dict[str, str] = {}
-    if path.is_file() and not restart:
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            known = {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
-        except (OSError, ValueError):
-            known = {}  # a damaged file: new runs
-    ids = {**known, **{m: known.get(m) or new_id() for m in models}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(ids, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return {m: ids[m] for m in models}
+    known = {} if restart else read_runs(out_dir)
+    runs = {**known, **{m: known.get(m) or {"id": new_id(), "step": 0} for m in models}}
+    write_runs(out_dir, runs)
+    return {m: runs[m] for m in models}
 
 
 class WandbSink:
@@ -176,8 +195,10 @@ class WandbSink:
         out_dir: Path,
         run_id: str | None = None,
         run_name: str | None = None,
+        step: int = 0,
     ) -> None:
         self.mode = resolve_mode(cfg.mode)
+        self.step = step  # the next history step: a resumed run goes on after its last one
         self.run = None
         self.out_dir = Path(out_dir)
         self.ref_columns: list[str] = []
@@ -208,6 +229,9 @@ class WandbSink:
                 settings=wandb.Settings(silent=True, console="off"),
             )
             self.run.config.update(config, allow_val_change=True)  # a resumed run shows the current config
+            # Online, W&B's resume says where the run's history ended; offline, wandb_runs.json does
+            # (so the directories `wandb sync` uploads into one run have increasing steps).
+            self.step = max(self.step, int(getattr(self.run, "starting_step", 0) or 0))
             self.run.define_metric("cells_done")
             self.run.define_metric("*", step_metric="cells_done")
             if self.mode == "online":
@@ -268,9 +292,13 @@ class WandbSink:
             if self.pending and (self.unsent >= math.ceil(cells_total / MAX_INCREMENTS) or cells_done >= cells_total):
                 progress["cells"] = self.live
                 self.unsent = self.pending = 0
-            self.run.log(progress)
+            self._log(progress)
         except Exception as exc:  # noqa: BLE001
             self._fail("log", exc)
+
+    def _log(self, payload: dict[str, Any]) -> None:
+        self.run.log(payload, step=self.step)
+        self.step += 1
 
     def _keep(self, cell_id: str, cells_total: int) -> bool:
         """Whether the live table takes this cell: every cell of a sweep of at most max_rows; else
@@ -315,7 +343,7 @@ class WandbSink:
                 payload[f"curve/{key}"] = wandb.plot.line(
                     wandb.Table(dataframe=frame), c.x, c.y, stroke=c.series, title=c.title or key
                 )
-            self.run.log(payload)
+            self._log(payload)
             self.run.summary.update(summary)
             if store is not None:
                 self.run.log_artifact(_store_artifact(store, summary, self.run.group or store.name))
@@ -416,12 +444,24 @@ class WandbPeer:
         if not self.models:  # a sink without models (a test's): one run, a new id
             self.runs[None] = WandbSink(cfg, name, config, out_dir)
             return
-        ids = run_ids(out_dir, self.models, self.restart)
+        runs = run_ids(out_dir, self.models, self.restart)
         self.restart = False  # a second start (a test's) continues the runs just begun
         several = len(self.models) > 1
         for model in self.models:
             run_name = f"{name} {safe_name(model)}" if several else name
-            self.runs[model] = WandbSink(cfg, name, {**config, "model": model}, out_dir, ids[model], run_name)
+            self.runs[model] = WandbSink(
+                cfg, name, {**config, "model": model}, out_dir, runs[model]["id"], run_name, runs[model]["step"]
+            )
+
+    def _save_steps(self) -> None:
+        """Each model's next history step into wandb_runs.json, for the next invocation."""
+        if not self.models or not self.runs:
+            return
+        runs = read_runs(self.args[3])
+        for model, sink in self.runs.items():
+            if model in runs:
+                runs[model]["step"] = max(runs[model]["step"], sink.step)
+        write_runs(self.args[3], runs)
 
     def write(self, rows, done: int, total: int, cells_per_s: float) -> None:
         if None in self.runs:
@@ -442,6 +482,7 @@ class WandbPeer:
         except Exception as exc:  # noqa: BLE001 - reading the store for W&B must not leave the runs open
             for r in active.values():
                 r._fail("finish", exc)
+            self._save_steps()
             return
         for model, sink in active.items():
             try:
@@ -461,6 +502,7 @@ class WandbPeer:
                 end.notes.append(f"W&B:      offline run in {run_dir}; upload it with: wandb sync {run_dir}")
             elif run_dir:
                 end.notes.append(f"W&B:      {sink.url or 'run'} (files in {run_dir})")
+        self._save_steps()
 
     def _of(self, read, model: str | None):
         """(table rows, sample in words, summary figures, curves) of one model's run."""
@@ -501,3 +543,4 @@ class WandbPeer:
     def fail(self) -> None:
         for r in self.runs.values():
             r.abort()
+        self._save_steps()
