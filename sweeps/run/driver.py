@@ -172,7 +172,8 @@ def _sinks(p: Plan, restart: bool = False) -> Peers:
     """The peers of the store: the report, then W&B (which gets the report's pictures): one run
     per model, resumed across invocations, new ones with --restart."""
     from ..sinks.report import ReportSink
-    from ..sinks.wandb import WandbPeer, logged_config
+    from ..sinks.wandb import WandbPeer
+    from ..sinks.wandb_runs import logged_config
 
     config = p.config
     wandb = WandbPeer(

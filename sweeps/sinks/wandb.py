@@ -14,9 +14,10 @@ At the end each run gets: its model's rows as the `results` table; the report's 
 (`heatmap/<key>`) and CSV tables (`table/<key>`: a table with a `model` column, its model's
 rows) whose file names name its model, or name no model of the sweep; the kind's line plots
 (`SweepKind.curves`, as `curve/<name>`); the summary (the counts and
-`SweepKind.summary_figures`); the results store as an artifact by reference (`results-<sweep>`:
-the Parquet files' paths and checksums, the files staying where they are). The logged config
-holds the kind's own sections (`logged_config`), not the other kinds' empty ones.
+`SweepKind.summary_figures`); the results store as an artifact by reference
+(`wandb_runs.store_artifact`, `results-<sweep>`: the Parquet files' paths and checksums, the
+files staying where they are). The logged config holds the kind's own sections
+(`wandb_runs.logged_config`), not the other kinds' empty ones.
 
 The local store is the record of truth and is always written first: every W&B call here is
 guarded, and a failure prints one warning and turns the sink off, losing nothing.
@@ -42,7 +43,6 @@ import heapq
 import math
 import netrc
 import os
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,6 +56,7 @@ from ..records import enrich, token_text, top1_logprob
 from .columns import kind_of_store, read_columns, store_columns
 from .report import read_report_frame
 from .store import ResultStore
+from .wandb_runs import read_runs, run_ids, store_artifact, write_runs
 
 TABLE_SEED = 0  # the seed of the per-cell tables' sample
 
@@ -122,66 +123,6 @@ def table_rows(
 
 WANDB_TABLE_ROWS = 200_000  # W&B cuts a table here; the report's tables are logged up to it
 MAX_INCREMENTS = 90  # of the live table; W&B's workspace shows the last 100
-RUNS_FILE = "wandb_runs.json"  # {model: W&B run id} in output.dir
-
-
-def logged_config(config, config_hash: str) -> dict[str, Any]:
-    """The config as W&B shows it: the shared sections and the kind's own, without the other
-    kinds' (empty) sections, and without `generation` for a kind that generates no text, unless
-    the config sets it."""
-    kind = KINDS[config.kind]
-    dump = config.model_dump(mode="json")
-    shared = {"name", "kind", "models", "execution", "output", "report"}
-    generates = any(c.startswith("generated") for c in kind.schema.results)
-    if generates or "generation" in config.model_fields_set:
-        shared.add("generation")
-    keep = shared | set(kind.sections)
-    return {**{k: v for k, v in dump.items() if k in keep and v is not None}, "config_hash": config_hash}
-
-
-def read_runs(out_dir: Path) -> dict[str, dict[str, Any]]:
-    """{model: {"id": run id, "step": the next history step}} of output.dir/wandb_runs.json ({}
-    when absent or damaged: new runs)."""
-    import json
-
-    path = Path(out_dir) / RUNS_FILE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(data, dict):
-        return {}
-    return {
-        str(m): {"id": str(v["id"]), "step": int(v.get("step", 0))}
-        for m, v in data.items()
-        if isinstance(v, dict) and isinstance(v.get("id"), str) and isinstance(v.get("step", 0), int)
-    }
-
-
-def write_runs(out_dir: Path, runs: dict[str, dict[str, Any]]) -> None:
-    """Write output.dir/wandb_runs.json whole (a temporary file renamed into place)."""
-    import json
-
-    path = Path(out_dir) / RUNS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(runs, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
-def run_ids(out_dir: Path, models: Sequence[str], restart: bool) -> dict[str, dict[str, Any]]:
-    """{model: {"id", "step"}}: the runs output.dir/wandb_runs.json holds (none with --restart),
-    new ones (step 0) for the models it lacks; written back (models no longer swept are kept)."""
-    import secrets
-    import string
-
-    def new_id() -> str:  # as W&B's own run ids: 8 of [a-z0-9]
-        return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-
-    known = {} if restart else read_runs(out_dir)
-    runs = {**known, **{m: known.get(m) or {"id": new_id(), "step": 0} for m in models}}
-    write_runs(out_dir, runs)
-    return {m: runs[m] for m in models}
 
 
 class WandbSink:
@@ -346,7 +287,7 @@ class WandbSink:
             self._log(payload)
             self.run.summary.update(summary)
             if store is not None:
-                self.run.log_artifact(_store_artifact(store, summary, self.run.group or store.name))
+                self.run.log_artifact(store_artifact(store, summary, self.run.group or store.name))
             run_dir = str(Path(self.run.dir).parent)
             self.url = self.run.url if self.mode == "online" else None
             self.run.finish()
@@ -377,25 +318,6 @@ def _csv_table(path: Path, model: str | None):
     if model is not None and "model" in df.columns:
         df = df[df["model"].astype(str) == model].reset_index(drop=True)
     return df
-
-
-def _store_artifact(out_dir: Path, summary: dict[str, Any], sweep: str):
-    """The results store (output.dir/results/*.parquet, manifest.json, cells.parquet) as a W&B
-    artifact by reference: each file's path and checksum, the files staying where they are."""
-    import wandb
-
-    store = ResultStore(out_dir)
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"results-{sweep}")
-    artifact = wandb.Artifact(
-        name,
-        type="sweep-results",
-        description="the sweep's Parquet store (sweeps.sinks.store.ResultStore), referenced in place",
-        metadata={k: summary[k] for k in ("cells_done", "cells_total") if k in summary},
-    )
-    for path in [*store.files(), store.manifest_path, store.cells_path]:
-        if path.is_file():
-            artifact.add_reference(path.resolve().as_uri(), name=str(path.relative_to(store.dir)))
-    return artifact
 
 
 def belongs(key: str, model: str, models: Sequence[str]) -> bool:
