@@ -40,7 +40,15 @@ def read_run(run_dir: Path, wait_s: float = 30.0) -> dict:
     while not any(r.WhichOneof("record_type") == "exit" for r in records) and time.monotonic() < deadline:
         time.sleep(0.2)
         records = read_wandb_records(log)
-    out: dict = {"dir": run_dir, "config": {}, "summary": {}, "history": [], "artifacts": [], "preempting": False}
+    out: dict = {
+        "dir": run_dir,
+        "config": {},
+        "summary": {},
+        "history": [],
+        "artifacts": [],
+        "preempting": False,
+        "removed": set(),
+    }
     for r in records:
         kind = r.WhichOneof("record_type")
         if kind == "run":
@@ -49,6 +57,9 @@ def read_run(run_dir: Path, wait_s: float = 30.0) -> dict:
             out["config"].update({i.key: json.loads(i.value_json) for i in r.config.update if i.key})
         elif kind == "summary":
             out["summary"].update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.summary.update})
+            for i in r.summary.remove:  # offline the summary starts empty: W&B applies these on syncing
+                out["removed"].add(i.key or "/".join(i.nested_key))
+                out["summary"].pop(i.key or "/".join(i.nested_key), None)
         elif kind == "history":
             row: dict = {}
             for item in r.history.item:
@@ -440,3 +451,23 @@ def test_an_interrupted_sweep_is_one_run_resumed_updated_and_restarted(tmp_path,
     assert main(["sweep", str(shrunk), "--restart"]) == 0
     (new_id,) = run_ids(out).values()
     assert new_id != run_id and set(runs_of(out)) == {run_id, new_id}
+
+
+def test_a_figure_the_current_config_no_longer_has_leaves_the_run_s_summary(tmp_path, capsys):
+    config = write(tmp_path, "activation_patching")
+    assert main(["sweep", str(config)]) == 0
+    out = tmp_path / "out"
+    (run_id,) = run_ids(out).values()
+    (first,) = runs_of(out)[run_id]
+    assert first["summary"]["attn.hook_z/top_head"] and "hook_resid_pre/max_recovered" in first["summary"]
+    patching = {**SWEEPS["activation_patching"]["patching"], "sites": ["blocks.{layer}.hook_resid_pre"]}
+    assert main(["sweep", str(write(tmp_path, "activation_patching", patching=patching))]) == 0
+    assert "0 to run" in capsys.readouterr().out
+    _, last = runs_of(out)[run_id]
+    want = expected_figures("activation_patching", ResultStore(out).read())
+    assert want and all(k.startswith("hook_resid_pre/") for k in want)
+    figures = {k for k in last["summary"] if "/" in k and not k.startswith(("_", "cells/", "results/", "table/"))}
+    figures = {k for k in figures if not k.startswith(("heatmap/", "curve/"))}
+    assert figures == set(want)
+    gone = {k for k in first["summary"] if k.startswith("attn.hook_z/")}
+    assert gone and last["removed"] == gone, "the head site's figures, gone from the config, leave the summary"

@@ -256,11 +256,13 @@ class WandbSink:
         curves: dict[str, Any] | None = None,
         store: Path | None = None,
         model: str | None = None,
+        stale: Sequence[str] = (),
     ) -> str | None:
         """Final table of the cells given (every cell, or WandbPeer's sample), the pictures (PNG),
         the report's other tables (CSV, whole; a `model` column: that model's rows), the line
-        plots (`kinds.base.Curve`), the summary and the store in `store` as an artifact by
-        reference; returns the offline run's directory."""
+        plots (`kinds.base.Curve`), the summary (less the `stale` keys: figures of an earlier
+        config) and the store in `store` as an artifact by reference; returns the offline run's
+        directory."""
         if self.run is None:
             return None
         try:
@@ -286,6 +288,8 @@ class WandbSink:
                 )
             self._log(payload)
             self.run.summary.update(summary)
+            for key in stale:
+                del self.run.summary[key]
             if store is not None:
                 self.run.log_artifact(store_artifact(store, summary, self.run.group or store.name))
             run_dir = str(Path(self.run.dir).parent)
@@ -351,6 +355,8 @@ class WandbPeer:
         self.models = list(models or [])
         self.restart = restart
         self.runs: dict[str | None, WandbSink] = {}
+        self.book: dict[str, dict[str, Any]] = {}  # wandb_runs.json as it was at the start
+        self.figures: dict[str, list[str]] = {}  # the summary figures each run shows now
 
     @property
     def run(self) -> WandbSink:
@@ -366,7 +372,7 @@ class WandbPeer:
         if not self.models:  # a sink without models (a test's): one run, a new id
             self.runs[None] = WandbSink(cfg, name, config, out_dir)
             return
-        runs = run_ids(out_dir, self.models, self.restart)
+        runs = self.book = run_ids(out_dir, self.models, self.restart)
         self.restart = False  # a second start (a test's) continues the runs just begun
         several = len(self.models) > 1
         for model in self.models:
@@ -375,14 +381,15 @@ class WandbPeer:
                 cfg, name, {**config, "model": model}, out_dir, runs[model]["id"], run_name, runs[model]["step"]
             )
 
-    def _save_steps(self) -> None:
-        """Each model's next history step into wandb_runs.json, for the next invocation."""
+    def _save(self) -> None:
+        """Each model's next history step and summary figures into wandb_runs.json."""
         if not self.models or not self.runs:
             return
         runs = read_runs(self.args[3])
         for model, sink in self.runs.items():
             if model in runs:
                 runs[model]["step"] = max(runs[model]["step"], sink.step)
+                runs[model]["figures"] = self.figures.get(model, runs[model]["figures"])
         write_runs(self.args[3], runs)
 
     def write(self, rows, done: int, total: int, cells_per_s: float) -> None:
@@ -404,7 +411,7 @@ class WandbPeer:
         except Exception as exc:  # noqa: BLE001 - reading the store for W&B must not leave the runs open
             for r in active.values():
                 r._fail("finish", exc)
-            self._save_steps()
+            self._save()
             return
         for model, sink in active.items():
             try:
@@ -414,7 +421,11 @@ class WandbPeer:
                 continue
             summary = {**end.summary, **figures, **({"results_table_sampled": sampled} if sampled else {})}
             mine = images if model is None else {k: v for k, v in images.items() if belongs(k, model, self.models)}
-            run_dir = sink.finish(records, mine, summary, curves, self.args[3] if read else None, model)
+            before = self.book.get(model, {}).get("figures", [])
+            stale = [k for k in before if k not in figures and k not in end.summary]
+            run_dir = sink.finish(records, mine, summary, curves, self.args[3] if read else None, model, stale)
+            if run_dir and model is not None:
+                self.figures[model] = sorted(figures)
             if run_dir and sampled:
                 end.notes.append(
                     f"W&B:      the results table{'' if model is None else f' of {model}'} holds {sampled} "
@@ -424,7 +435,7 @@ class WandbPeer:
                 end.notes.append(f"W&B:      offline run in {run_dir}; upload it with: wandb sync {run_dir}")
             elif run_dir:
                 end.notes.append(f"W&B:      {sink.url or 'run'} (files in {run_dir})")
-        self._save_steps()
+        self._save()
 
     def _of(self, read, model: str | None):
         """(table rows, sample in words, summary figures, curves) of one model's run."""
@@ -465,4 +476,4 @@ class WandbPeer:
     def fail(self) -> None:
         for r in self.runs.values():
             r.abort()
-        self._save_steps()
+        self._save()

@@ -1,6 +1,7 @@
 """W&B's runs across invocations (the bookkeeping `sinks.wandb` reads and writes): which run a
-sweep directory's model continues (output.dir/wandb_runs.json: each model's run id and next
-history step; --restart starts new ones), what config it shows (the kind's own sections), and
+sweep directory's model continues (output.dir/wandb_runs.json: each model's run id, its next
+history step and the summary figures it shows, so a figure the current config no longer has is
+removed; --restart starts new ones), what config it shows (the kind's own sections), and
 the data it links to (the results store as an artifact by reference: paths and checksums, the
 files staying where they are).
 """
@@ -15,7 +16,7 @@ from typing import Any
 from ..kinds import KINDS
 from .store import ResultStore
 
-RUNS_FILE = "wandb_runs.json"  # {model: {"id": W&B run id, "step": next history step}} in output.dir
+RUNS_FILE = "wandb_runs.json"  # {model: {"id", "step", "figures"}} in output.dir
 
 
 def logged_config(config, config_hash: str) -> dict[str, Any]:
@@ -33,8 +34,8 @@ def logged_config(config, config_hash: str) -> dict[str, Any]:
 
 
 def read_runs(out_dir: Path) -> dict[str, dict[str, Any]]:
-    """{model: {"id": run id, "step": the next history step}} of output.dir/wandb_runs.json ({}
-    when absent or damaged: new runs)."""
+    """{model: {"id": run id, "step": the next history step, "figures": the summary figures it
+    shows}} of output.dir/wandb_runs.json ({} when absent or damaged: new runs)."""
     import json
 
     path = Path(out_dir) / RUNS_FILE
@@ -45,9 +46,12 @@ def read_runs(out_dir: Path) -> dict[str, dict[str, Any]]:
     if not isinstance(data, dict):
         return {}
     return {
-        str(m): {"id": str(v["id"]), "step": int(v.get("step", 0))}
+        str(m): {"id": v["id"], "step": v.get("step", 0), "figures": [str(f) for f in v.get("figures", [])]}
         for m, v in data.items()
-        if isinstance(v, dict) and isinstance(v.get("id"), str) and isinstance(v.get("step", 0), int)
+        if isinstance(v, dict)
+        and isinstance(v.get("id"), str)
+        and isinstance(v.get("step", 0), int)
+        and isinstance(v.get("figures", []), list)
     }
 
 
@@ -63,8 +67,8 @@ def write_runs(out_dir: Path, runs: dict[str, dict[str, Any]]) -> None:
 
 
 def run_ids(out_dir: Path, models: Sequence[str], restart: bool) -> dict[str, dict[str, Any]]:
-    """{model: {"id", "step"}}: the runs output.dir/wandb_runs.json holds (none with --restart),
-    new ones (step 0) for the models it lacks; written back (models no longer swept are kept)."""
+    """{model: {"id", "step", "figures"}}: the runs output.dir/wandb_runs.json holds (none with
+    --restart), new ones for the models it lacks; written back (models no longer swept are kept)."""
     import secrets
     import string
 
@@ -72,7 +76,7 @@ def run_ids(out_dir: Path, models: Sequence[str], restart: bool) -> dict[str, di
         return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
     known = {} if restart else read_runs(out_dir)
-    runs = {**known, **{m: known.get(m) or {"id": new_id(), "step": 0} for m in models}}
+    runs = {**known, **{m: known.get(m) or {"id": new_id(), "step": 0, "figures": []} for m in models}}
     write_runs(out_dir, runs)
     return {m: runs[m] for m in models}
 
