@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config")
     s.add_argument("--dry-run", action="store_true", help="print grid size, tasks and workers; compute nothing")
     s.add_argument("--address", help="join an existing Ray cluster (e.g. auto)")
-    s.add_argument("--restart", action="store_true", help="ignore stored results and start over")
+    s.add_argument("--restart", action="store_true", help="ignore stored results and start over (new W&B runs)")
     s.set_defaults(func=_cmd_sweep)
 
     r = sub.add_parser("report", help="tables and plots from a sweep's stored results")

@@ -327,7 +327,7 @@ def test_a_store_w_and_b_cannot_read_at_the_end_warns_and_closes_the_run(tmp_pat
 
     peer = WandbPeer(WandbConfig(project="patchscope-tests", mode="offline"), "unreadable", {}, tmp_path)
     peer.start()
-    monkeypatch.setattr(WandbPeer, "rows", lambda self: 1 / 0)
+    monkeypatch.setattr(WandbPeer, "read", lambda self: 1 / 0)
     end = End(None, {"cells_done": 1})
     peer.finish(end)
     assert "warning: W&B finish failed (ZeroDivisionError" in capsys.readouterr().err

@@ -117,11 +117,12 @@ def read_wandb_records(path: Path) -> list:
     return records
 
 
-def read_offline_run(out_dir: Path, wait_s: float = 30.0) -> dict:
-    """The offline run in out_dir/wandb/, read once its log holds the run's `exit` record: W&B's
-    service writes the log's last records after `run.finish()` returns, so a read at once may
-    miss the last steps (seen: 2 of 30 steps missing in about 1 run of 7)."""
-    runs = sorted((out_dir / "wandb").glob("offline-run-*"))
+def read_offline_run(out_dir: Path, wait_s: float = 30.0, run_id: str | None = None) -> dict:
+    """The offline run in out_dir/wandb/ (of `run_id`: one model's of several), read once its log
+    holds the run's `exit` record: W&B's service writes the log's last records after
+    `run.finish()` returns, so a read at once may miss the last steps (seen: 2 of 30 steps
+    missing in about 1 run of 7)."""
+    runs = sorted((out_dir / "wandb").glob(f"offline-run-*-{run_id}" if run_id else "offline-run-*"))
     assert len(runs) == 1, runs
     run_dir = runs[0]
     (log,) = run_dir.glob("run-*.wandb")
@@ -217,27 +218,31 @@ def test_sweep_results_equal_the_engine_in_process(e2e):
 
 def test_wandb_offline_run_has_rows_logged_during_the_run_and_the_final_table(e2e):
     _, out = e2e
-    df = ResultStore(out).read()
-    wb = read_offline_run(out)
-    assert wb["run"].run_group == "tiny-e2e" and wb["run"].project == "patchscope-tests"
-    history = wb["history"]
-    task_steps = [h for h in history if "cells" in h]
-    final = [h for h in history if "results" in h]
-    # one history row per finished task, logged as it finished, all before the final table
-    assert len(task_steps) == 8 and len(final) == 1
-    assert max(h["_step"] for h in task_steps) < final[0]["_step"]
-    done = [h["cells_done"] for h in task_steps]
-    assert done == sorted(done) and done[-1] == 24 and len(set(done)) == 8
-    # the live table is incremental: each step's file holds the rows of the task that just finished
-    assert all(h["cells"]["log_mode"] == "INCREMENTAL" for h in task_steps)
-    logged = [row["cell_id"] for h in task_steps for row in wb["table"](h["cells"])]
-    assert sorted(logged) == sorted(df["cell_id"]), "each cell logged exactly once while the sweep ran"
-    table = {row["cell_id"]: row for row in wb["table"](final[0]["results"])}
-    assert set(table) == set(df["cell_id"])
-    for r in df.to_dict("records"):
-        assert table[r["cell_id"]]["generated_text"] == r["generated_text"]
-        assert table[r["cell_id"]]["ref_answer"] == r["ref_answer"]
-    assert any(k.startswith("heatmap/") for k in final[0])
+    everything = ResultStore(out).read()
+    ids = {m: v["id"] for m, v in json.loads((out / "wandb_runs.json").read_text()).items()}
+    assert sorted(ids) == sorted(MODELS) and len(set(ids.values())) == 2, "one run per model"
+    for model in MODELS:  # each in the sweep's group, with its model's cells
+        df = everything[everything["model"] == model]
+        wb = read_offline_run(out, run_id=ids[model])
+        assert wb["run"].run_group == "tiny-e2e" and wb["run"].project == "patchscope-tests"
+        history = wb["history"]
+        task_steps = [h for h in history if "cells" in h]
+        final = [h for h in history if "results" in h]
+        # one history row per finished task of this model, logged as it finished, before the final table
+        assert len(task_steps) == 4 and len(final) == 1
+        assert max(h["_step"] for h in task_steps) < final[0]["_step"]
+        done = [h["cells_done"] for h in task_steps]  # the sweep's progress
+        assert done == sorted(done) and len(set(done)) == 4
+        # the live table is incremental: each step's file holds the rows of the task that just finished
+        assert all(h["cells"]["log_mode"] == "INCREMENTAL" for h in task_steps)
+        logged = [row["cell_id"] for h in task_steps for row in wb["table"](h["cells"])]
+        assert sorted(logged) == sorted(df["cell_id"]), "each cell logged exactly once while the sweep ran"
+        table = {row["cell_id"]: row for row in wb["table"](final[0]["results"])}
+        assert set(table) == set(df["cell_id"])
+        for r in df.to_dict("records"):
+            assert table[r["cell_id"]]["generated_text"] == r["generated_text"]
+            assert table[r["cell_id"]]["ref_answer"] == r["ref_answer"]
+        assert [k for k in final[0] if k.startswith("heatmap/")] == [f"heatmap/{model}_prompt_x_layer"]
     # the pictures and the table are also on disk in output.dir
     for model in MODELS:
         assert (out / f"heatmap_{model}_prompt_x_layer.png").stat().st_size > 1000

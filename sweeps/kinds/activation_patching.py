@@ -135,10 +135,11 @@ def patching_report(out_dir: Path, df) -> dict[str, Path]:
     df = df.astype({"position": "float", "head": "float"})
     for (model, direction, metric), mdf in df.groupby(["model", "direction", "metric"], sort=True):
         stem = f"{pictures.safe_name(model)}_{direction}_{metric}"
-        summary = ps.summarize(mdf)  # the aggregate over pairs (W&B logs it; per_pair.csv stays on disk)
+        summary = ps.summarize(mdf)  # the aggregate over pairs (every table here is also a W&B table)
         out[f"patching_{stem}_summary"] = out_dir / f"patching_{stem}_summary.csv"
         summary.to_csv(out[f"patching_{stem}_summary"], index=False)
-        ps.per_pair(mdf).to_csv(out_dir / f"patching_{stem}_per_pair.csv")
+        out[f"patching_{stem}_per_pair"] = out_dir / f"patching_{stem}_per_pair.csv"
+        ps.per_pair(mdf).to_csv(out[f"patching_{stem}_per_pair"])
         for site in dict.fromkeys(mdf["site"]):
             sdf = mdf[mdf["site"] == site]
             name = f"{stem}_{pictures.safe_name(site)}"
@@ -153,9 +154,8 @@ def patching_report(out_dir: Path, df) -> dict[str, Path]:
                 out[f"{name}_layer_head"] = _save(
                     ps.draw_layer_head(heads, site, where=where), out_dir / f"patching_{name}_layer_head.png"
                 )
-                ps.top_heads(ps.summarize(heads), k=10, site=site).to_csv(
-                    out_dir / f"patching_{name}_top_heads.csv", index=False
-                )
+                out[f"{name}_top_heads"] = out_dir / f"patching_{name}_top_heads.csv"
+                ps.top_heads(ps.summarize(heads), k=10, site=site).to_csv(out[f"{name}_top_heads"], index=False)
     return out
 
 
@@ -255,6 +255,27 @@ class ActivationPatchingKind(PairKind):
             if len(lines) > max_rows:
                 break
         return "\n".join(lines)
+
+    def summary_figures(self, df) -> dict[str, Any]:
+        """Per site (prefixed with direction/metric when the sweep has several): the cell whose mean
+        `recovered` over pairs is largest (`max_recovered`, its `_layer`, `_position`, `_head`)
+        and, on a head site, that head as `top_head` (L<layer>H<head>)."""
+        several = df.groupby(["direction", "metric"]).ngroups > 1
+        out: dict[str, Any] = {}
+        for (direction, metric, site), g in df.groupby(["direction", "metric", "site"], sort=True):
+            means = g.groupby(["layer", "position", "head"], dropna=False)["recovered"].mean().dropna()
+            if means.empty:
+                continue
+            (layer, position, head), best = means.idxmax(), float(means.max())
+            p = f"{direction}/{metric}/{site}" if several else site
+            out[f"{p}/max_recovered"] = best
+            out[f"{p}/max_recovered_layer"] = int(layer)
+            if position == position and position is not None:
+                out[f"{p}/max_recovered_position"] = int(position)
+            if head == head and head is not None:
+                out[f"{p}/max_recovered_head"] = int(head)
+                out[f"{p}/top_head"] = f"L{int(layer)}H{int(head)}"
+        return out
 
 
 KIND = ActivationPatchingKind()

@@ -394,5 +394,29 @@ class AttributionPatchingKind(PairKind):
             )
         return "\n".join(lines)
 
+    def summary_figures(self, df) -> dict[str, Any]:
+        """Per site and method: where verified, the estimate's `pearson` and `spearman` with the
+        exact effect over the verified nodes (the summary table's); always the node of largest
+        mean |estimate| over pairs, summed over positions (`top_node`, `top_node_estimate`)."""
+        out: dict[str, Any] = {}
+        table = attribution_summary(df.astype({"position": "float", "exact": "float"}))
+        for r in [] if table is None else table.to_dict("records"):
+            for stat in ("pearson", "spearman"):
+                out[f"{r['site']}/{r['method']}/{stat}"] = float(r[stat])
+        summed = df[df["position"].isna()]
+        for (site, method), g in summed.groupby(["site", "method"], sort=True):
+            means = g.groupby(["layer", "head", "neuron"], dropna=False)["estimate"].mean().dropna()
+            if means.empty:
+                continue
+            i = int(means.abs().to_numpy().argmax())  # by position: the index holds NaN (no head, no neuron)
+            (layer, head, neuron), value = means.index[i], means.iloc[i]
+            out[f"{site}/{method}/top_node"] = (
+                f"L{int(layer)}"
+                + (f"H{int(head)}" if head is not None and head == head else "")
+                + (f"N{int(neuron)}" if neuron is not None and neuron == neuron else "")
+            )
+            out[f"{site}/{method}/top_node_estimate"] = float(value)
+        return out
+
 
 KIND = AttributionPatchingKind()

@@ -22,7 +22,9 @@ config -> rows -> checks -> grid -> tasks -> workers -> records -> sinks it decl
 - sinks: `marks` (columns that tell its stored rows apart), `order` (how results.csv is sorted),
   `report` (its pictures and extra tables, for `patchscope report` and W&B, measuring what the
   config's `report` section names where the kind declares `report_metrics`) and `summary` (what
-  the terminal shows first). Both get only the columns the kind declares they read
+  the terminal shows first), `summary_figures` (one model's headline numbers, {name: number or
+  text}: W&B's run summary, what a runs table sorts by) and `curves` (one model's line plots, as
+  `Curve`s: W&B draws them beside the PNGs). All get only the columns the kind declares they read
   (`report_columns`: its schema's `numbers`, `needs` and `optional`, with `cell_id`, `model`,
   `marks`, `order` and the `ref_<name>` columns; `top_logprobs` arrives as `top1_logprob`): the
   report reads those columns of the store and no other (results.csv, the full table, is
@@ -74,6 +76,18 @@ class Schema:
     numbers: tuple[str, ...] = ()  # columns every stored row has, as numbers (`patchscope report` checks them)
     needs: tuple[str, ...] = ()  # other columns the report and summary read (`patchscope report` checks them)
     optional: tuple[str, ...] = ()  # columns the report and summary read where a store holds them
+
+
+@dataclass(frozen=True)
+class Curve:
+    """A line plot as plain data (W&B draws it at the edge): `y` against `x` of `frame` (a pandas
+    DataFrame), one line per value of `series` (None: one line)."""
+
+    frame: Any
+    x: str
+    y: str
+    series: str | None = None
+    title: str = ""
 
 
 def report_columns(kind, names) -> list[str]:
@@ -174,6 +188,13 @@ class SweepKind(Protocol):
 
     def summary(self, df) -> str: ...
 
+    def summary_figures(self, df) -> dict[str, Any]:
+        """One model's headline numbers from its rows (the report's columns, enriched, in the
+        report's order): {name: number or text}, what W&B's run summary holds at the end."""
+
+    def curves(self, df) -> dict[str, Curve]:
+        """One model's line plots from its rows (as `summary_figures` gets them), by name."""
+
 
 class KindDefaults:
     """What most kinds share: no cross-section checks, no tagged sections, no context, ids from
@@ -197,3 +218,9 @@ class KindDefaults:
 
     def cell_ids(self, config, rows: list, plans: dict, context: Any) -> Iterator[str]:
         return (c.cell_id for c in self.cells(config, rows, plans, context))
+
+    def summary_figures(self, df) -> dict[str, Any]:
+        return {}
+
+    def curves(self, df) -> dict[str, Curve]:
+        return {}

@@ -25,7 +25,7 @@ from patchscope_core.models.tokens import resolve_position
 from .. import pictures
 from ..config import ConfigError, Layers, Positions, Strict
 from ..config.models import ModelPlan
-from .base import KindDefaults, Schema, digest, run_columns
+from .base import Curve, KindDefaults, Schema, digest, run_columns
 from .prompts import (
     PromptRow,
     PromptsConfig,
@@ -394,6 +394,53 @@ class CausalTraceKind(KindDefaults):
             if len(lines) > max_rows:
                 break
         return "\n".join(lines)
+
+    def summary_figures(self, df) -> dict[str, Any]:
+        """The mean p(answer) clean and corrupted over facts; per site the largest mean indirect
+        effect over facts at each fact's last subject token (`last_subject_peak`, its `_layer`)
+        and over every ROME group and layer (`peak`, its `_layer` and `_group`)."""
+        facts = df.drop_duplicates("row")
+        out: dict[str, Any] = {"p_clean": float(facts["p_clean"].mean()), "p_corrupt": float(facts["p_corrupt"].mean())}
+        for site, g in rome_means(df).groupby("site", sort=True):
+            best = g.loc[g["indirect_effect"].idxmax()]
+            out[f"{site}/peak"] = float(best["indirect_effect"])
+            out[f"{site}/peak_layer"] = int(best["layer"])
+            out[f"{site}/peak_group"] = best["group"]
+            last = g[g["group"] == "last subject token"]
+            if len(last):
+                best = last.loc[last["indirect_effect"].idxmax()]
+                out[f"{site}/last_subject_peak"] = float(best["indirect_effect"])
+                out[f"{site}/last_subject_peak_layer"] = int(best["layer"])
+        return out
+
+    def curves(self, df) -> dict[str, Curve]:
+        """Per site, ROME's lines: the mean indirect effect over facts by layer, one line per group."""
+        return {
+            f"trace_{pictures.safe_name(site)}": Curve(
+                g, "layer", "indirect_effect", "group", f"{site}: mean indirect effect over facts, by ROME group"
+            )
+            for site, g in rome_means(df).groupby("site", sort=True)
+        }
+
+
+def rome_means(df):
+    """Per site, ROME group and layer the mean indirect effect over the (fact, position) rows of
+    the group, as the report's averaged picture draws them (columns site, group, layer,
+    indirect_effect)."""
+    import pandas as pd
+
+    frames = []
+    for _row, f in df.groupby("row", sort=True):
+        positions = sorted(f["position"].unique())
+        subject = sorted(f.loc[f["is_subject"].astype(bool), "position"].unique())
+        start, end, n = (subject[0], subject[-1] + 1, int(positions[-1]) + 1) if subject else (0, 0, 0)
+        groups = {p: rome_group(int(p), start, end, n) for p in positions}
+        frames.append(f.assign(group=f["position"].map(groups)))
+    rows = pd.concat(frames) if frames else df.assign(group=None)
+    rows = rows[rows["group"].notna()]
+    means = rows.groupby(["site", "group", "layer"], sort=False)["indirect_effect"].mean().reset_index()
+    order = {g: i for i, g in enumerate(ROME_GROUPS)}
+    return means.sort_values(["site", "group", "layer"], key=lambda c: c.map(order) if c.name == "group" else c)
 
 
 KIND = CausalTraceKind()

@@ -28,7 +28,7 @@ from .. import pictures
 from ..config import ConfigError, Layers, Strict, axis
 from ..config.files import locate, prompt_list
 from ..config.models import ModelPlan
-from .base import KindDefaults, Schema, digest, generation_key, run_columns
+from .base import Curve, KindDefaults, Schema, digest, generation_key, run_columns
 from .prompts import (
     PromptRow,
     PromptsConfig,
@@ -773,6 +773,55 @@ class InterventionKind(KindDefaults):
             for r in g.itertuples()
         ]
         return "\n".join(lines)
+
+    def summary_figures(self, df) -> dict[str, Any]:
+        """Per knockout (edges): the largest drop of p(answer), the lowest mean % change over prompts
+        (`knockout/<edges>/largest_drop_pct`, its `_layer`: the window centre); of the other
+        scored interventions, the one whose mean delta_logprob over prompts is largest in size
+        (`largest_effect`, `largest_effect_at` in words) and of those on heads `top_head`
+        (<site> L<layer>H<head> <variant>) with `top_head_delta_logprob`."""
+        out: dict[str, Any] = {}
+        scored = df[df["delta_logprob"].notna()].assign(variant=lambda d: _variant(d))
+        if "knockout" in scored and "p_change_pct" in scored:
+            ko = scored[(scored["kind"] == "knockout") & scored["p_change_pct"].notna()]
+            for edges, g in ko.groupby("knockout", sort=True):
+                means = g.groupby("layer")["p_change_pct"].mean()
+                out[f"knockout/{edges}/largest_drop_pct"] = float(means.min())
+                out[f"knockout/{edges}/largest_drop_layer"] = int(means.idxmin())
+            scored = scored[scored["kind"] != "knockout"]
+        keys = [c for c in ("site", "layer", "head", "neuron", "variant") if c in scored]
+        means = scored.groupby(keys, dropna=False)["delta_logprob"].mean().dropna().reset_index()
+        if len(means):
+            best = means.loc[means["delta_logprob"].abs().idxmax()]
+            out["largest_effect"] = float(best["delta_logprob"])
+            out["largest_effect_at"] = _where(best)
+        heads = means[means["head"].notna()] if "head" in means else means[:0]
+        if len(heads):
+            best = heads.loc[heads["delta_logprob"].abs().idxmax()]
+            out["top_head"] = _where(best)
+            out["top_head_delta_logprob"] = float(best["delta_logprob"])
+        return out
+
+    def curves(self, df) -> dict[str, Curve]:
+        """The knockout curves: mean % change of p(answer) by window centre, one line per knockout."""
+        if "knockout" not in df or "p_change_pct" not in df:
+            return {}
+        ko = df[(df["kind"] == "knockout") & df["p_change_pct"].notna() & df["delta_logprob"].notna()]
+        if ko.empty:
+            return {}
+        frame = knockout_curves(ko, n_boot=1)[["knockout", "layer", "mean"]].rename(columns={"mean": "p_change_pct"})
+        return {
+            "knockout": Curve(
+                frame, "layer", "p_change_pct", "knockout", "attention knockout: mean % change of p(answer)"
+            )
+        }
+
+
+def _where(r) -> str:
+    """An intervention in words: site, L<layer>, H<head> or N<neuron>, variant."""
+    unit = "".join(f"{k}{int(r[c])}" for k, c in (("H", "head"), ("N", "neuron")) if c in r and _given(r[c]))
+    layer = f" L{int(r['layer'])}" if "layer" in r and _given(r["layer"]) else ""
+    return f"{r['site']}{layer}{unit} {r['variant']}"
 
 
 KIND = InterventionKind()

@@ -30,7 +30,7 @@ from .. import pictures
 from ..config import ConfigError, Layers, Positions, Strict, TargetLayers, TargetPositions
 from ..config.files import checked_columns, locate, read_table, ref_value
 from ..config.models import ModelPlan, checked_layers, model_info_for
-from .base import KindDefaults, Schema, check_generates, generation_key, run_columns
+from .base import Curve, KindDefaults, Schema, check_generates, generation_key, run_columns
 
 
 class SourceConfig(Strict):
@@ -585,6 +585,36 @@ class PatchscopeKind(KindDefaults):
             if len(pivot.index) > max_rows:
                 lines.append(f"... {len(pivot.index) - max_rows} more prompts in results.csv")
         return "\n".join(lines)
+
+    def summary_figures(self, df) -> dict[str, Any]:
+        """Per reference column <ref>: the share of generations that name it over every cell
+        (`share_naming_<ref>`) and the source layer where that share is highest
+        (`best_layer_<ref>`, `best_layer_share_<ref>`); without references the mean log-probability
+        of the first generated token (`mean_top1_logprob`)."""
+        out: dict[str, Any] = {}
+        matches = [c for c in df.columns if c.startswith("match_")]
+        for c in matches:
+            values = df[c].astype(float)
+            by_layer = values.groupby(df["source_layer"]).mean().dropna()
+            out[f"share_naming_{c[6:]}"] = float(values.mean())
+            if len(by_layer):
+                out[f"best_layer_{c[6:]}"] = int(by_layer.idxmax())
+                out[f"best_layer_share_{c[6:]}"] = float(by_layer.max())
+        if not matches and "top1_logprob" in df:
+            out["mean_top1_logprob"] = float(df["top1_logprob"].astype(float).mean())
+        return out
+
+    def curves(self, df) -> dict[str, Curve]:
+        """The report's measure (the share naming the first reference, else the first token's
+        log-probability) by source layer: the mean over source prompts, one line per source position."""
+        metric, label = metric_of(df)
+        if metric not in df:
+            return {}
+        means = pictures.means_by(df, ["source_layer", "source_position"], "source_prompt", metric)
+        frame = means[["source_layer", "source_position", "mean"]].rename(columns={"mean": metric})
+        return {
+            f"{metric}_by_layer": Curve(frame, "source_layer", metric, "source_position", f"{label} by source layer")
+        }
 
 
 KIND = PatchscopeKind()

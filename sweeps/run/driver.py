@@ -14,7 +14,8 @@
    load the model once, or with `execution.backend: local` (the default for a local sweep of one
    worker) `local.run_model` runs them in this process through the same worker code, without
    Ray; each finished task's records go to the store first, then to W&B.
-5. At the end: results.csv and heatmaps in output.dir, the final W&B table and images.
+5. At the end: results.csv and heatmaps in output.dir; W&B's runs (one per model, resumed by
+   the ids in output.dir/wandb_runs.json) get the final tables, images, summary and artifact.
 Actor restarts and task retries on the same actor are Ray's (`max_restarts`,
 `max_task_retries`); the scheduler moves the tasks of a lost actor to live ones and gives up
 on what no actor can run; those cells are left for the next run of the same command.
@@ -167,14 +168,23 @@ def main(args) -> int:
         return _run(p, store, args.restart)
 
 
-def _sinks(p: Plan) -> Peers:
-    """The peers of the store: the report, then W&B (which gets the report's pictures)."""
+def _sinks(p: Plan, restart: bool = False) -> Peers:
+    """The peers of the store: the report, then W&B (which gets the report's pictures): one run
+    per model, resumed across invocations, new ones with --restart."""
     from ..sinks.report import ReportSink
     from ..sinks.wandb import WandbPeer
+    from ..sinks.wandb_runs import logged_config
 
     config = p.config
-    dump = {**config.model_dump(mode="json"), "config_hash": p.config_hash}
-    return Peers([ReportSink(config.out_dir), WandbPeer(config.output.wandb, config.name, dump, config.out_dir)])
+    wandb = WandbPeer(
+        config.output.wandb,
+        config.name,
+        logged_config(config, p.config_hash),
+        config.out_dir,
+        models=config.models,
+        restart=restart,
+    )
+    return Peers([ReportSink(config.out_dir), wandb])
 
 
 def _compute(p: Plan, store: ResultStore, restart: bool, sinks: Peers, totals: dict[str, Any]) -> tuple[list, bool]:
@@ -210,9 +220,9 @@ def _compute(p: Plan, store: ResultStore, restart: bool, sinks: Peers, totals: d
             + (f"{already} already stored in {store.results_dir}, skipping them; " if already else "")
             + f"{n_todo} to run in {n_tasks} tasks"
         )
+        sinks.start()  # with nothing to compute too: W&B's runs then show the current cells
         if not n_todo:
             return [], False
-        sinks.start()
         tasks = iter_tasks(
             iter_cells(config, p.rows, p.models, skip=store.stored_cell_ids(), context=p.context),
             config.execution.batch_rows,
@@ -244,7 +254,7 @@ def _compute(p: Plan, store: ResultStore, restart: bool, sinks: Peers, totals: d
 def _run(p: Plan, store: ResultStore, restart: bool) -> int:
     n_cells = p.n_cells
     totals = {"computed": 0, "t0": time.perf_counter()}
-    sinks = _sinks(p)
+    sinks = _sinks(p, restart)
     given_up, interrupted = _compute(p, store, restart, sinks, totals)
     done = store.current_count()  # a count of ids: no sink needs the rows here (each reads its columns)
     elapsed = time.perf_counter() - totals["t0"]

@@ -1,4 +1,23 @@
-"""Weights & Biases: one run per sweep, fed as tasks finish, a table and heatmaps at the end.
+"""Weights & Biases: one run per sweep directory and model, fed as tasks finish; at the end its
+tables, pictures, line plots, the kind's summary figures and the store as an artifact.
+
+Runs: each model of a sweep has its own run, in the sweep's group (so W&B's workspace compares
+the models side by side), named after the sweep (and the model, when there are several). The
+runs' ids are kept in output.dir/wandb_runs.json and every invocation resumes them with W&B's
+own resume (`wandb.init(id=..., resume="allow")`): an interrupted sweep's run is marked
+preempted and continues when the command is run again, and a rerun with nothing to compute
+still updates it (its tables and summary show the current cells). `--restart` starts new runs.
+Offline, each invocation writes a directory of the same run id; `wandb sync` uploads them into
+one run, in order.
+
+At the end each run gets: its model's rows as the `results` table; the report's pictures
+(`heatmap/<key>`) and CSV tables (`table/<key>`: a table with a `model` column, its model's
+rows) whose file names name its model, or name no model of the sweep; the kind's line plots
+(`SweepKind.curves`, as `curve/<name>`); the summary (the counts and
+`SweepKind.summary_figures`); the results store as an artifact by reference
+(`wandb_runs.store_artifact`, `results-<sweep>`: the Parquet files' paths and checksums, the
+files staying where they are). The logged config holds the kind's own sections
+(`wandb_runs.logged_config`), not the other kinds' empty ones.
 
 The local store is the record of truth and is always written first: every W&B call here is
 guarded, and a failure prints one warning and turns the sink off, losing nothing.
@@ -32,9 +51,12 @@ from urllib.parse import urlparse
 
 from ..config import WandbConfig
 from ..kinds import KINDS, kind_of
-from ..records import token_text, top1_logprob
+from ..pictures import safe_name
+from ..records import enrich, token_text, top1_logprob
 from .columns import kind_of_store, read_columns, store_columns
+from .report import read_report_frame
 from .store import ResultStore
+from .wandb_runs import read_runs, run_ids, store_artifact, write_runs
 
 TABLE_SEED = 0  # the seed of the per-cell tables' sample
 
@@ -104,8 +126,20 @@ MAX_INCREMENTS = 90  # of the live table; W&B's workspace shows the last 100
 
 
 class WandbSink:
-    def __init__(self, cfg: WandbConfig, name: str, config: dict[str, Any], out_dir: Path) -> None:
+    """One W&B run: `log_task` as tasks finish, `finish` with the final tables and summary."""
+
+    def __init__(
+        self,
+        cfg: WandbConfig,
+        name: str,
+        config: dict[str, Any],
+        out_dir: Path,
+        run_id: str | None = None,
+        run_name: str | None = None,
+        step: int = 0,
+    ) -> None:
         self.mode = resolve_mode(cfg.mode)
+        self.step = step  # the next history step: a resumed run goes on after its last one
         self.run = None
         self.out_dir = Path(out_dir)
         self.ref_columns: list[str] = []
@@ -125,15 +159,20 @@ class WandbSink:
                 project=cfg.project,
                 entity=cfg.entity,
                 group=name,
-                name=name,
+                name=run_name or name,
+                id=run_id,
+                resume="allow" if run_id else None,  # W&B's resume: the same run, continued
                 job_type="sweep",
                 tags=list(cfg.tags) or None,
                 dir=str(self.out_dir),  # W&B writes under <dir>/wandb/
                 mode=self.mode,
-                config=config,
                 reinit="create_new",
                 settings=wandb.Settings(silent=True, console="off"),
             )
+            self.run.config.update(config, allow_val_change=True)  # a resumed run shows the current config
+            # Online, W&B's resume says where the run's history ended; offline, wandb_runs.json does
+            # (so the directories `wandb sync` uploads into one run have increasing steps).
+            self.step = max(self.step, int(getattr(self.run, "starting_step", 0) or 0))
             self.run.define_metric("cells_done")
             self.run.define_metric("*", step_metric="cells_done")
             if self.mode == "online":
@@ -194,9 +233,13 @@ class WandbSink:
             if self.pending and (self.unsent >= math.ceil(cells_total / MAX_INCREMENTS) or cells_done >= cells_total):
                 progress["cells"] = self.live
                 self.unsent = self.pending = 0
-            self.run.log(progress)
+            self._log(progress)
         except Exception as exc:  # noqa: BLE001
             self._fail("log", exc)
+
+    def _log(self, payload: dict[str, Any]) -> None:
+        self.run.log(payload, step=self.step)
+        self.step += 1
 
     def _keep(self, cell_id: str, cells_total: int) -> bool:
         """Whether the live table takes this cell: every cell of a sweep of at most max_rows; else
@@ -205,9 +248,21 @@ class WandbSink:
             return True
         return self.live_rows < self.max_rows and sample_key(cell_id) < (self.max_rows << 64) // cells_total
 
-    def finish(self, records: Sequence[dict[str, Any]], images: dict[str, Path], summary: dict[str, Any]) -> str | None:
-        """Final table of the cells given (every cell, or WandbPeer's sample), the pictures (PNG)
-        and the report's other tables (CSV, whole); returns the offline run's directory."""
+    def finish(
+        self,
+        records: Sequence[dict[str, Any]],
+        images: dict[str, Path],
+        summary: dict[str, Any],
+        curves: dict[str, Any] | None = None,
+        store: Path | None = None,
+        model: str | None = None,
+        stale: Sequence[str] = (),
+    ) -> str | None:
+        """Final table of the cells given (every cell, or WandbPeer's sample), the pictures (PNG),
+        the report's other tables (CSV, whole; a `model` column: that model's rows), the line
+        plots (`kinds.base.Curve`), the summary (less the `stale` keys: figures of an earlier
+        config) and the store in `store` as an artifact by reference; returns the offline run's
+        directory."""
         if self.run is None:
             return None
         try:
@@ -223,11 +278,20 @@ class WandbSink:
                 if Path(path).suffix == ".png":
                     payload[f"heatmap/{key}"] = wandb.Image(str(path))
                 elif Path(path).suffix == ".csv":
-                    import pandas as pd
-
-                    payload[f"table/{key}"] = wandb.Table(dataframe=pd.read_csv(path, nrows=WANDB_TABLE_ROWS))
-            self.run.log(payload)
+                    payload[f"table/{key}"] = wandb.Table(dataframe=_csv_table(path, model))
+            for key, c in (curves or {}).items():
+                frame = c.frame[[x for x in (c.x, c.y, c.series) if x is not None]].copy()
+                if c.series is not None:
+                    frame[c.series] = frame[c.series].astype(str)  # a line per value, named
+                payload[f"curve/{key}"] = wandb.plot.line(
+                    wandb.Table(dataframe=frame), c.x, c.y, stroke=c.series, title=c.title or key
+                )
+            self._log(payload)
             self.run.summary.update(summary)
+            for key in stale:
+                del self.run.summary[key]
+            if store is not None:
+                self.run.log_artifact(store_artifact(store, summary, self.run.group or store.name))
             run_dir = str(Path(self.run.dir).parent)
             self.url = self.run.url if self.mode == "online" else None
             self.run.finish()
@@ -238,64 +302,178 @@ class WandbSink:
             return None
 
     def abort(self) -> None:
+        """The sweep stopped short: the run is marked preempted (W&B's state for a run that will
+        be resumed) and closed; the next invocation continues it."""
         if self.run is not None:
             try:
+                self.run.mark_preempting()
                 self.run.finish(exit_code=1)
             except Exception:  # noqa: BLE001
                 pass
             self.run = None
 
 
+def _csv_table(path: Path, model: str | None):
+    """A report table as W&B logs it: its first WANDB_TABLE_ROWS rows; one with a `model` column
+    cut to `model`'s rows."""
+    import pandas as pd
+
+    df = pd.read_csv(path, nrows=WANDB_TABLE_ROWS)
+    if model is not None and "model" in df.columns:
+        df = df[df["model"].astype(str) == model].reset_index(drop=True)
+    return df
+
+
+def belongs(key: str, model: str, models: Sequence[str]) -> bool:
+    """Whether the report's file `key` goes to `model`'s run: it names that model (its
+    `pictures.safe_name` between underscores; of several that match, the longest), or it names
+    no model of the sweep (every run gets it)."""
+    padded = f"_{key}_"
+    named = {m: safe_name(m) for m in models if f"_{safe_name(m)}_" in padded}
+    if not named:
+        return True
+    longest = max(len(n) for n in named.values())
+    return model in named and len(named[model]) == longest
+
+
 class WandbPeer:
-    """W&B as a sink (`sinks.base.Sink`): the run starts when there is work; the final table gets
-    the report's pictures and tables."""
+    """W&B as a sink (`sinks.base.Sink`): one run per model (`WandbSink`), started when the sweep
+    starts (with or without work); the final tables get the report's pictures and tables."""
 
     name = "W&B"
 
-    def __init__(self, cfg: WandbConfig, name: str, config: dict[str, Any], out_dir: Path) -> None:
+    def __init__(
+        self,
+        cfg: WandbConfig,
+        name: str,
+        config: dict[str, Any],
+        out_dir: Path,
+        models: Sequence[str] | None = None,
+        restart: bool = False,
+    ) -> None:
         self.args = (cfg, name, config, out_dir)
-        self.run = WandbSink(cfg.model_copy(update={"mode": "disabled"}), name, {}, out_dir)
+        self.models = list(models or [])
+        self.restart = restart
+        self.runs: dict[str | None, WandbSink] = {}
+        self.book: dict[str, dict[str, Any]] = {}  # wandb_runs.json as it was at the start
+        self.figures: dict[str, list[str]] = {}  # the summary figures each run shows now
+
+    @property
+    def run(self) -> WandbSink:
+        """The first model's run (one model: the sweep's run)."""
+        return next(iter(self.runs.values()), None) or WandbSink(
+            self.args[0].model_copy(update={"mode": "disabled"}), self.args[1], {}, self.args[3]
+        )
 
     def start(self) -> None:
-        self.run = WandbSink(*self.args)
+        cfg, name, config, out_dir = self.args
+        if resolve_mode(cfg.mode) == "disabled":
+            return
+        if not self.models:  # a sink without models (a test's): one run, a new id
+            self.runs[None] = WandbSink(cfg, name, config, out_dir)
+            return
+        runs = self.book = run_ids(out_dir, self.models, self.restart)
+        self.restart = False  # a second start (a test's) continues the runs just begun
+        several = len(self.models) > 1
+        for model in self.models:
+            run_name = f"{name} {safe_name(model)}" if several else name
+            self.runs[model] = WandbSink(
+                cfg, name, {**config, "model": model}, out_dir, runs[model]["id"], run_name, runs[model]["step"]
+            )
+
+    def _save(self) -> None:
+        """Each model's next history step and summary figures into wandb_runs.json."""
+        if not self.models or not self.runs:
+            return
+        runs = read_runs(self.args[3])
+        for model, sink in self.runs.items():
+            if model in runs:
+                runs[model]["step"] = max(runs[model]["step"], sink.step)
+                runs[model]["figures"] = self.figures.get(model, runs[model]["figures"])
+        write_runs(self.args[3], runs)
 
     def write(self, rows, done: int, total: int, cells_per_s: float) -> None:
-        self.run.log_task(rows, done, total, cells_per_s)
+        if None in self.runs:
+            self.runs[None].log_task(rows, done, total, cells_per_s)
+            return
+        by_model: dict[str, list] = {}
+        for r in rows:
+            by_model.setdefault(r["model"], []).append(r)
+        for model, mine in by_model.items():
+            if model in self.runs:
+                self.runs[model].log_task(mine, done, total, cells_per_s)
 
     def finish(self, end) -> None:
         images = {k: v for k, v in end.made.items() if k != "table"}
+        active = {m: r for m, r in self.runs.items() if r.active}
         try:
-            records, sampled = self.rows() if end.summary["cells_done"] and self.run.active else ([], None)
-        except Exception as exc:  # noqa: BLE001 - reading the store for W&B must not leave the run open
-            self.run._fail("finish", exc)
+            read = self.read() if end.summary["cells_done"] and active else None
+        except Exception as exc:  # noqa: BLE001 - reading the store for W&B must not leave the runs open
+            for r in active.values():
+                r._fail("finish", exc)
+            self._save()
             return
-        summary = {**end.summary, **({"results_table_sampled": sampled} if sampled else {})}
-        run_dir = self.run.finish(records, images, summary)
-        if run_dir and sampled:
-            end.notes.append(
-                f"W&B:      the results table holds {sampled} (output.wandb.max_table_rows); "
-                "the report's tables and pictures cover every row"
-            )
-        if run_dir and self.run.mode == "offline":
-            end.notes.append(f"W&B:      offline run in {run_dir}; upload it with: wandb sync {run_dir}")
-        elif run_dir:
-            end.notes.append(f"W&B:      {self.run.url or 'run'} (files in {run_dir})")
+        for model, sink in active.items():
+            try:
+                records, sampled, figures, curves = self._of(read, model)
+            except Exception as exc:  # noqa: BLE001 - a kind's figures failing must not leave the run open
+                sink._fail("finish", exc)
+                continue
+            summary = {**end.summary, **figures, **({"results_table_sampled": sampled} if sampled else {})}
+            mine = images if model is None else {k: v for k, v in images.items() if belongs(k, model, self.models)}
+            before = self.book.get(model, {}).get("figures", [])
+            stale = [k for k in before if k not in figures and k not in end.summary]
+            run_dir = sink.finish(records, mine, summary, curves, self.args[3] if read else None, model, stale)
+            if run_dir and model is not None:
+                self.figures[model] = sorted(figures)
+            if run_dir and sampled:
+                end.notes.append(
+                    f"W&B:      the results table{'' if model is None else f' of {model}'} holds {sampled} "
+                    "(output.wandb.max_table_rows); the report's tables and pictures cover every row"
+                )
+            if run_dir and sink.mode == "offline":
+                end.notes.append(f"W&B:      offline run in {run_dir}; upload it with: wandb sync {run_dir}")
+            elif run_dir:
+                end.notes.append(f"W&B:      {sink.url or 'run'} (files in {run_dir})")
+        self._save()
 
-    def rows(self) -> tuple[list[dict[str, Any]], str | None]:
-        """The rows of the final results table, read from the store (only the table's columns, only
-        the sampled cells), in grid order; and what the sample is, in words (None: every row)."""
+    def _of(self, read, model: str | None):
+        """(table rows, sample in words, summary figures, curves) of one model's run."""
+        if read is None:
+            return [], None, {}, {}
+        kind, df, sampled, frame = read
+        if model is not None:
+            df = df[df["model"] == model]
+            frame = frame[frame["model"] == model]
+            k = self.args[0].max_table_rows
+            sampled = sampled_text(k, int(frame["cell_id"].nunique())) if len(frame) > k else None
+            if sampled:
+                df = df[df["cell_id"].isin(sample_ids(frame["cell_id"], k))]
+        return df.to_dict("records"), sampled, kind.summary_figures(frame), kind.curves(frame)
+
+    def read(self):
+        """(kind, the results table's rows: only its columns, only the sampled cells, in grid order;
+        the sample in words or None; the report's frame: its columns, enriched, in its order)."""
         store = ResultStore(self.args[3])
         names = store_columns(store)
         kind = KINDS[kind_of_store(store.manifest() or {}, names)]
-        ids = read_columns(store, [])["cell_id"]
+        frame = read_report_frame(store, kind, names)
+        ids = frame["cell_id"] if len(frame) else []
         k = self.args[0].max_table_rows
-        chosen = sample_ids(ids, k) if len(ids) > k else None
+        per_model = frame.groupby("model")["cell_id"] if len(frame) and self.models else None
+        if per_model is not None:  # each model's run samples its own cells
+            chosen = set().union(*(sample_ids(g, k) for _, g in per_model)) if per_model.size().max() > k else None
+        else:
+            chosen = sample_ids(ids, k) if len(ids) > k else None
         wanted = [*kind.order, *kind.schema.table, *[c for c in names if c.startswith("ref_")]]
         if "top1_logprob" in kind.schema.table:
             wanted.append("top_logprobs")
         df = read_columns(store, [c for c in dict.fromkeys(wanted) if c in names], cells=chosen)
         df = df.sort_values([c for c in kind.order if c in df.columns], kind="stable")
-        return df.to_dict("records"), None if chosen is None else sampled_text(len(chosen), len(ids))
+        frame = enrich(frame).sort_values([c for c in kind.order if c in frame.columns], kind="stable")
+        return kind, df, None if chosen is None else sampled_text(len(chosen), len(ids)), frame
 
     def fail(self) -> None:
-        self.run.abort()
+        for r in self.runs.values():
+            r.abort()
+        self._save()

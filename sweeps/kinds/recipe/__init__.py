@@ -352,5 +352,13 @@ class RecipeKind(KindDefaults):
             lines += PARTS[recipe].summary(g)
         return "\n".join(lines)
 
+    def summary_figures(self, df) -> dict[str, Any]:
+        """The recipe's own (`RecipePart.summary_figures`), under its name."""
+        return {
+            f"{recipe}/{k}": v
+            for recipe, g in df.groupby("recipe", sort=True)
+            for k, v in PARTS[recipe].summary_figures(g).items()
+        }
+
 
 KIND = RecipeKind()

@@ -89,6 +89,17 @@ class RecipePart:
 
     def summary(self, df: pd.DataFrame) -> list[str]: ...
 
+    def summary_figures(self, df: pd.DataFrame) -> dict[str, Any]:
+        """The headline numbers of one model's rows: the mean score over probes (`score`) and the
+        (l, l*) cell of highest mean score (`best_score`, `best_source_layer`, `best_target_layer`)."""
+        out: dict[str, Any] = {"score": float(df["score"].astype(float).mean())}
+        grid = df[df["source_layer"].notna() & df["target_layer"].notna()]
+        means = grid.groupby(["source_layer", "target_layer"])["score"].mean().dropna()
+        if len(means):
+            (l, lt), best = means.idxmax(), float(means.max())
+            out.update(best_score=best, best_source_layer=int(l), best_target_layer=int(lt))
+        return out
+
 
 def layer_pairs(config, source: ModelInfo, target: ModelInfo) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """recipe.source_layers on the source model and recipe.target_layers on the target, checked."""

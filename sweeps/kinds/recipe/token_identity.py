@@ -87,6 +87,16 @@ class TokenIdentityPart(RecipePart):
         table.to_csv(out / f"{key}.csv", index=False)
         return {key: pictures.save(fig, out / f"{key}.png"), f"{key}_table": out / f"{key}.csv"}
 
+    def summary_figures(self, df: pd.DataFrame) -> dict[str, Any]:
+        """Per method: the highest precision@1 over layers (`<method>/precision_at_1`) and its layer."""
+        out: dict[str, Any] = {}
+        for method, g in df.groupby("method", sort=True):
+            by_layer = g.groupby("source_layer")["score"].mean().dropna()
+            if len(by_layer):
+                out[f"{method}/precision_at_1"] = float(by_layer.max())
+                out[f"{method}/best_layer"] = int(by_layer.idxmax())
+        return out
+
     def summary(self, g: pd.DataFrame) -> list[str]:
         t = g.groupby(["source_layer", "method"])["score"].mean().unstack()
         return [f"  layer {int(l):>3}: " + ", ".join(f"{m} {v:.2f}" for m, v in row.items()) for l, row in t.iterrows()]
