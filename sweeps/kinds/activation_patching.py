@@ -164,7 +164,15 @@ class ActivationPatchingKind(PairKind):
     section = "patching"
     sections = {"prompts": PromptsConfig, "patching": PatchingConfig}
     operation = "activation_patching"
-    schema = Schema(PATCH_COLUMNS, PATCH_RESULTS, PATCH_COLUMNS + PATCH_RESULTS, ())
+    schema = Schema(
+        PATCH_COLUMNS,
+        PATCH_RESULTS,
+        PATCH_COLUMNS + PATCH_RESULTS,
+        (),
+        ("row", "layer", "position", "head", *PATCH_RESULTS),
+        ("direction", "metric", "site", "token"),  # what the report and summary read besides
+        ("clean", "corrupted", "answer", "wrong_answer"),  # the per-pair table's texts
+    )
     marks = frozenset({"recovered", "corrupted_value"})
     order = ("model", "row", "direction", "metric", "site", "layer", "position", "head")
 

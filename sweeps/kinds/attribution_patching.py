@@ -247,7 +247,15 @@ class AttributionPatchingKind(PairKind):
     section = "attribution"
     sections = {"prompts": PromptsConfig, "attribution": AttributionConfig}
     operation = "attribution_patching"
-    schema = Schema(ATTRIBUTION_COLUMNS, ATTRIBUTION_RESULTS, ATTRIBUTION_COLUMNS + ATTRIBUTION_RESULTS, ())
+    schema = Schema(
+        ATTRIBUTION_COLUMNS,
+        ATTRIBUTION_RESULTS,
+        ATTRIBUTION_COLUMNS + ATTRIBUTION_RESULTS,
+        (),
+        ("row", "layer", "position", "head", "neuron", "estimate", "exact", "clean_value", "corrupted_value"),
+        ("method", "site"),  # what the report and summary read besides
+        ("clean", "corrupted", "answer", "wrong_answer", "token", "metric", "score", "verified"),
+    )
     marks = frozenset({"estimate", "exact"})
     order = ("model", "row", "method", "site", "layer", "position", "head", "neuron")
     # one_task (PairKind): the pairs of a task are attributed in one batch
