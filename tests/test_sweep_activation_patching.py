@@ -26,6 +26,15 @@ PAIRS = [
 ]
 
 
+PROMPTS = {
+    "rows": PAIRS,
+    "clean_column": "clean",
+    "corrupted_column": "corrupted",
+    "answer_column": "answer",
+    "wrong_answer_column": "wrong_answer",
+}
+
+
 def write(tmp_path: Path, rows=None, prompts=None, model="tiny-llama", **patching) -> Path:
     cfg = {
         "name": "ap",
@@ -96,6 +105,18 @@ BAD = [
         "patching.heads: 3 is out of range 0 .. 1: attn.hook_v has 2 key/value heads",
     ),
     (dict(positions=[40]), "patching.positions: 40 is out of range"),
+    # every column the prompts section names is checked, those a pair does not read too (issue 28 item 3)
+    *[
+        (
+            dict(prompts={**PROMPTS, key: value}),
+            f"prompts.{key}: no column {missing!r} in prompts.rows (columns: answer, clean, corrupted, wrong_answer)",
+        )
+        for key, value, missing in (
+            ("prompt_column", "text", "text"),
+            ("subject_column", "subject", "subject"),
+            ("reference_columns", ["answer", "topic"], "topic"),
+        )
+    ],
 ]
 
 
@@ -104,6 +125,21 @@ def test_bad_input_is_refused_before_weights_load(tmp_path, capsys, no_weights, 
     assert main(["sweep", str(write(tmp_path, **kwargs)), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert f"error: {message}" in err, err
+
+
+def test_a_column_the_file_lacks_names_the_file_and_its_columns(tmp_path, capsys, no_weights):
+    (tmp_path / "pairs.csv").write_text(
+        "clean,corrupted,answer,wrong_answer\n" + "".join(",".join(p.values()) + "\n" for p in PAIRS)
+    )
+    prompts = {**{k: v for k, v in PROMPTS.items() if k != "rows"}, "file": str(tmp_path / "pairs.csv")}
+    assert main(["sweep", str(write(tmp_path, prompts=prompts)), "--dry-run"]) == 0  # the file is good
+    capsys.readouterr()
+    config = write(tmp_path, prompts={**prompts, "subject_column": "subj"})
+    assert main(["sweep", str(config), "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: prompts.subject_column: no column 'subj' in {tmp_path / 'pairs.csv'} "
+        "(columns: clean, corrupted, answer, wrong_answer)"
+    )
 
 
 def test_the_token_lists_are_named(tmp_path, capsys, no_weights):

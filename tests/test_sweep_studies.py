@@ -102,6 +102,8 @@ def write(tmp_path: Path, cfg: dict, **changes) -> Path:
         (ABLATION, {"intervention__positions": [40]}, "positions: 40 is out of range"),
         (ABLATION, {"prompts__answer_column": "nope"}, "prompts.answer_column: no column 'nope'"),
         (ABLATION, {"prompts__reference_columns": ["topic", "year"]}, "prompts.reference_columns: no column 'year'"),
+        (ABLATION, {"prompts__clean_column": "clean"}, "prompts.clean_column: no column 'clean'"),
+        (TRACE, {"prompts__wrong_answer_column": "wrong"}, "prompts.wrong_answer_column: no column 'wrong'"),
         (ABLATION, {"intervention__kind": "resample"}, "intervention.source: resample needs a source prompt"),
         (TRACE, {"prompts__subject_column": None}, "prompts.subject_column: a causal_trace sweep needs it"),
         (

@@ -28,10 +28,10 @@ from patchscope_core import PatchscopeError
 from patchscope_core.methods.patching import Pair, check_pair
 
 from ..config import ConfigError, Layers, Strict
-from ..config.files import checked_columns, locate, read_table
+from ..config.files import checked_columns
 from ..config.models import ModelPlan
 from .base import KindDefaults, digest
-from .prompts import model_plans
+from .prompts import model_plans, named_columns, table_of
 
 
 def one_or_list(value: Any, allowed: tuple[str, ...]) -> list[str]:
@@ -93,21 +93,17 @@ class PairRow(PairTexts):
 
 
 def load_pairs(config, base: Path | None) -> list[PairRow]:
-    """The pairs, from prompts.file or prompts.rows, every named column present and non-empty."""
+    """The pairs, from prompts.file or prompts.rows, every column the section names present (those
+    a pair reads non-empty)."""
     pc = config.prompts
-    where, table = "prompts.rows", pc.rows
-    if pc.file is not None:
-        path = locate(pc.file, base, "prompts.file")
-        table, where = read_table(path, "prompts.file"), "prompts.file"
-        if not table:
-            raise ConfigError(f"prompts.file: {path} has no rows")
+    table, where, holder = table_of(pc, base)
     names = ("clean_column", "corrupted_column", "answer_column", "wrong_answer_column")
     checked_columns(
         list(dict.fromkeys(c for rec in table for c in rec)),
-        [(f"prompts.{n}", getattr(pc, n)) for n in names],
-        [],
-        "prompts",
-        where,
+        named_columns(pc, names),
+        pc.reference_columns or [],
+        "prompts.reference_columns",
+        holder,
     )
     rows = []
     for i, rec in enumerate(table):
