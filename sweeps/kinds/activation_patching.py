@@ -184,6 +184,9 @@ class ActivationPatchingKind(PairKind):
             except PatchscopeError as exc:
                 raise ValueError(str(exc)) from None
 
+    def metrics(self, config) -> list[str]:
+        return axis(config.patching.metric)
+
     def check_model(self, config, name: str, plan: ModelPlan, rows: list[PairRow]) -> None:
         for row in rows:
             check_pair_row(plan, row, axis(config.patching.metric))

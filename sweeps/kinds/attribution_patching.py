@@ -260,6 +260,9 @@ class AttributionPatchingKind(PairKind):
     order = ("model", "row", "method", "site", "layer", "position", "head", "neuron")
     # one_task (PairKind): the pairs of a task are attributed in one batch
 
+    def metrics(self, config) -> list[str]:
+        return [config.attribution.metric]
+
     def check_model(self, config, name: str, plan: ModelPlan, rows: list[PairRow]) -> None:
         at = config.attribution
         try:

@@ -28,6 +28,7 @@ from .. import pictures
 from ..config import ConfigError, Layers, Strict, axis
 from ..config.files import locate, prompt_list
 from ..config.models import ModelPlan
+from .answers import check_prompt_answers
 from .base import KindDefaults, Schema, digest, generation_key, run_columns
 from .prompts import (
     PromptRow,
@@ -669,6 +670,13 @@ class InterventionKind(KindDefaults):
             except PatchscopeError as exc:
                 raise ConfigError(f"{exc} (on {name})") from None
             plans[name] = plan
+        check_prompt_answers(
+            config,
+            plans,
+            rows,
+            "answer_logprob sums the log-probabilities of every answer token (teacher-forced); "
+            "p_answer is the probability of its first token",
+        )
         return plans
 
     def context(self, config, rows: list[PromptRow], base: Path | None) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from patchscope_core.methods.patching import Pair, check_pair
 from ..config import ConfigError, Layers, Strict
 from ..config.files import checked_columns
 from ..config.models import ModelPlan
+from .answers import check_pairs
 from .base import KindDefaults, digest
 from .prompts import model_plans, named_columns, table_of
 
@@ -141,6 +142,7 @@ def pair_science(science: dict[str, Any], rows: list[PairRow]) -> dict[str, Any]
     """What a pair kind's config hash covers of its prompts: the pairs themselves, not the file
     that held them."""
     science["prompts"].pop("file", None)
+    science["prompts"].pop("answers", None)  # a warning's setting, not the results'
     science["rows"] = [r.texts() for r in rows]
     return science
 
@@ -221,7 +223,12 @@ class PairKind(KindDefaults):
         for name, plan in model_plans(config, rows, self.section):
             self.check_model(config, name, plan, rows)
             plans[name] = plan
+        check_pairs(config, plans, rows, self.metrics(config))
         return plans
+
+    def metrics(self, config) -> list[str]:
+        """The metrics the sweep computes (what the answers warning says is scored)."""
+        raise NotImplementedError
 
     def check_model(self, config, name: str, plan: ModelPlan, rows: list[PairRow]) -> None:
         """The kind's section and every pair against one model (`check_pair_row`: noting each

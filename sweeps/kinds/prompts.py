@@ -9,7 +9,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -33,6 +33,11 @@ class PromptsConfig(Strict):
     clean_column: str | None = Field(None, description="activation_patching: the clean prompt")
     corrupted_column: str | None = Field(None, description="activation_patching: the corrupted prompt")
     wrong_answer_column: str | None = Field(None, description="activation_patching: the wrong answer (logit_diff)")
+    answers: Literal["checked", "first_token"] = Field(
+        "checked",
+        description="checked: warn once when an answer's first token does not start a word or it has several "
+        "tokens; first_token: it is meant (only the first token is scored where a measure reads one)",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> PromptsConfig:
@@ -116,6 +121,7 @@ def load_prompt_rows(config, base: Path | None = None) -> list[PromptRow]:
 def prompt_rows_science(science: dict[str, Any], rows: list[PromptRow], context: Any) -> dict[str, Any]:
     """What a prompts sweep's hash covers beyond its sections: the rows (for the file) and the context."""
     science["prompts"].pop("file", None)
+    science["prompts"].pop("answers", None)  # a warning's setting, not the results'
     for key in PAIR_COLUMNS:  # activation_patching's columns: unset in these kinds, out of their hash
         if science["prompts"].get(key) is None:
             science["prompts"].pop(key, None)
