@@ -23,6 +23,7 @@ from pydantic import Field, field_validator, model_validator
 from patchscope_core import KINDS as INTERVENTION_KINDS
 from patchscope_core import PatchscopeError
 from patchscope_core.base.values import number_problem, seed_problem, template_problem
+from patchscope_core.models.sites import site_template
 
 from .. import pictures
 from ..config import ConfigError, Layers, Strict, axis
@@ -45,7 +46,9 @@ class InterventionConfig(Strict):
     """An intervention grid. Lists are grid axes: site, layers, heads, neurons, kind, alpha,
     factor, noise_scale, seed."""
 
-    site: str | list[str] = Field(description="TransformerLens hook names; {layer} takes each of `layers`")
+    site: str | list[str] = Field(
+        description="TransformerLens hook names ({layer} takes each of `layers`) or short names (z, resid_pre, attn_out)"
+    )
     layers: Layers = "all"
     heads: Any = Field(None, description="attn.hook_z: 'all', a head or a list; one cell per head")
     neurons: Any = Field(None, description="mlp.hook_post: a neuron or a list; one cell per neuron")
@@ -75,6 +78,8 @@ class InterventionConfig(Strict):
         values = axis(v)
         if not values:
             raise ValueError("empty list: an axis of the grid needs at least one value (or leave the key out)")
+        if info.field_name == "site":  # TransformerLens's short names (get_act_name's) as the templates they name
+            v = [site_template(x, "") for x in values] if isinstance(v, list) else site_template(v, "")
         for x in values:
             if info.field_name in ("alpha", "factor", "noise_scale"):
                 problem = number_problem(x) or (

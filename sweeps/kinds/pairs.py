@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, field_validator
 
 from patchscope_core import PatchscopeError
 from patchscope_core.methods.patching import Pair, check_pair
+from patchscope_core.models.sites import site_template
 
 from ..config import ConfigError, Layers, Strict
 from ..config.files import checked_columns
@@ -52,8 +53,18 @@ def choices(allowed: tuple[str, ...]) -> Any:
 class PairSites(Strict):
     """Where a pair kind acts: the first fields of its section (`patching`, `attribution`)."""
 
-    sites: list[str] = Field(..., min_length=1, description="TransformerLens hook names, blocks.{layer}.<hook>")
+    sites: list[str] = Field(
+        ...,
+        min_length=1,
+        description="TransformerLens hook names, blocks.{layer}.<hook>, or short names (z, resid_pre)",
+    )
     layers: Layers = "all"
+
+    @field_validator("sites", mode="after")
+    @classmethod
+    def _short_names(cls, v: list[str]) -> list[str]:
+        """TransformerLens's short names (get_act_name's) as the templates they name."""
+        return [site_template(s, "") for s in v]
 
 
 def check_pair_columns(config, kind: str) -> None:
