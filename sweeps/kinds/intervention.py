@@ -24,6 +24,7 @@ from patchscope_core import KINDS as INTERVENTION_KINDS
 from patchscope_core import PatchscopeError
 from patchscope_core.base.values import number_problem, seed_problem, template_problem
 from patchscope_core.models.sites import site_template
+from patchscope_core.models.tokens import subject_span
 
 from .. import pictures
 from ..config import ConfigError, Layers, Strict, axis
@@ -389,7 +390,10 @@ def _check_model(config, plan: ModelPlan, rows: list[PromptRow], kinds) -> None:
             continue
         checked.add(same)
         k = make_kind(kind, values, "intervention.kind")
+        spans = any(v in ("subject", "non_subject") for v in getattr(k, "to", ()))  # a knockout's keys need the subject
         for row in rows:
+            if spans and row.subject is not None:  # the column's fault, named as causal_trace names it
+                subject_span(info, row.prompt, row.subject, f"prompts.subject_column ({row.where})")
             run = InterventionRun(
                 row.prompt,
                 (Intervention(sites[0], with_subject(k, row.subject), positions),),
