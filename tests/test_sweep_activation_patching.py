@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import transformer_lens.patching as tlp
@@ -167,6 +168,7 @@ def test_the_sweep_equals_transformer_lens_resumes_and_reports(tmp_path, capsys,
     df = ResultStore(tmp_path / "out").read()
     assert len(df) == 48 and df["cell_id"].is_unique
     bridge = engine.model
+    recovered = {}  # (row, site, layer, position, head) -> TransformerLens's recovered, denoising
     for row, p in enumerate(PAIRS):
         checked = check_pair(Pair(**p), engine.info)
         clean, corrupted = torch.tensor([checked.clean_ids]), torch.tensor([checked.corrupted_ids])
@@ -204,6 +206,9 @@ def test_the_sweep_equals_transformer_lens_resumes_and_reports(tmp_path, capsys,
             assert r.recovered == pytest.approx(
                 (want - corrupted_value) / (clean_value - corrupted_value), rel=1e-3, abs=1e-3
             )
+            if r.direction == "denoising":
+                key = (row, r.site, r.layer, r.position, None if r.head != r.head else int(r.head))
+                recovered[key] = (want - corrupted_value) / (clean_value - corrupted_value)
             assert r.token == engine.info.tokenizer.decode([checked.clean_ids[r.position]])
     assert df.loc[df["site"] == "hook_resid_pre", "head"].isna().all()
     assert main(["report", str(tmp_path / "out")]) == 0
@@ -218,5 +223,14 @@ def test_the_sweep_equals_transformer_lens_resumes_and_reports(tmp_path, capsys,
         "per_pair.csv",
     ):
         assert list(out.glob(f"patching_tiny-llama_denoising_logit_diff*{name}")), name
+    # per_pair.csv: each pair's text and the named values, one line per cell and pair (issue 28 item 4)
+    per_pair = pd.read_csv(next(out.glob("patching_tiny-llama_denoising_logit_diff_per_pair.csv")))
+    assert list(per_pair.columns[:7]) == ["site", "layer", "position", "head", "row", "clean", "corrupted"]
+    assert {"answer", "wrong_answer", "token", "recovered", "patched"} <= set(per_pair.columns)
+    assert len(per_pair) == len(recovered)
+    for r in per_pair.itertuples():
+        assert (r.clean, r.corrupted, r.answer) == tuple(PAIRS[r.row][k] for k in ("clean", "corrupted", "answer"))
+        key = (r.row, r.site, r.layer, r.position, None if r.head != r.head else int(r.head))
+        assert r.recovered == pytest.approx(recovered[key], rel=1e-3, abs=1e-3)
     summary = next(out.glob("patching_tiny-llama_denoising_logit_diff_summary.csv")).read_text()
     assert "ci_low" in summary and "ci_high" in summary

@@ -122,11 +122,40 @@ def _last_position(df):
     return df[df["position"] == last].assign(position=None)
 
 
+# per_pair.csv: one line per cell and pair, the pair's text beside each named value
+PER_PAIR = (
+    "site",
+    "layer",
+    "position",
+    "head",
+    "row",
+    "clean",
+    "corrupted",
+    "answer",
+    "wrong_answer",
+    "token",
+    "recovered",
+    "patched",
+    "clean_value",
+    "corrupted_value",
+)
+
+
+def per_pair_table(df):
+    """Each cell's values for each pair, the pair's clean and corrupted prompts (and answers) on
+    its line: what `patching_summary.summarize` averages over pairs, sorted by cell then pair."""
+    table = df[[c for c in PER_PAIR if c in df.columns]]
+    table = table.astype({c: "Int64" for c in ("layer", "position", "head", "row") if c in table.columns})
+    keys = [c for c in ("site", "layer", "position", "head", "row") if c in table.columns]
+    return table.sort_values(keys, kind="stable", na_position="first")
+
+
 def patching_report(out_dir: Path, df) -> dict[str, Path]:
     """Per model, direction, metric and site: the layer x position heatmap of mean recovered (first
-    pair's tokens), for head sites the layer x head heatmap and top heads; per-pair values and
-    bootstrap 95% intervals over pairs as CSV. Every picture is a mean over pairs, whatever their
-    number: none draws one line per pair."""
+        pair's tokens), for head sites the layer x head heatmap and top heads; per-pair values and
+        bootstrap 95% intervals over pairs as CSV (`per_pair_table`: the pairs' texts and the values
+    named). Every picture is a mean over pairs, whatever their
+        number: none draws one line per pair."""
     from patchscope_core.methods import patching_summary as ps
 
     from .. import pictures
@@ -138,7 +167,7 @@ def patching_report(out_dir: Path, df) -> dict[str, Path]:
         summary = ps.summarize(mdf)  # the aggregate over pairs (W&B logs it; per_pair.csv stays on disk)
         out[f"patching_{stem}_summary"] = out_dir / f"patching_{stem}_summary.csv"
         summary.to_csv(out[f"patching_{stem}_summary"], index=False)
-        ps.per_pair(mdf).to_csv(out_dir / f"patching_{stem}_per_pair.csv")
+        per_pair_table(mdf).to_csv(out_dir / f"patching_{stem}_per_pair.csv", index=False)
         for site in dict.fromkeys(mdf["site"]):
             sdf = mdf[mdf["site"] == site]
             name = f"{stem}_{pictures.safe_name(site)}"
