@@ -5,7 +5,8 @@ sections `prompts` (the pairs, as `activation_patching`: both build on `sweeps.k
 
 An `AttributionCell` is one row of the results: model x pair x site x layer x position (or the sum
 over positions: position null) x head or neuron x method. A task holds every cell of up to
-`attribution.batch_pairs` pairs of one token length: the worker (`workers.actor`, operation
+`attribution.batch_pairs` pairs of one token length (fewer while the pairs would make under two
+tasks per worker, `_batches`): the worker (`workers.actor`, operation
 `attribution_patching`) attributes them in one batch (`patchscope_core.methods.attribution.Attributor`:
 one clean forward, one corrupted forward and backward, AtP*'s GradDrop backwards), then, with
 `verify`, patches each pair's top-k and random nodes exactly (`attribution_verify.verify`, on the
@@ -62,7 +63,9 @@ class AttributionConfig(PairSites):
     method: Methods = "atp"
     metric: str = "logit_diff"
     verify: VerifyConfig | None = None
-    batch_pairs: int = Field(8, ge=1, description="pairs attributed in one batch (one task)")
+    batch_pairs: int = Field(
+        8, ge=1, description="at most this many pairs attributed in one batch (one task); fewer below 2 tasks a worker"
+    )
 
     @field_validator("metric")
     @classmethod
@@ -116,12 +119,22 @@ def _settings(config, plan: ModelPlan) -> str:
 
 
 def _batches(config, plan: ModelPlan, rows: list[PairRow]) -> list[list[PairRow]]:
-    """The pairs attributed together: of one clean token length, at most batch_pairs, in row order."""
+    """The pairs attributed together (a task each): of one clean token length, in row order, at
+    most batch_pairs, and fewer (halved, down to one pair) while the pairs would make fewer than
+    two tasks per worker, so that a sweep of a few pairs reports progress as each task ends.
+    Batching pairs saves forward passes and changes no result: each pair's verify sample has its
+    own seed (`pair_seed`), and neither a cell's id nor the config hash holds its batch."""
     by_length: dict[int, list[PairRow]] = {}
     for row in rows:
         by_length.setdefault(plan.n_tokens[row.clean], []).append(row)
+
+    def cut(n: int) -> list[list[PairRow]]:
+        return [group[i : i + n] for group in by_length.values() for i in range(0, len(group), n)]
+
     n = config.attribution.batch_pairs
-    return [group[i : i + n] for group in by_length.values() for i in range(0, len(group), n)]
+    while n > 1 and len(cut(n)) < 2 * config.execution.workers:
+        n = (n + 1) // 2
+    return cut(n)
 
 
 def pair_seed(seed: int, cell) -> int:
@@ -394,13 +407,13 @@ class AttributionPatchingKind(PairKind):
                     + (f" ({r['note']})" if r["note"] else "")
                 )
         top = df.loc[df["position"].isna()]
-        for (model, method), f in top.groupby(["model", "method"], sort=True):
-            best = f.groupby(["site", "layer", "head", "neuron"], dropna=False)["estimate"].mean().abs().nlargest(5)
+        for (model, method, site), f in top.groupby(["model", "method", "site"], sort=True):
+            best = f.groupby(["layer", "head", "neuron"], dropna=False)["estimate"].mean().abs().nlargest(5)
             lines.append(
-                f"  {model} {method}: largest mean |estimate| (summed over positions): "
+                f"  {model} {method} {site}: largest mean |estimate| (summed over positions): "
                 + ", ".join(
-                    f"{s} L{int(l)}" + ("" if h != h else f"H{int(h)}") + ("" if n != n else f"N{int(n)}")
-                    for (s, l, h, n) in best.index
+                    f"L{int(l)}" + ("" if h != h else f"H{int(h)}") + ("" if n != n else f"N{int(n)}") + f" {v:.3g}"
+                    for (l, h, n), v in best.items()
                 )
             )
         return "\n".join(lines)
