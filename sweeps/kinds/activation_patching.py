@@ -19,18 +19,33 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field, field_validator
 
 from patchscope_core import PatchscopeError
-from patchscope_core.methods.patching import DIRECTIONS, METRICS, make_cells, site_name
+from patchscope_core.methods.patching import DIRECTIONS, METRICS, PATCH_SITES, make_cells, site_name
 
 from ..config import ConfigError
 from ..config.models import ModelPlan
 from .base import Schema, run_columns
-from .pairs import PAIR_PARAMS, PairCell, PairKind, PairRow, PairSites, check_pair_row, choices
+from .pairs import (
+    PAIR_PARAMS,
+    PairCell,
+    PairKind,
+    PairRow,
+    PairSites,
+    check_pair_row,
+    choices,
+    heads_value,
+    positions_value,
+)
 from .prompts import PromptsConfig
+
+
+def _has_heads(site: str) -> bool:
+    """Whether a site is patched per head (attn.hook_z, hook_q, hook_k, hook_v)."""
+    return PATCH_SITES[site_name(site, "patching.sites")] in ("query", "key/value")
 
 
 def axis(value: Any) -> list:
@@ -43,8 +58,10 @@ Metrics = choices(METRICS)
 
 
 class PatchingConfig(PairSites):
-    """Activation patching: sites x layers x positions x heads x directions x metrics."""
+    """Activation patching: sites x layers x positions x heads x directions x metrics (a site given
+    as a mapping has its own positions and heads)."""
 
+    SECTION: ClassVar[str] = "patching"
     positions: Any = Field("each", description="each | all | a list (BOS counted, negatives from the end)")
     heads: Any = Field("all", description="head sites: all or a list of heads")
     direction: Directions = "denoising"
@@ -54,22 +71,24 @@ class PatchingConfig(PairSites):
     @field_validator("positions")
     @classmethod
     def _positions(cls, v):
-        if v in ("each", "all"):
-            return v
-        v = [v] if isinstance(v, int) and not isinstance(v, bool) else v
-        if not isinstance(v, list) or not v or any(isinstance(p, bool) or not isinstance(p, int) for p in v):
-            raise ValueError(f"expected each, all or a non-empty list of integer positions, got {v!r}")
-        return list(dict.fromkeys(v))
+        return positions_value(v)
 
     @field_validator("heads")
     @classmethod
     def _heads(cls, v):
-        if v == "all":
-            return v
-        v = [v] if isinstance(v, int) and not isinstance(v, bool) else v
-        if not isinstance(v, list) or not v or any(isinstance(h, bool) or not isinstance(h, int) for h in v):
-            raise ValueError(f"expected all or a non-empty list of integer heads, got {v!r}")
-        return list(dict.fromkeys(v))
+        return heads_value(v)
+
+    def site_settings(self) -> list[tuple[str, Any, Any, str]]:
+        """(site, positions, heads, the field its errors name) of every site, in order: a plain
+        site takes the section's positions and heads, a mapping its own where it gives them."""
+        out = []
+        for i, s in enumerate(self.sites):
+            if isinstance(s, str):
+                out.append((s, self.positions, self.heads, "patching"))
+            else:
+                positions = self.positions if s.positions is None else s.positions
+                out.append((s.site, positions, self.heads if s.heads is None else s.heads, f"patching.sites[{i}]"))
+        return out
 
 
 PATCH_COLUMNS = (*PAIR_PARAMS, "head", "direction", "metric")
@@ -96,16 +115,13 @@ class PatchCell(PairCell):
 def _grid(config, plan: ModelPlan, row: PairRow) -> list:
     """The core's cells of one pair on one model (sites, layers, positions, heads; checked)."""
     pt = config.patching
-    return make_cells(
-        plan.info,
-        plan.n_tokens[row.clean],
-        pt.sites,
-        plan.source_layers,
-        pt.positions,
-        pt.heads,
-        pt.window,
-        field_name="patching",
-    )
+    n = plan.n_tokens[row.clean]
+    if all(isinstance(s, str) for s in pt.sites):  # every site with the section's positions and heads
+        return make_cells(plan.info, n, pt.sites, plan.source_layers, pt.positions, pt.heads, pt.window, "patching")
+    cells = []
+    for site, positions, heads, field_name in pt.site_settings():
+        cells += make_cells(plan.info, n, [site], plan.source_layers, positions, heads, pt.window, field_name)
+    return cells
 
 
 # ---------------------------------------------------------------- the report
@@ -207,7 +223,7 @@ class ActivationPatchingKind(PairKind):
 
     def check_config(self, config) -> None:
         super().check_config(config)
-        for i, site in enumerate(config.patching.sites):
+        for i, site in enumerate(config.patching.site_names()):
             try:
                 site_name(site, f"patching.sites[{i}]")
             except PatchscopeError as exc:
@@ -270,11 +286,17 @@ class ActivationPatchingKind(PairKind):
 
     def describe(self, config, plan: ModelPlan, context) -> str:
         pt = config.patching
-        return (
-            f"sites {[site_name(s, 'patching.sites') for s in pt.sites]} x layers {plan.source_layers} x positions "
-            f"{pt.positions} x heads {pt.heads} (head sites) x directions {axis(pt.direction)} x metrics {axis(pt.metric)}, "
-            f"window {pt.window}"
+        tail = f"directions {axis(pt.direction)} x metrics {axis(pt.metric)}, window {pt.window}"
+        if all(isinstance(s, str) for s in pt.sites):
+            return (
+                f"sites {[site_name(s, 'patching.sites') for s in pt.sites]} x layers {plan.source_layers} x positions "
+                f"{pt.positions} x heads {pt.heads} (head sites) x {tail}"
+            )
+        each = "; ".join(
+            f"{site_name(s, 'patching.sites')} positions {p}" + (f" heads {h}" if _has_heads(s) else "")
+            for s, p, h, _ in pt.site_settings()
         )
+        return f"sites [{each}] x layers {plan.source_layers} x {tail}"
 
     def report(self, out_dir: Path, df, settings: dict | None = None) -> dict[str, Path]:
         return patching_report(out_dir, df)

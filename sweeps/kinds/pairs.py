@@ -29,6 +29,7 @@ from patchscope_core.methods.patching import Pair, check_pair
 from patchscope_core.models.sites import site_template
 
 from ..config import ConfigError, Layers, Strict
+from ..config.fields import site_entries
 from ..config.files import checked_columns
 from ..config.models import ModelPlan
 from .answers import check_pairs
@@ -50,21 +51,84 @@ def choices(allowed: tuple[str, ...]) -> Any:
     return Annotated[Any, AfterValidator(lambda v: one_or_list(v, allowed))]
 
 
-class PairSites(Strict):
-    """Where a pair kind acts: the first fields of its section (`patching`, `attribution`)."""
+def positions_value(v: Any) -> Any:
+    """`positions`: each, all, or a non-empty list of integer positions (one integer: a list)."""
+    if v in ("each", "all"):
+        return v
+    v = [v] if isinstance(v, int) and not isinstance(v, bool) else v
+    if not isinstance(v, list) or not v or any(isinstance(p, bool) or not isinstance(p, int) for p in v):
+        raise ValueError(f"expected each, all or a non-empty list of integer positions, got {v!r}")
+    return list(dict.fromkeys(v))
 
-    sites: list[str] = Field(
+
+def heads_value(v: Any) -> Any:
+    """`heads`: all, or a non-empty list of integer heads (one integer: a list)."""
+    if v == "all":
+        return v
+    v = [v] if isinstance(v, int) and not isinstance(v, bool) else v
+    if not isinstance(v, list) or not v or any(isinstance(h, bool) or not isinstance(h, int) for h in v):
+        raise ValueError(f"expected all or a non-empty list of integer heads, got {v!r}")
+    return list(dict.fromkeys(v))
+
+
+class SiteSpec(Strict):
+    """One site with its own positions and heads (`sites: [{site: ..., positions: each}]`); a
+    setting left out is the section's."""
+
+    site: str = Field(description="a TransformerLens hook name, blocks.{layer}.<hook>, or a short name (z)")
+    positions: Any = Field(None, description="each | all | a list; none: the section's positions")
+    heads: Any = Field(None, description="head sites: all or a list; none: the section's heads")
+
+    @field_validator("site", mode="after")
+    @classmethod
+    def _short_name(cls, v: str) -> str:
+        return site_template(v, "")
+
+    @field_validator("positions", mode="after")
+    @classmethod
+    def _positions(cls, v):
+        return None if v is None else positions_value(v)
+
+    @field_validator("heads", mode="after")
+    @classmethod
+    def _heads(cls, v):
+        return None if v is None else heads_value(v)
+
+
+class PairSites(Strict):
+    """Where a pair kind acts: the first fields of its section (`patching`, `attribution`). A site
+    is a hook name (the section's positions and heads) or a mapping with its own (`SiteSpec`)."""
+
+    SECTION: ClassVar[str] = "sites"  # the section's key: what errors name
+    sites: list[str | SiteSpec] = Field(
         ...,
         min_length=1,
-        description="TransformerLens hook names, blocks.{layer}.<hook>, or short names (z, resid_pre)",
+        description="TransformerLens hook names, blocks.{layer}.<hook>, short names (z, resid_pre), or "
+        "{site, positions, heads} mappings",
     )
     layers: Layers = "all"
 
+    @field_validator("sites", mode="before")
+    @classmethod
+    def _entries(cls, v: Any) -> Any:
+        return site_entries(v, SiteSpec, f"{cls.SECTION}.sites")
+
     @field_validator("sites", mode="after")
     @classmethod
-    def _short_names(cls, v: list[str]) -> list[str]:
-        """TransformerLens's short names (get_act_name's) as the templates they name."""
-        return [site_template(s, "") for s in v]
+    def _short_names(cls, v: list) -> list:
+        """TransformerLens's short names (get_act_name's) as the templates they name; a site named
+        twice where any site is a mapping is refused (its cells would repeat)."""
+        v = [site_template(s, "") if isinstance(s, str) else s for s in v]
+        if any(isinstance(s, SiteSpec) for s in v):
+            names = [s if isinstance(s, str) else s.site for s in v]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ValueError(f"{', '.join(twice)} named twice: give each site once, with its positions and heads")
+        return v
+
+    def site_names(self) -> list[str]:
+        """Every site's hook name or template, in order."""
+        return [s if isinstance(s, str) else s.site for s in self.sites]
 
 
 def check_pair_columns(config, kind: str) -> None:
