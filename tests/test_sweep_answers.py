@@ -18,7 +18,7 @@ from tests.configs import changed, write_yaml
 
 PROMPT = "The capital of France is"
 PAIRS = [  # same token count clean / corrupted on SmolLM2
-    {"clean": PROMPT, "corrupted": "The capital of Italy is", "answer": "Paris", "wrong_answer": " Rome"},
+    {"clean": PROMPT, "corrupted": "The capital of Italy is", "answer": "Paris", "wrong_answer": "Rome"},
     {"clean": PROMPT, "corrupted": "The capital of Spain is", "answer": " Paris", "wrong_answer": " Madrid"},
     {"clean": PROMPT, "corrupted": "The capital of Japan is", "answer": " Parisians", "wrong_answer": " Tokyo"},
 ]
@@ -78,6 +78,7 @@ def test_answers_not_scored_as_written_get_one_warning_naming_rows(tmp_path, cap
         for key in ("answer", "wrong_answer"):
             named = f"prompts.rows row {i} {key}_column {pair[key]!r}" in line
             assert named == (not scored_as_written(tok, pair["clean"], pair[key])), (i, key, line)
+    assert "prompts.rows row 1 wrong_answer_column 'Rome'" in line  # logit_diff reads the wrong answer
     assert "does not start a word" in line and "2 tokens [' Paris', 'ians']" in line  # why, per row
     assert "logit_diff compares the answer's first token with the wrong answer's first token" in line
     assert "set prompts.answers: first_token" in line
@@ -86,6 +87,10 @@ def test_answers_not_scored_as_written_get_one_warning_naming_rows(tmp_path, cap
     again, err = dry_run(tmp_path, PATCHING, capsys, prompts__answers="first_token")
     assert "warning" not in err and again == out
     assert plan(str(tmp_path / "c.yaml")).config_hash == before  # a warning's setting: the results' hash stays
+    _, err = dry_run(tmp_path, PATCHING, capsys, patching__metric="prob")  # no measure reads the wrong answer
+    assert "prob is the probability of the answer's first token" in err and "wrong_answer_column" not in err
+    _, err = dry_run(tmp_path, PATCHING, capsys, patching__metric="kl")  # no measure reads an answer
+    assert "warning" not in err
 
 
 def test_several_models_one_warning_and_the_trace_says_what_it_traces(tmp_path, capsys, no_weights):

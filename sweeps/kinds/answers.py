@@ -100,11 +100,12 @@ def check_pairs(config, plans: dict, rows, metrics) -> None:
     scored = pair_scored(metrics)
     if scored is None or config.prompts.answers == "first_token":
         return
-    notes = AnswerNotes()
+    notes, wrong = AnswerNotes(), "logit_diff" in metrics  # only logit_diff reads the wrong answer
     for plan in plans.values():
         for row in rows:
             notes.check(plan.info, row.where, "prompts.answer_column", row.clean, row.answer)
-            notes.check(plan.info, row.where, "prompts.wrong_answer_column", row.clean, row.wrong_answer)
+            if wrong:
+                notes.check(plan.info, row.where, "prompts.wrong_answer_column", row.clean, row.wrong_answer)
     notes.warn(config, scored)
 
 
