@@ -4,7 +4,8 @@ corrupted prompt pairs, sections `prompts` (a file of pairs) and `patching`. Wha
 object's common part) is in `sweeps.kinds.pairs`.
 
 A `PatchCell` is one point of model x pair x site x layer x position x head x direction x metric
-(each list in `patching` is a grid axis). A task holds every cell of one pair, so the pair's clean
+(each list in `patching` is a grid axis; a site given as a mapping has its own positions and
+heads, `PatchingConfig.site_settings`). A task holds every cell of one pair, so the pair's clean
 and corrupted runs happen once; the worker (`workers.actor`, operation `activation_patching`) runs
 them on `patchscope_core.methods.patcher.Patcher` in batches of `execution.batch_size` rows. Every setting
 is checked against each model's config and tokenizer before any weights load

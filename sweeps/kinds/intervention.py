@@ -2,7 +2,8 @@
 `prompts` and `intervention` (the intervention kinds are `patchscope_core.interventions.KINDS`).
 
 An `InterventionCell` is one point of model x prompt row x site x layer x head or neuron x kind
-x strength; a task holds cells of many prompts (`packs`: up to batches_per_task forward batches,
+x strength (a site given as a mapping, `InterventionSite`, has its own positions, heads or
+neurons: `site_settings`); a task holds cells of many prompts (`packs`: up to batches_per_task forward batches,
 `sweeps.grid`; the engine computes each prompt's clean baseline once). The context is the grid's table of kinds (by the digest of their values; vectors and
 prompt files read before any weights load). The report draws layer x head (or layer x site)
 heatmaps, per kind and strength, of the config's `report` measure (default: the mean change in

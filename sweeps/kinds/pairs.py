@@ -3,7 +3,8 @@ config to their cells; not a kind itself (no `KIND`: `sweeps.kinds.KINDS` does n
 
 - config: the `prompts` columns a pair needs (`check_pair_columns`), the type of a setting
   given as one value or a list (`choices`), the sites and layers their own sections start with
-  (`PairSites`);
+  (`PairSites`: a site is a hook name, a TransformerLens short name, or a `SiteSpec` mapping
+  with its own positions and heads);
 - rows: the pairs, from `prompts.file` or `prompts.rows` (`load_pairs`, one `PairRow` each);
 - checks: one pair against one model (`check_pair_row`: same token count, answers that
   tokenize), its clean token count noted in the model's plan;
