@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -196,6 +198,19 @@ def test_subject_span_and_bad_facts():
     assert subject_span(info, "Paris is the capital", "Paris") == (1, 2)
     with pytest.raises(PatchscopeError, match="^subject: 'Rome' does not occur"):
         subject_span(info, "Paris is the capital", "Rome")
+    # a subject is whole words: the first whole-word occurrence, never part of another word (issue 28 item 8)
+    prompt = "The category of the cat is"
+    start, end = subject_span(info, prompt, "cat")
+    enc = info.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    word = re.search(r"\bcat\b", prompt).span()
+    want = [i + 1 for i, (a, b) in enumerate(enc["offset_mapping"]) if a < word[1] and b > word[0] and b > a]
+    assert (start, end) == (want[0], want[-1] + 1) and start > 2  # not the "cat" of "category"
+    for prompt, word in (("The category is", "category"), ("A bobcat ran", "bobcat")):
+        with pytest.raises(
+            PatchscopeError, match=f"^subject: 'cat' occurs in the prompt .* only inside another word \\('{word}'\\)"
+        ):
+            subject_span(info, prompt, "cat")
+    assert subject_span(info, "A cat, a dog", "cat") == subject_span(info, "A cat", "cat")  # punctuation ends a word
     with pytest.raises(PatchscopeError, match="^trace.samples"):
         TraceSettings(samples=0).check()
     with pytest.raises(PatchscopeError, match="^trace.sites"):

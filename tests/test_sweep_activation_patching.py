@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import transformer_lens.patching as tlp
@@ -24,6 +25,15 @@ PAIRS = [
     },
     {"clean": "A fox sat on the", "corrupted": "A fix sat on the", "answer": " mat", "wrong_answer": " rug"},
 ]
+
+
+PROMPTS = {
+    "rows": PAIRS,
+    "clean_column": "clean",
+    "corrupted_column": "corrupted",
+    "answer_column": "answer",
+    "wrong_answer_column": "wrong_answer",
+}
 
 
 def write(tmp_path: Path, rows=None, prompts=None, model="tiny-llama", **patching) -> Path:
@@ -96,6 +106,18 @@ BAD = [
         "patching.heads: 3 is out of range 0 .. 1: attn.hook_v has 2 key/value heads",
     ),
     (dict(positions=[40]), "patching.positions: 40 is out of range"),
+    # every column the prompts section names is checked, those a pair does not read too (issue 28 item 3)
+    *[
+        (
+            dict(prompts={**PROMPTS, key: value}),
+            f"prompts.{key}: no column {missing!r} in prompts.rows (columns: answer, clean, corrupted, wrong_answer)",
+        )
+        for key, value, missing in (
+            ("prompt_column", "text", "text"),
+            ("subject_column", "subject", "subject"),
+            ("reference_columns", ["answer", "topic"], "topic"),
+        )
+    ],
 ]
 
 
@@ -104,6 +126,21 @@ def test_bad_input_is_refused_before_weights_load(tmp_path, capsys, no_weights, 
     assert main(["sweep", str(write(tmp_path, **kwargs)), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert f"error: {message}" in err, err
+
+
+def test_a_column_the_file_lacks_names_the_file_and_its_columns(tmp_path, capsys, no_weights):
+    (tmp_path / "pairs.csv").write_text(
+        "clean,corrupted,answer,wrong_answer\n" + "".join(",".join(p.values()) + "\n" for p in PAIRS)
+    )
+    prompts = {**{k: v for k, v in PROMPTS.items() if k != "rows"}, "file": str(tmp_path / "pairs.csv")}
+    assert main(["sweep", str(write(tmp_path, prompts=prompts)), "--dry-run"]) == 0  # the file is good
+    capsys.readouterr()
+    config = write(tmp_path, prompts={**prompts, "subject_column": "subj"})
+    assert main(["sweep", str(config), "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: prompts.subject_column: no column 'subj' in {tmp_path / 'pairs.csv'} "
+        "(columns: clean, corrupted, answer, wrong_answer)"
+    )
 
 
 def test_the_token_lists_are_named(tmp_path, capsys, no_weights):
@@ -131,6 +168,7 @@ def test_the_sweep_equals_transformer_lens_resumes_and_reports(tmp_path, capsys,
     df = ResultStore(tmp_path / "out").read()
     assert len(df) == 48 and df["cell_id"].is_unique
     bridge = engine.model
+    recovered = {}  # (row, site, layer, position, head) -> TransformerLens's recovered, denoising
     for row, p in enumerate(PAIRS):
         checked = check_pair(Pair(**p), engine.info)
         clean, corrupted = torch.tensor([checked.clean_ids]), torch.tensor([checked.corrupted_ids])
@@ -168,6 +206,9 @@ def test_the_sweep_equals_transformer_lens_resumes_and_reports(tmp_path, capsys,
             assert r.recovered == pytest.approx(
                 (want - corrupted_value) / (clean_value - corrupted_value), rel=1e-3, abs=1e-3
             )
+            if r.direction == "denoising":
+                key = (row, r.site, r.layer, r.position, None if r.head != r.head else int(r.head))
+                recovered[key] = (want - corrupted_value) / (clean_value - corrupted_value)
             assert r.token == engine.info.tokenizer.decode([checked.clean_ids[r.position]])
     assert df.loc[df["site"] == "hook_resid_pre", "head"].isna().all()
     assert main(["report", str(tmp_path / "out")]) == 0
@@ -182,5 +223,14 @@ def test_the_sweep_equals_transformer_lens_resumes_and_reports(tmp_path, capsys,
         "per_pair.csv",
     ):
         assert list(out.glob(f"patching_tiny-llama_denoising_logit_diff*{name}")), name
+    # per_pair.csv: each pair's text and the named values, one line per cell and pair (issue 28 item 4)
+    per_pair = pd.read_csv(next(out.glob("patching_tiny-llama_denoising_logit_diff_per_pair.csv")))
+    assert list(per_pair.columns[:7]) == ["site", "layer", "position", "head", "row", "clean", "corrupted"]
+    assert {"answer", "wrong_answer", "token", "recovered", "patched"} <= set(per_pair.columns)
+    assert len(per_pair) == len(recovered)
+    for r in per_pair.itertuples():
+        assert (r.clean, r.corrupted, r.answer) == tuple(PAIRS[r.row][k] for k in ("clean", "corrupted", "answer"))
+        key = (r.row, r.site, r.layer, r.position, None if r.head != r.head else int(r.head))
+        assert r.recovered == pytest.approx(recovered[key], rel=1e-3, abs=1e-3)
     summary = next(out.glob("patching_tiny-llama_denoising_logit_diff_summary.csv")).read_text()
     assert "ci_low" in summary and "ci_high" in summary

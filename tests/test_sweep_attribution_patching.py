@@ -190,6 +190,20 @@ def test_the_sweep_equals_transformer_lens_and_exact_patching_resumes_and_report
     assert "== attribution patching" in out and "attn.hook_z atp: 48 nodes" in out
     summary = (tmp_path / "out" / "attribution_tiny-llama_summary.csv").read_text()
     assert "recall@10" in summary and "spearman" in summary
+    # the largest |estimate| listed per site (issue 28 item 5), its first node the site's own largest
+    summed = df[df["position"].isna()]
+    for (method, site), g in summed.groupby(["method", "site"]):
+        line = next(
+            x for x in out.splitlines() if x.startswith(f"  tiny-llama {method} {site}: largest mean |estimate|")
+        )
+        means = g.groupby(["layer", "head", "neuron"], dropna=False)["estimate"].mean()
+        layer, head, neuron = means.abs().idxmax()
+        first = (
+            f"L{int(layer)}"
+            + ("" if head != head else f"H{int(head)}")
+            + ("" if neuron != neuron else f"N{int(neuron)}")
+        )
+        assert line.split(": ", 2)[2].startswith(f"{first} "), (line, first)
     for name in (
         "attn.hook_z_layer_head.png",
         "attn.hook_z_scatter.png",
@@ -197,6 +211,17 @@ def test_the_sweep_equals_transformer_lens_and_exact_patching_resumes_and_report
         "hook_mlp_out_scatter.png",
     ):
         assert (tmp_path / "out" / f"attribution_tiny-llama_{name}").is_file(), name
+
+
+@pytest.mark.parametrize("workers,tasks", [(1, 2), (2, 3), (4, 3)])
+def test_a_few_pairs_are_cut_into_tasks_so_progress_moves(tmp_path, capsys, no_weights, workers, tasks):
+    """Pairs 1 and 3 have one token length: one batch while that makes two tasks per worker,
+    else a task per pair (issue 28 item 5: a sweep of a few pairs was one task, its progress at 0%)."""
+    cfg = yaml.safe_load(write(tmp_path).read_text())
+    cfg["execution"] = {"workers": workers, "batch_size": 16}
+    (tmp_path / "atp.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["sweep", str(tmp_path / "atp.yaml"), "--dry-run"]) == 0
+    assert f"cells in {tasks} tasks" in capsys.readouterr().out
 
 
 def test_a_sample_is_verified_by_position_and_bounds_the_false_negatives(tmp_path, capsys, tiny_models):

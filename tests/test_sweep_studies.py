@@ -102,6 +102,8 @@ def write(tmp_path: Path, cfg: dict, **changes) -> Path:
         (ABLATION, {"intervention__positions": [40]}, "positions: 40 is out of range"),
         (ABLATION, {"prompts__answer_column": "nope"}, "prompts.answer_column: no column 'nope'"),
         (ABLATION, {"prompts__reference_columns": ["topic", "year"]}, "prompts.reference_columns: no column 'year'"),
+        (ABLATION, {"prompts__clean_column": "clean"}, "prompts.clean_column: no column 'clean'"),
+        (TRACE, {"prompts__wrong_answer_column": "wrong"}, "prompts.wrong_answer_column: no column 'wrong'"),
         (ABLATION, {"intervention__kind": "resample"}, "intervention.source: resample needs a source prompt"),
         (TRACE, {"prompts__subject_column": None}, "prompts.subject_column: a causal_trace sweep needs it"),
         (
@@ -129,6 +131,33 @@ def test_config_errors_name_the_field_before_any_load(
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "base,changes,message",
+    [
+        (TRACE, {}, "error: prompts.subject_column (prompts.file row 1): 'cat' occurs in the prompt"),
+        (
+            ABLATION,
+            {
+                "prompts__subject_column": "subject",
+                "intervention__kind": "knockout",
+                "intervention__to": ["subject"],
+                "intervention__site": "blocks.{layer}.attn",
+                "intervention__heads": None,
+            },
+            "error: prompts.subject_column (prompts.file row 1): 'cat' occurs in the prompt",
+        ),
+    ],
+)
+def test_a_subject_only_inside_another_word_is_refused(tmp_path, capsys, no_weights, base, changes, message):
+    path = write(tmp_path, base, **changes)
+    fact = {"prompt": "The category is large.", "subject": "cat", "answer": " It", "topic": "x"}
+    (tmp_path / "facts.jsonl").write_text(json.dumps(fact) + "\n")
+    assert cli.main(["sweep", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(message) and len(err.splitlines()) == 1, err
+    assert "'cat' occurs in the prompt 'The category is large.' only inside another word ('category')" in err, err
 
 
 def test_dry_run_shows_the_grid(tmp_path, capsys):

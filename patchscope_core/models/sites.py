@@ -61,6 +61,27 @@ QKV_SITES = {
 _FORM = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
+def site_template(name: str, field: str = "site", layer: str = "layer") -> str:
+    """A TransformerLens short name (`resid_pre`, `attn_out`, `z`, `q`, `post`, ... as its
+    `get_act_name` takes them: `transformer_lens.utilities` in 4.x, `utils` before) as the hook
+    template it names, `blocks.{layer}.<hook>` (the layer from the sweep's layers), by
+    `get_act_name` itself;
+    `embed` is `hook_embed`. A full hook name or template is returned as it is; a short name with
+    a layer in it (`k6`) is refused: the layers are the sweep's (`field`: what the message
+    starts with; empty: nothing, for a config validator whose field pydantic names)."""
+    if not isinstance(name, str) or "." in name or "{" in name or name.startswith("hook_") or not name.strip():
+        return name
+    if re.search(r"\d", name):
+        raise PatchscopeError(
+            f"{field + ': ' if field else ''}{name!r} names a layer; give the short name alone ({re.sub(r'[0-9].*', '', name)!r}), "
+            "the layers come from the sweep's layers"
+        )
+    from transformer_lens.utilities import get_act_name
+
+    whole = get_act_name(name)  # a site outside the blocks (embed) has no layer
+    return whole if whole in SITES else get_act_name(name, f"{{{layer}}}")
+
+
 def resid_post(layer: int) -> str:
     """TransformerLens hook name of layer l: the residual stream after block l."""
     return f"blocks.{layer}.hook_resid_post"

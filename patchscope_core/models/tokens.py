@@ -3,8 +3,8 @@
 `tokenize` gives a prompt's token ids with BOS where the model prepends one (TransformerLens'
 rule, read from the model's config by `models/info.py`); every position in this project indexes
 those ids, BOS counted, negative from the end (`resolve_position`). `subject_span` finds a
-subject's tokens (causal tracing, knockout); `context_problem` says when a prompt and the tokens
-to generate exceed the model's context.
+subject's tokens, as whole words (causal tracing, knockout); `context_problem` says when a
+prompt and the tokens to generate exceed the model's context.
 """
 
 from __future__ import annotations
@@ -84,14 +84,45 @@ def check_context(n_prompt: int, max_new_tokens: int, info: ModelInfo, field_nam
         raise PatchscopeError(f"{field_name if n_prompt > info.n_ctx else 'max_new_tokens'}: {problem}")
 
 
+def whole_word_at(prompt: str, subject: str) -> int:
+    """Where `subject` first occurs in `prompt` as whole words (no letter or digit joins it on
+    either side: `cat` in "the cat." but not in "category" or "bobcat"); -1 if nowhere."""
+    at = prompt.find(subject)
+    while at >= 0:
+        end = at + len(subject)
+        joined_before = at > 0 and prompt[at - 1].isalnum() and subject[0].isalnum()
+        joined_after = end < len(prompt) and prompt[end].isalnum() and subject[-1].isalnum()
+        if not (joined_before or joined_after):
+            return at
+        at = prompt.find(subject, at + 1)
+    return -1
+
+
+def _word_around(prompt: str, at: int, n: int) -> str:
+    """The word of `prompt` that holds prompt[at : at + n]."""
+    start, end = at, at + n
+    while start > 0 and prompt[start - 1].isalnum():
+        start -= 1
+    while end < len(prompt) and prompt[end].isalnum():
+        end += 1
+    return prompt[start:end]
+
+
 def subject_span(info: ModelInfo, prompt: str, subject: str, field_name: str = "subject") -> tuple[int, int]:
     """[start, end) of the subject's tokens in the prompt as the model sees it (BOS counted):
-    every token that overlaps the subject's first occurrence."""
+    every token that overlaps the subject's first whole-word occurrence (`whole_word_at`); a
+    subject found only inside other words (`cat` in "category") is refused, naming the word."""
     if not isinstance(subject, str) or not subject.strip():
         raise PatchscopeError(f"{field_name}: empty subject")
-    at = prompt.find(subject)
+    at = whole_word_at(prompt, subject)
     if at < 0:
-        raise PatchscopeError(f"{field_name}: {subject!r} does not occur in the prompt {prompt!r}")
+        inside = prompt.find(subject)
+        if inside < 0:
+            raise PatchscopeError(f"{field_name}: {subject!r} does not occur in the prompt {prompt!r}")
+        raise PatchscopeError(
+            f"{field_name}: {subject!r} occurs in the prompt {prompt!r} only inside another word "
+            f"({_word_around(prompt, inside, len(subject))!r}); a subject is whole words of the prompt"
+        )
     enc = info.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
     bos = len(tokenize(info, prompt)) - len(enc["input_ids"])
     inside = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < at + len(subject) and b > at and b > a]

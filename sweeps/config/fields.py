@@ -1,6 +1,6 @@
 """The field types every config section shares, written once: layer specs (`'all'`, `'same'`,
-`'start:stop:step'`, an int, a list), token positions, grid axes, and the strict base model
-(unknown keys rejected, frozen). Ranges are checked later, against each model
+`'start:stop:step'`, an int, a list), token positions, grid axes, the strict base model
+(unknown keys rejected, frozen), and lists of sites given as names or mappings (`site_entries`). Ranges are checked later, against each model
 (`sweeps.config.models.checked_layers`)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 _SLICE = re.compile(r"^\s*(-?\d*)\s*:\s*(-?\d*)\s*(?::\s*(-?\d*)\s*)?$")
 
@@ -94,3 +94,31 @@ Layers = Annotated[Any, AfterValidator(lambda v: parse_layers(v, allow_same=Fals
 TargetLayers = Annotated[Any, AfterValidator(lambda v: parse_layers(v, allow_same=True))]  # 'same' allowed
 Positions = Annotated[Any, AfterValidator(lambda v: parse_positions(v, allow_all=True))]
 TargetPositions = Annotated[Any, AfterValidator(lambda v: parse_positions(v, allow_all=False))]
+
+
+def site_entries(v: Any, model: type, field: str) -> list:
+    """A list of sites: each a hook name (a string, kept) or a mapping validated as `model`; a bad
+    entry is one error naming `field[i]` and the key (`unknown key ... (allowed: ...)`)."""
+    if not isinstance(v, list):
+        return v  # the field's own type refuses it
+    out = []
+    for i, x in enumerate(v):
+        if isinstance(x, str):
+            out.append(x)
+        elif isinstance(x, dict):
+            try:
+                out.append(model.model_validate(x))
+            except ValidationError as exc:
+                lines = []
+                for e in exc.errors():
+                    key = ".".join(str(k) for k in e["loc"])
+                    msg = e["msg"].removeprefix("Value error, ")
+                    if e["type"] == "extra_forbidden":
+                        msg = f"unknown key {e['loc'][-1]!r} (allowed: {', '.join(model.model_fields)})"
+                    lines.append(f"{field}[{i}]{'.' + key if key else ''}: {msg}")
+                raise ValueError("; ".join(lines)) from None
+        else:
+            raise ValueError(
+                f"{field}[{i}]: expected a site name or a mapping {{site: ..., positions: ...}}, got {x!r}"
+            )
+    return out

@@ -4,7 +4,8 @@ corrupted prompt pairs, sections `prompts` (a file of pairs) and `patching`. Wha
 object's common part) is in `sweeps.kinds.pairs`.
 
 A `PatchCell` is one point of model x pair x site x layer x position x head x direction x metric
-(each list in `patching` is a grid axis). A task holds every cell of one pair, so the pair's clean
+(each list in `patching` is a grid axis; a site given as a mapping has its own positions and
+heads, `PatchingConfig.site_settings`). A task holds every cell of one pair, so the pair's clean
 and corrupted runs happen once; the worker (`workers.actor`, operation `activation_patching`) runs
 them on `patchscope_core.methods.patcher.Patcher` in batches of `execution.batch_size` rows. Every setting
 is checked against each model's config and tokenizer before any weights load
@@ -19,18 +20,33 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field, field_validator
 
 from patchscope_core import PatchscopeError
-from patchscope_core.methods.patching import DIRECTIONS, METRICS, make_cells, site_name
+from patchscope_core.methods.patching import DIRECTIONS, METRICS, PATCH_SITES, make_cells, site_name
 
 from ..config import ConfigError
 from ..config.models import ModelPlan
 from .base import Schema, run_columns
-from .pairs import PAIR_PARAMS, PairCell, PairKind, PairRow, PairSites, check_pair_row, choices
+from .pairs import (
+    PAIR_PARAMS,
+    PairCell,
+    PairKind,
+    PairRow,
+    PairSites,
+    check_pair_row,
+    choices,
+    heads_value,
+    positions_value,
+)
 from .prompts import PromptsConfig
+
+
+def _has_heads(site: str) -> bool:
+    """Whether a site is patched per head (attn.hook_z, hook_q, hook_k, hook_v)."""
+    return PATCH_SITES[site_name(site, "patching.sites")] in ("query", "key/value")
 
 
 def axis(value: Any) -> list:
@@ -43,8 +59,10 @@ Metrics = choices(METRICS)
 
 
 class PatchingConfig(PairSites):
-    """Activation patching: sites x layers x positions x heads x directions x metrics."""
+    """Activation patching: sites x layers x positions x heads x directions x metrics (a site given
+    as a mapping has its own positions and heads)."""
 
+    SECTION: ClassVar[str] = "patching"
     positions: Any = Field("each", description="each | all | a list (BOS counted, negatives from the end)")
     heads: Any = Field("all", description="head sites: all or a list of heads")
     direction: Directions = "denoising"
@@ -54,22 +72,24 @@ class PatchingConfig(PairSites):
     @field_validator("positions")
     @classmethod
     def _positions(cls, v):
-        if v in ("each", "all"):
-            return v
-        v = [v] if isinstance(v, int) and not isinstance(v, bool) else v
-        if not isinstance(v, list) or not v or any(isinstance(p, bool) or not isinstance(p, int) for p in v):
-            raise ValueError(f"expected each, all or a non-empty list of integer positions, got {v!r}")
-        return list(dict.fromkeys(v))
+        return positions_value(v)
 
     @field_validator("heads")
     @classmethod
     def _heads(cls, v):
-        if v == "all":
-            return v
-        v = [v] if isinstance(v, int) and not isinstance(v, bool) else v
-        if not isinstance(v, list) or not v or any(isinstance(h, bool) or not isinstance(h, int) for h in v):
-            raise ValueError(f"expected all or a non-empty list of integer heads, got {v!r}")
-        return list(dict.fromkeys(v))
+        return heads_value(v)
+
+    def site_settings(self) -> list[tuple[str, Any, Any, str]]:
+        """(site, positions, heads, the field its errors name) of every site, in order: a plain
+        site takes the section's positions and heads, a mapping its own where it gives them."""
+        out = []
+        for i, s in enumerate(self.sites):
+            if isinstance(s, str):
+                out.append((s, self.positions, self.heads, "patching"))
+            else:
+                positions = self.positions if s.positions is None else s.positions
+                out.append((s.site, positions, self.heads if s.heads is None else s.heads, f"patching.sites[{i}]"))
+        return out
 
 
 PATCH_COLUMNS = (*PAIR_PARAMS, "head", "direction", "metric")
@@ -96,16 +116,13 @@ class PatchCell(PairCell):
 def _grid(config, plan: ModelPlan, row: PairRow) -> list:
     """The core's cells of one pair on one model (sites, layers, positions, heads; checked)."""
     pt = config.patching
-    return make_cells(
-        plan.info,
-        plan.n_tokens[row.clean],
-        pt.sites,
-        plan.source_layers,
-        pt.positions,
-        pt.heads,
-        pt.window,
-        field_name="patching",
-    )
+    n = plan.n_tokens[row.clean]
+    if all(isinstance(s, str) for s in pt.sites):  # every site with the section's positions and heads
+        return make_cells(plan.info, n, pt.sites, plan.source_layers, pt.positions, pt.heads, pt.window, "patching")
+    cells = []
+    for site, positions, heads, field_name in pt.site_settings():
+        cells += make_cells(plan.info, n, [site], plan.source_layers, positions, heads, pt.window, field_name)
+    return cells
 
 
 # ---------------------------------------------------------------- the report
@@ -122,11 +139,40 @@ def _last_position(df):
     return df[df["position"] == last].assign(position=None)
 
 
+# per_pair.csv: one line per cell and pair, the pair's text beside each named value
+PER_PAIR = (
+    "site",
+    "layer",
+    "position",
+    "head",
+    "row",
+    "clean",
+    "corrupted",
+    "answer",
+    "wrong_answer",
+    "token",
+    "recovered",
+    "patched",
+    "clean_value",
+    "corrupted_value",
+)
+
+
+def per_pair_table(df):
+    """Each cell's values for each pair, the pair's clean and corrupted prompts (and answers) on
+    its line: what `patching_summary.summarize` averages over pairs, sorted by cell then pair."""
+    table = df[[c for c in PER_PAIR if c in df.columns]]
+    table = table.astype({c: "Int64" for c in ("layer", "position", "head", "row") if c in table.columns})
+    keys = [c for c in ("site", "layer", "position", "head", "row") if c in table.columns]
+    return table.sort_values(keys, kind="stable", na_position="first")
+
+
 def patching_report(out_dir: Path, df) -> dict[str, Path]:
     """Per model, direction, metric and site: the layer x position heatmap of mean recovered (first
-    pair's tokens), for head sites the layer x head heatmap and top heads; per-pair values and
-    bootstrap 95% intervals over pairs as CSV. Every picture is a mean over pairs, whatever their
-    number: none draws one line per pair."""
+        pair's tokens), for head sites the layer x head heatmap and top heads; per-pair values and
+        bootstrap 95% intervals over pairs as CSV (`per_pair_table`: the pairs' texts and the values
+    named). Every picture is a mean over pairs, whatever their
+        number: none draws one line per pair."""
     from patchscope_core.methods import patching_summary as ps
 
     from .. import pictures
@@ -139,7 +185,7 @@ def patching_report(out_dir: Path, df) -> dict[str, Path]:
         out[f"patching_{stem}_summary"] = out_dir / f"patching_{stem}_summary.csv"
         summary.to_csv(out[f"patching_{stem}_summary"], index=False)
         out[f"patching_{stem}_per_pair"] = out_dir / f"patching_{stem}_per_pair.csv"
-        ps.per_pair(mdf).to_csv(out[f"patching_{stem}_per_pair"])
+        per_pair_table(mdf).to_csv(out[f"patching_{stem}_per_pair"], index=False)
         for site in dict.fromkeys(mdf["site"]):
             sdf = mdf[mdf["site"] == site]
             name = f"{stem}_{pictures.safe_name(site)}"
@@ -164,17 +210,28 @@ class ActivationPatchingKind(PairKind):
     section = "patching"
     sections = {"prompts": PromptsConfig, "patching": PatchingConfig}
     operation = "activation_patching"
-    schema = Schema(PATCH_COLUMNS, PATCH_RESULTS, PATCH_COLUMNS + PATCH_RESULTS, ())
+    schema = Schema(
+        PATCH_COLUMNS,
+        PATCH_RESULTS,
+        PATCH_COLUMNS + PATCH_RESULTS,
+        (),
+        ("row", "layer", "position", "head", *PATCH_RESULTS),
+        ("direction", "metric", "site", "token"),  # what the report and summary read besides
+        ("clean", "corrupted", "answer", "wrong_answer"),  # the per-pair table's texts
+    )
     marks = frozenset({"recovered", "corrupted_value"})
     order = ("model", "row", "direction", "metric", "site", "layer", "position", "head")
 
     def check_config(self, config) -> None:
         super().check_config(config)
-        for i, site in enumerate(config.patching.sites):
+        for i, site in enumerate(config.patching.site_names()):
             try:
                 site_name(site, f"patching.sites[{i}]")
             except PatchscopeError as exc:
                 raise ValueError(str(exc)) from None
+
+    def metrics(self, config) -> list[str]:
+        return axis(config.patching.metric)
 
     def check_model(self, config, name: str, plan: ModelPlan, rows: list[PairRow]) -> None:
         for row in rows:
@@ -230,11 +287,17 @@ class ActivationPatchingKind(PairKind):
 
     def describe(self, config, plan: ModelPlan, context) -> str:
         pt = config.patching
-        return (
-            f"sites {[site_name(s, 'patching.sites') for s in pt.sites]} x layers {plan.source_layers} x positions "
-            f"{pt.positions} x heads {pt.heads} (head sites) x directions {axis(pt.direction)} x metrics {axis(pt.metric)}, "
-            f"window {pt.window}"
+        tail = f"directions {axis(pt.direction)} x metrics {axis(pt.metric)}, window {pt.window}"
+        if all(isinstance(s, str) for s in pt.sites):
+            return (
+                f"sites {[site_name(s, 'patching.sites') for s in pt.sites]} x layers {plan.source_layers} x positions "
+                f"{pt.positions} x heads {pt.heads} (head sites) x {tail}"
+            )
+        each = "; ".join(
+            f"{site_name(s, 'patching.sites')} positions {p}" + (f" heads {h}" if _has_heads(s) else "")
+            for s, p, h, _ in pt.site_settings()
         )
+        return f"sites [{each}] x layers {plan.source_layers} x {tail}"
 
     def report(self, out_dir: Path, df, settings: dict | None = None) -> dict[str, Path]:
         return patching_report(out_dir, df)

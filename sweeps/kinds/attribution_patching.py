@@ -5,7 +5,8 @@ sections `prompts` (the pairs, as `activation_patching`: both build on `sweeps.k
 
 An `AttributionCell` is one row of the results: model x pair x site x layer x position (or the sum
 over positions: position null) x head or neuron x method. A task holds every cell of up to
-`attribution.batch_pairs` pairs of one token length: the worker (`workers.actor`, operation
+`attribution.batch_pairs` pairs of one token length (fewer while the pairs would make under two
+tasks per worker, `_batches`): the worker (`workers.actor`, operation
 `attribution_patching`) attributes them in one batch (`patchscope_core.methods.attribution.Attributor`:
 one clean forward, one corrupted forward and backward, AtP*'s GradDrop backwards), then, with
 `verify`, patches each pair's top-k and random nodes exactly (`attribution_verify.verify`, on the
@@ -22,13 +23,13 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field, field_validator
 
 from patchscope_core import PatchscopeError
 from patchscope_core.methods.attribution import METHODS, SITE_NOTES, check_attribution, units
-from patchscope_core.methods.patching import METRICS, PATCH_SITES
+from patchscope_core.methods.patching import METRICS, PATCH_SITES, site_name
 
 from ..config import ConfigError, Strict
 from ..config.models import ModelPlan
@@ -59,10 +60,13 @@ Methods = choices(METHODS)
 class AttributionConfig(PairSites):
     """Attribution patching: sites x layers x methods, one metric, an optional exact check."""
 
+    SECTION: ClassVar[str] = "attribution"
     method: Methods = "atp"
     metric: str = "logit_diff"
     verify: VerifyConfig | None = None
-    batch_pairs: int = Field(8, ge=1, description="pairs attributed in one batch (one task)")
+    batch_pairs: int = Field(
+        8, ge=1, description="at most this many pairs attributed in one batch (one task); fewer below 2 tasks a worker"
+    )
 
     @field_validator("metric")
     @classmethod
@@ -116,12 +120,22 @@ def _settings(config, plan: ModelPlan) -> str:
 
 
 def _batches(config, plan: ModelPlan, rows: list[PairRow]) -> list[list[PairRow]]:
-    """The pairs attributed together: of one clean token length, at most batch_pairs, in row order."""
+    """The pairs attributed together (a task each): of one clean token length, in row order, at
+    most batch_pairs, and fewer (halved, down to one pair) while the pairs would make fewer than
+    two tasks per worker, so that a sweep of a few pairs reports progress as each task ends.
+    Batching pairs saves forward passes and changes no result: each pair's verify sample has its
+    own seed (`pair_seed`), and neither a cell's id nor the config hash holds its batch."""
     by_length: dict[int, list[PairRow]] = {}
     for row in rows:
         by_length.setdefault(plan.n_tokens[row.clean], []).append(row)
+
+    def cut(n: int) -> list[list[PairRow]]:
+        return [group[i : i + n] for group in by_length.values() for i in range(0, len(group), n)]
+
     n = config.attribution.batch_pairs
-    return [group[i : i + n] for group in by_length.values() for i in range(0, len(group), n)]
+    while n > 1 and len(cut(n)) < 2 * config.execution.workers:
+        n = (n + 1) // 2
+    return cut(n)
 
 
 def pair_seed(seed: int, cell) -> int:
@@ -129,11 +143,50 @@ def pair_seed(seed: int, cell) -> int:
     return (seed + int(digest(cell.texts()), 16)) % 2**31
 
 
+def site_grid(config, info) -> list[tuple[str, str, list[int] | str]]:
+    """(PATCH_SITES name, positions, heads) of every site, checked: positions `each` (every
+    position and their sum) or `all` (their sum only), heads `all` or a list (head sites); a plain
+    site is (each, all)."""
+    at = config.attribution
+    check_attribution(info, at.site_names(), [0], at.method, at.metric)
+    out, seen = [], set()
+    for i, spec in enumerate(at.sites):
+        name = site_name(spec if isinstance(spec, str) else spec.site, f"attribution.sites[{i}]")
+        if name in seen:  # a plain site named twice (a mapping's is refused): once, as before
+            continue
+        seen.add(name)
+        positions = "each" if isinstance(spec, str) or spec.positions is None else spec.positions
+        heads = "all" if isinstance(spec, str) or spec.heads is None else spec.heads
+        if positions not in ("each", "all"):
+            raise ConfigError(
+                f"attribution.sites[{i}].positions: expected each (every position and their sum) or all "
+                f"(their sum only), got {positions!r}"
+            )
+        if heads != "all":
+            count = units(name, info)
+            if PATCH_SITES[name] not in ("query", "key/value"):
+                raise ConfigError(f"attribution.sites[{i}].heads: {name} has no heads")
+            bad = [h for h in heads if not 0 <= h < count]
+            if bad:
+                raise ConfigError(
+                    f"attribution.sites[{i}].heads: {bad[0]} is out of range 0 .. {count - 1} for {info.name}'s {name}"
+                )
+        out.append((name, positions, heads))
+    return out
+
+
+def _site_units(site: str, heads, info) -> list[int]:
+    return list(range(units(site, info))) if heads == "all" else list(heads)
+
+
 def _per_pair(config, plan: ModelPlan, row: PairRow) -> int:
     at, info = config.attribution, plan.info
     m = plan.n_tokens[row.clean]
-    sites = check_attribution(info, at.sites, plan.source_layers, at.method, at.metric)[0]
-    return len(at.method) * len(plan.source_layers) * (m + 1) * sum(units(s, info) for s in sites)
+    per_site = sum(
+        (m + 1 if positions == "each" else 1) * len(_site_units(site, heads, info))
+        for site, positions, heads in site_grid(config, info)
+    )
+    return len(at.method) * len(plan.source_layers) * per_site
 
 
 # ---------------------------------------------------------------- the report
@@ -247,16 +300,28 @@ class AttributionPatchingKind(PairKind):
     section = "attribution"
     sections = {"prompts": PromptsConfig, "attribution": AttributionConfig}
     operation = "attribution_patching"
-    schema = Schema(ATTRIBUTION_COLUMNS, ATTRIBUTION_RESULTS, ATTRIBUTION_COLUMNS + ATTRIBUTION_RESULTS, ())
+    schema = Schema(
+        ATTRIBUTION_COLUMNS,
+        ATTRIBUTION_RESULTS,
+        ATTRIBUTION_COLUMNS + ATTRIBUTION_RESULTS,
+        (),
+        ("row", "layer", "position", "head", "neuron", "estimate", "exact", "clean_value", "corrupted_value"),
+        ("method", "site"),  # what the report and summary read besides
+        ("clean", "corrupted", "answer", "wrong_answer", "token", "metric", "score", "verified"),
+    )
     marks = frozenset({"estimate", "exact"})
     order = ("model", "row", "method", "site", "layer", "position", "head", "neuron")
     # one_task (PairKind): the pairs of a task are attributed in one batch
 
+    def metrics(self, config) -> list[str]:
+        return [config.attribution.metric]
+
     def check_model(self, config, name: str, plan: ModelPlan, rows: list[PairRow]) -> None:
         at = config.attribution
         try:
-            check_attribution(plan.info, at.sites, plan.source_layers, at.method, at.metric)
-        except PatchscopeError as exc:
+            check_attribution(plan.info, at.site_names(), plan.source_layers, at.method, at.metric)
+            site_grid(config, plan.info)
+        except (PatchscopeError, ConfigError) as exc:
             raise ConfigError(f"{exc} (on {name})") from None
         for row in rows:
             check_pair_row(plan, row, [at.metric])
@@ -267,16 +332,16 @@ class AttributionPatchingKind(PairKind):
 
     def _batch_cells(self, config, plan: ModelPlan, model: str, batch: list[PairRow]) -> Iterator[AttributionCell]:
         at, info = config.attribution, plan.info
-        sites = check_attribution(info, at.sites, plan.source_layers, at.method, at.metric)[0]
+        grid = site_grid(config, info)
         settings = _settings(config, plan)
         key = json.dumps([model, [r.index for r in batch]])
         for row in batch:
             m = plan.n_tokens[row.clean]
             for method in at.method:
-                for site in sites:
+                for site, positions, heads in grid:
                     for layer in plan.source_layers:
-                        for position in [*range(m), None]:
-                            for unit in range(units(site, info)):
+                        for position in [*range(m), None] if positions == "each" else [None]:
+                            for unit in _site_units(site, heads, info):
                                 yield AttributionCell.at(
                                     model, row, site, layer, position, unit, method, at.metric, settings, key
                                 )
@@ -351,7 +416,11 @@ class AttributionPatchingKind(PairKind):
 
     def describe(self, config, plan: ModelPlan, context) -> str:
         at = config.attribution
-        sites = check_attribution(plan.info, at.sites, plan.source_layers, at.method, at.metric)[0]
+        grid = site_grid(config, plan.info)
+        sites = [
+            name if (positions, heads) == ("each", "all") else f"{name} (positions {positions}, heads {heads})"
+            for name, positions, heads in grid
+        ]
         verify = (
             "no exact check"
             if at.verify is None
@@ -383,13 +452,13 @@ class AttributionPatchingKind(PairKind):
                     + (f" ({r['note']})" if r["note"] else "")
                 )
         top = df.loc[df["position"].isna()]
-        for (model, method), f in top.groupby(["model", "method"], sort=True):
-            best = f.groupby(["site", "layer", "head", "neuron"], dropna=False)["estimate"].mean().abs().nlargest(5)
+        for (model, method, site), f in top.groupby(["model", "method", "site"], sort=True):
+            best = f.groupby(["layer", "head", "neuron"], dropna=False)["estimate"].mean().abs().nlargest(5)
             lines.append(
-                f"  {model} {method}: largest mean |estimate| (summed over positions): "
+                f"  {model} {method} {site}: largest mean |estimate| (summed over positions): "
                 + ", ".join(
-                    f"{s} L{int(l)}" + ("" if h != h else f"H{int(h)}") + ("" if n != n else f"N{int(n)}")
-                    for (s, l, h, n) in best.index
+                    f"L{int(l)}" + ("" if h != h else f"H{int(h)}") + ("" if n != n else f"N{int(n)}") + f" {v:.3g}"
+                    for (l, h, n), v in best.items()
                 )
             )
         return "\n".join(lines)

@@ -23,8 +23,9 @@ config -> rows -> checks -> grid -> tasks -> workers -> records -> sinks it decl
   `report` (its pictures and extra tables, for `patchscope report` and W&B, measuring what the
   config's `report` section names where the kind declares `report_metrics`) and `summary` (what
   the terminal shows first), `summary_figures` (one model's headline numbers, {name: number or
-  text}: W&B's run summary, what a runs table sorts by) and `curves` (one model's line plots, as
-  `Curve`s: W&B draws them beside the PNGs). All get only the columns the kind declares they read
+  text}: W&B's run summary, what a runs table sorts by), `curves` (one model's line plots, as
+  `Curve`s: W&B draws them beside the PNGs) and `report_needs` (the columns a stored config's
+  report reads besides its schema's, which `patchscope report` checks are there). All get only the columns the kind declares they read
   (`report_columns`: its schema's `numbers`, `needs` and `optional`, with `cell_id`, `model`,
   `marks`, `order` and the `ref_<name>` columns; `top_logprobs` arrives as `top1_logprob`): the
   report reads those columns of the store and no other (results.csv, the full table, is
@@ -195,6 +196,9 @@ class SweepKind(Protocol):
     def curves(self, df) -> dict[str, Curve]:
         """One model's line plots from its rows (as `summary_figures` gets them), by name."""
 
+    def report_needs(self, config: dict[str, Any] | None) -> tuple[str, ...]:
+        """Columns the report reads for this stored config besides `schema.numbers` and `needs`."""
+
 
 class KindDefaults:
     """What most kinds share: no cross-section checks, no tagged sections, no context, ids from
@@ -214,6 +218,12 @@ class KindDefaults:
         return None
 
     def other_models(self, config) -> tuple[str, ...]:
+        return ()
+
+    def report_needs(self, config: dict[str, Any] | None) -> tuple[str, ...]:
+        """Columns the report reads for this config besides the schema's `numbers` and `needs`
+        (`config`: the stored config as JSON, None when the store has none); `patchscope report`
+        checks them with the others."""
         return ()
 
     def cell_ids(self, config, rows: list, plans: dict, context: Any) -> Iterator[str]:

@@ -25,6 +25,7 @@ from patchscope_core.models.tokens import resolve_position
 from .. import pictures
 from ..config import ConfigError, Layers, Positions, Strict
 from ..config.models import ModelPlan
+from .answers import check_prompt_answers
 from .base import Curve, KindDefaults, Schema, digest, run_columns
 from .prompts import (
     PromptRow,
@@ -290,6 +291,9 @@ class CausalTraceKind(KindDefaults):
             except PatchscopeError as exc:
                 raise ConfigError(f"{exc} (on {name})") from None
             plans[name] = plan
+        check_prompt_answers(
+            config, plans, rows, "p_clean, p_corrupt and p_restored are the probability of the answer's first token"
+        )
         return plans
 
     def context(self, config, rows: list[PromptRow], base: Path | None) -> dict[str, Any]:

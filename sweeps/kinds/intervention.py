@@ -2,7 +2,8 @@
 `prompts` and `intervention` (the intervention kinds are `patchscope_core.interventions.KINDS`).
 
 An `InterventionCell` is one point of model x prompt row x site x layer x head or neuron x kind
-x strength; a task holds cells of many prompts (`packs`: up to batches_per_task forward batches,
+x strength (a site given as a mapping, `InterventionSite`, has its own positions, heads or
+neurons: `site_settings`); a task holds cells of many prompts (`packs`: up to batches_per_task forward batches,
 `sweeps.grid`; the engine computes each prompt's clean baseline once). The context is the grid's table of kinds (by the digest of their values; vectors and
 prompt files read before any weights load). The report draws layer x head (or layer x site)
 heatmaps, per kind and strength, of the config's `report` measure (default: the mean change in
@@ -23,11 +24,15 @@ from pydantic import Field, field_validator, model_validator
 from patchscope_core import KINDS as INTERVENTION_KINDS
 from patchscope_core import PatchscopeError
 from patchscope_core.base.values import number_problem, seed_problem, template_problem
+from patchscope_core.models.sites import site_template
+from patchscope_core.models.tokens import subject_span
 
 from .. import pictures
 from ..config import ConfigError, Layers, Strict, axis
+from ..config.fields import site_entries
 from ..config.files import locate, prompt_list
 from ..config.models import ModelPlan
+from .answers import check_prompt_answers
 from .base import Curve, KindDefaults, Schema, digest, generation_key, run_columns
 from .prompts import (
     PromptRow,
@@ -40,11 +45,44 @@ from .prompts import (
 )
 
 
+class InterventionSite(Strict):
+    """One site with its own positions, heads or neurons (`site: [{site: ..., positions: all}]`); a
+    setting left out is the section's."""
+
+    site: str = Field(description="a TransformerLens hook name ({layer} takes each of `layers`) or a short name")
+    positions: Any = Field(None, description="prompt positions, 'prompt', 'generated' or 'all'; none: the section's")
+    heads: Any = Field(None, description="attn.hook_z: 'all', a head or a list; none: the section's")
+    neurons: Any = Field(None, description="mlp.hook_post: a neuron or a list; none: the section's")
+
+    @field_validator("site", mode="after")
+    @classmethod
+    def _short_name(cls, v: str) -> str:
+        return site_template(v, "")
+
+    @field_validator("heads", "neurons", mode="after")
+    @classmethod
+    def _units(cls, v: Any) -> Any:
+        return unit_values(v)
+
+
+def unit_values(v: Any) -> Any:
+    """`heads` / `neurons`: None, 'all', an integer or a list of integers (as a list)."""
+    if v is None or v == "all":
+        return v
+    values = axis(v)
+    if not values or not all(isinstance(x, int) and not isinstance(x, bool) for x in values):
+        raise ValueError(f"expected 'all', an integer or a list of integers, got {v!r}")
+    return values
+
+
 class InterventionConfig(Strict):
     """An intervention grid. Lists are grid axes: site, layers, heads, neurons, kind, alpha,
     factor, noise_scale, seed."""
 
-    site: str | list[str] = Field(description="TransformerLens hook names; {layer} takes each of `layers`")
+    site: str | InterventionSite | list[str | InterventionSite] = Field(
+        description="TransformerLens hook names ({layer} takes each of `layers`), short names (z, resid_pre, "
+        "attn_out), or {site, positions, heads, neurons} mappings"
+    )
     layers: Layers = "all"
     heads: Any = Field(None, description="attn.hook_z: 'all', a head or a list; one cell per head")
     neurons: Any = Field(None, description="mlp.hook_post: a neuron or a list; one cell per neuron")
@@ -68,12 +106,22 @@ class InterventionConfig(Strict):
     )
     window: int | list[int] = Field(1, description="knockout: the layers of a window centred on the site's layer")
 
+    @field_validator("site", mode="before")
+    @classmethod
+    def _site_entries(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return site_entries([v], InterventionSite, "intervention.site")[0]
+        return site_entries(v, InterventionSite, "intervention.site")
+
     @field_validator("site", "kind", "alpha", "factor", "noise_scale", "seed", "window", "to", mode="after")
     @classmethod
     def _axis(cls, v: Any, info) -> Any:
         values = axis(v)
         if not values:
             raise ValueError("empty list: an axis of the grid needs at least one value (or leave the key out)")
+        if info.field_name == "site":  # TransformerLens's short names (get_act_name's) as the templates they name
+            short = lambda x: site_template(x, "") if isinstance(x, str) else x  # noqa: E731
+            v = [short(x) for x in values] if isinstance(v, list) else short(v)
         for x in values:
             if info.field_name in ("alpha", "factor", "noise_scale"):
                 problem = number_problem(x) or (
@@ -90,12 +138,7 @@ class InterventionConfig(Strict):
     @field_validator("heads", "neurons", mode="after")
     @classmethod
     def _units(cls, v: Any) -> Any:
-        if v is None or v == "all":
-            return v
-        values = axis(v)
-        if not values or not all(isinstance(x, int) and not isinstance(x, bool) for x in values):
-            raise ValueError(f"expected 'all', an integer or a list of integers, got {v!r}")
-        return values
+        return unit_values(v)
 
     @model_validator(mode="after")
     def _kinds(self) -> InterventionConfig:
@@ -110,7 +153,14 @@ class InterventionConfig(Strict):
                 )
         if "knockout" in axis(self.kind) and self.to is None:
             raise ValueError("intervention.to: a knockout needs the keys to block (subject, non_subject, last, ...)")
-        for site in axis(self.site):
+        names = [x.site if isinstance(x, InterventionSite) else x for x in axis(self.site)]
+        if any(isinstance(x, InterventionSite) for x in axis(self.site)):
+            twice = sorted({n for n in names if isinstance(n, str) and names.count(n) > 1})
+            if twice:
+                raise ValueError(
+                    f"intervention.site: {', '.join(twice)} named twice: give each site once, with its settings"
+                )
+        for site in names:
             if not isinstance(site, str) or not site.strip():
                 raise ValueError(f"intervention.site: expected TransformerLens hook names, got {site!r}")
             problem = template_problem(site, ("layer",))
@@ -253,10 +303,24 @@ class InterventionCell:
 # ---------------------------------------------------------------- the grid's kinds, sites and checks
 
 
+def site_settings(iv) -> list[tuple[str, Any, Any, Any, str]]:
+    """(site, positions, heads, neurons, the field its errors name) of every site, in order: a
+    plain site takes the section's settings, a mapping its own where it gives them."""
+    out = []
+    for i, x in enumerate(axis(iv.site)):
+        if isinstance(x, str):
+            out.append((x, iv.positions, iv.heads, iv.neurons, "intervention.site"))
+        else:
+            own = [iv.positions if x.positions is None else x.positions]
+            own += [iv.heads if x.heads is None else x.heads, iv.neurons if x.neurons is None else x.neurons]
+            out.append((x.site, *own, f"intervention.site[{i}]"))
+    return out
+
+
 def site_hooks(config, layers: list[int]) -> list[str]:
     """Every hook name of the intervention grid: each site, {layer} filled with each layer."""
     out = []
-    for site in axis(config.intervention.site):
+    for site, *_ in site_settings(config.intervention):
         out += [site.format(layer=l) for l in layers] if "{layer}" in site else [site]
     return list(dict.fromkeys(out))
 
@@ -359,13 +423,19 @@ def units(spec: Any, count: int) -> list[int | None]:
 
 def _check_model(config, plan: ModelPlan, rows: list[PromptRow], kinds) -> None:
     """Sites, heads and neurons, positions and every kind on every prompt, on one model."""
-    from patchscope_core import Intervention, InterventionRun, Positions, Site
+    from patchscope_core import Intervention, InterventionRun, Positions, Site, Zero
     from patchscope_core.interventions import make_kind, resolve_run
     from patchscope_core.models.sites import resolve_site
 
     iv, info = config.intervention, plan.info
     grid = _hooks_and_units(config, plan)  # heads where a site has them (attn.hook_z), neurons likewise (mlp.hook_post)
-    sites = [Site(h, head=() if hd is None else (hd,), neuron=() if nr is None else (nr,)) for h, hd, nr in grid]
+    sites = [Site(h, head=() if hd is None else (hd,), neuron=() if nr is None else (nr,)) for h, hd, nr, _ in grid]
+    for site, _, heads, neurons, field_name in site_settings(iv):  # a mapping's own heads or neurons
+        if field_name == "intervention.site":
+            continue
+        for key, values, owner in (("heads", heads, "attn.hook_z"), ("neurons", neurons, "mlp.hook_post")):
+            if values is not None and values != getattr(iv, key) and not site.endswith(owner):
+                raise ConfigError(f"{field_name}.{key}: {site} has no {key} (only {owner} does)")
     hooks = site_hooks(config, plan.source_layers)
     for key, unit in (("heads", "head"), ("neurons", "neuron")):  # given, but no site takes them: the core says why
         values = getattr(iv, key)
@@ -375,6 +445,13 @@ def _check_model(config, plan: ModelPlan, rows: list[PromptRow], kinds) -> None:
     for site in sites:
         resolve_site(site, info, "intervention.site")
     positions = Positions.parse(iv.positions, "intervention.positions")
+    for _, own, _, _, field_name in site_settings(iv):  # each mapping's own positions, on every prompt
+        if own is not iv.positions:
+            where = f"{field_name}.positions"
+            for row in rows:
+                at = (Intervention(sites[0], Zero(), Positions.parse(own, where)),)
+                run = InterventionRun(row.prompt, at, row.answer, config.generation.max_new_tokens)
+                resolve_run(run, info, f"{where} ({row.where})")
     checked = set()
     for kind, values in kinds:
         # add, scale and noise entries differ only in strength (alpha, factor, scale, seed: checked by the types)
@@ -383,7 +460,10 @@ def _check_model(config, plan: ModelPlan, rows: list[PromptRow], kinds) -> None:
             continue
         checked.add(same)
         k = make_kind(kind, values, "intervention.kind")
+        spans = any(v in ("subject", "non_subject") for v in getattr(k, "to", ()))  # a knockout's keys need the subject
         for row in rows:
+            if spans and row.subject is not None:  # the column's fault, named as causal_trace names it
+                subject_span(info, row.prompt, row.subject, f"prompts.subject_column ({row.where})")
             run = InterventionRun(
                 row.prompt,
                 (Intervention(sites[0], with_subject(k, row.subject), positions),),
@@ -411,13 +491,25 @@ def _check_contrast(config, rows: list[PromptRow]) -> None:
             )
 
 
-def _hooks_and_units(config, plan: ModelPlan) -> list[tuple[str, int | None, int | None]]:
+def _hooks_and_units(config, plan: ModelPlan) -> list[tuple[str, int | None, int | None, Any]]:
+    """(hook, head, neuron, positions) of every point of the grid but the prompts and kinds."""
     iv, info = config.intervention, plan.info
-    out = []
-    for hook in site_hooks(config, plan.source_layers):
-        heads = units(iv.heads, info.n_heads) if hook.endswith("attn.hook_z") else [None]
-        neurons = units(iv.neurons, info.d_mlp) if hook.endswith("mlp.hook_post") else [None]
-        out += [(hook, h, n) for h in heads for n in neurons]
+    if not any(isinstance(x, InterventionSite) for x in axis(iv.site)):  # the section's settings for every site
+        out = []
+        for hook in site_hooks(config, plan.source_layers):
+            heads = units(iv.heads, info.n_heads) if hook.endswith("attn.hook_z") else [None]
+            neurons = units(iv.neurons, info.d_mlp) if hook.endswith("mlp.hook_post") else [None]
+            out += [(hook, h, n, iv.positions) for h in heads for n in neurons]
+        return out
+    out, seen = [], set()
+    for site, positions, head_spec, neuron_spec, _ in site_settings(iv):
+        for hook in [site.format(layer=l) for l in plan.source_layers] if "{layer}" in site else [site]:
+            if hook in seen:
+                continue
+            seen.add(hook)
+            heads = units(head_spec, info.n_heads) if hook.endswith("attn.hook_z") else [None]
+            neurons = units(neuron_spec, info.d_mlp) if hook.endswith("mlp.hook_post") else [None]
+            out += [(hook, h, n, positions) for h in heads for n in neurons]
     return out
 
 
@@ -669,6 +761,13 @@ class InterventionKind(KindDefaults):
             except PatchscopeError as exc:
                 raise ConfigError(f"{exc} (on {name})") from None
             plans[name] = plan
+        check_prompt_answers(
+            config,
+            plans,
+            rows,
+            "answer_logprob sums the log-probabilities of every answer token (teacher-forced); "
+            "p_answer is the probability of its first token",
+        )
         return plans
 
     def context(self, config, rows: list[PromptRow], base: Path | None) -> dict[str, Any]:
@@ -688,7 +787,7 @@ class InterventionKind(KindDefaults):
         gen, max_new = generation_key(config), config.generation.max_new_tokens
         for model, group in study_groups(config, rows, by_fact=False):
             for row in group:
-                for hook, head, neuron in _hooks_and_units(config, plans[model]):
+                for hook, head, neuron, positions in _hooks_and_units(config, plans[model]):
                     layer = int(hook.split(".")[1]) if hook.startswith("blocks.") else None
                     for variant, (kind, values) in context.items():
                         yield InterventionCell(
@@ -705,7 +804,7 @@ class InterventionKind(KindDefaults):
                             values.get("factor"),
                             values.get("scale"),
                             values.get("seed"),
-                            config.intervention.positions,
+                            positions,
                             row.index,
                             row.refs,
                             gen,
@@ -748,6 +847,15 @@ class InterventionKind(KindDefaults):
     def describe(self, config, plan: ModelPlan, context) -> str:
         iv = config.intervention
         kinds = sorted({k for k, _ in context.values()})
+        if any(isinstance(x, InterventionSite) for x in axis(iv.site)):
+            each = "; ".join(
+                f"{site} positions {p}" + (f" heads {h}" if h else "") + (f" neurons {n}" if n else "")
+                for site, p, h, n, _ in site_settings(iv)
+            )
+            return (
+                f"layers {plan.source_layers} x sites [{each}] x "
+                f"{len(context)} kind(s) and strength(s) ({', '.join(kinds)})"
+            )
         return (
             f"layers {plan.source_layers} x site {iv.site} x heads {iv.heads or '-'} x neurons {iv.neurons or '-'} x "
             f"{len(context)} kind(s) and strength(s) ({', '.join(kinds)}), positions {iv.positions}"

@@ -3,7 +3,8 @@ config to their cells; not a kind itself (no `KIND`: `sweeps.kinds.KINDS` does n
 
 - config: the `prompts` columns a pair needs (`check_pair_columns`), the type of a setting
   given as one value or a list (`choices`), the sites and layers their own sections start with
-  (`PairSites`);
+  (`PairSites`: a site is a hook name, a TransformerLens short name, or a `SiteSpec` mapping
+  with its own positions and heads);
 - rows: the pairs, from `prompts.file` or `prompts.rows` (`load_pairs`, one `PairRow` each);
 - checks: one pair against one model (`check_pair_row`: same token count, answers that
   tokenize), its clean token count noted in the model's plan;
@@ -22,16 +23,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, field_validator
 
 from patchscope_core import PatchscopeError
 from patchscope_core.methods.patching import Pair, check_pair
+from patchscope_core.models.sites import site_template
 
 from ..config import ConfigError, Layers, Strict
-from ..config.files import checked_columns, locate, read_table
+from ..config.fields import site_entries
+from ..config.files import checked_columns
 from ..config.models import ModelPlan
+from .answers import check_pairs
 from .base import KindDefaults, digest
-from .prompts import model_plans
+from .prompts import model_plans, named_columns, table_of
 
 
 def one_or_list(value: Any, allowed: tuple[str, ...]) -> list[str]:
@@ -48,11 +52,84 @@ def choices(allowed: tuple[str, ...]) -> Any:
     return Annotated[Any, AfterValidator(lambda v: one_or_list(v, allowed))]
 
 
-class PairSites(Strict):
-    """Where a pair kind acts: the first fields of its section (`patching`, `attribution`)."""
+def positions_value(v: Any) -> Any:
+    """`positions`: each, all, or a non-empty list of integer positions (one integer: a list)."""
+    if v in ("each", "all"):
+        return v
+    v = [v] if isinstance(v, int) and not isinstance(v, bool) else v
+    if not isinstance(v, list) or not v or any(isinstance(p, bool) or not isinstance(p, int) for p in v):
+        raise ValueError(f"expected each, all or a non-empty list of integer positions, got {v!r}")
+    return list(dict.fromkeys(v))
 
-    sites: list[str] = Field(..., min_length=1, description="TransformerLens hook names, blocks.{layer}.<hook>")
+
+def heads_value(v: Any) -> Any:
+    """`heads`: all, or a non-empty list of integer heads (one integer: a list)."""
+    if v == "all":
+        return v
+    v = [v] if isinstance(v, int) and not isinstance(v, bool) else v
+    if not isinstance(v, list) or not v or any(isinstance(h, bool) or not isinstance(h, int) for h in v):
+        raise ValueError(f"expected all or a non-empty list of integer heads, got {v!r}")
+    return list(dict.fromkeys(v))
+
+
+class SiteSpec(Strict):
+    """One site with its own positions and heads (`sites: [{site: ..., positions: each}]`); a
+    setting left out is the section's."""
+
+    site: str = Field(description="a TransformerLens hook name, blocks.{layer}.<hook>, or a short name (z)")
+    positions: Any = Field(None, description="each | all | a list; none: the section's positions")
+    heads: Any = Field(None, description="head sites: all or a list; none: the section's heads")
+
+    @field_validator("site", mode="after")
+    @classmethod
+    def _short_name(cls, v: str) -> str:
+        return site_template(v, "")
+
+    @field_validator("positions", mode="after")
+    @classmethod
+    def _positions(cls, v):
+        return None if v is None else positions_value(v)
+
+    @field_validator("heads", mode="after")
+    @classmethod
+    def _heads(cls, v):
+        return None if v is None else heads_value(v)
+
+
+class PairSites(Strict):
+    """Where a pair kind acts: the first fields of its section (`patching`, `attribution`). A site
+    is a hook name (the section's positions and heads) or a mapping with its own (`SiteSpec`)."""
+
+    SECTION: ClassVar[str] = "sites"  # the section's key: what errors name
+    sites: list[str | SiteSpec] = Field(
+        ...,
+        min_length=1,
+        description="TransformerLens hook names, blocks.{layer}.<hook>, short names (z, resid_pre), or "
+        "{site, positions, heads} mappings",
+    )
     layers: Layers = "all"
+
+    @field_validator("sites", mode="before")
+    @classmethod
+    def _entries(cls, v: Any) -> Any:
+        return site_entries(v, SiteSpec, f"{cls.SECTION}.sites")
+
+    @field_validator("sites", mode="after")
+    @classmethod
+    def _short_names(cls, v: list) -> list:
+        """TransformerLens's short names (get_act_name's) as the templates they name; a site named
+        twice where any site is a mapping is refused (its cells would repeat)."""
+        v = [site_template(s, "") if isinstance(s, str) else s for s in v]
+        if any(isinstance(s, SiteSpec) for s in v):
+            names = [s if isinstance(s, str) else s.site for s in v]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ValueError(f"{', '.join(twice)} named twice: give each site once, with its positions and heads")
+        return v
+
+    def site_names(self) -> list[str]:
+        """Every site's hook name or template, in order."""
+        return [s if isinstance(s, str) else s.site for s in self.sites]
 
 
 def check_pair_columns(config, kind: str) -> None:
@@ -93,21 +170,17 @@ class PairRow(PairTexts):
 
 
 def load_pairs(config, base: Path | None) -> list[PairRow]:
-    """The pairs, from prompts.file or prompts.rows, every named column present and non-empty."""
+    """The pairs, from prompts.file or prompts.rows, every column the section names present (those
+    a pair reads non-empty)."""
     pc = config.prompts
-    where, table = "prompts.rows", pc.rows
-    if pc.file is not None:
-        path = locate(pc.file, base, "prompts.file")
-        table, where = read_table(path, "prompts.file"), "prompts.file"
-        if not table:
-            raise ConfigError(f"prompts.file: {path} has no rows")
+    table, where, holder = table_of(pc, base)
     names = ("clean_column", "corrupted_column", "answer_column", "wrong_answer_column")
     checked_columns(
         list(dict.fromkeys(c for rec in table for c in rec)),
-        [(f"prompts.{n}", getattr(pc, n)) for n in names],
-        [],
-        "prompts",
-        where,
+        named_columns(pc, names),
+        pc.reference_columns or [],
+        "prompts.reference_columns",
+        holder,
     )
     rows = []
     for i, rec in enumerate(table):
@@ -145,6 +218,7 @@ def pair_science(science: dict[str, Any], rows: list[PairRow]) -> dict[str, Any]
     """What a pair kind's config hash covers of its prompts: the pairs themselves, not the file
     that held them."""
     science["prompts"].pop("file", None)
+    science["prompts"].pop("answers", None)  # a warning's setting, not the results'
     science["rows"] = [r.texts() for r in rows]
     return science
 
@@ -225,7 +299,12 @@ class PairKind(KindDefaults):
         for name, plan in model_plans(config, rows, self.section):
             self.check_model(config, name, plan, rows)
             plans[name] = plan
+        check_pairs(config, plans, rows, self.metrics(config))
         return plans
+
+    def metrics(self, config) -> list[str]:
+        """The metrics the sweep computes (what the answers warning says is scored)."""
+        raise NotImplementedError
 
     def check_model(self, config, name: str, plan: ModelPlan, rows: list[PairRow]) -> None:
         """The kind's section and every pair against one model (`check_pair_row`: noting each

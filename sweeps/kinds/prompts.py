@@ -9,7 +9,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -33,6 +33,11 @@ class PromptsConfig(Strict):
     clean_column: str | None = Field(None, description="activation_patching: the clean prompt")
     corrupted_column: str | None = Field(None, description="activation_patching: the corrupted prompt")
     wrong_answer_column: str | None = Field(None, description="activation_patching: the wrong answer (logit_diff)")
+    answers: Literal["checked", "first_token"] = Field(
+        "checked",
+        description="checked: warn once when an answer's first token does not start a word or it has several "
+        "tokens; first_token: it is meant (only the first token is scored where a measure reads one)",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> PromptsConfig:
@@ -44,6 +49,26 @@ class PromptsConfig(Strict):
 
 
 PAIR_COLUMNS = ("clean_column", "corrupted_column", "wrong_answer_column")
+COLUMN_FIELDS = ("prompt_column", "answer_column", "subject_column", *PAIR_COLUMNS)
+
+
+def named_columns(pc: PromptsConfig, used: tuple[str, ...]) -> list[tuple[str, str | None]]:
+    """(field, column) of every column the `prompts` section names: those the kind reads
+    (`used`) and any other the config sets, so a column the file lacks is refused wherever it is
+    written rather than ignored."""
+    return [(f"prompts.{n}", getattr(pc, n)) for n in COLUMN_FIELDS if n in used or n in pc.model_fields_set]
+
+
+def table_of(pc: PromptsConfig, base: Path | None) -> tuple[list[dict[str, Any]], str, Any]:
+    """(the rows, where a row is (prompts.file or prompts.rows), what holds the columns (the file's
+    path, or prompts.rows)) of the `prompts` section."""
+    if pc.file is None:
+        return pc.rows, "prompts.rows", "prompts.rows"
+    path = locate(pc.file, base, "prompts.file")
+    table = read_table(path, "prompts.file")
+    if not table:
+        raise ConfigError(f"prompts.file: {path} has no rows")
+    return table, "prompts.file", path
 
 
 @dataclass(frozen=True)
@@ -61,21 +86,14 @@ class PromptRow:
 def load_prompt_rows(config, base: Path | None = None) -> list[PromptRow]:
     """The prompts of the sweep, from prompts.file or prompts.rows."""
     pc = config.prompts
-    where = "prompts.rows"
-    table = pc.rows
-    if pc.file is not None:
-        path = locate(pc.file, base, "prompts.file")
-        table, where = read_table(path, "prompts.file"), "prompts.file"
-        if not table:
-            raise ConfigError(f"prompts.file: {path} has no rows")
+    table, where, holder = table_of(pc, base)
     names = ("prompt_column", "answer_column", "subject_column")
-    named = [(f"prompts.{name}", getattr(pc, name)) for name in names]
     refs = checked_columns(
         list(dict.fromkeys(c for rec in table for c in rec)),
-        named,
+        named_columns(pc, names),
         pc.reference_columns,
         "prompts.reference_columns",
-        where,
+        holder,
     )
     rows = []
     for i, rec in enumerate(table):
@@ -103,6 +121,7 @@ def load_prompt_rows(config, base: Path | None = None) -> list[PromptRow]:
 def prompt_rows_science(science: dict[str, Any], rows: list[PromptRow], context: Any) -> dict[str, Any]:
     """What a prompts sweep's hash covers beyond its sections: the rows (for the file) and the context."""
     science["prompts"].pop("file", None)
+    science["prompts"].pop("answers", None)  # a warning's setting, not the results'
     for key in PAIR_COLUMNS:  # activation_patching's columns: unset in these kinds, out of their hash
         if science["prompts"].get(key) is None:
             science["prompts"].pop(key, None)

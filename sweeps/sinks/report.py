@@ -144,14 +144,17 @@ def text_table(df, kind: str | None = None) -> str:
     return KINDS[kind or kind_of(df.columns)].summary(enrich(df))
 
 
-def check_results(store: ResultStore, df, kind_name: str) -> None:
+def check_results(store: ResultStore, df, kind_name: str, config: dict | None = None) -> None:
     """The rows `report` reads (`df`, the current config's) hold the columns its kind's report
-    reads, numbers where numbers are expected; a ConfigError names the file (the first one with
-    the fault; else the results directory), the column and what it holds."""
+    reads (for the stored `config`: `report_needs`), numbers where numbers are expected; a
+    ConfigError names the file (the first one with the fault; else the results directory), the
+    column and what it holds."""
     import pandas as pd
 
-    schema = KINDS[kind_name].schema
-    needed = list(dict.fromkeys(["cell_id", "model", *sorted(KINDS[kind_name].marks), *schema.numbers, *schema.needs]))
+    kind = KINDS[kind_name]
+    schema = kind.schema
+    needed = ["cell_id", "model", *sorted(kind.marks), *schema.numbers, *schema.needs, *kind.report_needs(config)]
+    needed = list(dict.fromkeys(needed))
     missing = [c for c in needed if c not in df.columns]
     if missing:
         renamed = KINDS[kind_name].renamed  # a file written before a rename holds the old name
@@ -218,7 +221,8 @@ def main(args) -> int:
     if df.empty:
         print(f"error: dir: {store.results_dir} holds no result files yet", file=sys.stderr)
         return 2
-    check_results(store, df, kind_name)
+    config = manifest.get("config")
+    check_results(store, df, kind_name, config if isinstance(config, dict) else None)
     total = manifest.get("cells_total")
     print(text_table(df, kind_name))
     paths = _report(out_dir, store, KINDS[kind_name], df)

@@ -225,6 +225,11 @@ class RecipeKind(KindDefaults):
     def check_config(self, config) -> None:
         check_generates(config, self.name)
 
+    def report_needs(self, config: dict[str, Any] | None) -> tuple[str, ...]:
+        """What the stored config's recipe draws and sums up from (`RecipePart.needs`)."""
+        name = ((config or {}).get("recipe") or {}).get("name")
+        return PARTS[name].needs if name in PARTS else ()
+
     def load_rows(self, config, base: Path | None) -> list[dict[str, Any]]:
         """The recipe's rows as plain data, through the loaders of `patchscope_core.recipes`."""
         try:

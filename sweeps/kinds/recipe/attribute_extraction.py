@@ -72,6 +72,7 @@ def attribute_summary(df: pd.DataFrame) -> pd.DataFrame:
 
 class AttributeExtractionPart(RecipePart):
     name = "attribute_extraction"
+    needs = ("relation", "subject")
     Section = AttributeExtractionRecipe
     labels = ("relation", "subject")
 

@@ -60,6 +60,7 @@ class RecipePart:
     name: ClassVar[str]
     Section: ClassVar[type]
     labels: ClassVar[tuple[str | None, str | None]] = (None, None)  # row keys giving relation, subject
+    needs: ClassVar[tuple[str, ...]] = ()  # the result columns its `draw` and `summary` read besides the kind's
 
     def load_rows(self, config, base: Path | None) -> list[dict[str, Any]]: ...
 

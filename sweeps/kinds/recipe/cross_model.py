@@ -27,6 +27,7 @@ class CrossModelRecipe(CorpusSection):
 
 class CrossModelPart(RecipePart):
     name = "cross_model"
+    needs = ("source_model", "surprisal")
     Section = CrossModelRecipe
 
     def load_rows(self, config, base: Path | None) -> list[dict[str, Any]]:

@@ -99,6 +99,7 @@ def _by_layer(df: pd.DataFrame, table: pd.DataFrame, model: str, key: str, out: 
 
 class EntityDescriptionPart(RecipePart):
     name = "entity_description"
+    needs = ("subject", "generated_text")
     Section = EntityDescriptionRecipe
     labels = (None, "entity")
 

@@ -35,6 +35,7 @@ METHOD_STYLE = {
 
 class TokenIdentityPart(RecipePart):
     name = "token_identity"
+    needs = ("surprisal",)
     Section = TokenIdentityRecipe
 
     def load_rows(self, config, base: Path | None) -> list[dict[str, Any]]:
