@@ -461,20 +461,21 @@ def explain_cells(engine: Engine, payload: dict[str, Any], batch_size: int = 32)
     """A `feature_explanation` task's records, one per cell, in order. payload: `source` (where
     directions come from), `templates`, `write`, `max_new_tokens`, `logit_lens_k`, `cells`
     (dicts: source, feature, rank, feature_layer, feature_site, site, template, scale). The
-    written vector is scale x the site's typical norm (over every template) x the unit direction;
+    written vector is scale x the site's typical norm (on the cell's template) x the unit direction;
     `chosen` marks, per (feature, template, site), the scale `choose_scale` picks."""
     info, source, cache = engine.info, payload["source"], {}
     templates = [placeholders(info, t, "explanation.templates") for t in payload["templates"]]
-    norms: dict[str, float] = {}
+    norms: dict[tuple[str, int], float] = {}
     requests, meta = [], []
     for cell in payload["cells"]:
         site = resolve_site(Site(cell["site"]), info, "explanation.layers")
-        if cell["site"] not in norms:
-            norms[cell["site"]] = typical_norm(engine, site, [ids for ids, _ in templates])
+        ids, positions = templates[cell["template"]]
+        where = (cell["site"], cell["template"])
+        if where not in norms:
+            norms[where] = typical_norm(engine, site, [ids])
         feature, d = _direction(engine, source, cell, cache)
         unit = d.float() / d.float().norm()
-        vector = unit * cell["scale"] * norms[cell["site"]]
-        ids, positions = templates[cell["template"]]
+        vector = unit * cell["scale"] * norms[where]
         requests.append(Explanation(ids, positions, site, vector, unit, payload["write"], payload["max_new_tokens"]))
         meta.append((feature, unit, float(vector.norm())))
     results = explain(engine, requests, batch_size)
@@ -487,7 +488,7 @@ def explain_cells(engine: Engine, payload: dict[str, Any], batch_size: int = 32)
             {
                 "feature": feature,
                 "norm": norm,
-                "site_norm": norms[cell["site"]],
+                "site_norm": norms[(cell["site"], cell["template"])],
                 "generated_token_ids": res.generated_token_ids,
                 "generated_text": res.generated_text,
                 "self_similarity": res.self_similarity,
