@@ -112,14 +112,15 @@ def _read_json(path: Path, field_name: str) -> dict:
     return data
 
 
-def sae_dir(spec: dict[str, Any], field_name: str) -> Path:
+def sae_dir(spec: dict[str, Any], field_name: str, weights: bool = False) -> Path:
     """The directory holding the SAE's cfg.json: `path` or `saelens` as given, or for `hub`
-    the hookpoint's folder of the hub repository (downloaded: cfg.json alone when headers are read)."""
+    the hookpoint's folder of the hub repository (its cfg.json alone unless `weights`)."""
     if spec.get("hub"):
         from huggingface_hub import snapshot_download
 
+        wanted = f"{spec['hookpoint']}/*" if weights else f"{spec['hookpoint']}/cfg.json"
         try:
-            root = Path(snapshot_download(spec["hub"], allow_patterns=f"{spec['hookpoint']}/*"))
+            root = Path(snapshot_download(spec["hub"], allow_patterns=wanted))
         except Exception as exc:  # noqa: BLE001 - an unreachable hub or repository is bad input here
             raise PatchscopeError(f"{field_name}.hub: cannot fetch {spec['hub']!r} ({type(exc).__name__})") from None
         return root / spec["hookpoint"]
@@ -214,7 +215,7 @@ class Sae:
 
     def __init__(self, spec: dict[str, Any], device: str | torch.device = "cpu") -> None:
         self.spec = spec
-        folder = sae_dir(spec, "features.sae")
+        folder = sae_dir(spec, "features.sae", weights=True)  # from the hub: SparseCoder.load_from_hub's files
         if spec.get("saelens"):
             from safetensors.torch import load_file
 
