@@ -365,24 +365,63 @@ def _score(engine: Engine, runs, actions, late: ResolvedSite | None, positions, 
 
 
 @torch.no_grad()
+def _generate(engine: Engine, runs, actions, late: ResolvedSite, positions, batch_size: int):
+    """The patched generation, measured in its own forward passes: per run (generated ids, the
+    log-probability of each generated token as it was chosen, the first token's entropy, the
+    late residual at the placeholders in the prefill). Batches of rows of similar length."""
+    order = sorted(range(len(runs)), key=lambda i: len(runs[i].prompt_ids))
+    out: list = [None] * len(runs)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = [runs[i] for i in idx]
+        where = [positions[i] for i in idx]
+        got: dict[int, torch.Tensor] = {}
+        steps: list[torch.Tensor] = []
+
+        def read(x: torch.Tensor, ctx: HookContext, where=where, got=got) -> None:
+            if ctx.step == 0:  # the prefill: where the placeholders are
+                for b, pos in enumerate(where):
+                    cols = [int((ctx.positions[b] == p).nonzero()[0]) for p in pos]
+                    got[b] = x[b, cols].float()
+
+        rows = len(batch)
+
+        def keep(module, args, output, n=rows, steps=steps) -> None:
+            if output.logits.shape[0] == n:  # not a shared prefix's own pass (one row)
+                steps.append(torch.log_softmax(output.logits[:, -1].float(), dim=-1))
+
+        hooks = engine._dispatch_hooks(batch, [actions[i] for i in idx]) + [(late, read)]
+        handle = engine.modules.register_forward_hook(keep)
+        try:
+            outputs = engine._generate(batch, hooks)
+        finally:
+            handle.remove()
+        for b, (i, o) in enumerate(zip(idx, outputs)):
+            logprobs = [float(steps[t][b, token]) for t, token in enumerate(o.generated)]
+            first = steps[0][b]
+            out[i] = (o.generated, logprobs, float(-(first.exp() * first).sum()), got[b])
+    return out
+
+
+@torch.no_grad()
 def explain(engine: Engine, requests: Sequence[Explanation], batch_size: int = 32) -> list[Explained]:
-    """Generate from each request under its write (KV cache on, batched), then score the
-    generated tokens with and without the write for the measures."""
+    """Generate from each request under its write (KV cache on, batched), measuring in the same
+    forward passes (self-similarity in the prefill, entropy and the tokens' log-probabilities at
+    each step); then one teacher-forced pass without the write over the same tokens (relevancy)."""
     if not requests:
         return []
     for i, r in enumerate(requests):
         check_context(len(r.prompt_ids), r.max_new_tokens, engine.info, f"explanations[{i}]")
     runs, actions = _runs(requests, engine, score=False)
-    generated = [o.generated for o in engine.execute(runs, actions, batch_size)]
     late = resolve_site(Site(resid_post(engine.info.n_layers - 1)), engine.info, "late layer")
     positions = [r.positions for r in requests]
-    p_runs, p_actions = _runs(requests, engine, score=True, answers=generated)
-    patched = _score(engine, p_runs, p_actions, late, positions, batch_size)
+    patched = _generate(engine, runs, actions, late, positions, batch_size)
+    generated = [g for g, _, _, _ in patched]
     c_runs, c_actions = _runs(requests, engine, score=True, answers=generated, patched=False)
     clean = _score(engine, c_runs, c_actions, None, positions, batch_size)
     tok = engine.model.tokenizer
     out = []
-    for r, gen, (p_lp, entropy, resid), (c_lp, _, _) in zip(requests, generated, patched, clean):
+    for r, (gen, p_lp, entropy, resid), (c_lp, _, _) in zip(requests, patched, clean):
         d = r.direction.float().to(resid.device)
         sims = torch.nn.functional.cosine_similarity(resid, d[None, :], dim=-1)
         relevancy = sum(a - b for a, b in zip(p_lp, c_lp)) / len(p_lp)
