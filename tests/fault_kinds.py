@@ -140,6 +140,17 @@ def kind_run(kind: str, n: int = N_GROUPS) -> tuple[dict, dict[str, str]]:
             cfg["execution"] = {**execution, "batch_size": 16}
         cfg["output"] = {"wandb": {"mode": "disabled"}}
         files = {"pairs.jsonl": "".join(json.dumps(p) + "\n" for p in _pairs(n))}
+    elif kind == "feature_explanation":  # n neurons and the control: a task a feature
+        cfg = {
+            "name": f"faults-{kind}",
+            "kind": kind,
+            "models": ["tiny-llama"],
+            "features": {"neurons": {"layers": [1], "ids": f"0:{n}"}},
+            "explanation": {"templates": ['What is "X"? It means "'], "scales": [1, 4], "max_new_tokens": 6},
+            "execution": {**execution, "batch_size": 2, "batches_per_task": 1},
+            "output": {"wandb": {"mode": "disabled"}},
+        }
+        files = {}
     else:
         raise KeyError(f"no fault run for sweep kind {kind!r}: add one to tests/fault_kinds.py")
     cfg = {**cfg, "name": f"faults-{kind}"}

@@ -25,6 +25,7 @@ FAULT = {
     "recipe": "driver",
     "activation_patching": "driver",
     "attribution_patching": "actor",
+    "feature_explanation": "interrupt",
 }
 PACKS = {k for k, v in KINDS.items() if v.packs}
 

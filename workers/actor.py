@@ -258,6 +258,14 @@ def attribution_records(engine, payload: dict[str, Any], batch_size: int) -> lis
     return out
 
 
+def explanation_records(engine, payload: dict[str, Any], batch_size: int) -> list[dict[str, Any]]:
+    """Directions written at explanation templates' placeholders (issue 27), one record per cell
+    with its measures and `chosen` (`patchscope_core.methods.directions.explain_cells`)."""
+    from patchscope_core.methods.directions import explain_cells
+
+    return explain_cells(engine, payload, batch_size)
+
+
 OPERATIONS = {
     "patchscope": patchscope_records,
     "intervention": intervention_records,
@@ -265,6 +273,7 @@ OPERATIONS = {
     "recipe": recipe_records,
     "activation_patching": lambda engine, payload, batch_size: [patching_record(engine, payload, batch_size)],
     "attribution_patching": attribution_records,
+    "feature_explanation": explanation_records,
 }
 
 

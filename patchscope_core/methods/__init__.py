@@ -2,6 +2,8 @@
 (`base`, `models`, `interventions`, `forward`, `engine`), never `recipes`.
 
 - `patchscope` (+ `mapping`): Patchscopes, the paper's spec and `PatchscopeEngine`.
+- `directions`: explaining directions (SAE latents, MLP neurons, vectors) by writing them at an
+  explanation prompt's placeholders (SelfIE; Kharlapenko et al.), with their measures.
 - `tracing`: causal tracing (ROME).
 - `patching` (+ `patcher`, `patching_summary`): activation patching, as TransformerLens'
   `patching` module computes it, with pair checks and summaries.

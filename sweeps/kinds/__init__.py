@@ -10,12 +10,28 @@ A test may register a kind of its own with `register`.
 
 from __future__ import annotations
 
-from . import activation_patching, attribution_patching, causal_trace, intervention, patchscope, recipe
+from . import (
+    activation_patching,
+    attribution_patching,
+    causal_trace,
+    feature_explanation,
+    intervention,
+    patchscope,
+    recipe,
+)
 from .base import SweepKind
 
 KINDS: dict[str, SweepKind] = {
     m.KIND.name: m.KIND
-    for m in (patchscope, intervention, causal_trace, recipe, activation_patching, attribution_patching)
+    for m in (
+        patchscope,
+        intervention,
+        causal_trace,
+        recipe,
+        activation_patching,
+        attribution_patching,
+        feature_explanation,
+    )
 }
 DEFAULT = patchscope.KIND.name  # the kind of a config that leaves out `kind:`
 
