@@ -2,8 +2,8 @@
 item 9): for every kind, each column the report reads is dropped from every result file in turn,
 and the report either still runs (the column is optional) or stops with exit 2 and one line that
 names a result file and the missing column, never a traceback. The stores: the golden run
-directories (patchscope, intervention, causal_trace, recipe) and the two pair kinds' sweeps on
-tiny-llama."""
+directories (patchscope, intervention, causal_trace, recipe), the two pair kinds' sweeps and a
+feature explanation of a small sparsify SAE on tiny-llama."""
 
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ def stores(tmp_path_factory, tiny_models) -> dict[str, Path]:
     from patchscope_core import Engine
     from tests import test_sweep_activation_patching as ap
     from tests import test_sweep_attribution_patching as atp
+    from tests import test_sweep_feature_explanation as fe
+    from tests.configs import write_yaml
     from tests.golden.common import run_in_process
 
     out = {k: GOLDEN / k / "out" for k in ("patchscope", "intervention", "causal_trace", "recipe")}
@@ -36,6 +38,10 @@ def stores(tmp_path_factory, tiny_models) -> dict[str, Path]:
         tmp = tmp_path_factory.mktemp(kind)
         assert run_in_process(module.write(tmp), engine, tmp / "out") > 0
         out[kind] = tmp / "out"
+    tmp = tmp_path_factory.mktemp("feature_explanation")  # an SAE saved by sparsify, as that kind's tests do
+    cfg = fe.base(tmp, fe.save_sae(tmp), output={"dir": str(tmp / "out"), "wandb": {"mode": "disabled"}})
+    assert run_in_process(write_yaml(cfg, tmp / "sweep.yaml"), engine, tmp / "out") > 0
+    out["feature_explanation"] = tmp / "out"
     return out
 
 

@@ -34,16 +34,21 @@ def base(tmp: Path, sae: Path, **changes) -> dict:
     return changed(cfg, **changes)
 
 
-@pytest.fixture(scope="module")
-def sae(tmp_path_factory) -> Path:
+def save_sae(folder: Path) -> Path:
+    """A 32-latent TopK SAE for tiny-llama's layer 1, built and saved by sparsify itself."""
     from sparsify import SaeConfig, SparseCoder
 
     torch.manual_seed(0)
     coder = SparseCoder(64, SaeConfig(num_latents=32, k=4))
     coder.W_dec.data = torch.randn_like(coder.W_dec)
-    path = tmp_path_factory.mktemp("sae") / "layers.1"
+    path = folder / "layers.1"
     coder.save_to_disk(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def sae(tmp_path_factory) -> Path:
+    return save_sae(tmp_path_factory.mktemp("sae"))
 
 
 def run(tmp: Path, cfg: dict, capsys) -> tuple[int, str]:

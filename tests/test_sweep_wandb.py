@@ -216,6 +216,11 @@ SWEEPS = {
             "fit_windows": 12,
         },
     },
+    "feature_explanation": {  # MLP neurons' output directions: no file needed
+        "kind": "feature_explanation",
+        "features": {"neurons": {"layers": [1], "ids": "0:3"}},
+        "explanation": {"templates": ["cat -> cat\nX ->"], "scales": [1, 8], "max_new_tokens": 3},
+    },
 }
 ENTITIES = [
     {"entity": "Paris", "answer": "city"},  # a word, and single letters a random model's text
@@ -289,6 +294,12 @@ def expected_figures(name: str, df: pd.DataFrame) -> dict:
             by_layer = g.groupby("source_layer")["score"].mean()
             out[f"token_identity/{method}/precision_at_1"] = by_layer.max()
             out[f"token_identity/{method}/best_layer"] = int(by_layer.index[int(np.argmax(by_layer.to_numpy()))])
+    elif name == "feature_explanation":  # the chosen explanations, per source (the control beside the neurons)
+        chosen = df[df["chosen"].astype(bool)]
+        assert set(chosen["source"]) == {"neuron", "control"}
+        for source, g in chosen.groupby("source"):
+            for m in ("self_similarity", "entropy", "relevancy", "matches_logit_lens"):
+                out[f"{source}/{m}"] = g[m].astype(float).sum() / len(g)
     elif name == "knockout":
         for edges, g in df.groupby("knockout"):
             means = g.groupby("layer")["p_change_pct"].mean()
@@ -383,6 +394,7 @@ def test_each_kind_s_run_holds_its_figures_tables_curves_and_store(tmp_path, nam
         cfg = run["config"]
         assert cfg["model"] == model and cfg["name"] == f"wb-{name.replace('_', '-')}"
         others = {"source", "target", "patching", "attribution", "trace", "intervention", "recipe", "prompts"}
+        others |= {"features", "explanation"}
         own = set(SWEEPS[name]) - {"kind", "models", "generation"}
         assert own <= set(cfg) and not (others - own) & set(cfg), sorted(cfg)
         if name in ("activation_patching", "attribution_patching", "causal_trace"):

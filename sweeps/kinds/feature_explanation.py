@@ -485,6 +485,21 @@ class FeatureExplanationKind(KindDefaults):
     def report(self, out_dir: Path, df, settings: dict | None = None) -> dict[str, Path]:
         return draw_report(out_dir, df)
 
+    def summary_figures(self, df) -> dict[str, Any]:
+        """Over the chosen explanations (one per feature, template and site): per source (`sae`,
+        `neuron`, `vector`, `control`) the mean of each measure (`<source>/<measure>`) and the share
+        whose explanation contains one of the direction's logit-lens tokens
+        (`<source>/matches_logit_lens`): what a runs table sorts by, the control beside the features."""
+        chosen = df[df["chosen"].astype(bool)]
+        out: dict[str, Any] = {}
+        for source, part in chosen.groupby("source", sort=True):
+            for m in (*MEASURES, "matches_logit_lens"):
+                if m in part:
+                    values = part[m].astype(float).dropna()
+                    if len(values):
+                        out[f"{source}/{m}"] = float(values.mean())
+        return out
+
     def summary(self, df, max_rows: int = 40) -> str:
         chosen = df[df["chosen"].astype(bool)]
         lines = []
