@@ -97,26 +97,36 @@ def _id_chunks(ids: Iterator[str]) -> Iterator[list[str]]:
         yield chunk
 
 
+def _arrow_chunks(ids: Iterator[str]):
+    import pyarrow as pa
+
+    return (pa.array(c, pa.string()) for c in _id_chunks(ids))
+
+
+def _stored_in(stored, chunk):
+    """Which ids of an Arrow chunk are in `stored` (a `CellIdSet`: vectorized; or any set)."""
+    import numpy as np
+
+    if hasattr(stored, "contains_many"):
+        return stored.contains_many(chunk)
+    return np.array([cid in stored for cid in chunk.to_pylist()], bool)
+
+
 def cell_id_array(config, rows: list, plans: dict[str, ModelPlan], context: Any = None):
     """Every cell id in the grid's order as one Arrow string column, built a chunk at a time (10^7
     ids: about 200 MB, no Python object per cell kept): what a run matches against the store
     (`count_todo`) and what the store records as its current cells, computed once per run."""
     import pyarrow as pa
 
-    chunks = [pa.array(c, pa.string()) for c in _id_chunks(cell_ids(config, rows, plans, context))]
-    return pa.chunked_array(chunks, pa.string())
+    return pa.chunked_array(list(_arrow_chunks(cell_ids(config, rows, plans, context))), pa.string())
 
 
 def _count(config, rows, plans, context, stored_ids=None, ids=None) -> dict[str, tuple[int, int]]:
     """{model: (cells, tasks)}: of the whole grid, or of the cells whose ids are not in the set
     `stored_ids` (when given and not empty); `ids`: the grid's `cell_id_array`, if at hand."""
     if stored_ids:
-        lists = (
-            (c.to_pylist() for c in ids.chunks)
-            if ids is not None
-            else _id_chunks(cell_ids(config, rows, plans, context))
-        )
-        todo = (cid not in stored_ids for chunk in lists for cid in chunk)
+        chunks = ids.chunks if ids is not None else _arrow_chunks(cell_ids(config, rows, plans, context))
+        todo = itertools.chain.from_iterable((~_stored_in(stored_ids, c)).tolist() for c in chunks)
     packs = KINDS[config.kind].packs
     out: dict[str, tuple[int, int]] = {}
     for model, n, one_task in group_sizes(config, rows, plans, context):
