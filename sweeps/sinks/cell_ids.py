@@ -24,6 +24,12 @@ _NIBBLE[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.u
 def keys_of(column) -> tuple[np.ndarray, list[str]]:
     """The 64-bit keys of an Arrow string column's 16-hex-digit ids (in order), and its other
     ids as strings (nulls dropped)."""
+    _, keys, other = _split(column)
+    return keys, other
+
+
+def _split(column) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(which ids are 16 hex digits, their keys, the other ids as strings) of an Arrow column."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -31,15 +37,15 @@ def keys_of(column) -> tuple[np.ndarray, list[str]]:
         column = column.combine_chunks() if column.num_chunks else pa.array([], pa.string())
     column = column.cast(pa.string())
     ok = pc.fill_null(pc.match_substring_regex(column, "^[0-9a-f]{16}$"), False)
-    good = column.filter(ok)
+    hexed = ok.to_numpy(zero_copy_only=False)
     other = [s for s in column.filter(pc.invert(ok)).to_pylist() if s is not None]
-    if not len(good):
-        return np.empty(0, np.uint64), other
-    fixed = good.cast(pa.binary()).cast(pa.binary(16))
+    if not hexed.any():
+        return hexed, np.empty(0, np.uint64), other
+    fixed = column.filter(ok).cast(pa.binary()).cast(pa.binary(16))
     raw = np.frombuffer(fixed.buffers()[1], np.uint8, count=16 * len(fixed), offset=16 * fixed.offset)
     nibbles = _NIBBLE[raw].reshape(-1, 16)
     octets = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]  # 8 bytes an id, most significant first
-    return np.ascontiguousarray(octets).view(">u8").ravel().astype(np.uint64), other
+    return hexed, np.ascontiguousarray(octets).view(">u8").ravel().astype(np.uint64), other
 
 
 def _isin(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
@@ -103,14 +109,8 @@ class CellIdSet:
 
     def contains_many(self, column) -> np.ndarray:
         """For each id of an Arrow string column (no nulls), whether it is in the set."""
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        if isinstance(column, pa.ChunkedArray):
-            column = column.combine_chunks() if column.num_chunks else pa.array([], pa.string())
-        hexed = pc.fill_null(pc.match_substring_regex(column, "^[0-9a-f]{16}$"), False).to_numpy(zero_copy_only=False)
-        out = np.zeros(len(column), bool)
-        keys, other = keys_of(column)
+        hexed, keys, other = _split(column)
+        out = np.zeros(len(hexed), bool)
         if len(keys):
             found = _isin(keys, self._keys())
             if self._added:
