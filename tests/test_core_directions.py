@@ -302,3 +302,8 @@ def test_choose_scale_and_mentions():
     # rung 3 has the lowest entropy but lost the feature (self-similarity below half the best)
     assert D.choose_scale([0.2, 0.6, 0.8, 0.1], [3.0, 2.0, 2.5, 0.5]) == 1
     assert D.mentions('"Paris", the capital', [" Paris", "x"]) and not D.mentions("a cat", [" dog", "c"])
+    # the template's own words are no evidence: an echo of SelfIE's template does not name " the" or " of"
+    selfie = 'What is the meaning of the word "X"? The meaning of the word "X" is "'
+    assert D.mentions('the meaning of the word "the"', [" the", " of"])
+    assert not D.mentions('the meaning of the word "the"', [" the", " of"], ignore=selfie)
+    assert D.mentions('"Paris", the capital', [" the", " Paris"], ignore=selfie)

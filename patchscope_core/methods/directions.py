@@ -450,10 +450,12 @@ def choose_scale(self_similarity: Sequence[float], entropy: Sequence[float]) -> 
     return min(keep, key=lambda i: (entropy[i], i))
 
 
-def mentions(text: str, tokens: Sequence[str]) -> bool:
+def mentions(text: str, tokens: Sequence[str], ignore: str = "") -> bool:
     """Whether `text` contains one of `tokens` as a word (case-insensitive; tokens of fewer than
-    two letters or digits are skipped)."""
-    words = set(re.findall(r"\w+", text.lower()))
+    two letters or digits are skipped, and so are the words of `ignore`, the explanation's
+    template: an explanation that echoes its template's "the meaning of the word" is no evidence
+    for a logit-lens token " the" or " of")."""
+    words = set(re.findall(r"\w+", text.lower())) - set(re.findall(r"\w+", ignore.lower()))
     return any((t := re.sub(r"\W", "", s.lower())) and len(t) >= 2 and t in words for s in tokens)
 
 
@@ -536,7 +538,7 @@ def explain_cells(engine: Engine, payload: dict[str, Any], batch_size: int = 32)
                 "relevancy": res.relevancy,
                 "logit_lens_token_ids": top,
                 "logit_lens_tokens": words,
-                "matches_logit_lens": mentions(res.generated_text, words),
+                "matches_logit_lens": mentions(res.generated_text, words, payload["templates"][cell["template"]]),
             }
         )
     groups: dict[tuple, list[int]] = {}
