@@ -1,19 +1,25 @@
 """A small TopK SAE trained with sparsify on one layer of SmolLM2, its latents explained, for
 RESULTS.md (issue 27 (c)), at the size the 2-core machine allows.
 
-Corpus (offline): this repository's own Markdown (README, docs/, RESULTS, BENCHMARKS), cut into
-64-token rows. Activations: SmolLM2's `blocks.{layer}.hook_resid_post` (sparsify's `layers.{layer}`),
+Corpus (offline): the distinct `prompt_source` snippets of the LRE attribute-extraction data
+(`--corpus`: ../shared/data/lre-attribute-extraction where it exists, else the subset in
+sweeps/examples/lre): short passages of web text naming people, places, companies and things,
+packed into 64-token rows; `--corpus markdown` takes this repository's own Markdown instead. Activations: SmolLM2's `blocks.{layer}.hook_resid_post` (sparsify's `layers.{layer}`),
 every token but BOS. The SAE is sparsify's `SparseCoder` trained on its own `forward` loss (FVU),
 Adam, decoder rows kept at unit norm as sparsify does, saved with `save_to_disk` and explained
 from that path by `explain_cells` (the sweep's worker operation) with the token-identity template
-at the scales given (`chosen`: the rung the auto criterion picks). Beside each latent: its top-activating tokens on the corpus.
+at the scales given (`chosen`: the rung the auto criterion picks). The latents explained are a
+seeded random sample of the live ones (firing on at least 5 tokens), not the most active (those
+are punctuation). Beside each latent: its top-activating tokens on the corpus, with their context.
 
-    PYTHONPATH=$PWD python benchmarks/results_sae.py --layer 6 --tokens 8000 --latents 32
+    PYTHONPATH=$PWD python benchmarks/results_sae.py --layer 6 --tokens 120000 --latents 256
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import random
 import re
 import sys
 import tempfile
@@ -25,6 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+LRE = [ROOT.parent / "shared" / "data" / "lre-attribute-extraction", ROOT / "sweeps" / "examples" / "lre"]
 IDENTITY = "cat -> cat\n1135 -> 1135\nhello -> hello\nX ->"
 
 
@@ -43,12 +50,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--latents", type=int, default=32)
     ap.add_argument("--scales", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
+    ap.add_argument("--corpus", default=None, help="an LRE data directory, or 'markdown'")
+    ap.add_argument("--write", choices=["replace", "add"], default="replace")
+    ap.add_argument("--show", type=int, default=24, help="latents shown in the table (those named first)")
     args = ap.parse_args()
     t0 = time.perf_counter()
     torch.manual_seed(0)
     engine = PatchscopeEngine(load_model("smollm2-135m", device="cpu"), name="smollm2-135m", decoding=Decoding())
     tok = engine.model.tokenizer
-    text = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))])
+    text, corpus = corpus_text(args.corpus)
     ids = tok(text, add_special_tokens=False)["input_ids"][: args.tokens]
     bos = (tok.bos_token_id,) if engine.info.prepend_bos else ()
     rows = [bos + tuple(ids[i : i + 64]) for i in range(0, len(ids) - 63, 64)]
@@ -77,16 +87,19 @@ def main() -> None:
     acts = torch.zeros(len(x), args.width)
     acts.scatter_(1, enc.top_indices, enc.top_acts.float())
     fires = (acts > 0).sum(0)
-    latents = [int(i) for i in fires.argsort(descending=True) if fires[i] >= 5][: args.latents]
-    top_tokens = {}
+    alive = [int(i) for i in range(args.width) if fires[i] >= 5]
+    latents = sorted(random.Random(0).sample(alive, min(args.latents, len(alive))))
+    top_tokens, contexts = {}, {}
     for i in latents:
         best = acts[:, i].topk(8).indices.tolist()
         top_tokens[i] = list(dict.fromkeys(tok.decode([tokens[j]]) for j in best))[:5]
+        j = best[0]
+        contexts[i] = tok.decode(tokens[max(0, j - 6) : j]) + "[" + tok.decode([tokens[j]]) + "]"
 
     payload = {
         "source": {"source": "sae", "sae": {"path": str(folder), "hookpoint": f"layers.{args.layer}"}},
         "templates": [IDENTITY],
-        "write": "replace",
+        "write": args.write,
         "max_new_tokens": 6,
         "logit_lens_k": 5,
         "cells": [
@@ -97,26 +110,46 @@ def main() -> None:
     }
     records = D.explain_cells(engine, payload, batch_size=32)
     chosen = [(c, r) for c, r in zip(payload["cells"], records) if r["chosen"]]
-    names_top = [D.mentions(r["generated_text"], top_tokens[c["feature"]]) for c, r in chosen]
+    names_top = [D.mentions(r["generated_text"], top_tokens[c["feature"]], IDENTITY) for c, r in chosen]
     print(
         f"SAE: sparsify SparseCoder 576 -> {args.width}, k {args.k}, trained {args.steps} steps on {len(x)} tokens "
-        f"of layer {args.layer} (this repository's Markdown); FVU {fvu:.3f}; the {len(latents)} most often active "
-        f"latents explained at scales {args.scales} (token-identity template, chosen per latent)\n"
+        f"of layer {args.layer} ({corpus}); FVU {fvu:.3f}; {len(alive)} latents alive (>= 5 tokens); {len(latents)} "
+        f"of them, a seeded random sample, explained at scales {args.scales} (token-identity template, write: {args.write}, chosen per latent)\n"
     )
     print(
         f"Chosen explanation names one of the latent's top-activating tokens: {sum(names_top)}/{len(chosen)}; "
         f"names one of its logit-lens tokens: {sum(r['matches_logit_lens'] for _, r in chosen)}/{len(chosen)}\n"
     )
-    print("| latent | fires on (tokens) | top-activating tokens | explanation | logit lens |")
-    print("|---|---|---|---|---|")
-    for (c, r), hit in list(zip(chosen, names_top))[:16]:
+    by_scale = {}
+    for c, _ in chosen:
+        by_scale[c["scale"]] = by_scale.get(c["scale"], 0) + 1
+    print(f"Chosen scales: {dict(sorted(by_scale.items()))}\n")
+    print("| latent | fires on (tokens) | top-activating tokens | its top context | explanation | logit lens |")
+    print("|---|---|---|---|---|---|")
+    hits = [x for x in zip(chosen, names_top) if x[1]]
+    shown = (hits + [x for x in zip(chosen, names_top) if not x[1]])[: args.show]
+    for (c, r), hit in shown:
         text = re.sub(r"\s+", " ", r["generated_text"]).replace("|", "/")
         lens = ", ".join(repr(t) for t in r["logit_lens_tokens"][:3])
         top = ", ".join(repr(t) for t in top_tokens[c["feature"]])
         print(
-            f"| {c['feature']} | {int(fires[c['feature']])} | {top} | {text!r}{' (names one)' if hit else ''} | {lens} |"
+            f"| {c['feature']} | {int(fires[c['feature']])} | {top} | {contexts[c['feature']]!r} | {text!r}{' (names one)' if hit else ''} | {lens} |"
         )
     print(f"\n(computed in {time.perf_counter() - t0:.0f} s on the CPU)")
+
+
+def corpus_text(corpus: str | None) -> tuple[str, str]:
+    """(the corpus as one text, what it is)."""
+    if corpus == "markdown":
+        paths = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+        return "\n".join(p.read_text() for p in paths), "this repository's Markdown"
+    root = Path(corpus) if corpus else next(p for p in LRE if p.is_dir())
+    snippets = {}
+    for path in sorted(root.glob("*/*.tsv")):
+        with path.open(newline="") as fh:
+            for row in csv.DictReader(fh, delimiter="\t"):
+                snippets.setdefault(row["prompt_source"].strip(), None)
+    return "\n".join(snippets), f"{len(snippets):,} distinct LRE source snippets from {root.name}"
 
 
 if __name__ == "__main__":
