@@ -217,7 +217,12 @@ class Outcome:
 
 def _driver(config: Path, address: str, log: Path) -> subprocess.Popen:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "WANDB_SILENT": "true"}
-    code = "import sys; from sweeps.cli import main; sys.exit(main(sys.argv[1:]))"
+    # Ctrl-C must raise KeyboardInterrupt in the driver even when the tests run where SIGINT is
+    # ignored (a shell's background job: its children inherit SIG_IGN, and Python keeps it)
+    code = (
+        "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from sweeps.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
     return subprocess.Popen(
         [sys.executable, "-c", code, "sweep", str(config), "--address", address],
         env=env,
