@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import csv
 import random
 import re
 import sys
@@ -44,17 +43,14 @@ WORDS = (
 
 
 def lre_words() -> list[str]:
-    """The LRE data's objects and subjects that are one plain word (letters only, 3 or more), in a
-    seeded order."""
+    """The LRE data's objects and subjects (`load_lre`, every relation) that are one plain word
+    (letters only, 3 or more), in a seeded order."""
+    from patchscope_core.recipes import load_lre
+
     root = next(p for p in LRE if p.is_dir())
-    found = {}
-    for path in sorted(root.glob("*/*.tsv")):
-        with path.open(newline="") as fh:
-            for row in csv.DictReader(fh, delimiter="\t"):
-                for w in (row["object"].strip(), row["subject"].strip()):
-                    if w.isalpha() and w.isascii() and len(w) >= 3:
-                        found.setdefault(w, None)
-    words = sorted(found)
+    rows = load_lre(root, sorted({p.stem for p in root.glob("*/*.tsv")}), contexts=10**9)
+    found = {w: None for r in rows for w in (r["object"].strip(), r["subject"].strip())}
+    words = sorted(w for w in found if w.isalpha() and w.isascii() and len(w) >= 3)
     random.Random(0).shuffle(words)
     return words
 
