@@ -281,6 +281,21 @@ def test_neurons_and_vectors_equal_plain_hugging_face(engine, hf, tmp_path):
     check_cells(engine, hf, payload(source, cells), vectors, 0)
 
 
+def test_matches_logit_lens_is_judged_against_the_cells_own_template(engine, monkeypatch):
+    calls = []
+    real = D.mentions
+
+    def spy(text, tokens, ignore=""):
+        calls.append((text, list(tokens), ignore))
+        return real(text, tokens, ignore)
+
+    monkeypatch.setattr(D, "mentions", spy)
+    cells = cells_for([0], "blocks.2.hook_resid_post", (1.0,), source="neuron", feature_layer=2)
+    records = D.explain_cells(engine, payload({"source": "neuron"}, cells))
+    assert [ignore for _, _, ignore in calls] == [TEMPLATES[c["template"]] for c in cells]
+    assert [(t, w) for t, w, _ in calls] == [(r["generated_text"], r["logit_lens_tokens"]) for r in records]
+
+
 def test_gpt2_neurons_are_conv1d_rows(tiny_models):
     e = PatchscopeEngine(tiny_models["tiny-gpt2"], name="tiny-gpt2")
     conv = tiny_models["tiny-gpt2"].original_model.transformer.h[1].mlp
