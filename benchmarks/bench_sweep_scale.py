@@ -260,11 +260,12 @@ def per_cell_steps(tmp: Path, batch_size: int, n_sources: int = 5_000) -> None:
     sample = payloads[:4]
     t0 = time.perf_counter()
     for pl in sample:
-        engine.resolve([Patchscope.from_dict(d) for d in pl["patchscopes"]])
-    t_decode = (time.perf_counter() - t0) / sum(len(pl["patchscopes"]) for pl in sample)
+        engine.resolve(Patchscope.from_columns(pl["patchscope_columns"]))
+    n_sample = sum(len(pl["patchscope_columns"]["source_prompt"]) for pl in sample)
+    t_decode = (time.perf_counter() - t0) / n_sample
     t0 = time.perf_counter()
     outputs = [run_task(engine, pl, batch_size, {}) for pl in sample]
-    t_engine = (time.perf_counter() - t0) / sum(len(pl["patchscopes"]) for pl in sample)
+    t_engine = (time.perf_counter() - t0) / n_sample
     store = ResultStore(tmp / "o-steps-store")
     t_rows = t_store = 0.0
     for k in range(len(tasks)):

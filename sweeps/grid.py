@@ -166,7 +166,8 @@ def iter_cells(
 ) -> Iterator[Any]:
     """Every cell of the grid whose id is not in `skip`, in a fixed order, without duplicates,
     one at a time; the cells of one task group come together."""
-    return (c for c in KINDS[config.kind].cells(config, rows, plans, context) if c.cell_id not in skip)
+    cells = KINDS[config.kind].cells(config, rows, plans, context)
+    return (c for c in cells if c.cell_id not in skip) if skip else cells
 
 
 def expand(config, rows: list, plans: dict[str, ModelPlan], context: Any = None) -> list:

@@ -2,9 +2,9 @@
 
 A row holds the cell's parameters (the kind's `schema.params`, then its `ref_<name>` reference
 columns), what the engine produced (`schema.results`), where and when it ran (`RUN_COLUMNS`,
-then `time_*` timings). The sinks (the Parquet store, W&B, the report) take rows in this shape;
-a kind's `schema.table` is what a person reads in the W&B tables and results.csv, with the
-derived columns `enrich` adds.
+then `time_*` timings). The sinks (the Parquet store, W&B, the report) take a task's rows in
+this shape, as one Arrow table (`table`); a kind's `schema.table` is what a person reads in the
+W&B tables and results.csv, with the derived columns `enrich` adds.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ __all__ = [
     "kind_of",
     "records",
     "schema_of",
+    "table",
     "token_text",
     "top1_logprob",
 ]
@@ -31,6 +32,11 @@ __all__ = [
 def records(task, output: dict[str, Any]) -> list[dict[str, Any]]:
     """One result row per cell of `task` from a worker's output (`workers.actor.run_task`)."""
     return KINDS[task.kind].to_rows(task, output)
+
+
+def table(task, output: dict[str, Any]):
+    """`records` as one pyarrow Table: what the store and the sinks take (`SweepKind.to_table`)."""
+    return KINDS[task.kind].to_table(task, output)
 
 
 def schema_of(kind: str) -> Schema:

@@ -6,7 +6,6 @@ the columns it draws (and results.csv is what it was); W&B's per-cell tables hol
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import statistics
@@ -234,8 +233,13 @@ def test_reading_columns_keeps_only_the_current_cells_of_this_runs_weights(tmp_p
 
 
 def sample_key(cell_id: str) -> int:
-    """The key docs/outputs.md states: the first 8 bytes of sha256("0:<cell_id>")."""
-    return int.from_bytes(hashlib.sha256(f"0:{cell_id}".encode()).digest()[:8], "big")
+    """The key docs/outputs.md states, in plain Python integers: the id's 64 bits plus
+    0x9E3779B97F4A7C15 (seed 0), through splitmix64's mixing function, modulo 2^64."""
+    m = (1 << 64) - 1
+    z = (int(cell_id, 16) + 0x9E3779B97F4A7C15) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return z ^ (z >> 31)
 
 
 def offline_summary(run_dir: Path) -> dict:
@@ -326,7 +330,7 @@ def test_a_store_w_and_b_cannot_read_at_the_end_warns_and_closes_the_run(tmp_pat
 
     peer = WandbPeer(WandbConfig(project="patchscope-tests", mode="offline"), "unreadable", {}, tmp_path)
     peer.start()
-    monkeypatch.setattr(WandbPeer, "read", lambda self: 1 / 0)
+    monkeypatch.setattr(WandbPeer, "read", lambda self, frame=None: 1 / 0)
     end = End(None, {"cells_done": 1})
     peer.finish(end)
     assert "warning: W&B finish failed (ZeroDivisionError" in capsys.readouterr().err

@@ -408,7 +408,7 @@ def test_store_writes_each_cell_once_atomically_and_refuses_another_config(tmp_p
     assert not list(store.results_dir.glob(".tmp-*")), "an interrupted write is cleaned up at the next start"
     assert len(store.write("t1", [_record("c1"), _record("c2"), _record("c1")])) == 2
     # the same task delivered twice (a Ray retry) stores nothing more
-    assert store.write("t1", [_record("c1", "again"), _record("c2", "again")]) == []
+    assert store.write("t1", [_record("c1", "again"), _record("c2", "again")]).num_rows == 0
     assert len(store.write("t2", [_record("c2"), _record("c3")])) == 1
     assert not list(store.results_dir.glob(".tmp-*"))
     df = ResultStore(tmp_path / "out").read()

@@ -18,7 +18,9 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
+from patchscope_core import Patchscope
 from sweeps import cli
 from sweeps.grid import count_todo, iter_cells, iter_tasks, per_task
 from sweeps.run.driver import plan
@@ -216,4 +218,44 @@ def test_a_patchscope_tasks_payload_is_each_cells_patchscope_as_plain_data(tmp_p
     p = plan(str(grid_config(tmp_path, n_prompts=5)))
     cells = list(iter_cells(p.config, p.rows, p.models, context=p.context))
     (task,) = iter_tasks(iter(cells), 4, p.context, {"tiny-llama": len(cells)})
-    assert task.payload()["patchscopes"] == [c.patchscope(c.max_new_tokens).to_dict() for c in cells]
+    specs = [c.patchscope(c.max_new_tokens) for c in cells]
+    assert task.payload()["patchscope_columns"] == Patchscope.to_columns(specs)
+    assert Patchscope.from_columns(Patchscope.to_columns(specs)) == specs
+
+
+def test_a_patchscope_tasks_table_is_its_rows_a_column_at_a_time(tmp_path):
+    """`to_table` (what the driver stores) against `to_rows`' one dict per cell through
+    `pyarrow.Table.from_pylist`: the same columns, order, types and values, references included."""
+    from patchscope_core import PatchscopeEngine, load_model
+    from sweeps.kinds import KINDS
+    from workers.actor import run_task
+
+    src = tmp_path / "src.csv"
+    src.write_text("prompt,answer,country\nParis,France,fr\nRome,Italy,it\nOslo,Norway,\n")
+    data = yaml.safe_load(grid_config(tmp_path).read_text())
+    data["source"] = {
+        "file": str(src),
+        "prompt_column": "prompt",
+        "reference_columns": ["answer", "country"],
+        "layers": [0, 2],
+        "positions": [-1, 0],
+    }
+    cfg = write_yaml(data, tmp_path / "refs.yaml")
+    p = plan(str(cfg))
+    cells = list(iter_cells(p.config, p.rows, p.models, context=p.context))
+    (task,) = iter_tasks(iter(cells), 64, p.context, {"tiny-llama": len(cells)})
+    engine = PatchscopeEngine(load_model("tiny-llama", device="cpu"), name="tiny-llama")
+    output = run_task(engine, task.payload(), 8, {"worker_node": "n1", "worker_pid": 7})
+    kind = KINDS["patchscope"]
+    want = pa.Table.from_pylist(kind.to_rows(task, output))
+    got = kind.to_table(task, output)
+    assert got.schema == want.schema
+    assert got.to_pylist() == want.to_pylist()
+    assert {"ref_answer", "ref_country", "worker_node", "time_task_s"} <= set(got.column_names)
+
+    store = ResultStore(tmp_path / "store")
+    first = store.write("t1", got.slice(0, 5))
+    assert first.num_rows == 5
+    again = store.write("t2", got)  # a task delivered again with more cells: only the new ones
+    assert again.num_rows == len(cells) - 5
+    assert sorted(store.read()["cell_id"]) == sorted(c.cell_id for c in cells)

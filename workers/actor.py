@@ -169,8 +169,13 @@ def trace_record(engine, payload: dict[str, Any], batch_size: int) -> dict[str, 
 
 
 def patchscope_records(engine, payload: dict[str, Any], batch_size: int) -> list[dict[str, Any]]:
-    """Patchscopes, in order."""
-    return [r.to_record() for r in engine.run([Patchscope.from_dict(p) for p in payload["patchscopes"]], batch_size)]
+    """Patchscopes, in order: as columns (`Patchscope.to_columns`, a sweep's tasks) or one dict each
+    (`Patchscope.to_dict`)."""
+    if "patchscope_columns" in payload:
+        specs = Patchscope.from_columns(payload["patchscope_columns"])
+    else:
+        specs = [Patchscope.from_dict(p) for p in payload["patchscopes"]]
+    return [r.to_record() for r in engine.run(specs, batch_size)]
 
 
 def intervention_records(engine, payload: dict[str, Any], batch_size: int) -> list[dict[str, Any]]:

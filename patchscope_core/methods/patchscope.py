@@ -77,6 +77,44 @@ class Patchscope:
         target = dict(data["target"], positions=tuple(data["target"]["positions"]))
         return cls(Source(**data["source"]), Target(**target), max_new_tokens=data["max_new_tokens"])
 
+    @staticmethod
+    def to_columns(patchscopes: Sequence[Patchscope]) -> dict[str, list]:
+        """Many Patchscopes as plain data, a list per field (`COLUMNS`): what a sweep's task carries,
+        a few lists where `to_dict` makes two dicts a Patchscope; `from_columns` reads it back."""
+        for p in patchscopes:
+            if not isinstance(p.mapping, Identity):
+                raise PatchscopeError("mapping: only the identity mapping can be sent as plain data")
+        return {
+            "source_prompt": [p.source.prompt for p in patchscopes],
+            "source_layer": [p.source.layer for p in patchscopes],
+            "source_position": [p.source.position for p in patchscopes],
+            "source_model": [p.source.model for p in patchscopes],
+            "target_prompt": [p.target.prompt for p in patchscopes],
+            "target_layer": [p.target.layer for p in patchscopes],
+            "target_positions": [list(p.target.positions) for p in patchscopes],
+            "target_model": [p.target.model for p in patchscopes],
+            "max_new_tokens": [p.max_new_tokens for p in patchscopes],
+        }
+
+    @classmethod
+    def from_columns(cls, columns: dict[str, list]) -> list[Patchscope]:
+        c = columns
+        return [
+            cls(Source(sp, sl, spos, sm), Target(tp, tl, tuple(tpos), tm), max_new_tokens=m)
+            for sp, sl, spos, sm, tp, tl, tpos, tm, m in zip(
+                c["source_prompt"],
+                c["source_layer"],
+                c["source_position"],
+                c["source_model"],
+                c["target_prompt"],
+                c["target_layer"],
+                c["target_positions"],
+                c["target_model"],
+                c["max_new_tokens"],
+                strict=True,
+            )
+        ]
+
 
 @dataclass(frozen=True)
 class ResolvedPatchscope:

@@ -17,8 +17,10 @@ config -> rows -> checks -> grid -> tasks -> workers -> records -> sinks it decl
   cells of many groups: the operation batches any of its cells together);
 - tasks: `operation` (the worker operation, `workers.actor.OPERATIONS`, that runs its
   payloads) and `payload` (a task as plain data);
-- records: `schema` (its result columns), `to_rows` (a worker's output -> one row per cell) and
-  `renamed` (columns renamed since: old stores are read with the new names);
+- records: `schema` (its result columns), `to_rows` (a worker's output -> one row per cell),
+  `to_table` (the same rows as one Arrow table, what the store and the sinks take: by default
+  built from `to_rows`; a kind of cheap cells builds it a column at a time) and `renamed`
+  (columns renamed since: old stores are read with the new names);
 - sinks: `marks` (columns that tell its stored rows apart), `order` (how results.csv is sorted),
   `report` (its pictures and extra tables, for `patchscope report` and W&B, measuring what the
   config's `report` section names where the kind declares `report_metrics`) and `summary` (what
@@ -181,6 +183,9 @@ class SweepKind(Protocol):
 
     def to_rows(self, task, output: dict[str, Any]) -> list[dict[str, Any]]: ...
 
+    def to_table(self, task, output: dict[str, Any]) -> Any:
+        """`to_rows`'s rows as one pyarrow Table (the same columns, order and types)."""
+
     def describe(self, config, plan, context: Any) -> str: ...
 
     def report(self, out_dir: Path, df, settings: dict | None = None) -> dict[str, Path]:
@@ -228,6 +233,11 @@ class KindDefaults:
 
     def cell_ids(self, config, rows: list, plans: dict, context: Any) -> Iterator[str]:
         return (c.cell_id for c in self.cells(config, rows, plans, context))
+
+    def to_table(self, task, output: dict[str, Any]) -> Any:
+        import pyarrow as pa
+
+        return pa.Table.from_pylist(self.to_rows(task, output))
 
     def summary_figures(self, df) -> dict[str, Any]:
         return {}

@@ -34,7 +34,7 @@ from ..config import ConfigError
 from ..config.sweep import load_config
 from ..grid import cell_id_array, count_cells, count_todo, iter_cells, iter_tasks, per_task, worker_settings
 from ..plan import Plan, check_against_models, config_hash, load_rows, model_keys, study_context
-from ..records import records as result_rows
+from ..records import table as result_table
 from ..sinks.base import End, Peers
 from ..sinks.report import made_lines
 from ..sinks.store import ResultStore
@@ -76,7 +76,7 @@ def run_tasks(
     settings = worker_settings(config)
 
     def done(task, output) -> None:
-        new = store.write(task.task_id, result_rows(task, output))  # the record of truth first
+        new = store.write(task.task_id, result_table(task, output))  # the record of truth first
         totals["computed"] += len(new)
         progress.update(len(new))
         elapsed = time.perf_counter() - totals["t0"]

@@ -1,7 +1,7 @@
 """The `Sink` protocol: where a sweep's rows go after the store, with a narrow lifecycle (as
 Ray's `Datasink` and Tune's `LoggerCallback` have): `start` once there is work, `write` a
-finished task's rows (already stored), `finish` with every stored row, `fail` when the run
-stops short. The Parquet store (`sinks.store.ResultStore`) is the record of truth and is always
+finished task's rows (already stored; one pyarrow Table), `finish` with every stored row, `fail`
+when the run stops short. The Parquet store (`sinks.store.ResultStore`) is the record of truth and is always
 written first; `Peers` calls the other sinks (the report, W&B) in order, each guarded: a failing
 sink prints one warning and is dropped, and the stored rows are never lost.
 """
@@ -23,6 +23,9 @@ class End:
     df: Any  # None: the rows are not read for the sinks (kept for sinks written against it)
     summary: dict[str, Any]  # cells_done, cells_total, cells_computed, elapsed_s
     made: dict[str, Path] = field(default_factory=dict)  # files earlier sinks wrote (the report's table, pictures)
+    # the report's frame (`sinks.report.read_report_frame`: its columns of the current rows), once
+    # the report sink has read it: a later sink reuses it instead of reading the store again
+    frame: Any = None
     notes: list[str] = field(default_factory=list)  # lines for the terminal
 
 
@@ -31,7 +34,7 @@ class Sink(Protocol):
 
     def start(self) -> None: ...
 
-    def write(self, rows: Sequence[dict[str, Any]], done: int, total: int, cells_per_s: float) -> None: ...
+    def write(self, rows: Any, done: int, total: int, cells_per_s: float) -> None: ...
 
     def finish(self, end: End) -> None: ...
 

@@ -78,7 +78,7 @@ def read_columns(
     untagged = store._untagged() if store.keys is not None else {}
     renames = _renames()
     only = None if cells is None else pa.array(list(cells), pa.string())
-    current = store.current_cells()
+    current = store.current_set()
     frames = []
     for f in store.files():
         have = _schema_names(store, f)

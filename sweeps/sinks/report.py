@@ -30,12 +30,19 @@ def write_report(out_dir: str | Path, df=None) -> dict[str, Path]:
     out_dir = Path(out_dir)
     if df is not None:
         return _from_frame(out_dir, df)
+    return report_from_store(out_dir)[0]
+
+
+def report_from_store(out_dir: Path):
+    """`write_report` from the store: ({name: path}, the frame the pictures were drawn from: the
+    report's columns as `read_report_frame` gives them, None when nothing is stored)."""
     store = ResultStore(out_dir)
     names = store_columns(store)
     if not names:
-        return {}
+        return {}, None
     kind = KINDS[kind_of_store(store.manifest() or {}, names)]
-    return _report(out_dir, store, kind, read_report_frame(store, kind, names))
+    frame = read_report_frame(store, kind, names)
+    return _report(out_dir, store, kind, frame), frame
 
 
 def read_report_frame(store: ResultStore, kind, names: list[str] | None = None):
@@ -121,7 +128,8 @@ class ReportSink:
 
     def finish(self, end) -> None:
         if end.summary["cells_done"]:  # from the store, only the columns drawn (not end.df's every column)
-            end.made.update(write_report(self.out_dir))
+            made, end.frame = report_from_store(self.out_dir)  # W&B's figures reuse the frame
+            end.made.update(made)
 
     def fail(self) -> None:
         return None
