@@ -198,10 +198,13 @@ class PatchscopeResult:
         }
         # the result's own fields, read directly: dataclasses.asdict would deep-copy the whole spec
         # first (more than half of a cheap cell's cost in a worker)
-        skip = ("patchscope", "source_position", "target_positions", "timings")
-        record.update({f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip})
+        record.update({name: getattr(self, name) for name in _RECORD_FIELDS})
         record.update({f"time_{k}": v for k, v in self.timings.items()})
         return record
+
+
+_SKIPPED = ("patchscope", "source_position", "target_positions", "timings")  # written above, or as time_*
+_RECORD_FIELDS = tuple(f.name for f in fields(PatchscopeResult) if f.name not in _SKIPPED)
 
 
 class PatchscopeEngine(Engine):
