@@ -19,6 +19,7 @@ however it returns (an interrupted sweep keeps what it computed).
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
@@ -77,8 +78,8 @@ def run_model(
     say: Callable[[str], None],
 ) -> list[Task]:
     """Run `tasks` (all of `model`) in this process on one worker (`n_workers` is 1: the config
-    refuses more for this backend); the scheduler's contract. Torch's thread count is this
-    process's again afterwards."""
+    refuses more for this backend); the scheduler's contract. Torch's thread count and the
+    collector's reach (the worker freezes the heap once loaded) are this process's again afterwards."""
     import torch
 
     from workers.actor import PatchscopeWorker
@@ -93,3 +94,4 @@ def run_model(
         return run_here(tasks, worker.run, done, say, overlap=True)
     finally:
         torch.set_num_threads(threads)
+        gc.unfreeze()  # the worker froze the heap (`PatchscopeWorker`): collectable again, as before

@@ -21,6 +21,7 @@ for each finished task. Between them:
 
 from __future__ import annotations
 
+import gc
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -116,9 +117,11 @@ def run_model(
         max_task_retries=ex.max_task_retries,
     )
     run = _ModelRun(model, handles, tasks, ex, done, say)
+    gc.freeze()  # the driver's heap so far (Ray, torch, W&B) outlives the loop: kept from the collector's full passes
     try:
         run.loop()
     finally:
+        gc.unfreeze()
         run.kill()
     return run.given_up
 
