@@ -50,8 +50,9 @@ def top1_logprob(top_logprobs) -> float:
 
 def enrich(df):
     """Add the derived columns: top1_logprob and, per reference column, match_<name> (the
-    generated text contains the row's reference value)."""
-    df = df.copy()
+    generated text contains the row's reference value); `df` itself is left as it is (pandas'
+    copy-on-write: a shallow copy, its new columns its own, no row copied)."""
+    df = df.copy(deep=False)
     if "top_logprobs" in df.columns:
         df["top1_logprob"] = [top1_logprob(v) for v in df["top_logprobs"]]
     if "generated_text" not in df.columns:

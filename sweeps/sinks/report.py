@@ -103,13 +103,23 @@ def write_table(store: ResultStore, kind, path: Path) -> int:
         path.write_text("")
         return 0
     df = enrich(df)
-    df = df.sort_values([c for c in kind.order if c in df.columns], kind="stable")
+    order = grid_order(df, kind)  # the rows are taken in order a batch at a time: no sorted copy of all
     columns = [c for c in schema.table if c in df.columns] + [c for c in df.columns if c.startswith(("ref_", "match_"))]
     columns += [c for c in schema.tokens if c not in columns and c in df.columns]
+    df = df[columns]
     with open(path, "w", newline="") as fh:
         for start in range(0, len(df), CSV_BATCH):
-            df.iloc[start : start + CSV_BATCH][columns].to_csv(fh, header=start == 0, index=False)
+            df.take(order[start : start + CSV_BATCH]).to_csv(fh, header=start == 0, index=False)
     return len(df)
+
+
+def grid_order(df, kind):
+    """The row positions of `df` sorted by the kind's order columns (stable), computed on those
+    columns alone."""
+    keys = [c for c in kind.order if c in df.columns]
+    if not keys:
+        return list(range(len(df)))
+    return df[keys].reset_index(drop=True).sort_values(keys, kind="stable").index.to_numpy()
 
 
 class ReportSink:
