@@ -47,14 +47,16 @@ def _with(**changes) -> dict:
 def no_model_loads(monkeypatch):
     """Fail the test if anything loads weights or starts Ray."""
 
+    # imported before the core is patched: a first import below it would bind the stand-in for
+    # good (`from patchscope_core import load_model`), and monkeypatch would "restore" that
+    import sweeps.run.driver
+    import workers.actor
+
     def boom(*a, **k):
         raise AssertionError("weights were loaded / Ray was started before the config error was reported")
 
     monkeypatch.setattr(patchscope_core.models, "load_model", boom)
     monkeypatch.setattr(patchscope_core, "load_model", boom)
-    import sweeps.run.driver
-    import workers.actor
-
     monkeypatch.setattr(workers.actor, "load_model", boom)
     monkeypatch.setattr(sweeps.run.driver, "connect", boom)
 
