@@ -19,6 +19,7 @@ __all__ = [
     "Schema",
     "arrow_token_text",
     "arrow_top1_logprob",
+    "as_table",
     "enrich",
     "kind_of",
     "records",
@@ -37,6 +38,13 @@ def records(task, output: dict[str, Any]) -> list[dict[str, Any]]:
 def table(task, output: dict[str, Any]):
     """`records` as one pyarrow Table: what the store and the sinks take (`SweepKind.to_table`)."""
     return KINDS[task.kind].to_table(task, output)
+
+
+def as_table(rows):
+    """A task's rows as a pyarrow Table: a Table as it is, dicts (a test's, a caller's) converted."""
+    import pyarrow as pa
+
+    return rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(list(rows))
 
 
 def schema_of(kind: str) -> Schema:

@@ -79,8 +79,9 @@ class Patchscope:
 
     @staticmethod
     def to_columns(patchscopes: Sequence[Patchscope]) -> dict[str, list]:
-        """Many Patchscopes as plain data, a list per field (`COLUMNS`): what a sweep's task carries,
-        a few lists where `to_dict` makes two dicts a Patchscope; `from_columns` reads it back."""
+        """Many Patchscopes as plain data, a list per field (source_prompt, source_layer, ...,
+        max_new_tokens): what a sweep's task carries, a few lists where `to_dict` makes two dicts a
+        Patchscope; `from_columns` reads it back."""
         for p in patchscopes:
             if not isinstance(p.mapping, Identity):
                 raise PatchscopeError("mapping: only the identity mapping can be sent as plain data")

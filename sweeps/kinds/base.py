@@ -139,6 +139,16 @@ def run_columns(output: dict[str, Any], rec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def run_column_lists(output: dict[str, Any], recs: list[dict[str, Any]]) -> dict[str, list]:
+    """`run_columns` of every record of a task, a list per column (what `to_table` builds)."""
+    n = len(recs)
+    columns: dict[str, list] = {"task_id": [output["task_id"]] * n, "time_task_s": [output["time_task_s"]] * n}
+    for name in dict.fromkeys(k for r in recs for k in r if k.startswith("time_")):
+        columns[name] = [r.get(name) for r in recs]
+    columns.update({name: [value] * n for name, value in output["worker"].items()})
+    return columns
+
+
 @runtime_checkable
 class SweepKind(Protocol):
     """One kind of sweep; see the module docstring for where each member is used."""

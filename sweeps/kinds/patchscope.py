@@ -30,7 +30,7 @@ from .. import pictures
 from ..config import ConfigError, Layers, Positions, Strict, TargetLayers, TargetPositions
 from ..config.files import checked_columns, locate, read_table, ref_value
 from ..config.models import ModelPlan, checked_layers, model_info_for
-from .base import Curve, KindDefaults, Schema, check_generates, generation_key, run_columns
+from .base import Curve, KindDefaults, Schema, check_generates, generation_key, run_column_lists, run_columns
 
 
 class SourceConfig(Strict):
@@ -556,7 +556,6 @@ class PatchscopeKind(KindDefaults):
         cells, recs = task.cells, output["records"]
         if len(cells) != len(recs):
             raise ValueError(f"task {task.task_id}: {len(cells)} cells, {len(recs)} records")
-        n = len(cells)
         columns: dict[str, Any] = {"cell_id": [c.cell_id for c in cells]}
         for name in PARAM_COLUMNS[1:]:
             columns[name] = [getattr(c, name) for c in cells]
@@ -566,12 +565,7 @@ class PatchscopeKind(KindDefaults):
         columns["target_position_abs"] = [r["target_positions"][0] for r in recs]
         for name in RESULT_COLUMNS[2:]:
             columns[name] = [r[name] for r in recs]
-        columns["task_id"] = [output["task_id"]] * n
-        columns["time_task_s"] = [output["time_task_s"]] * n
-        for name in dict.fromkeys(k for r in recs for k in r if k.startswith("time_")):
-            columns[name] = [r.get(name) for r in recs]
-        for name, value in output["worker"].items():
-            columns[name] = [value] * n
+        columns.update(run_column_lists(output, recs))
         return pa.table(columns)
 
     def describe(self, config, plan: ModelPlan, context) -> str:

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
+from ..records import as_table
 from .cell_ids import CellIdSet
 
 RESULTS = "results"
@@ -114,6 +115,21 @@ def _renamed(df):
         if old:
             df = df.rename(columns=old)
     return df
+
+
+def _keys_of(table, keys: dict[str, str | None]):
+    """Each row's weights key by its `model` column (`keys`: {model: key}), an Arrow string array
+    (null where the model has no key), computed column-wise."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    n = table.num_rows
+    models = table.column("model") if "model" in table.column_names else pa.nulls(n, pa.string())
+    out = pa.nulls(n, pa.string())
+    for m, k in keys.items():
+        if k is not None:
+            out = pc.if_else(pc.equal(models, m), pa.scalar(k, pa.string()), out)
+    return out
 
 
 class ResultStore:
@@ -364,19 +380,11 @@ class ResultStore:
 
         if self.keys is None:
             return None
-        n = table.num_rows
-        models = table.column("model") if "model" in table.column_names else pa.nulls(n, pa.string())
         if "model_key" in table.column_names:
             have = table.column("model_key")
         else:  # rows written before weights keys: the key of the config they were written under
-            have = pa.nulls(n, pa.string())
-            for m, k in untagged.items():
-                have = pc.if_else(pc.equal(models, m), pa.scalar(k, pa.string()), have)
-        want = pa.nulls(n, pa.string())
-        for m, k in self.keys.items():
-            if k is not None:
-                want = pc.if_else(pc.equal(models, m), pa.scalar(k, pa.string()), want)
-        return pc.fill_null(pc.equal(have.cast(pa.string()), want), False)
+            have = _keys_of(table, untagged)
+        return pc.fill_null(pc.equal(have.cast(pa.string()), _keys_of(table, self.keys)), False)
 
     def stored_cell_ids(self) -> CellIdSet:
         """The ids of the stored cells this run may reuse (its models' weights), read from the id
@@ -486,7 +494,7 @@ class ResultStore:
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
-        table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(list(rows))
+        table = as_table(rows)
         if not table.num_rows:
             return table
         stored = self.stored_cell_ids()
@@ -502,11 +510,7 @@ class ResultStore:
         if not keep.all():
             table = table.filter(pa.array(keep))
         if self.keys is not None:
-            models = table.column("model") if "model" in table.column_names else pa.nulls(table.num_rows, pa.string())
-            key = pa.nulls(table.num_rows, pa.string())
-            for m, k in self.keys.items():
-                if k is not None:
-                    key = pc.if_else(pc.equal(models, m), pa.scalar(k, pa.string()), key)
+            key = _keys_of(table, self.keys)
             table = table.drop_columns([c for c in ("model_key",) if c in table.column_names])
             table = table.append_column(
                 "model_key", key if not pc.all(pc.is_null(key)).as_py() else pa.nulls(table.num_rows)

@@ -29,8 +29,8 @@ Offline runs are written under output.dir/wandb/ and uploaded later with `wandb 
 At scale (W&B cuts a table at 200,000 rows) the per-cell tables hold at most
 `output.wandb.max_table_rows` rows: a sweep of more cells logs a seeded sample, chosen by each
 cell's `sample_key` (its cell id's 64 bits mixed with the seed by splitmix64: the same cells at
-every run, whatever order the tasks finish in), in grid order, and says so once (a line printed at the end, and
-`results_table_sampled` in the run's summary). The final `results` table is the
+every run, whatever order the tasks finish in), in grid order, and says so once (a line printed
+at the end, and `results_table_sampled` in the run's summary). The final `results` table is the
 max_table_rows cells of smallest key; the live `cells` table keeps a cell when its key falls in
 the first max_table_rows / cells of the key range (about as many, never more). The report's
 tables (its per-layer means, its samples) are logged whole (up to W&B's own cut, WANDB_TABLE_ROWS).
@@ -50,7 +50,7 @@ from urllib.parse import urlparse
 from ..config import WandbConfig
 from ..kinds import KINDS, kind_of
 from ..pictures import safe_name
-from ..records import enrich, token_text, top1_logprob
+from ..records import as_table, enrich, token_text, top1_logprob
 from .cell_ids import id_numbers
 from .columns import kind_of_store, read_columns, store_columns
 from .report import read_report_frame
@@ -229,7 +229,7 @@ class WandbSink:
             import pyarrow as pa
             import wandb
 
-            table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(list(rows))
+            table = as_table(rows)
             kind = kind_of(table.column_names)
             if self.live is None:
                 self.ref_columns = sorted(c for c in table.column_names if c.startswith("ref_"))
@@ -419,13 +419,12 @@ class WandbPeer:
         write_runs(self.args[3], runs)
 
     def write(self, rows, done: int, total: int, cells_per_s: float) -> None:
-        import pyarrow as pa
         import pyarrow.compute as pc
 
         if None in self.runs:
             self.runs[None].log_task(rows, done, total, cells_per_s)
             return
-        table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(list(rows))
+        table = as_table(rows)
         for model in pc.unique(table.column("model")).to_pylist():
             if model in self.runs:
                 self.runs[model].log_task(table.filter(pc.equal(table["model"], model)), done, total, cells_per_s)
